@@ -1,0 +1,84 @@
+# syntax=docker/dockerfile:1.7
+# Lathe's two images, from one file:
+#   docker build --target service -t lathe-service:0.1.0 .   # the API: slim, no torch
+#   docker build --target trainer -t lathe-trainer:0.1.0 .   # the GPU trainer: CUDA runtime + torch
+# Both run as UID/GID 1000 (the chart's and KubernetesSettings' default) with a read-only root
+# filesystem: bytecode is compiled at build time, and HOME/TMPDIR point at writable mounts.
+
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# torch 2.13.0 from PyPI is the CUDA 13.0 build (nvidia-cuda-runtime 13.0.x): match the runtime
+# base to it. CUDA 13 needs an NVIDIA driver >= 580 on the nodes (docs/deploy.md).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
+ARG TORCH_VERSION=2.13.0
+ARG TRAINER_PYTHON=3.11
+
+FROM ${UV_IMAGE} AS uv
+
+# ---- build: one wheel of the project, shared by both images -------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+COPY --from=uv /uv /usr/local/bin/uv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY trainer ./trainer
+COPY service ./service
+RUN uv build --wheel --out-dir /dist
+
+# ---- service: the stateless API ----------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS service
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp
+RUN groupadd --gid 1000 lathe \
+ && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin lathe
+COPY --from=uv /uv /usr/local/bin/uv
+RUN --mount=from=build,source=/dist,target=/dist \
+    uv venv /opt/venv \
+ && uv pip install --no-cache --compile-bytecode --python /opt/venv/bin/python \
+      "lathe[service] @ file://$(ls /dist/lathe-*.whl)" \
+ && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the service image" >&2; exit 1; fi \
+ && rm /usr/local/bin/uv
+USER 1000:1000
+EXPOSE 8000
+ENTRYPOINT ["lathe"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---- trainer: one job per pod, one process per GPU ---------------------------------------------
+FROM ${CUDA_IMAGE} AS trainer
+ARG TORCH_VERSION
+ARG TRAINER_PYTHON
+# Optional: another torch build, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+# for nodes whose driver predates CUDA 13.
+ARG TORCH_INDEX_URL=
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    UV_PYTHON_INSTALL_DIR=/opt/python \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/scratch \
+    LATHE_CACHE_DIR=/cache/models \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Debian package versions follow the pinned base image (hadolint's DL3008 asks for per-package pins).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 1000 lathe \
+ && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /scratch --shell /usr/sbin/nologin lathe \
+ && mkdir -p /scratch /cache/models \
+ && chown 1000:1000 /scratch /cache/models
+COPY --from=uv /uv /usr/local/bin/uv
+RUN --mount=from=build,source=/dist,target=/dist \
+    uv python install "${TRAINER_PYTHON}" \
+ && uv venv --python "${TRAINER_PYTHON}" /opt/venv \
+ && uv pip install --no-cache --compile-bytecode --python /opt/venv/bin/python \
+      ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
+      "torch==${TORCH_VERSION}" "lathe[trainer] @ file://$(ls /dist/lathe-*.whl)" \
+ && rm /usr/local/bin/uv
+USER 1000:1000
+WORKDIR /scratch
+ENTRYPOINT ["python", "-m", "trainer"]
+CMD ["--help"]

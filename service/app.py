@@ -1,0 +1,401 @@
+"""The app factory: routes, auth, error mapping, OpenAPI and the reconciler, wired in one place.
+
+`create_app(settings)` builds everything from a Settings object (tests pass their own). Handlers are
+thin: authenticate, call JobService, return a wire Struct. Every ServiceError becomes an RFC 9457
+problem+json response here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from litestar import Litestar, Request, Response, Router, delete, get, post
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, OpenAPIMediaType, Operation, Reference, RequestBody, SecurityScheme
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
+
+from service import errors
+from service.jobs import JobService
+from service.jobstore import JobStore
+from service.launcher import Launcher
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.metrics import Metrics
+from service.phase import effective
+from service.reconciler import Reconciler
+from service.settings import Settings
+from service.tenants import Tenant, TenantRegistry
+from service.webhooks import WebhookSender
+from service.wire import (
+    Health, JobCreate, JobCreateDoc, JobList, JobView, ProblemDetail, UploadCreate, UploadGrant, ValidationResult,
+)
+from trainer.status import TERMINAL_PHASES, Phase
+from trainer.storage import StorageError, open_store
+
+log = logging.getLogger("lathe.service")
+
+API_VERSION = "1.0.0"
+PROBLEM_JSON = "application/problem+json"
+SSE_KEEPALIVE_S = 15.0
+
+
+@dataclass
+class Services:
+    """What the handlers use; one per app (tests build several apps side by side)."""
+
+    settings: Settings
+    jobs: JobService
+    tenants: TenantRegistry
+    metrics: Metrics
+    store: JobStore
+    reconciler: Reconciler | None = None
+    webhooks: WebhookSender | None = None
+    events_poll_s: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def _problem(status: int, type_: str, title: str, detail: str, instance: str | None = None,
+             **extra: Any) -> Response[bytes]:
+    body = ProblemDetail(type=f"https://lathe.dev/problems/{type_}", title=title, status=status, detail=detail,
+                         instance=instance, **{k: v for k, v in extra.items() if k in ("problems", "limit", "preflight")})
+    headers = {"WWW-Authenticate": 'Bearer realm="lathe"'} if status == 401 else {}
+    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _service_error(request: Request, exc: errors.ServiceError) -> Response[bytes]:
+    return _problem(exc.status, exc.type_, exc.title, exc.detail, request.url.path, **exc.extra)
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response[bytes]:
+    detail = exc.detail
+    extra = getattr(exc, "extra", None)
+    if exc.status_code == 400 and extra:
+        detail = f"{detail}: {msgspec.json.encode(extra).decode()}"
+    titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Request body too large"}
+    return _problem(exc.status_code, "http-" + str(exc.status_code), titles.get(exc.status_code, "HTTP error"),
+                    detail, request.url.path)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response[bytes]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _problem(500, "internal", "Internal error", "the service failed; the error was logged", request.url.path)
+
+
+def _responses(*codes: int) -> dict[int, ResponseSpec]:
+    text = {400: "Malformed request", 401: "Missing or invalid bearer token", 404: "No such job for this tenant",
+            409: "Conflict (idempotency key reused with another body, or the job is not finished)",
+            422: "Invalid spec, URI outside the tenant's prefixes, or failed dataset preflight (field paths)",
+            429: "A tenant limit was reached (the `limit` member names it)",
+            503: "Object store or launcher unavailable; retry"}
+    return {c: ResponseSpec(ProblemDetail, description=text[c], media_type=PROBLEM_JSON, generate_examples=False)
+            for c in codes}
+
+
+# ------------------------------------------------------------------------------------------ auth
+
+
+def _provide_tenant(request: Request) -> Tenant:
+    services: Services = request.app.state.services
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthorized("send 'Authorization: Bearer <token>' (the CLI reads LATHE_TOKEN)")
+    tenant = services.tenants.authenticate(token.strip())
+    if tenant is None:
+        raise errors.Unauthorized("the bearer token is not valid")
+    return tenant
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+# -------------------------------------------------------------------------------------- OpenAPI
+
+
+@dataclass
+class _SpecBodyOperation(Operation):
+    """Documents the request body with the full JobSpec schema (the handler decodes `spec` itself so
+    that every spec problem comes back as a 422 with its field path)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True, description="The job spec (JSON form of spec.toml) and an optional webhook URL",
+            content={"application/json": OpenAPIMediaType(schema=Reference(ref="#/components/schemas/JobCreateDoc"))},
+        )
+
+
+def _doc_components() -> dict[str, Any]:
+    """JSON schemas of JobCreateDoc and the JobSpec tree, as OpenAPI components."""
+    (_,), components = msgspec.json.schema_components([JobCreateDoc], ref_template="#/components/schemas/{name}")
+    return components
+
+
+# ---------------------------------------------------------------------------------------- routes
+
+JobId = Annotated[str, Parameter(description="a job id, e.g. j-20250101t120000-0123abcd", max_length=64)]
+
+
+@post("/v1/jobs", sync_to_thread=True, status_code=201, operation_class=_SpecBodyOperation, summary="Submit a job",
+      responses={200: ResponseSpec(JobView, description="Replay: the job an earlier request with the same "
+                                   "Idempotency-Key and body created", generate_examples=False),
+                 **_responses(400, 401, 409, 422, 429, 503)})
+def submit_job(
+    request: Request, data: JobCreate, tenant: Tenant,
+    idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255, required=False)] = None,
+) -> Response[JobView]:
+    services = _services(request)
+    view, created = services.jobs.submit(tenant, data, idempotency_key)
+    if created:
+        services.metrics.jobs_submitted.inc()
+    return Response(view, status_code=201 if created else 200, headers={"Location": f"/v1/jobs/{view.id}"})
+
+
+@post("/v1/jobs:validate", sync_to_thread=True, status_code=200, operation_class=_SpecBodyOperation, summary="Validate a job without launching",
+      responses=_responses(400, 401, 422, 429, 503))
+def validate_job(request: Request, data: JobCreate, tenant: Tenant) -> ValidationResult:
+    return _services(request).jobs.validate(tenant, data)
+
+
+@get("/v1/jobs", sync_to_thread=True, summary="List jobs, newest first", responses=_responses(400, 401, 503))
+def list_jobs(
+    request: Request, tenant: Tenant,
+    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page", max_length=64)] = None,
+    limit: Annotated[int | None, Parameter(ge=1, le=1000, description="page size")] = None,
+    status: Annotated[Phase | None, Parameter(description="only jobs in this phase")] = None,
+) -> JobList:
+    return _services(request).jobs.list(tenant, cursor=cursor, limit=limit, phase=status)
+
+
+@get("/v1/jobs/{job_id:str}", sync_to_thread=True, summary="A job: phase, progress, error and results", responses=_responses(401, 404, 503))
+def get_job(request: Request, tenant: Tenant, job_id: JobId) -> JobView:
+    return _services(request).jobs.get(tenant, job_id)
+
+
+@post("/v1/jobs/{job_id:str}/cancel", sync_to_thread=True, status_code=202, summary="Cancel a job (the trainer checkpoints, then stops)",
+      responses=_responses(401, 404, 503))
+def cancel_job(request: Request, tenant: Tenant, job_id: JobId) -> JobView:
+    return _services(request).jobs.cancel(tenant, job_id)
+
+
+@delete("/v1/jobs/{job_id:str}", sync_to_thread=True, status_code=204, summary="Delete a finished job and its outputs",
+        responses=_responses(401, 404, 409, 503))
+def delete_job(request: Request, tenant: Tenant, job_id: JobId) -> None:
+    _services(request).jobs.delete(tenant, job_id)
+
+
+@get("/v1/jobs/{job_id:str}/logs", sync_to_thread=True, media_type="text/plain", summary="The last lines of the trainer's log",
+     responses=_responses(401, 404, 503))
+def job_logs(request: Request, tenant: Tenant, job_id: JobId,
+             tail: Annotated[int, Parameter(ge=1, le=10000, description="lines")] = 200) -> str:
+    return _services(request).jobs.logs(tenant, job_id, tail)
+
+
+class JobEvent(msgspec.Struct, kw_only=True):
+    id: str
+    phase: str
+    revision: int
+    attempt: int
+    progress: Any
+    error: Any = None
+
+
+@get("/v1/jobs/{job_id:str}/events", summary="Server-Sent Events: phase changes and progress (resume with Last-Event-ID)",
+     responses=_responses(401, 404, 503))
+async def job_events(
+    request: Request, tenant: Tenant, job_id: JobId,
+    last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID", max_length=32, required=False)] = None,
+) -> ServerSentEvent:
+    services = _services(request)
+    jobs = services.jobs
+    await anyio.to_thread.run_sync(jobs.get_with_status, tenant, job_id)  # 404 before the stream starts
+    try:
+        resume_after = int(last_event_id) if last_event_id else -1
+    except ValueError:
+        resume_after = -1
+    return ServerSentEvent(_event_stream(jobs, tenant, job_id, resume_after, services.events_poll_s),
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(jobs: JobService, tenant: Tenant, job_id: str, resume_after: int,
+                        poll_s: float) -> AsyncIterator[ServerSentEventMessage]:
+    """One event per new status revision ("progress") or phase ("phase"); event id = revision. On
+    resume, revisions up to Last-Event-ID are skipped, but a terminal phase is always sent: the
+    stream ends with it."""
+    sent: tuple[int, str] | None = None
+    last_phase: str | None = None
+    last_sent_at = time.monotonic()
+    while True:
+        try:
+            record, status = await anyio.to_thread.run_sync(jobs.get_with_status, tenant, job_id)
+        except errors.NotFound:
+            return  # deleted while streaming
+        except errors.Unavailable:
+            await anyio.sleep(poll_s * 2)
+            continue
+        eff = effective(record, status)
+        revision = status.revision if status is not None else 0
+        key = (revision, eff.phase)
+        terminal = eff.phase in TERMINAL_PHASES
+        if key != sent and (revision > resume_after or terminal or (sent is not None and eff.phase != last_phase)):
+            event = JobEvent(id=job_id, phase=eff.phase, revision=revision, attempt=record.attempt,
+                             progress=status.progress if status is not None else None, error=eff.error)
+            kind = "phase" if eff.phase != last_phase else "progress"
+            yield ServerSentEventMessage(data=msgspec.json.encode(event).decode(), event=kind, id=revision)
+            sent, last_phase, last_sent_at = key, eff.phase, time.monotonic()
+        elif sent is None:
+            sent, last_phase = key, eff.phase  # resumed: nothing new yet
+        if terminal:
+            return
+        if time.monotonic() - last_sent_at > SSE_KEEPALIVE_S:
+            yield ServerSentEventMessage(comment="keep-alive")
+            last_sent_at = time.monotonic()
+        await anyio.sleep(poll_s)
+
+
+@post("/v1/uploads", sync_to_thread=True, status_code=201, summary="Presigned PUT URLs to send a dataset without S3 credentials",
+      responses=_responses(400, 401, 503))
+def create_upload(request: Request, data: UploadCreate, tenant: Tenant) -> UploadGrant:
+    return _services(request).jobs.uploads(tenant, data)
+
+
+@get("/healthz", sync_to_thread=False, summary="Liveness", include_in_schema=True)
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@get("/readyz", sync_to_thread=True, summary="Readiness: the object store answers",
+     responses={503: ResponseSpec(Health, description="Not ready", generate_examples=False)})
+def readyz(request: Request) -> Response[Health]:
+    store = _services(request).store
+    try:
+        list(store.root.list("tenants/", limit=1))
+    except StorageError as exc:
+        return Response(Health(status="unavailable", detail=f"object store: {exc}"), status_code=503)
+    return Response(Health(status="ok"))
+
+
+@get("/metrics", sync_to_thread=True, media_type=METRICS_CONTENT_TYPE, summary="Prometheus metrics", include_in_schema=True)
+def metrics(request: Request) -> Response[bytes]:
+    return Response(_services(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+# ------------------------------------------------------------------------------------ middleware
+
+
+def _metrics_middleware(app: Callable) -> Callable:
+    async def middleware(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_status)
+        finally:
+            handler = scope.get("route_handler")
+            route = next(iter(handler.paths)) if handler is not None and handler.paths else "unmatched"
+            services: Services = scope["litestar_app"].state.services
+            services.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            services.metrics.request_seconds.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+    return middleware
+
+
+# ------------------------------------------------------------------------------------------ app
+
+
+def build_launcher(settings: Settings, store: JobStore) -> Launcher | None:
+    if settings.launcher == "none":
+        return None
+    if settings.launcher == "local":
+        from service.local_launcher import LocalLauncher
+
+        return LocalLauncher(settings.local_dir, settings.trainer_argv(sys.executable),
+                             cache_dir=settings.trainer_cache_dir)
+    from service.k8s.launcher import KubernetesLauncher
+    from service.k8s.settings import KubernetesSettings
+
+    return KubernetesLauncher(KubernetesSettings.from_env(os.environ),
+                              status_reader=lambda tenant, job_id: store.read_status(tenant, job_id))
+
+
+def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, launcher: Launcher | None = None,
+               use_settings_launcher: bool = True, events_poll_s: float = 1.0, debug: bool = False) -> Litestar:
+    """The API app. `tenants` defaults to LATHE_TOKENS_FILE's; `launcher` to the one the settings
+    name (pass `use_settings_launcher=False` with no launcher for an API-only app)."""
+    store = JobStore(open_store(settings.state_uri))
+    if tenants is None:
+        if not settings.tokens_file:
+            raise errors.BadRequest("LATHE_TOKENS_FILE is not set: the service needs tenants (see docs/api.md)")
+        tenants = TenantRegistry.from_file(settings.tokens_file, settings.state_uri)
+    if launcher is None and use_settings_launcher:
+        launcher = build_launcher(settings, store)
+    metrics_ = Metrics()
+    webhooks = WebhookSender(secret=settings.webhook_secret, max_attempts=settings.webhook_max_attempts,
+                             timeout_s=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private)
+    jobs = JobService(settings, store, launcher=launcher)
+    reconciler = (Reconciler(settings, store, tenants, launcher, metrics=metrics_, webhooks=webhooks)
+                  if launcher is not None else None)
+    services = Services(settings=settings, jobs=jobs, tenants=tenants, metrics=metrics_, store=store,
+                        reconciler=reconciler, webhooks=webhooks, events_poll_s=events_poll_s,
+                        extra={"launcher": launcher})
+
+    def on_startup(app: Litestar) -> None:
+        if reconciler is not None:
+            reconciler.start()
+
+    def on_shutdown(app: Litestar) -> None:
+        if reconciler is not None:
+            reconciler.stop()
+        webhooks.stop()
+
+    api = Router(
+        path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs,
+                                  job_events, create_upload],
+        dependencies={"tenant": Provide(_provide_tenant, sync_to_thread=False)},
+        security=[{"bearer": []}], tags=["jobs"],
+    )
+    openapi = OpenAPIConfig(
+        title="Lathe", version=API_VERSION, path="/schema",
+        description="LoRA/LyCORIS training as a service. Errors are RFC 9457 problem+json documents.",
+        components=Components(
+            schemas=_doc_components(),  # type: ignore[arg-type]  (plain JSON Schema dicts render as they are)
+            security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer",
+                                                       description="a tenant's API token")},
+        ),
+        render_plugins=[SwaggerRenderPlugin(path="/"), JsonRenderPlugin(path="/openapi.json")],
+    )
+    app = Litestar(
+        route_handlers=[api, healthz, readyz, metrics],
+        openapi_config=openapi,
+        exception_handlers={errors.ServiceError: _service_error, HTTPException: _http_error,
+                            Exception: _internal_error},
+        middleware=[_metrics_middleware],
+        on_startup=[on_startup], on_shutdown=[on_shutdown],
+        debug=debug,
+    )
+    app.state.services = services
+    return app

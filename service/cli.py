@@ -1,0 +1,295 @@
+"""`lathe`: run the service (`serve`, `dev`) and use it (`submit`, `status`, `logs`, `cancel`, `list`,
+`pull`, `upload`, `delete`). Client commands read LATHE_URL and LATHE_TOKEN.
+
+`lathe submit` prints the job id alone on stdout (`--json` for the whole record) so scripts can
+capture it; messages and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from service.client import ApiError, Client, read_spec_file
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------- server side
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env(os.environ, host=args.host, port=args.port)
+    except SettingsError as exc:
+        _err(f"error: {exc}")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", lifespan="on")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from service.dev import DevStack
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stack = DevStack(args.dir, api_port=args.port, s3_port=args.s3_port, seed=not args.no_seed)
+    try:
+        stack.start()
+    except RuntimeError as exc:
+        _err(f"error: {exc}")
+        stack.stop()
+        return 1
+    spec_path = stack.workdir / "example-spec.json"
+    spec_path.write_text(json.dumps(stack.example_spec(), indent=2))
+    _err(f"lathe dev: API {stack.url} (docs {stack.url}/schema), S3 {stack.s3_endpoint}, bucket s3://lathe\n"
+         f"  export LATHE_URL={stack.url} LATHE_TOKEN={stack.token}\n"
+         f"  lathe submit {spec_path}    # tiny model {stack.model_uri}, dataset {stack.dataset_uri}\n"
+         "Ctrl-C stops everything.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    return 0
+
+
+# ----------------------------------------------------------------------------------- client side
+
+
+def cmd_submit(args: argparse.Namespace, client: Client) -> int:
+    spec = read_spec_file(args.spec)
+    if args.validate:
+        result = client.validate(spec)
+        _print_json(result) if args.json else _print_validation(result)
+        return 0
+    job = client.submit(spec, idempotency_key=args.idempotency_key, webhook_url=args.webhook)
+    for w in (job.get("warnings") or []):
+        _err(f"warning: {w}")
+    if args.json:
+        _print_json(job)
+    else:
+        print(job["id"])
+    return 0
+
+
+def _print_validation(result: dict[str, Any]) -> None:
+    pre = result.get("preflight") or {}
+    print(f"ok: {pre.get('images', 0)} images, {pre.get('steps_per_epoch', 0)} steps/epoch, "
+          f"{pre.get('total_steps', 0)} steps in {pre.get('epochs', 0)} epoch(s)")
+    for w in result.get("warnings", []):
+        print(f"warning: {w['path']}: {w['message']}")
+
+
+def _bar(progress: dict[str, Any], width: int = 30) -> str:
+    step, total = progress.get("step") or 0, progress.get("total_steps") or 0
+    filled = int(width * step / total) if total else 0
+    parts = [f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"]
+    if progress.get("loss") is not None:
+        parts.append(f"loss {progress['loss']:.4f}")
+    if progress.get("eta_s") is not None:
+        parts.append(f"eta {_duration(progress['eta_s'])}")
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _status_line(job: dict[str, Any]) -> str:
+    line = f"{job['id']}  {job['phase']:<10} {_bar(job.get('progress') or {})}"
+    if job.get("error"):
+        line += f"  error {job['error']['reason']}: {job['error']['message']}"
+    return line
+
+
+def cmd_status(args: argparse.Namespace, client: Client) -> int:
+    job = client.get(args.id)
+    if not args.watch:
+        _print_json(job) if args.json else print(_status_line(job))
+        return 0 if job["phase"] != "failed" else 1
+    tty = sys.stdout.isatty()
+    print(_status_line(job), end="\r" if tty else "\n", flush=True)
+    phase = job["phase"]
+    if phase not in TERMINAL:
+        for _, _, event in client.events(args.id):
+            job.update({"phase": event["phase"], "progress": event.get("progress") or {}, "error": event.get("error")})
+            end = "\n" if (not tty or event["phase"] != phase) else "\r"
+            print(_status_line(job) + " " * 8, end=end, flush=True)
+            phase = event["phase"]
+            if phase in TERMINAL:
+                break
+    job = client.get(args.id)
+    print(("\n" if tty else "") + f"{job['id']} {job['phase']}")
+    return 0 if job["phase"] == "succeeded" else 1
+
+
+def cmd_logs(args: argparse.Namespace, client: Client) -> int:
+    seen: list[str] = []
+    while True:
+        lines = client.logs(args.id, args.tail).splitlines()
+        for line in _new_lines(seen, lines):
+            print(line, flush=True)
+        seen = lines
+        if not args.follow or client.get(args.id)["phase"] in TERMINAL:
+            if args.follow:  # the last lines written before the end
+                for line in _new_lines(seen, client.logs(args.id, args.tail).splitlines()):
+                    print(line, flush=True)
+            return 0
+        time.sleep(args.interval)
+
+
+def _new_lines(old: list[str], new: list[str]) -> list[str]:
+    """Lines of the tail `new` that come after the tail `old` (the longest overlap wins)."""
+    if not old:
+        return new
+    for k in range(min(len(old), len(new)), 0, -1):
+        if old[-k:] == new[:k]:
+            return new[k:]
+    return new
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
+    job = client.cancel(args.id)
+    print(f"{job['id']} {job['phase']} (cancel requested)")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, client: Client) -> int:
+    client.delete(args.id)
+    print(f"{args.id} deleted")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, client: Client) -> int:
+    page = client.list(status=args.status, limit=args.limit, cursor=args.cursor)
+    if args.json:
+        _print_json(page)
+        return 0
+    for item in page["items"]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(item["submitted_at"]))
+        print(f"{item['id']}  {item['phase']:<10} {when}  {item.get('step', 0)}/{item.get('total_steps', 0)}  "
+              f"{item.get('name') or ''}")
+    if page.get("next_cursor"):
+        _err(f"more: lathe list --cursor {page['next_cursor']}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, client: Client) -> int:
+    files = client.pull(args.id, args.dir)
+    for path in files:
+        print(path)
+    if not files:
+        _err(f"{args.id} has no outputs yet")
+        return 1
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace, client: Client) -> int:
+    name = args.name or os.path.basename(os.path.abspath(args.dir))
+    grant = client.upload(args.dir, name)
+    _err(f"uploaded {args.dir} ({len(grant['files'])} files in the last batch)")
+    print(grant["dataset_uri"])
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lathe", description="Lathe: LoRA/LyCORIS training as a service")
+    parser.add_argument("--url", help="API URL (default: LATHE_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--token", help="API token (default: LATHE_TOKEN)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the API (settings from LATHE_* variables, see docs/api.md)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p = sub.add_parser("dev", help="local S3 + API + local launcher on 127.0.0.1, seeded with a tiny model and dataset")
+    p.add_argument("--dir", default=".lathe/dev", help="working folder (tokens, seeds, trainer runs)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--s3-port", type=int, default=0)
+    p.add_argument("--no-seed", action="store_true", help="skip the tiny model and dataset")
+
+    p = sub.add_parser("submit", help="submit SPEC.(json|toml); prints the job id")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true", help="print the whole job record")
+    p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+    p.add_argument("--webhook", help="URL called on terminal states (Standard Webhooks signature)")
+    p.add_argument("--validate", action="store_true", help="only validate and preflight; launch nothing")
+    p = sub.add_parser("status", help="a job's phase and progress")
+    p.add_argument("id")
+    p.add_argument("--watch", action="store_true", help="follow with a progress bar until the job ends")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("logs", help="the trainer's log")
+    p.add_argument("id")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", type=int, default=200)
+    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p = sub.add_parser("cancel", help="cancel a job (it checkpoints first)")
+    p.add_argument("id")
+    p = sub.add_parser("delete", help="delete a finished job and its outputs")
+    p.add_argument("id")
+    p = sub.add_parser("list", help="jobs, newest first")
+    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "uploading", *TERMINAL])
+    p.add_argument("--limit", type=int)
+    p.add_argument("--cursor")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("pull", help="download a job's outputs into DIR (checks sha256)")
+    p.add_argument("id")
+    p.add_argument("dir")
+    p = sub.add_parser("upload", help="send a dataset folder through the API; prints its dataset URI")
+    p.add_argument("dir")
+    p.add_argument("--name", help="dataset name (default: the folder's name)")
+    return parser
+
+
+CLIENT_COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+                   "delete": cmd_delete, "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "dev":
+        return cmd_dev(args)
+    try:
+        with Client(args.url, args.token) as client:
+            return CLIENT_COMMANDS[args.command](args, client)
+    except ApiError as exc:
+        _err(exc.explain())
+        return 1
+    except (OSError, httpx.HTTPError) as exc:
+        _err(f"error: cannot reach {args.url or os.environ.get('LATHE_URL') or 'the API'}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

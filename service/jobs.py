@@ -1,0 +1,388 @@
+"""The job API's behaviour, free of HTTP: validate, submit, read, list, cancel, delete, logs, uploads.
+
+Raises only service.errors; the app maps them to problem+json. All state goes to the object store
+(service/jobstore.py), so any replica can serve any request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+
+from service import errors
+from service.jobstore import (
+    LOG_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
+)
+from service.launcher import Launcher
+from service.phase import effective
+from service.preflight import PreflightLimits, run_preflight
+from service.settings import Settings
+from service.tenants import Tenant, UriKind
+from service.wire import (
+    AttemptView, FieldProblem, JobCreate, JobList, JobSummary, JobView, OutputView, PreflightReport, UploadCreate,
+    UploadGrant, UploadTarget, ValidationResult,
+)
+from trainer.spec import JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
+from trainer.status import TERMINAL_PHASES, JobStatus, Progress
+from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
+
+INDEX_CURSOR_RE = re.compile(r"^[0-9]{14}-j-[0-9]{8}t[0-9]{6}-[0-9a-f]{8}$")
+MAX_LOG_LINES = 10000
+
+
+class JobService:
+    def __init__(self, settings: Settings, store: JobStore, *, launcher: Launcher | None = None,
+                 preflight: Callable[[JobSpec], PreflightReport] | None = None,
+                 opener: Callable[[str], Store] = open_store, clock: Callable[[], float] = time.time) -> None:
+        self.settings, self.store, self.launcher, self.clock = settings, store, launcher, clock
+        self._opener = opener
+        limits = PreflightLimits(settings.preflight_max_files, settings.preflight_workers,
+                                 settings.preflight_header_bytes, settings.max_image_pixels)
+        self._preflight = preflight or (lambda spec: run_preflight(spec, limits, self._open_cached))
+        self._stores: dict[str, Store] = {}
+        self._stores_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(16, thread_name_prefix="lathe-read")
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check(self, tenant: Tenant, body: JobCreate) -> tuple[JobSpec, PreflightReport, list[FieldProblem]]:
+        """Spec, tenant URIs and limits, then the dataset preflight. Returns the spec as it will run
+        (with the tenant's max runtime filled in), the report and the warnings."""
+        try:
+            spec = spec_from_obj(body.spec)
+        except SpecError as exc:
+            raise errors.InvalidSpec(
+                f"{len(exc.problems)} problem(s) in the spec: {exc}",
+                problems=[FieldProblem(path=p.path, message=p.message, severity=p.severity) for p in exc.problems],
+            ) from None
+        self._check_uris(tenant, spec)
+        spec = self._apply_limits(tenant, spec)
+        report = self._preflight(spec)
+        errors_ = [p for p in report.problems if p.severity == "error"]
+        if errors_:
+            raise errors.PreflightFailed(
+                f"{len(errors_)} dataset problem(s) would fail the run: " + "; ".join(f"{p.path}: {p.message}" for p in errors_[:3]),
+                problems=errors_, preflight=report,
+            )
+        warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
+        return spec, report, warnings + report.warnings
+
+    def _check_uris(self, tenant: Tenant, spec: JobSpec) -> None:
+        refs: list[tuple[str, str | None, UriKind]] = [
+            ("model.uri", spec.model.uri, "model"),
+            ("model.vae", spec.model.vae, "model"),
+            ("network.weights", spec.network.weights, "model"),
+            ("dataset.uri", spec.dataset.uri, "dataset"),
+            ("dataset.reg_uri", spec.dataset.reg_uri, "dataset"),
+            ("save.output_uri", spec.save.output_uri, "output"),
+        ]
+        problems = []
+        for path, uri, kind in refs:
+            if uri is not None and not tenant.allows(kind, uri):
+                allowed = ", ".join(tenant.prefixes(kind))
+                problems.append(FieldProblem(path=path, message=(
+                    f"{uri} is outside the {kind} locations tenant '{tenant.name}' may use ({allowed}); "
+                    "copy the data there or ask the operator to allow the prefix")))
+        if problems:
+            raise errors.Forbidden(f"{len(problems)} URI(s) outside the tenant's allowed prefixes", problems=problems)
+
+    def _apply_limits(self, tenant: Tenant, spec: JobSpec) -> JobSpec:
+        limits, res = tenant.limits, spec.resources
+        gpus = res.gpus * res.nodes
+        if gpus > limits.max_gpus_per_job:
+            raise errors.LimitExceeded(
+                f"the job asks for {gpus} GPUs (resources.gpus × resources.nodes); tenant '{tenant.name}' may use "
+                f"{limits.max_gpus_per_job} per job", limit="max_gpus_per_job")
+        if res.max_runtime_s is not None and res.max_runtime_s > limits.max_runtime_s:
+            raise errors.LimitExceeded(
+                f"resources.max_runtime_s {res.max_runtime_s} is above the limit of tenant '{tenant.name}', "
+                f"{limits.max_runtime_s} s", limit="max_runtime_s")
+        if res.max_runtime_s is None:
+            spec = msgspec.structs.replace(
+                spec, resources=msgspec.structs.replace(res, max_runtime_s=limits.max_runtime_s))
+        return spec
+
+    def validate(self, tenant: Tenant, body: JobCreate) -> ValidationResult:
+        spec, report, warnings = self.check(tenant, body)
+        return ValidationResult(ok=True, spec_hash=spec_hash(spec), warnings=warnings, preflight=report)
+
+    # -- submit ---------------------------------------------------------------------------------
+    def submit(self, tenant: Tenant, body: JobCreate, idempotency_key: str | None) -> tuple[JobView, bool]:
+        """(the job, created). A repeated Idempotency-Key with the same body returns the first job
+        (created False); with another body it is a conflict."""
+        body_hash = hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
+        key_hash = JobStore.key_hash(idempotency_key) if idempotency_key else None
+        if key_hash:
+            replay = self._replay(tenant, key_hash, body_hash)
+            if replay is not None:
+                return replay, False
+        spec, report, warnings = self.check(tenant, body)
+        now = self.clock()
+        job_id = new_job_id(now)
+        # The idempotency key first: of concurrent duplicates exactly one goes on to take a slot.
+        if key_hash:
+            won = self._call(lambda: self.store.claim_idempotency(
+                tenant.name, key_hash, IdempotencyRecord(job_id=job_id, body_sha256=body_hash, created_at=now)))
+            if not won:
+                replay = self._replay(tenant, key_hash, body_hash, wait_s=15.0)
+                if replay is None:
+                    raise errors.Unavailable("a concurrent request with this Idempotency-Key did not complete; retry")
+                return replay, False
+        slot: str | None = None
+        try:
+            slot = self._call(lambda: self.store.claim_slot(tenant.name, job_id, tenant.limits.max_concurrent_jobs))
+            if slot is None:
+                raise errors.LimitExceeded(
+                    f"tenant '{tenant.name}' already has {tenant.limits.max_concurrent_jobs} queued or running jobs; "
+                    "wait for one to finish or cancel one", limit="max_concurrent_jobs")
+            record = JobRecord(
+                job_id=job_id, tenant=tenant.name, submitted_at=now, spec_hash=spec_hash(spec), name=spec.name,
+                idempotency_key_sha256=key_hash, max_attempts=spec.resources.max_attempts, slot=slot,
+                webhook_url=body.webhook_url, warnings=[f"{w.path}: {w.message}" for w in warnings], preflight=report,
+            )
+            self._call(lambda: self.store.create_job(record, encode_spec(spec)))
+        except BaseException:
+            self._undo_submit(tenant, job_id, slot, key_hash)
+            raise
+        return self._view(tenant, record, None), True
+
+    def _undo_submit(self, tenant: Tenant, job_id: str, slot: str | None, key_hash: str | None) -> None:
+        try:
+            self.store.release_slot(tenant.name, slot, job_id)
+            if key_hash:
+                held = self.store.read_idempotency(tenant.name, key_hash)
+                if held is not None and held.job_id == job_id:
+                    self.store.tenant(tenant.name).delete(f"idempotency/{key_hash}")
+        except StorageError:
+            pass  # best effort; the reconciler releases orphaned slots
+
+    def _replay(self, tenant: Tenant, key_hash: str, body_hash: str, wait_s: float = 0.0) -> JobView | None:
+        held = self._call(lambda: self.store.read_idempotency(tenant.name, key_hash))
+        if held is None:
+            return None
+        if held.body_sha256 != body_hash:
+            raise errors.Conflict(
+                f"Idempotency-Key was already used with a different request body (job {held.job_id}); "
+                "use a new key for a different job")
+        deadline = self.clock() + wait_s
+        while True:
+            try:
+                return self.get(tenant, held.job_id)
+            except errors.NotFound:
+                pass  # the first request is still writing the job
+            if self.clock() >= deadline:
+                return None
+            time.sleep(0.1)
+            held = self._call(lambda: self.store.read_idempotency(tenant.name, key_hash))
+            if held is None:
+                return None  # the first request failed and gave the key back
+
+    # -- read -----------------------------------------------------------------------------------
+    def _record(self, tenant: Tenant, job_id: str) -> JobRecord:
+        if not is_job_id(job_id):
+            raise errors.NotFound(f"no job '{job_id}' (job ids look like j-20250101t120000-0123abcd)")
+        try:
+            return self._call(lambda: self.store.read_record(tenant.name, job_id))
+        except errors.NotFound:
+            raise errors.NotFound(f"no job '{job_id}'") from None
+
+    def get(self, tenant: Tenant, job_id: str) -> JobView:
+        record = self._record(tenant, job_id)
+        status = self._call(lambda: self.store.read_status(tenant.name, job_id))
+        return self._view(tenant, record, status)
+
+    def get_with_status(self, tenant: Tenant, job_id: str) -> tuple[JobRecord, JobStatus | None]:
+        record = self._record(tenant, job_id)
+        return record, self._call(lambda: self.store.read_status(tenant.name, job_id))
+
+    def _view(self, tenant: Tenant, record: JobRecord, status: JobStatus | None, *, presign: bool = True) -> JobView:
+        eff = effective(record, status)
+        current = status if status is not None and eff.status_current else None
+        outputs = []
+        if current is not None:
+            for out in current.outputs:
+                outputs.append(OutputView(name=out.name, uri=out.uri, size=out.size, sha256=out.sha256, kind=out.kind,
+                                          url=self._presign(out.uri) if presign else None))
+        warnings = list(record.warnings) + (list(status.warnings) if status is not None else [])
+        return JobView(
+            id=record.job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,
+            updated_at=max(record.updated_at, status.updated_at if status else 0.0), finished_at=record.finished_at,
+            attempt=record.attempt, max_attempts=record.max_attempts,
+            attempts=[AttemptView(attempt=a.attempt, launched_at=a.launched_at, ended_at=a.ended_at, reason=a.reason,
+                                  exit_code=a.exit_code) for a in record.attempts],
+            cancel_requested=record.cancel_requested_at is not None,
+            revision=status.revision if status is not None else 0,
+            progress=status.progress if status is not None else Progress(),
+            error=eff.error, warnings=warnings, outputs=outputs,
+            spec_uri=self.store.spec_uri(tenant.name, record.job_id), job_uri=self.store.job_uri(tenant.name, record.job_id),
+            spec_hash=record.spec_hash, preflight=record.preflight,
+        )
+
+    def _presign(self, uri: str) -> str | None:
+        try:
+            scheme, bucket, key = parse_uri(uri)
+        except ValueError:
+            return None
+        if scheme != "s3":
+            return None
+        return self._open_cached(f"s3://{bucket}/").presign_get(key, self.settings.presign_expires_s)
+
+    def _open_cached(self, uri: str) -> Store:
+        """Stores per bucket share one boto3 client (creating one costs milliseconds)."""
+        scheme, bucket, key = parse_uri(uri)
+        if scheme != "s3":
+            return self._opener(uri)
+        with self._stores_lock:
+            base = self._stores.get(bucket)
+            if base is None:
+                base = self._stores[bucket] = self._opener(f"s3://{bucket}/")
+        return base.child(key) if key else base
+
+    # -- list -----------------------------------------------------------------------------------
+    def list(self, tenant: Tenant, *, cursor: str | None, limit: int | None, phase: str | None) -> JobList:
+        limit = min(limit or self.settings.page_size_default, self.settings.page_size_max)
+        if cursor is not None and not INDEX_CURSOR_RE.match(cursor):
+            raise errors.BadRequest("cursor is not one this API returned; start without it")
+        # Bounded work per page: with a phase filter at most 5 pages' worth of jobs are examined;
+        # the cursor then continues where the scan stopped even if the page is short.
+        budget = limit * (5 if phase else 1)
+        items: list[JobSummary] = []
+        after = cursor
+        exhausted = False
+        while len(items) < limit and budget > 0:
+            want = min(budget, limit - len(items)) + (0 if phase else 1)
+            names = self._call(lambda: list(self.store.index(tenant.name, start_after=after, limit=want)))
+            if len(names) < want:
+                exhausted = True
+            if not phase and len(names) > limit - len(items):
+                names = names[: limit - len(items)]  # the extra one only told us that more exist
+            budget -= len(names)
+            summaries = self._summaries(tenant, [job_id_of_index(n) for n in names])
+            for name, summary in zip(names, summaries):
+                after = name
+                if summary is not None and (phase is None or summary.phase == phase):
+                    items.append(summary)
+            if exhausted or not names:
+                exhausted = True
+                break
+            if not phase:
+                break
+        return JobList(items=items, next_cursor=None if exhausted else after)
+
+    def _summaries(self, tenant: Tenant, job_ids: list[str]) -> list[JobSummary | None]:
+        def one(job_id: str) -> JobSummary | None:
+            try:
+                record = self.store.read_record(tenant.name, job_id)
+            except NotFound:
+                return None  # deleted meanwhile
+            status = self.store.read_status(tenant.name, job_id)
+            eff = effective(record, status)
+            prog = status.progress if status is not None else None
+            return JobSummary(id=job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,
+                              updated_at=max(record.updated_at, status.updated_at if status else 0.0),
+                              attempt=record.attempt, step=prog.step if prog else 0,
+                              total_steps=prog.total_steps if prog else 0, error=eff.error)
+
+        return self._call(lambda: list(self._pool.map(one, job_ids)))
+
+    # -- cancel / delete ------------------------------------------------------------------------
+    def cancel(self, tenant: Tenant, job_id: str) -> JobView:
+        """Writes the `cancel` marker (the trainer checkpoints and exits); the reconciler kills the
+        attempt after the grace period and finishes queued jobs at once. Idempotent."""
+        record, status = self.get_with_status(tenant, job_id)
+        if effective(record, status).phase in TERMINAL_PHASES:
+            return self._view(tenant, record, status)
+        if record.cancel_requested_at is None:
+            # Only the marker: job.json has a single writer (the reconciler), which picks it up.
+            self._call(lambda: self.store.request_cancel(tenant.name, job_id))
+            record.cancel_requested_at = self.clock()
+        return self._view(tenant, record, status)
+
+    def delete(self, tenant: Tenant, job_id: str) -> None:
+        record, status = self.get_with_status(tenant, job_id)
+        if effective(record, status).phase not in TERMINAL_PHASES or record.final_phase is None:
+            raise errors.Conflict(f"job {job_id} is not finished; cancel it first (POST /v1/jobs/{job_id}/cancel) "
+                                  "and delete it once its phase is cancelled")
+        self._call(lambda: self._delete_outputs(tenant, job_id, status))
+        self._call(lambda: self.store.delete_job(record))
+
+    def _delete_outputs(self, tenant: Tenant, job_id: str, status: JobStatus | None) -> None:
+        """Outputs outside the job directory (a custom save.output_uri) go too: each listed output,
+        then metadata.json. Files under the job directory go with it."""
+        job_uri = self.store.job_uri(tenant.name, job_id)
+        for out in (status.outputs if status else []):
+            if out.uri.startswith(job_uri):
+                continue
+            parent, _, name = out.uri.rpartition("/")
+            if not tenant.allows("output", out.uri):
+                continue  # never delete outside the tenant's locations, whatever a status says
+            store = self._open_cached(parent + "/")
+            for key in (name, "metadata.json"):
+                try:
+                    store.delete(key)
+                except NotFound:
+                    pass
+
+    # -- logs -----------------------------------------------------------------------------------
+    def logs(self, tenant: Tenant, job_id: str, tail: int) -> str:
+        """The last `tail` lines: the launcher's (fresh) while the job is active, else the log the
+        trainer uploaded to logs/trainer.log, else whatever the launcher still has."""
+        tail = max(1, min(tail, MAX_LOG_LINES))
+        record, _ = self.get_with_status(tenant, job_id)
+        active = record.final_phase is None
+        if active:
+            text = self._launcher_logs(tenant, record, tail)
+            if text:
+                return text
+        try:
+            data = self._call(lambda: self.store.job_dir(tenant.name, job_id).get_bytes(LOG_KEY))
+        except errors.NotFound:
+            return "" if active else self._launcher_logs(tenant, record, tail)
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        return "\n".join(lines[-tail:]) + ("\n" if lines else "")
+
+    def _launcher_logs(self, tenant: Tenant, record: JobRecord, tail: int) -> str:
+        if self.launcher is None or record.attempt == 0:
+            return ""
+        try:
+            return self.launcher.logs(tenant.name, record.job_id, record.attempt, tail)
+        except Exception:  # noqa: BLE001 — a launcher hiccup leaves the stored log as the answer
+            return ""
+
+    # -- uploads --------------------------------------------------------------------------------
+    def uploads(self, tenant: Tenant, body: UploadCreate) -> UploadGrant:
+        if len(body.files) > self.settings.upload_max_files:
+            raise errors.BadRequest(f"files: at most {self.settings.upload_max_files} per request; send several requests")
+        if not self.store.root.root_uri.startswith("s3://"):
+            raise errors.BadRequest("uploads need an s3:// state root (LATHE_STATE_URI); copy the files directly")
+        prefix = f"tenants/{tenant.name}/datasets/{body.dataset}/"
+        targets = []
+        for i, f in enumerate(body.files):
+            parts = f.path.split("/")
+            if any(p in ("", ".", "..") for p in parts):
+                raise errors.BadRequest(f"files[{i}].path: '{f.path}' must be a relative path without '.', '..' or "
+                                        "empty segments")
+            key = prefix + f.path
+            url = self.store.root.presign_put(key, self.settings.presign_expires_s, f.content_type)
+            targets.append(UploadTarget(path=f.path, uri=self.store.root.uri(key), url=url,
+                                        headers={"Content-Type": f.content_type} if f.content_type else {}))
+        return UploadGrant(dataset_uri=self.store.root.uri(prefix),
+                           expires_at=self.clock() + self.settings.presign_expires_s, files=targets)
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _call(fn: Callable[[], Any]) -> Any:
+        """Store access: NotFound stays distinguishable, anything else is a 503 for the client."""
+        try:
+            return fn()
+        except NotFound as exc:
+            raise errors.NotFound(str(exc)) from None
+        except StorageError as exc:
+            raise errors.Unavailable(f"object store: {exc}") from None
+

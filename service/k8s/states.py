@@ -1,0 +1,225 @@
+"""Job and Pod status → AttemptState (Lathe's view of one attempt), and the merge with status.json.
+
+Pure functions over the `kubernetes` client's models, so each case is a small table-driven test.
+What Kubernetes tells that the trainer cannot: unschedulable and queued pods, image pulls that fail,
+OOM kills, evictions and preemptions (DisruptionTarget), the Job's deadline. What only the trainer
+knows (its precise error message) comes from status.json when it wrote one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+from kubernetes import client as k8s
+
+from service.k8s.manifests import ANNOTATION_COMPLETION_INDEX, CONTAINER, LABEL_KUEUE_QUEUE
+from service.launcher import AttemptState, RunState
+from trainer.failures import EXIT_CODES, Reason, is_retryable, reason_for_exit
+
+# Waiting reasons that no retry of the kubelet will fix.
+_IMAGE_FATAL = {"InvalidImageName", "ErrImageNeverPull"}
+# Waiting reasons that may be transient (a registry hiccup) but fail the attempt once they last too long.
+_IMAGE_RETRYING = {"ErrImagePull", "ImagePullBackOff"}
+_CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# Decided by Kubernetes, so status.json (which the killed trainer could not write) never overrides them.
+_KUBERNETES_REASONS = {Reason.OOM, Reason.PREEMPTED, Reason.DEADLINE_EXCEEDED, Reason.IMAGE_PULL_ERROR, Reason.LOST}
+_MESSAGE_MAX = 2000
+
+
+def attempt_state(
+    job: k8s.V1Job | None,
+    pods: Sequence[k8s.V1Pod],
+    *,
+    now: dt.datetime,
+    image_pull_timeout_s: int,
+) -> AttemptState:
+    """Lathe's view of an attempt from its Job and pods (`now` is timezone-aware UTC)."""
+    if job is None:
+        return AttemptState(state=RunState.GONE, message="no such Job (never created, deleted, or removed by its TTL)")
+    conditions = {c.type: c for c in (job.status.conditions if job.status else None) or [] if c.status == "True"}
+    if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
+        return AttemptState(state=RunState.SUCCEEDED, exit_code=0)
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    if failed is not None:
+        return _failed(failed, pods)
+    deleting = " (the Job is being deleted)" if job.metadata.deletion_timestamp else ""
+    if job.spec.suspend:
+        queue = (job.metadata.labels or {}).get(LABEL_KUEUE_QUEUE)
+        where = f"waiting for Kueue to admit it from queue {queue!r}" if queue else "the Job is suspended"
+        return AttemptState(state=RunState.PENDING, message=f"queued: {where}{deleting}")
+
+    current = latest_pods(pods)
+    for pod in current:
+        stuck = _stuck(pod, now, image_pull_timeout_s)
+        if stuck is not None:
+            return stuck
+    expected = job.spec.parallelism or 1
+    running = [p for p in current if p.status and p.status.phase == "Running"]
+    done = [p for p in current if p.status and p.status.phase == "Succeeded"]
+    if running and len(running) + len(done) >= expected:
+        return AttemptState(state=RunState.RUNNING, message=(f"{len(running)}/{expected} pods running{deleting}"))
+    return AttemptState(state=RunState.PENDING, message=_pending_message(current, expected) + deleting)
+
+
+def latest_pods(pods: Sequence[k8s.V1Pod]) -> list[k8s.V1Pod]:
+    """The newest pod per completion index: a pod that replaced a disrupted one hides it."""
+    newest: dict[str, k8s.V1Pod] = {}
+    for pod in pods:
+        index = (pod.metadata.annotations or {}).get(ANNOTATION_COMPLETION_INDEX, "0")
+        seen = newest.get(index)
+        if seen is None or _created(pod) >= _created(seen):
+            newest[index] = pod
+    return [newest[i] for i in sorted(newest, key=lambda s: int(s) if s.isdigit() else 0)]
+
+
+def merge_status(state: AttemptState, status: Mapping[str, Any] | msgspec.Struct | None, attempt: int) -> AttemptState:
+    """Combine Kubernetes' view with the trainer's status.json of the same attempt.
+
+    `status` is a `trainer.status.JobStatus` or its JSON form; used: `phase`, `attempt`, `error`
+    ({"reason", "message"}). The trainer's own reason and message are more precise than an exit
+    code, but a reason that only Kubernetes can know (oom, preempted, deadline, image pull, lost)
+    is kept.
+    """
+    if isinstance(status, msgspec.Struct):
+        status = msgspec.to_builtins(status)
+    if not status or status.get("attempt", attempt) != attempt:
+        return state
+    phase = status.get("phase")
+    reason, message = _status_error(status.get("error"))
+    if state.state is RunState.FAILED:
+        if state.reason is not None and Reason(state.reason) in _KUBERNETES_REASONS:
+            return state
+        return AttemptState(
+            state=RunState.FAILED,
+            reason=reason or state.reason,
+            message=message or state.message,
+            exit_code=state.exit_code,
+        )
+    if state.state is RunState.GONE:
+        # The Job was removed (TTL) after the trainer finished: its own terminal state is what remains.
+        if phase == "succeeded":
+            return AttemptState(state=RunState.SUCCEEDED, exit_code=0, message="Job gone; status.json says succeeded")
+        if phase in ("failed", "cancelled"):
+            fallback = Reason.CANCELLED.value if phase == "cancelled" else Reason.INTERNAL.value
+            return AttemptState(state=RunState.FAILED, reason=reason or fallback, message=message)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _failed(condition: k8s.V1JobCondition, pods: Sequence[k8s.V1Pod]) -> AttemptState:
+    job_message = condition.message or condition.reason or "the Job failed"
+    if condition.reason == "DeadlineExceeded":
+        return AttemptState(state=RunState.FAILED, reason=Reason.DEADLINE_EXCEEDED.value,
+                            message=f"ran past resources.max_runtime_s: {job_message}")
+    evidence = [e for e in (_pod_failure(p) for p in pods) if e is not None]
+    if not evidence:
+        # The pods vanished (node lost, pods garbage-collected): nothing tells why.
+        return AttemptState(state=RunState.FAILED, reason=Reason.LOST.value, message=job_message)
+    # The root cause is the most specific failure; among equals, the first that happened (the
+    # other ranks of a multi-node attempt are then terminated by the Job controller).
+    _, _, reason, exit_code, message = min(evidence, key=lambda e: (e[0], e[1]))
+    return AttemptState(state=RunState.FAILED, reason=reason.value, exit_code=exit_code,
+                        message=_clip(f"{message} ({job_message})"))
+
+
+def _pod_failure(pod: k8s.V1Pod) -> tuple[int, dt.datetime, Reason, int | None, str] | None:
+    """(specificity rank, finished at, reason, exit code, message) for a failed pod, else None."""
+    status = pod.status
+    if status is None or status.phase != "Failed":
+        return None
+    name = pod.metadata.name
+    terminated = _terminated(pod)
+    finished = (terminated.finished_at if terminated and terminated.finished_at else None) or _created(pod)
+    disrupted = _disruption(pod)
+    if terminated is not None and terminated.reason == "OOMKilled":
+        return (0, finished, Reason.OOM, terminated.exit_code,
+                f"pod {name}: out of memory (OOMKilled); raise resources.memory or lower the batch size")
+    code = terminated.exit_code if terminated is not None else None
+    reason = reason_for_exit(code)
+    detail = (terminated.message or "").strip() if terminated is not None else ""
+    if reason is not None and not is_retryable(reason):
+        return (1, finished, reason, code, f"pod {name}: trainer exited {code} ({reason.value}){_tail(detail)}")
+    if disrupted is not None or code == EXIT_CODES[Reason.PREEMPTED]:
+        why = disrupted or "SIGTERM, checkpoint saved"
+        return (2, finished, Reason.PREEMPTED, code, f"pod {name}: preempted or evicted ({why})")
+    if code is None:
+        why = status.message or status.reason or "no container status"
+        return (3, finished, Reason.LOST, None, f"pod {name}: failed without an exit code ({why})")
+    return (3, finished, reason or Reason.INTERNAL, code,
+            f"pod {name}: trainer exited {code} ({(reason or Reason.INTERNAL).value}){_tail(detail)}")
+
+
+def _disruption(pod: k8s.V1Pod) -> str | None:
+    for c in pod.status.conditions or []:
+        if c.type == "DisruptionTarget" and c.status == "True":
+            return c.reason or "DisruptionTarget"
+    if pod.status.reason in ("Evicted", "Preempting", "Terminated", "NodeShutdown"):
+        return pod.status.reason
+    return None
+
+
+def _stuck(pod: k8s.V1Pod, now: dt.datetime, timeout_s: int) -> AttemptState | None:
+    """An attempt whose pod cannot start: image problems, bad config (missing Secret…)."""
+    for cs in (pod.status.container_statuses if pod.status else None) or []:
+        waiting = cs.state.waiting if cs.state else None
+        if waiting is None or not waiting.reason:
+            continue
+        what = f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}".rstrip(": ")
+        age = (now - _created(pod)).total_seconds()
+        if waiting.reason in _IMAGE_FATAL or (waiting.reason in _IMAGE_RETRYING and age > timeout_s):
+            return AttemptState(state=RunState.FAILED, reason=Reason.IMAGE_PULL_ERROR.value,
+                                message=_clip(f"{what}; check the trainer image name and imagePullSecrets"))
+        if waiting.reason in _CONFIG_ERRORS and age > timeout_s:
+            return AttemptState(state=RunState.FAILED, reason=Reason.INTERNAL.value,
+                                message=_clip(f"{what}; check the Secrets and volumes the trainer pod uses"))
+        if waiting.reason in _IMAGE_RETRYING | _CONFIG_ERRORS:
+            return AttemptState(state=RunState.PENDING, message=_clip(f"{what} (retrying for up to {timeout_s}s)"))
+    return None
+
+
+def _pending_message(pods: Sequence[k8s.V1Pod], expected: int) -> str:
+    if not pods:
+        return "waiting for the Job controller to create pods"
+    for pod in pods:
+        for c in (pod.status.conditions if pod.status else None) or []:
+            if c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable":
+                return _clip(f"unschedulable: {c.message or 'no node fits'} (pod {pod.metadata.name})")
+    running = sum(1 for p in pods if p.status and p.status.phase == "Running")
+    return f"{running}/{expected} pods running; waiting for the others to start"
+
+
+def _terminated(pod: k8s.V1Pod) -> k8s.V1ContainerStateTerminated | None:
+    for cs in pod.status.container_statuses or []:
+        if cs.name == CONTAINER and cs.state and cs.state.terminated:
+            return cs.state.terminated
+    return None
+
+
+def _status_error(error: Any) -> tuple[str | None, str | None]:
+    if isinstance(error, Mapping):
+        reason = error.get("reason")
+        valid = reason in {r.value for r in Reason}
+        return (reason if valid else None), error.get("message")
+    if isinstance(error, str) and error:
+        return None, error
+    return None, None
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _created(pod: k8s.V1Pod) -> dt.datetime:
+    return pod.metadata.creation_timestamp or _EPOCH
+
+
+def _tail(detail: str) -> str:
+    return f": {detail[-500:]}" if detail else ""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MESSAGE_MAX else text[: _MESSAGE_MAX - 1] + "…"

@@ -1,0 +1,342 @@
+"""Dataset preflight, before any GPU time: list the dataset in the object store, read each image's
+header with a ranged GET, and predict what the trainer will see.
+
+The rules are the trainer's own (torch-free modules): `trainer.data.layout.discover_layout` decides
+concepts, repeats and caption pairing; `trainer.data.buckets.plan_buckets` the buckets and batches.
+Problems that would fail the run are errors (422); the rest come back as warnings.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from service.errors import Unavailable
+from service.imageheader import UnreadableImage, image_size
+from service.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
+from trainer.data.buckets import plan_buckets
+from trainer.data.layout import DatasetLayout, balanced_repeats, discover_layout
+from trainer.failures import JobFailure, Reason
+from trainer.spec import JobSpec, total_steps
+from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
+
+ARCHIVE_SUFFIXES = (".zip", ".tar")  # inspected through ranged reads
+OPAQUE_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # compressed streams: the trainer checks them
+SHOWN = 5  # file names quoted per kind of problem; counts are exact
+
+
+@dataclass(frozen=True)
+class PreflightLimits:
+    max_files: int = 20000
+    workers: int = 16
+    header_bytes: int = 64 * 1024
+    max_image_pixels: int = 8192 * 8192
+
+
+class _Source:
+    """The files of a dataset (folder prefix or archive) and a way to read each one's first bytes."""
+
+    def __init__(self, names: list[str], sizes: dict[str, int], read: Callable[[str, int], bytes],
+                 parallel: bool) -> None:
+        self.names, self.sizes, self.read, self.parallel = names, sizes, read, parallel
+
+
+def run_preflight(spec: JobSpec, limits: PreflightLimits = PreflightLimits(),
+                  opener: Callable[[str], Store] = open_store) -> PreflightReport:
+    """The report for `spec`'s dataset. Raises Unavailable when the store cannot be reached."""
+    uri = spec.dataset.uri
+    problems: list[FieldProblem] = []
+    warnings: list[FieldProblem] = []
+    report = PreflightReport(dataset_uri=uri, files_listed=0, images=0,
+                             batch_size=spec.training.batch_size)
+    lowered = uri.lower()
+    if lowered.endswith(OPAQUE_ARCHIVE_SUFFIXES):
+        report.checked = False
+        report.warnings = [FieldProblem(path="dataset.uri", severity="warning", message=(
+            "compressed tar archives are not inspected before launch (that would mean downloading them); "
+            "the trainer checks the dataset when it starts. Use a folder or a .zip/.tar to get the report now"))]
+        return report
+    train = _open_source(uri, "dataset.uri", opener, limits, problems)
+    reg = _open_source(spec.dataset.reg_uri, "dataset.reg_uri", opener, limits, problems) if spec.dataset.reg_uri else None
+    if train is None or (spec.dataset.reg_uri and reg is None):
+        report.problems = problems
+        return report
+    report.files_listed = len(train.names) + (len(reg.names) if reg else 0)
+
+    try:
+        layout = discover_layout(spec, train.names, reg.names if reg else None)
+    except JobFailure as exc:
+        path = "dataset.config_toml" if exc.reason == Reason.SPEC_INVALID and spec.dataset.config_toml else (
+            "dataset.subsets" if exc.reason == Reason.SPEC_INVALID else "dataset.uri")
+        report.problems = [*problems, FieldProblem(path=path, message=exc.message)]
+        return report
+    warnings += [FieldProblem(path="dataset", message=w, severity="warning") for w in layout.warnings]
+    report.unpaired_captions = layout.unpaired_captions[:SHOWN]
+    report.unpaired_captions_count = len(layout.unpaired_captions)
+    report.unsupported_files = layout.unsupported[:SHOWN]
+    report.unsupported_files_count = len(layout.unsupported)
+
+    sizes = _read_sizes(layout, train, reg, limits, problems)
+    report.images = layout.num_images
+    report.concepts = [
+        ConceptReport(name=s.name, image_dir=s.image_dir, repeats=s.num_repeats, images=len(s.images),
+                      is_reg=s.is_reg, without_caption=sum(1 for im in s.images if im.caption_path is None))
+        for s in layout.subsets
+    ]
+    if any(p.severity == "error" for p in problems):
+        report.problems, report.warnings = problems, warnings
+        return report
+
+    _plan(spec, layout, sizes, report, problems, warnings)
+    report.problems, report.warnings = problems, warnings
+    return report
+
+
+# ------------------------------------------------------------------------------------- listing
+
+
+def _open_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
+                 problems: list[FieldProblem]) -> _Source | None:
+    try:
+        parse_uri(uri)
+    except ValueError as exc:
+        problems.append(FieldProblem(path=field, message=str(exc)))
+        return None
+    try:
+        if uri.lower().endswith(ARCHIVE_SUFFIXES):
+            return _archive_source(uri, field, opener, limits, problems)
+        store = opener(uri if uri.endswith("/") else uri + "/")
+        names: list[str] = []
+        sizes: dict[str, int] = {}
+        for info in store.list("", limit=limits.max_files + 1):
+            if info.key.endswith("/"):
+                continue
+            names.append(info.key)
+            sizes[info.key] = info.size
+        if len(names) > limits.max_files:
+            problems.append(FieldProblem(path=field, message=(
+                f"{uri} holds more than {limits.max_files} files, the most a preflight lists; split the dataset "
+                "or ask the operator to raise LATHE_PREFLIGHT_MAX_FILES")))
+            return None
+        if not names:
+            problems.append(FieldProblem(path=field, message=(
+                f"nothing found under {uri}: upload the dataset there (POST /v1/uploads or `lathe upload DIR`) "
+                "or fix the URI")))
+            return None
+        return _Source(names, sizes, lambda name, n: store.get_range(name, 0, n), parallel=True)
+    except NotFound:
+        problems.append(FieldProblem(path=field, message=f"{uri} does not exist (bucket or object not found)"))
+        return None
+    except StorageError as exc:
+        raise Unavailable(f"cannot read {field} {uri}: {exc}") from None
+
+
+def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
+                    problems: list[FieldProblem]) -> _Source | None:
+    scheme, bucket, key = parse_uri(uri)
+    parent, _, name = key.rpartition("/")
+    store = opener(f"s3://{bucket}/{parent}/" if scheme == "s3" else (parent or "/") + "/")
+    info = store.head(name)
+    reader = _RangeFile(store, name, info.size)
+    try:
+        if uri.lower().endswith(".zip"):
+            archive = zipfile.ZipFile(reader)
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            names = [m.filename for m in members]
+            sizes = {m.filename: m.file_size for m in members}
+
+            def read(member: str, n: int) -> bytes:
+                with archive.open(member) as fh:
+                    return fh.read(n)
+        else:
+            tar = tarfile.open(fileobj=reader, mode="r:")
+            links = [m.name for m in tar.getmembers() if m.issym() or m.islnk()]
+            if links:
+                problems.append(FieldProblem(path=field, message=(
+                    f"archive {uri} holds links ({', '.join(links[:SHOWN])}), which are refused; store files instead")))
+                return None
+            members_t = {m.name: m for m in tar.getmembers() if m.isfile()}
+            names = list(members_t)
+            sizes = {n: m.size for n, m in members_t.items()}
+
+            def read(member: str, n: int) -> bytes:
+                fh = tar.extractfile(members_t[member])
+                return fh.read(n) if fh is not None else b""
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+        problems.append(FieldProblem(path=field, message=f"{uri} is not a readable archive: {exc}"))
+        return None
+    escaping = [n for n in names if n.startswith("/") or ".." in n.replace("\\", "/").split("/")]
+    if escaping:
+        problems.append(FieldProblem(path=field, message=(
+            f"archive {uri} has members outside its root ({', '.join(escaping[:SHOWN])}); rebuild it with relative paths")))
+        return None
+    if len(names) > limits.max_files:
+        problems.append(FieldProblem(path=field, message=f"archive {uri} holds more than {limits.max_files} files"))
+        return None
+    return _Source(names, sizes, read, parallel=False)  # one archive handle: sequential reads
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable view of one object through ranged GETs (zipfile/tarfile read the
+    directory and member headers; only those bytes travel). Reads are aligned to blocks and cached."""
+
+    BLOCK = 256 * 1024
+
+    def __init__(self, store: Store, key: str, size: int) -> None:
+        self.store, self.key, self.size, self.pos = store, key, size, 0
+        self._cache: dict[int, bytes] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def _block(self, index: int) -> bytes:
+        if index not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            start = index * self.BLOCK
+            self._cache[index] = self.store.get_range(self.key, start, min(self.BLOCK, self.size - start))
+        return self._cache[index]
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if self.pos >= self.size:
+            return 0
+        view = memoryview(buffer)
+        n = min(len(view), self.size - self.pos)
+        done = 0
+        while done < n:
+            index, offset = divmod(self.pos, self.BLOCK)
+            chunk = self._block(index)[offset:offset + n - done]
+            if not chunk:
+                break
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+            self.pos += len(chunk)
+        return done
+
+
+# ------------------------------------------------------------------------------------- headers
+
+
+def _read_sizes(layout: DatasetLayout, train: _Source, reg: _Source | None, limits: PreflightLimits,
+                problems: list[FieldProblem]) -> dict[tuple[str, str], tuple[int, int] | None]:
+    """(root, path) → (w, h) for every image of the layout; None when unreadable or too large."""
+    wanted = [(s.root, im.path) for s in layout.subsets for im in s.images]
+    wanted = list(dict.fromkeys(wanted))
+
+    def one(item: tuple[str, str]) -> tuple[tuple[str, str], tuple[int, int] | str]:
+        root, path = item
+        source = train if root == "train" else reg
+        assert source is not None
+        try:
+            size = image_size(lambda n: source.read(path, n), source.sizes.get(path, 0), limits.header_bytes)
+        except UnreadableImage as exc:
+            return item, f"not a readable image ({exc}); fix or remove it"
+        except StorageError as exc:
+            raise Unavailable(f"cannot read {path}: {exc}") from None
+        if size[0] * size[1] > limits.max_image_pixels:
+            return item, (f"is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of "
+                          f"{limits.max_image_pixels}; downscale it")
+        return item, size
+
+    results: Iterator[tuple[tuple[str, str], tuple[int, int] | str]]
+    if train.parallel and (reg is None or reg.parallel) and len(wanted) > 1:
+        with ThreadPoolExecutor(min(limits.workers, len(wanted)), thread_name_prefix="lathe-preflight") as pool:
+            results = iter(list(pool.map(one, wanted)))
+    else:
+        results = map(one, wanted)
+    sizes: dict[tuple[str, str], tuple[int, int] | None] = {}
+    bad: list[tuple[str, str, str]] = []
+    for item, value in results:
+        if isinstance(value, str):
+            sizes[item] = None
+            bad.append((item[0], item[1], value))
+        else:
+            sizes[item] = value
+    for root, path, message in bad[:SHOWN]:
+        field = "dataset.uri" if root == "train" else "dataset.reg_uri"
+        problems.append(FieldProblem(path=f"{field}:{path}", message=message))
+    if len(bad) > SHOWN:
+        problems.append(FieldProblem(path="dataset.uri", message=f"{len(bad) - SHOWN} more images cannot be used"))
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------- plan
+
+
+def _plan(spec: JobSpec, layout: DatasetLayout, sizes: dict[tuple[str, str], tuple[int, int] | None],
+          report: PreflightReport, problems: list[FieldProblem], warnings: list[FieldProblem]) -> None:
+    repeats = balanced_repeats(layout.subsets)
+    buckets: dict[tuple[int, int], list[int]] = {}
+    batches = 0
+    image_steps = 0
+    small = 0
+    for d, params in enumerate(layout.datasets or []):
+        dims: list[tuple[int, int]] = []
+        reps: list[int] = []
+        for s, subset_repeats in zip(layout.subsets, repeats):
+            if s.dataset != d:
+                continue
+            for im, r in zip(s.images, subset_repeats):
+                size = sizes.get((s.root, im.path))
+                if size is not None and r > 0:
+                    dims.append(size)
+                    reps.append(r)
+        if not dims:
+            continue
+        batch = params.batch_size or spec.training.batch_size
+        plan = plan_buckets(dims, params.buckets, batch, reps)
+        if plan.unusable:
+            shown = ", ".join(f"{dims[i][0]}x{dims[i][1]}" for i in plan.unusable[:SHOWN])
+            problems.append(FieldProblem(path="dataset.bucket_no_upscale", message=(
+                f"{len(plan.unusable)} image(s) are smaller than one bucket step ({shown}) and would get an empty "
+                "bucket: remove them, lower dataset.bucket_reso_steps or disable bucket_no_upscale")))
+        rw, rh = params.buckets.resolution
+        if not params.buckets.no_upscale:
+            small += sum(1 for w, h in dims if w * h < rw * rh and (w < rw or h < rh))
+        batches += plan.batches_per_epoch
+        image_steps += plan.image_steps_per_epoch
+        for b in plan.buckets:
+            acc = buckets.setdefault(b.reso, [0, 0, 0])
+            acc[0] += b.images
+            acc[1] += b.image_steps
+            acc[2] += b.batches
+    report.buckets = [BucketReport(width=w, height=h, images=v[0], image_steps=v[1], batches=v[2])
+                      for (w, h), v in sorted(buckets.items())]
+    report.image_steps_per_epoch = image_steps
+    report.batches_per_epoch = batches
+    report.smaller_than_resolution = small
+    processes = max(1, spec.resources.gpus) * spec.resources.nodes
+    per_process = math.ceil(batches / processes)
+    report.steps_per_epoch = math.ceil(per_process / spec.training.gradient_accumulation_steps)
+    if report.steps_per_epoch == 0:
+        problems.append(FieldProblem(path="dataset.uri", message="no usable training image: nothing to train on"))
+        return
+    report.total_steps = total_steps(spec, report.steps_per_epoch)
+    report.epochs = math.ceil(report.total_steps / report.steps_per_epoch)
+    if small:
+        w, h = spec.dataset.resolution_wh
+        warnings.append(FieldProblem(path="dataset.resolution", severity="warning", message=(
+            f"{small} image(s) are smaller than the training resolution {w}x{h} and will be upscaled (blurry "
+            "results); use larger images, a lower resolution, or dataset.bucket_no_upscale with enable_bucket")))
+    if spec.training.batch_size > 1 and len(report.buckets) > 1:
+        partial = sum(1 for b in report.buckets if b.image_steps % spec.training.batch_size)
+        if partial:
+            warnings.append(FieldProblem(path="training.batch_size", severity="warning", message=(
+                f"{partial} of {len(report.buckets)} buckets do not fill their last batch of "
+                f"{spec.training.batch_size}; those batches are smaller")))

@@ -1,0 +1,313 @@
+"""The reconciler: moves active jobs forward. Launches queued jobs within the deployment's limit,
+finishes jobs whose trainer reported a terminal state, starts the next attempt after a retryable
+failure, declares attempts lost when their heartbeat stopped and the launcher no longer knows them,
+escalates cancels after the grace period, sends webhooks and expires old jobs.
+
+Everything it decides is written to job.json; it holds no state between passes, so it can stop and
+start (or run on several replicas: launcher.submit is idempotent per attempt) without losing jobs.
+Active jobs are found through the tenants' `slots/`, so a pass costs O(active jobs), not O(all jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.jobstore import CANCEL_KEY, AttemptRecord, JobRecord, JobStore, index_name, job_id_of_index
+from service.launcher import AttemptState, Launcher, LaunchRequest, RunState
+from service.metrics import Metrics
+from service.phase import effective, will_retry
+from service.settings import Settings
+from service.tenants import TenantRegistry
+from service.webhooks import WebhookEvent, WebhookSender
+from trainer.failures import Reason, is_retryable, reason_for_exit
+from trainer.spec import decode_spec
+from trainer.status import TERMINAL_PHASES, ErrorInfo, JobStatus
+from trainer.storage import NotFound, StorageError
+
+log = logging.getLogger("lathe.reconciler")
+
+ORPHAN_SLOT_AFTER_S = 120.0  # a slot whose job.json never appeared (a submit died half-way)
+RETENTION_BATCH = 100
+
+
+def retry_backoff_s(attempt: int, base_s: float = 5.0) -> float:
+    """Pause before attempt n+1: base, 2 × base, 4 × base … capped at 5 minutes."""
+    return min(base_s * 2 ** (attempt - 1), 300.0)
+
+
+@dataclass
+class _Active:
+    tenant: str
+    slot: str
+    record: JobRecord
+    status: JobStatus | None
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, store: JobStore, tenants: TenantRegistry, launcher: Launcher, *,
+                 metrics: Metrics | None = None, webhooks: WebhookSender | None = None,
+                 clock: Callable[[], float] = time.time, launch_env: dict[str, str] | None = None) -> None:
+        self.settings, self.store, self.tenants, self.launcher = settings, store, tenants, launcher
+        self.metrics, self.webhooks, self.clock = metrics, webhooks, clock
+        self.launch_env = dict(launch_env or {})
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_retention = 0.0
+
+    # -- loop -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None and self.settings.reconcile_interval_s > 0:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="lathe-reconciler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 — the loop must survive a bad pass (store outage, bug)
+                log.exception("reconcile pass failed; retrying")
+            self._stop.wait(self.settings.reconcile_interval_s)
+
+    # -- one pass -------------------------------------------------------------------------------
+    def tick(self) -> None:
+        t0 = time.monotonic()
+        active = self._active_jobs()
+        running = sum(1 for a in active if a.record.state == "launched")
+        by_phase: dict[str, int] = {}
+        for item in sorted(active, key=lambda a: a.record.submitted_at):  # FIFO across tenants
+            try:
+                launched = self._advance(item, running)
+            except StorageError as exc:
+                log.warning("job %s: store error, will retry: %s", item.record.job_id, exc)
+                continue
+            running += launched
+            phase = effective(item.record, item.status).phase
+            by_phase[phase] = by_phase.get(phase, 0) + 1
+        if self.metrics is not None:
+            for phase in ("queued", "preparing", "training", "shrinking", "uploading"):
+                self.metrics.jobs_active.labels(phase).set(by_phase.get(phase, 0))
+            self.metrics.reconcile_seconds.observe(time.monotonic() - t0)
+        if self.settings.retention_s > 0 and self.clock() - self._last_retention > 60:
+            self._last_retention = self.clock()
+            self.expire_old_jobs()
+
+    def _active_jobs(self) -> list[_Active]:
+        out: list[_Active] = []
+        now = self.clock()
+        for tenant in self.tenants:
+            for slot, job_id in self.store.active_slots(tenant.name).items():
+                try:
+                    record = self.store.read_record(tenant.name, job_id)
+                except NotFound:
+                    self._maybe_release_orphan(tenant.name, slot, job_id, now)
+                    continue
+                if record.cancel_requested_at is None and record.final_phase is None:
+                    # The API only writes the `cancel` marker (job.json has one writer: this loop).
+                    try:
+                        record.cancel_requested_at = self.store.job_dir(tenant.name, job_id).head(CANCEL_KEY).last_modified
+                    except NotFound:
+                        pass
+                out.append(_Active(tenant.name, slot, record, self.store.read_status(tenant.name, job_id)))
+        return out
+
+    def _maybe_release_orphan(self, tenant: str, slot: str, job_id: str, now: float) -> None:
+        try:
+            info = self.store.tenant(tenant).head(slot)
+        except NotFound:
+            return
+        if now - info.last_modified > ORPHAN_SLOT_AFTER_S:
+            log.info("releasing slot %s of %s: job %s was never created", slot, tenant, job_id)
+            self.store.release_slot(tenant, slot, job_id)
+
+    def _advance(self, item: _Active, running: int) -> int:
+        """One step for one job; returns 1 when it launched an attempt."""
+        rec, status, now = item.record, item.status, self.clock()
+        self._phase_webhook(rec, status)
+        if rec.state == "finished" or rec.final_phase is not None:
+            self._release(rec)
+            return 0
+        if rec.state == "queued":
+            return self._advance_queued(rec, running, now)
+        current = status if status is not None and status.attempt == rec.attempt else None
+        if current is not None and current.phase in TERMINAL_PHASES:
+            self._attempt_reported(rec, current, now)
+            return 0
+        view = self.launcher.state(rec.tenant, rec.job_id, rec.attempt)
+        if rec.cancel_requested_at is not None:
+            self._advance_cancel(rec, view, now)
+            return 0
+        if view.state in (RunState.SUCCEEDED, RunState.FAILED):
+            # Exited without a terminal status.json for this attempt (or it landed just now: look again).
+            again = self.store.read_status(rec.tenant, rec.job_id)
+            if again is not None and again.attempt == rec.attempt and again.phase in TERMINAL_PHASES:
+                item.status = again
+                self._attempt_reported(rec, again, now)
+                return 0
+            self._attempt_ended(rec, view, now)
+        elif view.state == RunState.GONE:
+            beat = current.heartbeat_at if current is not None else rec.attempts[-1].launched_at if rec.attempts else 0
+            if now - beat > self.settings.heartbeat_timeout_s:
+                self._attempt_failed(rec, Reason.LOST.value, (
+                    f"attempt {rec.attempt}: no heartbeat for {now - beat:.0f} s and the launcher no longer knows "
+                    "the trainer (node lost or process killed)"), None, now)
+        else:
+            self._check_deadline(rec, now)
+        return 0
+
+    def _advance_queued(self, rec: JobRecord, running: int, now: float) -> int:
+        if rec.cancel_requested_at is not None:
+            self._finish(rec, "cancelled", ErrorInfo(reason=Reason.CANCELLED.value, message="cancelled before it started"))
+            return 0
+        if now < rec.not_before:
+            return 0
+        limit = self.settings.max_running_jobs
+        if limit and running >= limit:
+            return 0
+        spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes("spec.json"), format="json")
+        attempt = rec.attempt + 1
+        rec.attempt, rec.state = attempt, "launched"
+        rec.attempts.append(AttemptRecord(attempt=attempt, launched_at=now))
+        # Written before the launcher call: a crash in between leaves an attempt the launcher does not
+        # know, which the heartbeat rule turns into `lost` and retries.
+        self.store.write_record(rec, now=now)
+        waited_since = rec.submitted_at if attempt == 1 else rec.not_before
+        try:
+            self.launcher.submit(LaunchRequest(job_id=rec.job_id, tenant=rec.tenant, attempt=attempt,
+                                               spec_uri=self.store.spec_uri(rec.tenant, rec.job_id), spec=spec,
+                                               env=dict(self.launch_env)))
+        except Exception as exc:  # noqa: BLE001 — the launcher's own error types vary; all are reported
+            log.warning("job %s attempt %d: launch failed: %s", rec.job_id, attempt, exc)
+            self._attempt_failed(rec, Reason.INTERNAL.value, f"attempt {attempt}: the launcher refused it: {exc}", None, now)
+            return 0
+        if self.metrics is not None:
+            self.metrics.launch_latency.observe(max(0.0, now - waited_since))
+        log.info("job %s: attempt %d launched", rec.job_id, attempt)
+        return 1
+
+    def _advance_cancel(self, rec: JobRecord, view: AttemptState, now: float) -> None:
+        if view.state in (RunState.RUNNING, RunState.PENDING):
+            if now - (rec.cancel_requested_at or now) >= self.settings.cancel_grace_s:
+                self.launcher.cancel(rec.tenant, rec.job_id, rec.attempt)
+            return
+        self._close_attempt(rec, Reason.CANCELLED.value, view.exit_code, "cancelled on request", now)
+        self._finish(rec, "cancelled", ErrorInfo(reason=Reason.CANCELLED.value, message="cancelled on request"))
+
+    def _check_deadline(self, rec: JobRecord, now: float) -> None:
+        try:
+            spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes("spec.json"), format="json")
+        except NotFound:
+            return
+        limit = spec.resources.max_runtime_s
+        started = rec.attempts[-1].launched_at if rec.attempts else rec.submitted_at
+        if limit and now - started > limit:
+            self.launcher.cancel(rec.tenant, rec.job_id, rec.attempt)
+            self._close_attempt(rec, Reason.DEADLINE_EXCEEDED.value, None, f"ran over {limit} s", now)
+            self._finish(rec, "failed", ErrorInfo(reason=Reason.DEADLINE_EXCEEDED.value, message=(
+                f"the attempt ran longer than resources.max_runtime_s = {limit} s and was stopped")))
+
+    # -- attempt outcomes -----------------------------------------------------------------------
+    def _attempt_reported(self, rec: JobRecord, status: JobStatus, now: float) -> None:
+        reason = status.error.reason if status.error else None
+        self._close_attempt(rec, reason, None, status.error.message if status.error else None, now)
+        if will_retry(rec, status):
+            self._requeue(rec, now)
+        else:
+            self._finish(rec, status.phase, status.error)
+
+    def _attempt_ended(self, rec: JobRecord, view: AttemptState, now: float) -> None:
+        reason = view.reason or (reason_for_exit(view.exit_code).value if reason_for_exit(view.exit_code) else None)
+        if reason is None:  # exit 0 but no terminal status: the final write was lost
+            reason = Reason.STORAGE_ERROR.value
+        message = (f"attempt {rec.attempt}: the trainer exited (code {view.exit_code}) without reporting a final "
+                   f"state: {view.message or reason}")
+        self._attempt_failed(rec, reason, message, view.exit_code, now)
+
+    def _attempt_failed(self, rec: JobRecord, reason: str, message: str, exit_code: int | None, now: float) -> None:
+        self._close_attempt(rec, reason, exit_code, message, now)
+        try:
+            retryable = is_retryable(reason)
+        except ValueError:
+            retryable = False
+        if retryable and rec.attempt < rec.max_attempts and rec.cancel_requested_at is None:
+            rec.error = ErrorInfo(reason=reason, message=message)  # shown until the next attempt reports
+            self._requeue(rec, now)
+        else:
+            self._finish(rec, "failed", ErrorInfo(reason=reason, message=message))
+
+    def _close_attempt(self, rec: JobRecord, reason: str | None, exit_code: int | None, message: str | None,
+                       now: float) -> None:
+        if rec.attempts and rec.attempts[-1].ended_at is None:
+            last = rec.attempts[-1]
+            last.ended_at, last.reason, last.exit_code, last.message = now, reason, exit_code, message
+
+    def _requeue(self, rec: JobRecord, now: float) -> None:
+        rec.state = "queued"
+        rec.not_before = now + retry_backoff_s(rec.attempt, self.settings.retry_backoff_s)
+        self.store.write_record(rec, now=now)
+        log.info("job %s: attempt %d failed (%s); attempt %d in %.0f s", rec.job_id, rec.attempt,
+                 rec.attempts[-1].reason if rec.attempts else "?", rec.attempt + 1, rec.not_before - now)
+
+    def _finish(self, rec: JobRecord, phase: str, error: ErrorInfo | None) -> None:
+        rec.state, rec.final_phase = "finished", phase  # type: ignore[assignment]
+        rec.error = error if phase != "succeeded" else None
+        rec.finished_at = self.clock()
+        self.store.write_record(rec, now=rec.finished_at)
+        if self.metrics is not None:
+            self.metrics.jobs_finished.labels(phase).inc()
+        log.info("job %s: %s%s", rec.job_id, phase, f" ({error.reason}: {error.message})" if error else "")
+        self._send(rec, f"job.{phase}", phase)
+        self._release(rec)
+
+    def _release(self, rec: JobRecord) -> None:
+        self.store.release_slot(rec.tenant, rec.slot, rec.job_id)
+
+    # -- webhooks -------------------------------------------------------------------------------
+    def _phase_webhook(self, rec: JobRecord, status: JobStatus | None) -> None:
+        if not (self.settings.webhook_phase_changes and rec.webhook_url and self.webhooks):
+            return
+        phase = effective(rec, status).phase
+        if phase not in TERMINAL_PHASES:
+            self._send(rec, "job.phase", phase)
+
+    def _send(self, rec: JobRecord, event_type: str, phase: str) -> None:
+        if not rec.webhook_url or self.webhooks is None:
+            return
+        marker = f"{phase}@{rec.attempt}"
+        if marker in rec.webhooks_sent:
+            return
+        rec.webhooks_sent.append(marker)
+        self.store.write_record(rec, now=self.clock())  # recorded first: one event per phase, even after a restart
+        data = {"id": rec.job_id, "tenant": rec.tenant, "name": rec.name, "phase": phase, "attempt": rec.attempt,
+                "error": {"reason": rec.error.reason, "message": rec.error.message} if rec.error else None}
+        self.webhooks.send(WebhookEvent(url=rec.webhook_url, msg_id=f"{rec.job_id}-{phase}-{rec.attempt}",
+                                        type=event_type, data=data))
+
+    # -- retention ------------------------------------------------------------------------------
+    def expire_old_jobs(self) -> int:
+        """Delete finished jobs submitted before now − retention. The index is newest first, so the
+        expired ones are exactly those listed after the cutoff's marker: bounded work per pass."""
+        cutoff = index_name(self.clock() - self.settings.retention_s, "")
+        removed = 0
+        for tenant in self.tenants:
+            for name in list(self.store.index(tenant.name, start_after=cutoff, limit=RETENTION_BATCH)):
+                try:
+                    rec = self.store.read_record(tenant.name, job_id_of_index(name))
+                except NotFound:
+                    self.store.tenant(tenant.name).delete(f"index/{name}")
+                    continue
+                if rec.final_phase is None:
+                    continue  # never expire an active job
+                self.store.delete_job(rec)
+                removed += 1
+        return removed

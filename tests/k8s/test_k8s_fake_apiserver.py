@@ -1,0 +1,87 @@
+"""The stand-in API server behaves as kube-apiserver does for what the launcher relies on.
+
+Checked with the official client's plain API calls (no launcher), so a launcher test cannot pass
+because the stand-in is lenient where the real server is not.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from fake_apiserver import FakeApiServer, parse_selector
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+
+def _job(name: str, *, gpu_request: str = "1", gpu_limit: str = "1", restart: str = "Never") -> dict:
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": {"team": "a"}},
+        "spec": {
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [
+                {"type": "DisruptionTarget", "status": "True"}]}]},
+            "template": {"spec": {"restartPolicy": restart, "containers": [{
+                "name": "c", "image": "busybox",
+                "resources": {"requests": {"nvidia.com/gpu": gpu_request}, "limits": {"nvidia.com/gpu": gpu_limit}},
+            }]}},
+        },
+    }
+
+
+@pytest.fixture
+def batch(api: FakeApiServer) -> k8s.BatchV1Api:
+    return k8s.BatchV1Api(k8s.ApiClient(k8s.Configuration(host=api.url)))
+
+
+def test_create_defaults_conflict_and_not_found(api: FakeApiServer, batch: k8s.BatchV1Api) -> None:
+    created = batch.create_namespaced_job("lathe", _job("a"))
+    assert created.metadata.uid and created.metadata.creation_timestamp
+    assert (created.spec.backoff_limit, created.spec.completions, created.spec.completion_mode) == (6, 1, "NonIndexed")
+    assert created.spec.template.metadata.labels["batch.kubernetes.io/job-name"] == "a"
+    with pytest.raises(ApiException) as conflict:
+        batch.create_namespaced_job("lathe", _job("a"))
+    assert conflict.value.status == 409 and '"AlreadyExists"' in conflict.value.body
+    with pytest.raises(ApiException) as missing:
+        batch.read_namespaced_job("b", "lathe")
+    assert missing.value.status == 404 and 'jobs.batch \\"b\\" not found' in missing.value.body
+
+
+@pytest.mark.parametrize(("job", "fragment"), [
+    (_job("x", gpu_request="1", gpu_limit="2"), "overcommit is not allowed for extended resources"),
+    (_job("x", restart="Always"), "restartPolicy: Unsupported value"),
+    (_job("x" * 64), "must be no more than 63 characters"),
+])
+def test_invalid_objects_are_422(batch: k8s.BatchV1Api, job: dict, fragment: str) -> None:
+    with pytest.raises(ApiException) as info:
+        batch.create_namespaced_job("lathe", job)
+    assert info.value.status == 422 and fragment in info.value.body
+
+
+def test_unknown_fields_are_422(api: FakeApiServer) -> None:
+    # The client refuses unknown fields itself, so send the JSON as any other client could.
+    body = {**_job("x"), "spec": {**_job("x")["spec"], "bogus": 1}}
+    request = urllib.request.Request(f"{api.url}/apis/batch/v1/namespaces/lathe/jobs", method="POST",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    status = json.loads(info.value.read())
+    assert (info.value.code, status["reason"]) == (422, "Invalid") and "'bogus' was unexpected" in status["message"]
+
+
+def test_jobs_orphan_their_pods_unless_told_otherwise(api: FakeApiServer, batch: k8s.BatchV1Api) -> None:
+    # batch/v1 keeps the old default: deleting a Job without a policy leaves its pods running.
+    batch.create_namespaced_job("lathe", _job("a"))
+    api.sync_jobs()
+    batch.delete_namespaced_job("a", "lathe")
+    (pod,) = api.pods_of("lathe", "a")
+    assert pod["metadata"]["ownerReferences"] == [] and "deletionTimestamp" not in pod["metadata"]
+
+
+def test_label_selectors() -> None:
+    labels = {"app": "lathe", "tier": "gpu"}
+    for selector, expected in [("app=lathe", True), ("app==lathe,tier!=cpu", True), ("app", True), ("!app", False),
+                               ("tier in (gpu, tpu)", True), ("tier notin (gpu)", False), ("app=other", False),
+                               ("", True)]:
+        assert parse_selector(selector)(labels) is expected, selector

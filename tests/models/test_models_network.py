@@ -1,0 +1,220 @@
+"""Adapter networks: every algorithm built, applied, trained one manual step, saved with sd-scripts
+names, reloaded (network_weights) to the same output; lora/locon files load in diffusers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.adapter_file import read_metadata, save_adapter
+from trainer.failures import JobFailure
+from trainer.models.load import encode_prompts
+from trainer.network import ALGOS, build_network
+
+SUFFIXES = {
+    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "locon": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "dylora": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w2", "alpha"},
+    "ia3": {"weight", "on_input"},
+    "full": {"diff", "diff_b"},
+    "glora": {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"},
+    "boft": {"oft_blocks", "alpha"},
+    "diag-oft": {"oft_blocks", "alpha"},
+}
+
+
+def _inputs(parts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    ids = []
+    for tok in parts.tokenizers:
+        body = tok("a photo of a cat", add_special_tokens=False).input_ids
+        row = [tok.bos_token_id, *body, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(body))
+        ids.append(torch.tensor([[row]]))
+    return latents, torch.tensor([500]), ids
+
+
+def _unet_out(parts, latents, t, ids):
+    states, pooled = encode_prompts(parts, ids, clip_skip=None, max_token_length=None)
+    extra = {}
+    if parts.arch == "sdxl":
+        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    return parts.unet(latents, t, states, **extra).sample
+
+
+def _train_one_step(network, parts):
+    """One SGD step with a large rate, so every adapter ends far from its identity init."""
+    network.apply_to()
+    groups = network.param_groups(unet_lr=1.0, text_encoder_lr=1.0)
+    optimizer = torch.optim.SGD(groups, lr=1.0)
+    latents, t, ids = _inputs(parts)
+    loss = _unet_out(parts, latents, t, ids).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    # A second, random nudge reaches parameters whose first gradient is zero (zero-initialised halves).
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for group in groups:
+            for p in group["params"]:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_algo_build_train_save_reload(parts_for, network_spec, tmp_path, arch, algo):
+    parts = parts_for(arch)
+    spec = network_spec(algo=algo, dim=4, alpha=2.0, factor=4 if algo in ("lokr", "boft", "diag-oft") else -1)
+    latents, t, ids = _inputs(parts)
+    with torch.no_grad():
+        base = _unet_out(parts, latents, t, ids)
+    network = build_network(spec, parts, train_unet=True, train_text_encoder=True)
+    try:
+        _train_one_step(network, parts)
+        with torch.no_grad():
+            trained = _unet_out(parts, latents, t, ids)
+        assert not torch.allclose(base, trained, atol=1e-5)
+        tensors = network.state_dict_for_save(torch.float32)
+        counts = network.modules_count()
+        assert counts["unet"] > 0 and sum(v for k, v in counts.items() if k != "unet") > 0
+    finally:
+        network.restore()
+    names = {k.split(".", 1)[0] for k in tensors}
+    suffixes = {k.split(".", 1)[1] for k in tensors}
+    assert suffixes & SUFFIXES[algo] == SUFFIXES[algo] - ({"lokr_w2"} if algo == "lokr" else set()) or algo == "lokr"
+    te_prefixes = ("lora_te1_", "lora_te2_") if arch == "sdxl" else ("lora_te_",)
+    assert all(n.startswith(("lora_unet_", *te_prefixes)) for n in names)
+    for prefix in te_prefixes:
+        assert any(n.startswith(prefix + "text_model_encoder_layers_") for n in names)
+    if arch == "sdxl":
+        assert not any("down_blocks" in n or "up_blocks" in n or "mid_block" in n for n in names)
+    path = tmp_path / f"{algo}.safetensors"
+    save_adapter(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya"}, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(_unet_out(parts, latents, t, ids), base, atol=1e-5)  # restore() unhooked all
+    again = build_network(spec, parts, train_unet=True, train_text_encoder=True)
+    again.load_weights(str(path))
+    again.apply_to()
+    try:
+        with torch.no_grad():
+            reloaded = _unet_out(parts, latents, t, ids)
+    finally:
+        again.restore()
+    assert torch.allclose(reloaded, trained, atol=1e-5), (reloaded - trained).abs().max()
+
+
+def test_networks_lora_layer_set_and_scale(parts_for, network_spec):
+    parts = parts_for("sd1")
+    plain = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0), parts,
+                          train_unet=True, train_text_encoder=True)
+    names = set(dict(plain.named_children()))
+    # Transformer2DModel linears (+ its 1x1 proj convs) and CLIP attention/MLP only: no resnet layer.
+    assert not any("resnets" in n or "samplers" in n or "conv_in" in n or "time_embedding" in n for n in names)
+    # 6 transformers (2 down, 1 mid, 3 up) x (8 attention + 2 ff + 2 proj) linears; 3 CLIP layers x 6.
+    assert plain.modules_count() == {"unet": 72, "text_encoder": 18}
+    with_conv = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0),
+                              parts, train_unet=True, train_text_encoder=False)
+    conv_names = dict(with_conv.named_children())
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in conv_names
+    assert "lora_unet_down_blocks_0_resnets_0_time_emb_proj" in conv_names
+    conv = conv_names["lora_unet_down_blocks_0_resnets_0_conv1"]
+    assert conv.lora_down.weight.shape[0] == 2 and float(conv.alpha) == 1.0
+    # sd-scripts' forward: base + up(down(x)) * alpha / dim.
+    module = dict(plain.named_children())["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    layer = parts.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    with torch.no_grad():
+        module.lora_up.weight.normal_()
+    x = torch.randn(2, layer.in_features)
+    plain.apply_to()
+    try:
+        with torch.no_grad():
+            got = layer(x)
+            expected = torch.nn.functional.linear(x, layer.weight, layer.bias) + (
+                x @ module.lora_down.weight.T @ module.lora_up.weight.T) * (2.0 / 4)
+    finally:
+        plain.restore()
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_block_dims(parts_for, network_spec):
+    parts = parts_for("sdxl")
+    dims = [0] * 23
+    dims[5] = 8  # input_blocks.4 (SDXL tiny: the first transformer of the attention level)
+    net = build_network(network_spec(module="networks.lora", block_dims=dims), parts, train_unet=True,
+                        train_text_encoder=False)
+    names = [n for n, _ in net.named_children()]
+    assert names and all(n.startswith("lora_unet_input_blocks_4_1_") for n in names)
+    assert all(m.lora_down.weight.shape[0] == 8 for m in net.children())
+    with pytest.raises(JobFailure) as err:
+        build_network(network_spec(module="networks.lora", block_dims=[4] * 25), parts, train_unet=True,
+                      train_text_encoder=False)
+    assert "block_dims has 25 values; sdxl needs 23" in err.value.message
+
+
+def test_presets_param_groups_and_max_norm(parts_for, network_spec):
+    parts = parts_for("sdxl")
+    counts = {}
+    for preset in ("full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only", "unet-convblock-only"):
+        net = build_network(network_spec(preset=preset), parts, train_unet=True, train_text_encoder=True)
+        counts[preset] = net.modules_count()
+        assert not any("add_embedding" in n or "label_emb" in n for n, _ in net.named_children())
+    assert counts["full"]["unet"] > counts["full-lin"]["unet"] > counts["attn-mlp"]["unet"] > counts["attn-only"]["unet"]
+    assert counts["unet-transformer-only"]["text_encoder_1"] == 0 and counts["unet-convblock-only"]["text_encoder_2"] == 0
+    net = build_network(network_spec(dim=4, alpha=4.0), parts, train_unet=True, train_text_encoder=True)
+    groups = net.param_groups(unet_lr=1e-4, text_encoder_lr=[5e-5, 0.0])
+    assert [(g["name"], g["lr"]) for g in groups] == [("textencoder1", 5e-5), ("unet", 1e-4)]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    scaled, mean_norm, max_norm = net.apply_max_norm(1.0, "cpu")
+    assert scaled > 0 and max_norm == pytest.approx(1.0, rel=1e-3) and 0 < mean_norm <= max_norm + 1e-6
+    unet_only = build_network(network_spec(), parts, train_unet=True, train_text_encoder=False)
+    assert unet_only.modules_count()["text_encoder_1"] == 0
+    no_conv = build_network(network_spec(conv_dim=0), parts, train_unet=True, train_text_encoder=False)
+    assert 0 < no_conv.modules_count()["unet"] < unet_only.modules_count()["unet"]
+    assert not any(getattr(m, "lora_down", None) is not None and m.lora_down.weight.ndim == 4
+                   and m.lora_down.weight.shape[-1] == 3 for m in no_conv.children())
+    assert (net.algo, net.dim, net.alpha, net.conv_dim) == ("lora", 4, 4.0, None)
+
+
+def test_network_weights_of_another_model_are_refused(parts_for, network_spec, tmp_path):
+    sd1 = build_network(network_spec(), parts_for("sd1"), train_unet=True, train_text_encoder=True)
+    path = tmp_path / "sd1.safetensors"
+    save_adapter(sd1.state_dict_for_save(torch.float16), str(path), metadata={}, dtype="fp16")
+    sdxl = build_network(network_spec(), parts_for("sdxl"), train_unet=True, train_text_encoder=True)
+    with pytest.raises(JobFailure) as err:
+        sdxl.load_weights(str(path))
+    assert str(path) in err.value.message and "another architecture" in err.value.message
+    assert read_metadata(str(path))["sshs_legacy_hash"]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_lora_and_locon_files_load_in_diffusers(tiny_models, parts_for, network_spec, tmp_path, arch):
+    from diffusers import DiffusionPipeline
+
+    parts = parts_for(arch)
+    latents, t, ids = _inputs(parts)
+    for algo, conv_dim in (("lora", None), ("locon", 2)):
+        network = build_network(network_spec(algo=algo, dim=4, alpha=2.0, conv_dim=conv_dim), parts,
+                                train_unet=True, train_text_encoder=True)
+        try:
+            _train_one_step(network, parts)
+            with torch.no_grad():
+                ours = _unet_out(parts, latents, t, ids)
+            tensors = network.state_dict_for_save(torch.float32)
+        finally:
+            network.restore()
+        path = tmp_path / f"{arch}-{algo}.safetensors"
+        save_adapter(tensors, str(path), metadata={}, dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(tiny_models[arch][0], local_files_only=True)
+        diffusers_parts = type(parts)(**{**parts.__dict__, "unet": pipe.unet,
+                                         "text_encoders": [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])})
+        with torch.no_grad():
+            base = _unet_out(diffusers_parts, latents, t, ids)
+        pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+        with torch.no_grad():
+            loaded = _unet_out(diffusers_parts, latents, t, ids)
+        assert not torch.allclose(base, loaded, atol=1e-4)
+        assert torch.allclose(loaded, ours, atol=1e-4), (algo, (loaded - ours).abs().max())

@@ -1,0 +1,117 @@
+"""The factored deltas equal what LyCORIS applies, and their SVD equals a full SVD of the dense delta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from lycoris.modules import FullModule, LoConModule, LohaModule, LokrModule
+from shrink_fixtures import applied_delta, lycoris_state_dict, randomize
+
+from trainer.shrink.adapter_layers import materialize, parse_adapter, resolve_shape, spectrum_of
+
+LINEAR = ("linear", lambda: nn.Linear(48, 40))
+CONV = ("conv3x3", lambda: nn.Conv2d(24, 32, 3, padding=1))
+CONV1 = ("conv1x1", lambda: nn.Conv2d(24, 32, 1))
+BIG_LINEAR = ("linear256", lambda: nn.Linear(256, 256))
+BIG_CONV = ("conv64", lambda: nn.Conv2d(64, 64, 3, padding=1))
+
+CASES = [
+    ("lora", LoConModule, LINEAR, dict(lora_dim=4, alpha=2)),
+    ("locon", LoConModule, CONV, dict(lora_dim=4, alpha=2)),
+    ("locon-1x1", LoConModule, CONV1, dict(lora_dim=4, alpha=8)),
+    ("locon-tucker", LoConModule, CONV, dict(lora_dim=4, alpha=2, use_tucker=True)),
+    ("lora-scalar", LoConModule, LINEAR, dict(lora_dim=4, alpha=3, use_scalar=True)),
+    ("loha", LohaModule, LINEAR, dict(lora_dim=4, alpha=2)),
+    ("loha-conv", LohaModule, CONV, dict(lora_dim=4, alpha=2)),
+    ("loha-tucker", LohaModule, CONV, dict(lora_dim=4, alpha=2, use_tucker=True)),
+    ("lokr", LokrModule, LINEAR, dict(lora_dim=4, alpha=2, factor=4)),
+    ("lokr-both", LokrModule, BIG_LINEAR, dict(lora_dim=2, alpha=3, factor=16, decompose_both=True)),
+    ("lokr-full", LokrModule, LINEAR, dict(lora_dim=4, alpha=2, factor=4, full_matrix=True)),
+    ("lokr-conv", LokrModule, CONV, dict(lora_dim=2, alpha=2, factor=4)),
+    ("lokr-tucker", LokrModule, BIG_CONV, dict(lora_dim=2, alpha=2, factor=2, use_tucker=True)),
+    ("full", FullModule, LINEAR, dict()),
+    ("full-conv", FullModule, CONV, dict()),
+]
+
+
+def _layer(cls, make_org, kwargs, name="lora_unet_down_blocks_0_resnets_0_conv1"):
+    torch.manual_seed(0)
+    org = make_org()
+    module = cls(name if isinstance(org, nn.Conv2d) else "lora_unet_mid_block_attentions_0_proj_in", org, **kwargs)
+    randomize(module)
+    if kwargs.get("use_scalar"):
+        with torch.no_grad():
+            module.scalar.fill_(0.7)
+    w0 = org.weight.detach().clone()
+    if cls is FullModule:
+        module.apply_to()  # LyCORIS computes a full layer's `diff` against the weight it took over
+    tensors = lycoris_state_dict(module)
+    parsed = parse_adapter(tensors)
+    layer = parsed.layers[0]
+    base_shape = tuple(w0.shape) if w0.shape[2:] == (1, 1) else None
+    resolve_shape(layer, base_shape, "sd2", "test")
+    return module, org, layer, w0
+
+
+@pytest.mark.parametrize("label,cls,org,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_delta_equals_lycoris_and_svd_is_exact(label, cls, org, kwargs):
+    module, org_module, layer, w0 = _layer(cls, org[1], kwargs)
+    org_shape = tuple(w0.shape)
+    structure = layer.structure()
+    ours = materialize(structure).reshape(layer.weight_shape)
+    applied = applied_delta(module, org_module, w0, applied=cls is FullModule)
+    assert tuple(ours.shape) == org_shape
+    torch.testing.assert_close(ours, applied, rtol=1e-4, atol=1e-5 * applied.abs().max().item())
+
+    dense = materialize(structure).double()
+    reference = torch.linalg.svdvals(dense)
+    spectrum = spectrum_of(structure)
+    n = len(spectrum.S)
+    assert n <= len(reference)
+    # σ equal a full SVD of the dense delta to fp32 round-off; the ones we do not list are zero.
+    tol = 1e-5 * reference[0].item()
+    assert (spectrum.S.double() - reference[:n]).abs().max().item() < tol
+    assert reference[n:].abs().max().item() < tol if n < len(reference) else True
+    # Singular vectors rebuild the delta: every component, and each best rank-k truncation.
+    every = torch.arange(n)
+    u, vh = spectrum.vectors(every)
+    rebuilt = (u * spectrum.S) @ vh
+    assert (rebuilt.double() - dense).norm() / dense.norm() < 1e-5
+    k = max(1, n // 3)
+    u, vh = spectrum.vectors(torch.arange(k))
+    truncated = (u * spectrum.S[:k]) @ vh
+    best = (reference[k:] ** 2).sum().sqrt() / reference.norm()
+    err = (truncated.double() - dense).norm() / dense.norm()
+    assert abs(err.item() - best.item()) < 1e-5
+
+
+@pytest.mark.parametrize("deficient", [False, True], ids=["cholesky", "qr-fallback"])
+def test_product_spectrum_paths_are_exact(deficient):
+    """Well-conditioned factors take the float64-Gram path, rank-deficient ones Householder QR."""
+    from trainer.shrink.spectrum import ProductSpectrum
+
+    g = torch.Generator().manual_seed(1)
+    left = torch.randn(300, 16, generator=g)
+    right = torch.randn(16, 200, generator=g)
+    if deficient:
+        left = torch.randn(300, 5, generator=g) @ torch.randn(5, 16, generator=g)
+    spec = ProductSpectrum(left, right, scale=-0.25)
+    assert spec._mode == ("qr" if deficient else "cholesky")
+    dense = (-0.25 * left.double() @ right.double())
+    reference = torch.linalg.svdvals(dense)
+    assert (spec.S.double() - reference[:16]).abs().max() < 1e-6 * reference[0]
+    k = 5
+    u, vh = spec.vectors(torch.arange(k))
+    best = (reference[k:] ** 2).sum().sqrt() / reference.norm()
+    err = ((u * spec.S[:k]) @ vh).double().sub(dense).norm() / dense.norm()
+    assert abs(err - best) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_spectrum_matches_cpu():
+    module, _, layer, _ = _layer(LohaModule, CONV[1], dict(lora_dim=4, alpha=2))
+    on_cpu = spectrum_of(layer.structure("cpu")).S
+    on_gpu = spectrum_of(layer.structure("cuda")).S.cpu()
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-6 * float(on_cpu[0]))

@@ -1,0 +1,53 @@
+"""Small builders shared by the storage tests: images, dataset trees, crafted archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+
+def png_bytes(width: int = 16, height: int = 16, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    im = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3) if seed < 0 else
+                         bytes((seed * 7 + i) % 256 for i in range(width * height * 3)))
+    out = io.BytesIO()
+    im.save(out, format="PNG")
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but has no pixel data: decoding it would fail,
+    so a check that passes or refuses it can only have read the header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    # An empty IDAT ends the header (PIL stops reading there); decoding would find no pixels.
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def make_dataset(root: Path, images_per_concept: int = 3) -> dict[str, bytes]:
+    """An sd-scripts style tree (`<repeats>_<concept>/` with images and .txt captions)."""
+    files: dict[str, bytes] = {}
+    for concept in ("10_cat", "2_dog toy"):
+        for i in range(images_per_concept):
+            files[f"{concept}/img{i}.png"] = png_bytes(12 + i, 10, seed=i)
+            files[f"{concept}/img{i}.txt"] = f"{concept.split('_', 1)[1]}, photo {i}".encode()
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def read_tree(root: Path | str) -> dict[str, bytes]:
+    root = Path(root)
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }

@@ -1,0 +1,42 @@
+"""`python -m trainer <command>`: the trainer's command line.
+
+Each command lives in its own module and is imported only when chosen, so `shrink`, `inspect` and
+`from-kohya` start fast (no diffusers/transformers import) and `run` pays for torch only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("trainer.run", "run a job: python -m trainer run SPEC (local path or s3:// URI of spec.json)"),
+    "shrink": ("trainer.shrink.cli", "SVD rank reduction of an adapter file"),
+    "inspect": ("trainer.inspect", "metadata and key summary of an adapter file, as JSON"),
+    "tiny-model": ("trainer.models.tiny", "write a tiny random SD1.5/SD2/SDXL pipeline (offline)"),
+    "tiny-dataset": ("trainer.tinydata", "write a tiny generated dataset in sd-scripts folder layout"),
+    "from-kohya": ("trainer.fromkohya", "convert an sd-scripts command line or config into a JobSpec"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m trainer <command> [args]", "", "commands:"]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Adapter files: safetensors with sd-scripts' header metadata.
+
+`sshs_model_hash` / `sshs_legacy_hash` are computed as sd-scripts' `precalculate_safetensors_hashes`
+does (for sd-webui-additional-networks): serialise the tensors with only the `ss_*` metadata, then
+hash everything after the header (model hash) and 64 KiB at offset 1 MiB (legacy hash, 8 hex
+digits). The model hash therefore equals the SHA-256 of the saved file's tensor bytes.
+`modelspec.*` keys follow sd-scripts' `library/sai_model_spec.py` for LoRA files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "diffusers"
+LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
+
+
+@dataclass
+class SavedAdapter:
+    path: str
+    size: int
+    sha256: str
+    zero_tensors: list[str] = field(default_factory=list)
+
+
+def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them."""
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    (header_len,) = struct.unpack("<Q", data[:8])
+    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
+    legacy_hash = hashlib.sha256(data[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def zero_tensor_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors that are all zeros (fp16 underflow; sd-scripts' check_lora_weights.py counts them).
+    `alpha` scalars are not weights and are skipped."""
+    return sorted(k for k, v in tensors.items() if v.numel() > 1 and not torch.any(v != 0))
+
+
+def save_adapter(tensors: dict[str, torch.Tensor], path: str, *, metadata: dict[str, str], dtype) -> SavedAdapter:
+    """Write `tensors` (cast to `dtype`: torch dtype or fp32/fp16/bf16) with `metadata` plus the
+    sshs hashes; atomic (temporary file + rename)."""
+    from safetensors.torch import save_file
+
+    if isinstance(dtype, str):
+        if dtype not in SAVE_DTYPES:
+            raise ValueError(f"save precision {dtype!r}: choose one of fp32, fp16, bf16")
+        dtype = SAVE_DTYPES[dtype]
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings: {bad}")
+    cast = {}
+    for key, value in tensors.items():
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        cast[key] = value.contiguous()
+    model_hash, legacy_hash = sshs_hashes(cast, metadata)
+    header = dict(metadata, sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_file(cast, str(tmp), metadata=header)
+    os.replace(tmp, target)
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return SavedAdapter(str(target), target.stat().st_size, digest.hexdigest(), zero_tensor_names(cast))
+
+
+def read_header(path: str) -> dict:
+    """The raw safetensors JSON header (tensor entries and `__metadata__`), without loading tensors."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 1024 * 1024 or n > os.path.getsize(path) - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {n} is impossible)")
+        try:
+            return json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from e
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    return dict(read_header(path).get("__metadata__") or {})
+
+
+def modelspec_metadata(arch: str, v_parameterization: bool, title: str | None, resolution, *,
+                       timestamp: float | None = None, author: str | None = None, description: str | None = None,
+                       license: str | None = None, tags: str | None = None, clip_skip: int | None = None,
+                       timesteps: tuple[int, int] | None = None) -> dict[str, str]:
+    """`modelspec.*` keys of a LoRA file, as sd-scripts writes them.
+
+    resolution: int, (w, h) or "w,h"; None gives the architecture's default (512 / 768 for SD2-v / 1024).
+    """
+    timestamp = datetime.datetime.now().timestamp() if timestamp is None else timestamp
+    if arch == "sd2":
+        base = "stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512"
+    elif arch in MODELSPEC_ARCH:
+        base = MODELSPEC_ARCH[arch]
+    else:
+        raise ValueError(f"unknown architecture {arch!r}")
+    if resolution is None:
+        resolution = 1024 if arch == "sdxl" else 768 if (arch == "sd2" and v_parameterization) else 512
+    if isinstance(resolution, str):
+        resolution = tuple(int(x) for x in resolution.split(","))
+    if isinstance(resolution, int):
+        resolution = (resolution, resolution)
+    if len(resolution) == 1:
+        resolution = (resolution[0], resolution[0])
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{base}/lora",
+        "modelspec.implementation": IMPL_STABILITY_AI if arch == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.title": title if title else f"LoRA@{timestamp}",
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
+    }
+    optional = {"modelspec.author": author, "modelspec.description": description, "modelspec.license": license,
+                "modelspec.tags": tags, "modelspec.encoder_layer": None if clip_skip is None else str(clip_skip),
+                "modelspec.timestep_range": None if timesteps is None else f"{timesteps[0]},{timesteps[1]}"}
+    meta.update({k: v for k, v in optional.items() if v is not None})
+    return meta

@@ -1,0 +1,2 @@
+"""Training data: discovery (`layout`, torch-free), aspect-ratio buckets (`buckets`, torch-free),
+caption processing (`captions`, pure) and the image pipeline (`dataset`, PIL/numpy/torch)."""

@@ -1,0 +1,380 @@
+"""`shrink_file`: read an adapter, pick each layer's rank, re-factor it exactly, write a plain LoRA."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .adapter_layers import AdapterLayer, parse_adapter, resolve_shape, spectrum_of
+from .base_model import BaseModel
+from .errors import NothingToShrink, ShrinkError
+from .metadata import shrunk_metadata
+from .rank_rules import (
+    MIN_SV,
+    SD_SCRIPTS_METHODS,
+    LayerRefs,
+    Recipe,
+    parse_recipe,
+    recipe_keep,
+    recipe_scores,
+    recipe_threshold,
+    sd_scripts_rank,
+)
+from .report import LayerRow, ShrinkReport, ShrinkTotals
+from .spectrum import Spectrum
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in SAVE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str  # "rank" | "method" | "recipe"
+    rank: int | None = None
+    method: str | None = None
+    param: float | None = None
+    recipe: Recipe | None = None
+    max_rank: int | None = None
+
+
+def make_rule(
+    rank: int | None, method: str | None, param: float | None, recipe: str | None, max_rank: int | None
+) -> Rule:
+    """Validates the choice of rule: a method wins, then a fixed rank, then the recipe.
+
+    With a method, a given `rank` caps the dynamic rank, as sd-scripts' `--new_rank` does.
+    """
+    if max_rank is not None and max_rank < 1:
+        raise ShrinkError(f"--max-rank must be ≥ 1 (got {max_rank})")
+    if rank is not None and rank < 1:
+        raise ShrinkError(f"--rank must be ≥ 1 (got {rank})")
+    if method is not None:
+        if method not in SD_SCRIPTS_METHODS:
+            raise ShrinkError(f"--method must be one of {', '.join(SD_SCRIPTS_METHODS)} (got '{method}')")
+        if param is None or not param > 0:
+            raise ShrinkError(f"--method {method} needs --param > 0 (got {param})")
+        caps = [c for c in (rank, max_rank) if c is not None]
+        return Rule("method", rank=rank, method=method, param=param, max_rank=min(caps) if caps else None)
+    if param is not None:
+        raise ShrinkError("--param is only used with --method sv_ratio|sv_fro|sv_cumulative")
+    if rank is not None:
+        return Rule("rank", rank=rank, max_rank=max_rank)
+    if recipe:
+        return Rule("recipe", recipe=parse_recipe(recipe), max_rank=max_rank)
+    raise ShrinkError("choose how to pick ranks: --rank N, --method M --param X, or --recipe 'fro_ckpt=1,thr=-3.55'")
+
+
+def detect_arch(names: list[str], metadata: dict[str, str]) -> str:
+    """sd1 | sd2 | sdxl, from key naming first and sd-scripts metadata second."""
+    sgm = re.compile(r"^lora_unet_(input_blocks|output_blocks|middle_block)_|^lora_te[12]_")
+    if any(sgm.match(n) for n in names) or metadata.get("ss_base_model_version", "").startswith("sdxl"):
+        return "sdxl"
+    if metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2"):
+        return "sd2"
+    return "sd1"
+
+
+def _spectrum(layer: AdapterLayer, device: torch.device, source: str) -> Spectrum:
+    """The layer's exact spectrum; NaN/inf anywhere in its factors shows up in σ (or stops LAPACK)."""
+    bad = ShrinkError(
+        f"{source}: layer '{layer.name}' holds NaN/inf values (a diverged or fp16-overflowed training);"
+        " there is nothing sound to shrink"
+    )
+    try:
+        spec = spectrum_of(layer.structure(device))
+    except RuntimeError as e:  # e.g. "linalg.svd: The algorithm failed to converge"
+        raise bad from e
+    if not bool(torch.isfinite(spec.S).all()):
+        raise bad
+    return spec
+
+
+def _layer_refs(layer: AdapterLayer, spec: Spectrum, recipe: Recipe, base: BaseModel | None) -> LayerRefs:
+    out, in_flat = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+    refs = LayerRefs(out_features=out, in_features=in_flat)
+    w = recipe.weights
+    if not recipe.needs_base:
+        return refs
+    assert base is not None
+    if abs(w["fro_ckpt"]) > 1e-6:
+        refs.fro_ckpt = base.frobenius_norm(layer.name)
+    if abs(w["spn_ckpt"]) > 1e-6:
+        refs.spn_ckpt = base.spectral_norm(layer.name)
+    if abs(w["subspace"]) > 1e-6:
+        u, vh = spec.vectors(torch.arange(len(spec.S), device=spec.S.device))
+        w_base = base.weight(layer.name).to(device=u.device, dtype=u.dtype).flatten(1)
+        refs.subspace = torch.linalg.vecdot(vh @ w_base.T, u.T).abs()
+    return refs
+
+
+def _workers(device: torch.device) -> int:
+    """Layers are independent: on CPU, one worker thread per available core (torch releases the GIL
+    and each op stays single-threaded, which suits these small matrices); on a GPU one stream."""
+    if device.type != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    limit = int(os.environ.get("LATHE_SHRINK_WORKERS", "0") or 0)
+    return max(1, min(limit or cores, 8))
+
+
+def _map(fn, items: list, workers: int) -> list:
+    if workers == 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _factors_for(layer: AdapterLayer, spec: Spectrum, keep: Tensor, rescale: float) -> tuple[Tensor, Tensor, float]:
+    """(down, up, alpha) of the shrunk layer: alpha/rank keeps the input's scale for LoRA inputs and the
+    singular values are split evenly between the factors (better conditioned than all-in-up in fp16)."""
+    u, vh = spec.vectors(keep)
+    out_scale = layer.output_scale
+    root = torch.sqrt(spec.S[keep] * (rescale / out_scale))
+    up = u * root
+    down = root[:, None] * vh
+    k = int(keep.numel())
+    out, inn, *kernel = layer.weight_shape
+    if kernel:
+        down = down.reshape(k, inn, *kernel)
+        up = up.reshape(out, k, *([1] * len(kernel)))
+    return down, up, out_scale * k
+
+
+def shrink_file(
+    in_path: str,
+    out_path: str,
+    *,
+    base: str | None,
+    rank: int | None = None,
+    method: str | None = None,
+    param: float | None = None,
+    recipe: str | None = None,
+    max_rank: int | None = None,
+    save_precision: str | None = None,
+    device: str = "cpu",
+    plot_path: str | None = None,
+) -> ShrinkReport:
+    """Shrink one adapter file; returns the report (also stored in the output's header)."""
+    t_start = time.perf_counter()
+    rule = make_rule(rank, method, param, recipe, max_rank)
+    if save_precision is not None and save_precision not in SAVE_DTYPES:
+        raise ShrinkError(f"--save-precision must be one of fp16, bf16, fp32 (got '{save_precision}')")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ShrinkError("--device cuda: no CUDA device is available here; use --device cpu")
+    if Path(out_path).resolve() == Path(in_path).resolve():
+        raise ShrinkError(f"-o {out_path}: the output would overwrite the input; choose another path")
+    source = str(in_path)
+    try:
+        with safe_open(source, framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = safetensors.torch.load_file(source)
+    except FileNotFoundError:
+        raise ShrinkError(f"{source}: no such file") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ShrinkError(f"{source}: not a readable .safetensors file ({e})") from e
+    t_read = time.perf_counter()
+
+    parsed = parse_adapter(tensors, source=source)
+    if not parsed.layers:
+        kinds = sorted(set(parsed.passthrough_kinds.values())) or ["none"]
+        raise NothingToShrink(
+            f"{source}: no low-rank-convertible layer (found only: {', '.join(kinds)}); nothing to shrink"
+        )
+    float_dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    save_dtype = SAVE_DTYPES[save_precision] if save_precision else max(
+        set(float_dtypes), key=float_dtypes.count
+    )
+    arch = detect_arch([layer.name for layer in parsed.layers], metadata)
+    base_model = BaseModel(base) if base else None
+    if rule.kind == "recipe" and rule.recipe.needs_base and base_model is None:
+        raise ShrinkError(
+            f"--recipe '{rule.recipe.text}' compares against the base model: pass --base CHECKPOINT"
+            " (SGM .safetensors or diffusers folder), or use --rank / --method instead"
+        )
+    for layer in parsed.layers:
+        base_shape = base_model.shape(layer.name) if base_model else None
+        if base_model is not None and base_shape is None and rule.kind == "recipe" and rule.recipe.needs_base:
+            base_model.weight(layer.name)  # raises the "no base weight for layer" error
+        resolve_shape(layer, base_shape, arch, source)
+
+    compute = torch.device(device)
+    rescale = rule.recipe.rescale if rule.recipe else 1.0
+    workers = _workers(compute)
+    threshold: float | None = None
+    t_norms = 0.0
+    if rule.kind == "recipe" and rule.recipe.size_mib is not None:
+        # A size target needs every layer's scores before any cut: a first pass on σ only.
+        elem = torch.finfo(save_dtype).bits // 8
+
+        def score(layer: AdapterLayer):
+            spec = _spectrum(layer, compute, source)
+            if spec.S.numel() == 0 or spec.S[0].item() < MIN_SV:
+                return None
+            refs = _layer_refs(layer, spec, rule.recipe, base_model)
+            return recipe_scores(spec.S.cpu(), rule.recipe, refs), elem * (refs.out_features + refs.in_features), len(spec.S)
+
+        scored = [x for x in _map(score, parsed.layers, workers) if x is not None]
+        threshold = recipe_threshold([x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored], rule.recipe)
+    elif rule.kind == "recipe":
+        threshold = rule.recipe.threshold
+
+    tiny = torch.finfo(save_dtype).smallest_normal * torch.finfo(save_dtype).eps  # smallest subnormal
+
+    def shrink_layer(layer: AdapterLayer) -> tuple[LayerRow, dict[str, Tensor], float, float, float]:
+        spec = _spectrum(layer, compute, source)
+        S = spec.S
+        if rule.kind == "recipe":
+            if S.numel() == 0 or S[0].item() < MIN_SV:
+                keep = torch.zeros(0, dtype=torch.long)
+            else:
+                refs = _layer_refs(layer, spec, rule.recipe, base_model)
+                keep = recipe_keep(recipe_scores(S.cpu(), rule.recipe, refs), threshold)
+                if rule.max_rank is not None:
+                    keep = keep[: rule.max_rank]
+        else:
+            scale = abs(layer.scale) or 1.0
+            new_rank = sd_scripts_rank(
+                (S / scale).cpu(), rank=rule.rank, method=rule.method, param=rule.param, max_rank=rule.max_rank
+            )
+            keep = torch.arange(new_rank)
+        keep = keep.to(S.device)
+        s_sq = S.double().pow(2)
+        layer_sq = float(s_sq.sum())
+        kept = float(s_sq[keep].sum()) if keep.numel() else 0.0
+        dropped_mask = torch.ones_like(s_sq, dtype=torch.bool)
+        dropped_mask[keep] = False
+        dropped = float(s_sq[dropped_mask].sum())
+        retained = math.sqrt(kept / layer_sq) if layer_sq > 0 else 1.0
+        rel_error = math.sqrt(dropped / layer_sq) if layer_sq > 0 else 0.0
+        new_rank = int(keep.numel())
+        out: dict[str, Tensor] = {}
+        alpha = 0.0
+        if new_rank:
+            down, up, alpha = _factors_for(layer, spec, keep, rescale)
+            if float(down.abs().amax()) < tiny or float(up.abs().amax()) < tiny:
+                new_rank, retained, rel_error, kept = 0, 0.0, 1.0, 0.0  # all zeros in the save precision
+            else:
+                out[f"{layer.name}.alpha"] = torch.tensor(alpha, dtype=save_dtype)
+                out[f"{layer.name}.lora_down.weight"] = down.to(device="cpu", dtype=save_dtype).contiguous()
+                out[f"{layer.name}.lora_up.weight"] = up.to(device="cpu", dtype=save_dtype).contiguous()
+        row = LayerRow(
+            name=layer.name, algo=layer.algo, old_rank=len(S), new_rank=new_rank,
+            retained_fro=retained, rel_error=rel_error,
+        )
+        return row, out, alpha, layer_sq, kept
+
+    out_tensors: dict[str, Tensor] = {}
+    rows: list[LayerRow] = []
+    kept_alphas: list[float] = []
+    conv_ranks: list[int] = []
+    total_sq = kept_sq = 0.0
+    for layer, (row, tensors_out, alpha, layer_sq, kept) in zip(
+        parsed.layers, _map(shrink_layer, parsed.layers, workers)
+    ):
+        rows.append(row)
+        out_tensors.update(tensors_out)
+        total_sq += layer_sq
+        kept_sq += kept
+        if row.new_rank:
+            kept_alphas.append(alpha)
+            if layer.is_conv:
+                conv_ranks.append(row.new_rank)
+    if base_model is not None:
+        t_norms = base_model.seconds_reading
+    t_svd = time.perf_counter()
+
+    passthrough_names: list[str] = []
+    for key, value in parsed.passthrough.items():
+        if key.endswith(".on_input"):
+            continue  # copied with its IA3 weight below
+        if value.is_floating_point() and not value.any():
+            continue  # an all-zero IA3/norm/bias delta changes nothing
+        out_tensors[key] = value.to(save_dtype) if value.is_floating_point() else value
+        passthrough_names.append(key)
+        flag = key.rsplit(".", 1)[0] + ".on_input"
+        if key.endswith(".weight") and flag in parsed.passthrough:
+            out_tensors[flag] = parsed.passthrough[flag]
+    if not any(k.endswith(".lora_down.weight") for k in out_tensors):
+        raise NothingToShrink(
+            f"{source}: every layer's rank came out 0 with this rule; loosen it (a lower thr, a higher"
+            " --param, or --rank N)"
+        )
+
+    bytes_in = sum(t.numel() * t.element_size() for t in tensors.values())
+    bytes_out = sum(t.numel() * t.element_size() for t in out_tensors.values())
+    rel_errors = [r.rel_error for r in rows]
+    totals = ShrinkTotals(
+        layers_in=len(rows),
+        layers_out=sum(1 for r in rows if r.new_rank > 0),
+        layers_omitted=sum(1 for r in rows if r.new_rank == 0),
+        passthrough_keys=len(passthrough_names),
+        params_in=sum(t.numel() for t in tensors.values()),
+        params_out=sum(t.numel() for t in out_tensors.values()),
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        retained_fro=math.sqrt(kept_sq / total_sq) if total_sq > 0 else 1.0,
+        rel_error=math.sqrt(max(total_sq - kept_sq, 0.0) / total_sq) if total_sq > 0 else 0.0,
+        max_rel_error=max(rel_errors) if rel_errors else 0.0,
+    )
+
+    def build_report(timings: dict[str, float]) -> ShrinkReport:
+        return ShrinkReport(
+            input=source,
+            output=str(out_path),
+            base=str(base) if base else None,
+            rule=rule.kind,
+            rank=rule.rank,
+            method=rule.method,
+            param=rule.param,
+            recipe=rule.recipe.text if rule.recipe else None,
+            threshold=threshold,
+            max_rank=rule.max_rank,
+            save_precision=_DTYPE_NAMES[save_dtype],
+            device=device,
+            layers=rows,
+            passthrough=passthrough_names,
+            totals=totals,
+            timings_s=timings,
+        )
+
+    timings = {
+        "read": round(t_read - t_start, 4),
+        "decompose_and_select": round(t_svd - t_read, 4),  # base norms included
+        "base_norms_thread_s": round(t_norms, 4),  # summed over worker threads
+    }
+    old_dim = metadata.get("ss_network_dim") or str(max(layer.nominal_rank for layer in parsed.layers))
+    header = shrunk_metadata(
+        metadata,
+        out_tensors,
+        build_report(timings),
+        old_dim=old_dim,
+        ranks=[r.new_rank for r in rows if r.new_rank],
+        alphas=kept_alphas,
+        converted_lycoris=any(layer.algo != "lora" for layer in parsed.layers),
+        conv_ranks=conv_ranks,
+    )
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(out_tensors, str(out_path), metadata=header)
+    if base_model is not None:
+        base_model.save_cache()
+    timings["write"] = round(time.perf_counter() - t_svd, 4)
+    timings["total"] = round(time.perf_counter() - t_start, 4)
+    report = build_report(timings)
+    if plot_path:
+        from .plot import plot_report
+
+        plot_report(report, plot_path)
+    return report

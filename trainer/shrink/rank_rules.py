@@ -1,0 +1,218 @@
+"""Per-layer rank rules on singular spectra: sd-scripts' `resize_lora.py` and elias-gaeros' recipes.
+
+Pure functions on descending spectra; they return how many (or which) components each layer keeps.
+
+sd-scripts (`networks/resize_lora.py`, current version): `--new_rank N` keeps N; the dynamic methods
+turn an index into a rank with `new_rank = index + 1`, where
+- sv_ratio:      index = #(S > S[0]/param) − 1           (keeps every σ above S[0]/param),
+- sv_cumulative: index = searchsorted(cumsum(S)/ΣS, param)  (first i whose cumulative share ≥ param),
+- sv_fro:        index = searchsorted(cumsum(S²)/ΣS², param²),
+each clamped to [0, len(S) − 1]; a layer whose top σ of the *unscaled* up@down is ≤ 1e-6 gets rank 1,
+and the rank is capped at `--new_rank` (ours: `max_rank`). Older sd-scripts releases were off by one
+(cumulative/fro before PR #2194, sv_ratio until 2026): `legacy_off_by_one=True` reproduces those.
+
+resize_lora (elias-gaeros, `-r recipe`): score_i = log10(σ_i·rescale) − Σ_k w_k·log10(ref_k) with the
+recipe weights normalised to sum 1 and refs: `fro_ckpt` ‖W_base‖_F, `spn_ckpt` ‖W_base‖_2, `spn_lora`
+σ_0, `fro_lora` ‖σ‖, `params` out+in, `subspace` |u_iᵀ W_base v_i|; a component is kept iff
+score > thr, or, with `size=MiB`, thr is chosen greedily so the output fits. Layers whose top σ < 1e-6
+are dropped. σ here are those of the *scaled* delta (alpha/dim applied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import ShrinkError
+
+MIN_SV = 1e-6  # sd-scripts' and resize_lora's "this layer is zero" threshold
+SD_SCRIPTS_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+# --- sd-scripts -------------------------------------------------------------------------------
+
+
+def _clamp_index(index: int, n: int) -> int:
+    return max(0, min(index, n - 1))
+
+
+def index_sv_ratio(S: Tensor, target: float, legacy_off_by_one: bool = False) -> int:
+    min_sv = S[0] / target
+    count = int(torch.sum(S > min_sv).item())
+    return _clamp_index(count if legacy_off_by_one else count - 1, len(S))
+
+
+def index_sv_cumulative(S: Tensor, target: float, legacy_off_by_one: bool = False) -> int:
+    cumulative = torch.cumsum(S, dim=0) / float(torch.sum(S))
+    index = int(torch.searchsorted(cumulative, target)) + (1 if legacy_off_by_one else 0)
+    return _clamp_index(index, len(S))
+
+
+def index_sv_fro(S: Tensor, target: float, legacy_off_by_one: bool = False) -> int:
+    squared = S.pow(2)
+    cumulative = torch.cumsum(squared, dim=0) / float(torch.sum(squared))
+    index = int(torch.searchsorted(cumulative, target**2)) + (1 if legacy_off_by_one else 0)
+    return _clamp_index(index, len(S))
+
+
+_INDEX_RULES: dict[str, Callable[[Tensor, float, bool], int]] = {
+    "sv_ratio": index_sv_ratio,
+    "sv_cumulative": index_sv_cumulative,
+    "sv_fro": index_sv_fro,
+}
+
+
+def sd_scripts_rank(
+    S_unscaled: Tensor,
+    *,
+    rank: int | None,
+    method: str | None,
+    param: float | None,
+    max_rank: int | None = None,
+    legacy_off_by_one: bool = False,
+) -> int:
+    """The rank sd-scripts' `rank_resize` picks for one layer (0 only for an exactly-zero delta).
+
+    `S_unscaled` are the singular values of up@down without alpha/dim (what sd-scripts decomposes);
+    ratios do not depend on the scale, only the zero test does.
+    """
+    n = len(S_unscaled)
+    if n == 0 or float(S_unscaled[0]) == 0.0:
+        return 0  # an all-zero layer (fp16 underflow): omitted rather than kept at rank 1
+    if method is None:
+        if rank is None:
+            raise ShrinkError("a fixed rank (--rank) or a method (--method/--param) is required")
+        new_rank = rank
+    else:
+        if param is None:
+            raise ShrinkError(f"--method {method} needs --param")
+        new_rank = _INDEX_RULES[method](S_unscaled, param, legacy_off_by_one) + 1
+    if float(S_unscaled[0]) <= MIN_SV:
+        new_rank = 1
+    if max_rank is not None:
+        new_rank = min(new_rank, max_rank)
+    return min(new_rank, n)
+
+
+# --- resize_lora recipes ------------------------------------------------------------------------
+
+SCORE_KEYS = ("spn_lora", "spn_ckpt", "subspace", "fro_lora", "fro_ckpt", "params")
+BASE_SCORE_KEYS = frozenset({"spn_ckpt", "fro_ckpt", "subspace"})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed `-r` recipe of resize_lora, e.g. `fro_ckpt=1,thr=-3.55`."""
+
+    text: str
+    weights: dict[str, float] = field(default_factory=dict)  # normalised to sum 1
+    threshold: float | None = None
+    size_mib: float | None = None
+    rescale: float = 1.0
+
+    @property
+    def needs_base(self) -> bool:
+        return any(abs(self.weights.get(k, 0.0)) > 1e-6 for k in BASE_SCORE_KEYS)
+
+
+def parse_recipe(text: str) -> Recipe:
+    raw = {k: 0.0 for k in SCORE_KEYS}
+    threshold = size = None
+    rescale = 1.0
+    for part in text.split(","):
+        key, _, value_text = part.strip().partition("=")
+        value: float | None = None
+        if value_text:
+            try:
+                value = float(value_text)
+            except ValueError:
+                raise ShrinkError(f"recipe '{text}': '{key}={value_text}' is not a number") from None
+        if key in raw:
+            raw[key] = 1.0 if value is None else value
+        elif value is None:
+            raise ShrinkError(f"recipe '{text}': '{key}' needs a value ('{key}=X')")
+        elif key == "thr":
+            threshold = value
+        elif key == "size":
+            size = value
+        elif key == "rescale":
+            rescale = value
+        else:
+            raise ShrinkError(
+                f"recipe '{text}': unknown key '{key}' (known: {', '.join(SCORE_KEYS)}, thr, size, rescale)"
+            )
+    total = sum(raw.values())
+    if total == 0.0:
+        raise ShrinkError(f"recipe '{text}': give at least one score weight, e.g. 'fro_ckpt=1'")
+    if threshold is None and size is None:
+        raise ShrinkError(f"recipe '{text}': give a threshold 'thr=X' or a target size 'size=MiB'")
+    if rescale <= 0:
+        raise ShrinkError(f"recipe '{text}': rescale must be > 0")
+    weights = {k: v / total for k, v in raw.items()}
+    return Recipe(text=text, weights=weights, threshold=threshold, size_mib=size, rescale=rescale)
+
+
+@dataclass
+class LayerRefs:
+    """What recipe scores compare a layer's σ against (base-model refs only when the recipe needs them)."""
+
+    out_features: int
+    in_features: int  # flattened (in·kh·kw)
+    fro_ckpt: float | None = None
+    spn_ckpt: float | None = None
+    subspace: Tensor | None = None  # |u_iᵀ W_base v_i| per component
+
+
+def recipe_scores(S: Tensor, recipe: Recipe, refs: LayerRefs) -> Tensor:
+    """log10 scores of one layer's (scaled) singular values, in resize_lora's order of operations."""
+    w = recipe.weights
+    scores = torch.log10(S)
+    scores += math.log10(recipe.rescale)
+    if abs(w["subspace"]) > 1e-6:
+        scores -= w["subspace"] * torch.log10(_required(refs.subspace, "subspace"))
+    if abs(w["spn_ckpt"]) > 1e-6:
+        scores -= w["spn_ckpt"] * math.log10(_required(refs.spn_ckpt, "spn_ckpt"))
+    if abs(w["spn_lora"]) > 1e-6:
+        scores -= w["spn_lora"] * torch.log10(S[0])
+    if abs(w["fro_ckpt"]) > 1e-6:
+        scores -= w["fro_ckpt"] * math.log10(_required(refs.fro_ckpt, "fro_ckpt"))
+    if abs(w["fro_lora"]) > 1e-6:
+        scores -= w["fro_lora"] * torch.log10(torch.linalg.vector_norm(S))
+    if abs(w["params"]) > 1e-6:
+        scores -= w["params"] * math.log10(refs.out_features + refs.in_features)
+    return scores
+
+
+def _required(value, key: str):
+    if value is None:
+        raise ShrinkError(f"recipe score '{key}' needs the base model: pass --base CHECKPOINT")
+    return value
+
+
+def recipe_threshold(
+    scores: list[Tensor], sizes_per_rank: list[int], ranks: list[int], recipe: Recipe
+) -> float:
+    """The threshold: the recipe's `thr`, or the greedy-knapsack cut that fits `size` MiB."""
+    if recipe.size_mib is None:
+        assert recipe.threshold is not None
+        return recipe.threshold
+    if not scores:
+        return -math.inf
+    flat, order = torch.cat(scores).sort(descending=True)
+    per_component = torch.repeat_interleave(
+        torch.tensor(sizes_per_rank, dtype=torch.int64), torch.tensor(ranks, dtype=torch.int64)
+    )
+    cumulative = per_component[order].cumsum(0)
+    target = recipe.size_mib * (1 << 20)
+    if target < cumulative[-1]:
+        return flat[int(torch.searchsorted(cumulative, target))].item()
+    return -math.inf
+
+
+def recipe_keep(scores: Tensor, threshold: float) -> Tensor:
+    """Indices of the kept components (score strictly above the threshold)."""
+    return torch.nonzero(scores > threshold).flatten()

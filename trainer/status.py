@@ -1,0 +1,62 @@
+"""`status.json`: what the trainer reports about one job (design.md), torch-free.
+
+The trainer writes it (phase changes, progress, heartbeat, its own terminal state, outputs); the
+service reads it and merges it with `job.json` (the phases only the service decides: queued,
+cancelled) and the launcher's view. `revision` only grows across attempts: it is the SSE event id.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Phase = Literal[
+    "queued", "preparing", "training", "shrinking", "uploading", "succeeded", "failed", "cancelled"
+]
+PHASES: tuple[str, ...] = (
+    "queued", "preparing", "training", "shrinking", "uploading", "succeeded", "failed", "cancelled"
+)
+TERMINAL_PHASES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class Progress(msgspec.Struct, kw_only=True):
+    step: int = 0  # optimizer updates done (after gradient accumulation, as in sd-scripts)
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None  # last step's loss
+    avg_loss: float | None = None  # running average (sd-scripts' "avr_loss")
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    reason: str  # a trainer.failures.Reason value
+    message: str = ""
+
+
+class OutputFile(msgspec.Struct, kw_only=True):
+    name: str  # file name under the output location
+    uri: str
+    size: int
+    sha256: str
+    kind: str = "other"  # adapter | adapter_shrunk | adapter_epoch | adapter_step | sample | plot | config | log | metadata
+
+
+class JobStatus(msgspec.Struct, kw_only=True):
+    phase: Phase
+    revision: int = 0  # grows by one on every write, across attempts
+    attempt: int = 1
+    heartbeat_at: float = 0.0  # unix seconds of the last write
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    progress: Progress = msgspec.field(default_factory=Progress)
+    error: ErrorInfo | None = None
+    outputs: list[OutputFile] = []
+    warnings: list[str] = []
+
+
+def is_terminal(phase: str) -> bool:
+    return phase in TERMINAL_PHASES

@@ -1,0 +1,169 @@
+"""Optimizers by sd-scripts' `--optimizer_type` names, with `--optimizer_args` checked against each class.
+
+`optimizer.args` arrive typed from the spec (sd-scripts parses `key=value` with ast.literal_eval; we get
+the same Python values from JSON/TOML); lists become tuples (`betas`, Adafactor's `eps`). An argument the
+optimizer class does not take is refused up front with the names it does take, instead of a TypeError
+deep inside torch. The Adafactor conventions are sd-scripts': `relative_step` defaults to True, and then
+the optimizer schedules its own LR (the group LRs are dropped and the `adafactor` scheduler is used).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from trainer.failures import JobFailure, Reason
+from trainer.spec import OptimizerSpec
+
+log = logging.getLogger("lathe.train")
+
+# Parameters an optimizer class takes that are not user options.
+_NOT_OPTIONS = {"self", "params", "lr"}
+# Options we set ourselves and users may not override (the optimizer's identity depends on them).
+_FIXED: dict[str, dict[str, Any]] = {"SGDNesterov": {"nesterov": True}, "SGDNesterov8bit": {"nesterov": True}}
+
+
+@dataclass
+class BuiltOptimizer:
+    optimizer: torch.optim.Optimizer
+    name: str  # "module.Class", as sd-scripts records it in ss_optimizer
+    args: dict[str, Any]  # the effective keyword arguments
+    # Adafactor with relative_step: the optimizer sets its own LR; the loop must use AdafactorSchedule.
+    relative_step_lr: float | None = None
+    group_names: list[str] = field(default_factory=list)
+
+    @property
+    def args_text(self) -> str:
+        """`k=v,k=v` like sd-scripts' ss_optimizer suffix."""
+        return ",".join(f"{k}={v}" for k, v in self.args.items())
+
+    @property
+    def ss_optimizer(self) -> str:
+        return self.name + (f"({self.args_text})" if self.args else "")
+
+
+def _bitsandbytes(kind: str) -> Any:
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+    except ImportError:
+        bnb = None
+    if bnb is None or not torch.cuda.is_available():
+        raise JobFailure(Reason.SPEC_INVALID,
+                         f"optimizer.type '{kind}' needs bitsandbytes with a CUDA device, which this trainer does not "
+                         "have; use optimizer.type = 'AdamW' (or 'Lion')")
+    return bnb
+
+
+def _optimizer_class(kind: str) -> Callable[..., torch.optim.Optimizer]:
+    if kind == "AdamW":
+        return torch.optim.AdamW
+    if kind in ("SGDNesterov",):
+        return torch.optim.SGD
+    if kind == "Lion":
+        import lion_pytorch
+
+        return lion_pytorch.Lion
+    if kind == "Prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy
+    if kind == "DAdaptAdam":
+        import dadaptation
+
+        return dadaptation.DAdaptAdam
+    if kind == "Adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor
+    if kind == "AdamW8bit":
+        return _bitsandbytes(kind).optim.AdamW8bit
+    if kind == "Lion8bit":
+        return _bitsandbytes(kind).optim.Lion8bit
+    if kind == "SGDNesterov8bit":
+        return _bitsandbytes(kind).optim.SGD8bit
+    raise JobFailure(Reason.SPEC_INVALID, f"optimizer.type '{kind}' is not supported")
+
+
+def accepted_args(cls: Callable[..., Any]) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return [n for n, p in params.items() if n not in _NOT_OPTIONS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def optimizer_kwargs(kind: str, args: dict[str, Any], cls: Callable[..., Any]) -> dict[str, Any]:
+    """Typed `optimizer.args` → keyword arguments, refusing unknown names with the accepted ones."""
+    allowed = set(accepted_args(cls)) - set(_FIXED.get(kind, {}))
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        if key not in allowed:
+            raise JobFailure(Reason.SPEC_INVALID,
+                             f"optimizer.args: '{key}' is not an argument of {kind}; it takes: "
+                             f"{', '.join(sorted(allowed)) or '(none)'}")
+        kwargs[key] = _normalise(value)
+    if kind.startswith("SGDNesterov") and "momentum" not in kwargs:
+        kwargs["momentum"] = 0.9  # sd-scripts: Nesterov needs momentum
+    if kind == "Adafactor":
+        kwargs.setdefault("relative_step", True)  # sd-scripts' default
+        if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+            log.info("Adafactor: warmup_init needs relative_step; setting relative_step = True (as sd-scripts)")
+            kwargs["relative_step"] = True
+    return kwargs
+
+
+def build_optimizer(opt: OptimizerSpec, param_groups: list[dict[str, Any]]) -> BuiltOptimizer:
+    """The optimizer for the network's parameter groups (each group carries its own `lr`)."""
+    kind = opt.type
+    cls = _optimizer_class(kind)
+    kwargs = optimizer_kwargs(kind, dict(opt.args), cls)
+    groups = [dict(g) for g in param_groups if list(g["params"])]
+    if not groups:
+        raise JobFailure(Reason.SPEC_INVALID, "the network has no trainable parameters; check network.preset / "
+                         "network.train_unet_only / network.train_text_encoder_only")
+    names = [str(g.get("name", f"group{i}")) for i, g in enumerate(groups)]
+    lr: float | None = opt.learning_rate
+    relative_lr = None
+
+    if kind in ("Prodigy", "DAdaptAdam"):
+        # They adapt one step size; Prodigy refuses differing group LRs (other than 0). sd-scripts' rule:
+        # the first group's LR takes effect.
+        first = groups[0].get("lr", lr)
+        if len({g.get("lr", lr) for g in groups if g.get("lr", lr)}) > 1:
+            log.warning("%s adapts one step size: only the first learning rate takes effect (%s)", kind, first)
+            for g in groups:
+                if g.get("lr", lr):
+                    g["lr"] = first
+    if kind == "Adafactor" and kwargs["relative_step"]:
+        # The optimizer computes its LR from the step count; explicit LRs are ignored (sd-scripts).
+        relative_lr = opt.learning_rate
+        for g in groups:
+            g.pop("lr", None)
+        lr = None
+    kwargs_all = {**kwargs, **_FIXED.get(kind, {})}
+    try:
+        optimizer = cls(groups, lr=lr, **kwargs_all)
+    except (TypeError, ValueError) as exc:
+        raise JobFailure(Reason.SPEC_INVALID, f"optimizer.args rejected by {kind}: {exc}") from None
+    name = f"{cls.__module__}.{cls.__name__}"
+    return BuiltOptimizer(optimizer, name, kwargs, relative_step_lr=relative_lr, group_names=names)
+
+
+def current_lrs(built: BuiltOptimizer, scheduler: Any | None = None) -> dict[str, float]:
+    """The learning rate per component now; for D-Adaptation/Prodigy the effective d·lr, as sd-scripts logs."""
+    opt = built.optimizer
+    if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+        lrs = [float(x) for x in scheduler.get_last_lr()]
+    else:
+        lrs = [float(g.get("lr") or 0.0) for g in opt.param_groups]
+    out: dict[str, float] = {}
+    for name, group, lr in zip(built.group_names, opt.param_groups, lrs):
+        if "d" in group and built.name.split(".")[-1] in ("Prodigy", "DAdaptAdam"):
+            lr = float(group["d"]) * float(group["lr"])
+        out[name] = lr
+    return out
