@@ -88,7 +88,9 @@ def test_sigkill_then_rerun_finishes_exactly(s3_server, job_bucket, tmp_path, ph
 
 def test_sigterm_checkpoints_then_resumes(s3_server, job_bucket, tmp_path):
     job = "j-term"
-    spec = make_spec(job_bucket, **{"training.max_train_steps": 10, "save.checkpoint_every_n_steps": 100})
+    # 40 steps: the status this test polls lags the loop by up to a few steps, and a SIGTERM that lands
+    # after the last step is (rightly) not a preemption: the trainer just finishes.
+    spec = make_spec(job_bucket, **{"training.max_train_steps": 40, "save.checkpoint_every_n_steps": 100})
     uri = put_spec(s3_server, job_bucket, job, spec)
     proc = start_trainer(uri, trainer_env(s3_server, tmp_path / "cache"), tmp_path / "w1")
     wait_for(lambda: (_status(s3_server, job_bucket, job).get("progress") or {}).get("step", 0) >= 2, proc=proc)
@@ -103,8 +105,8 @@ def test_sigterm_checkpoints_then_resumes(s3_server, job_bucket, tmp_path):
     proc2 = start_trainer(uri, trainer_env(s3_server, tmp_path / "cache", attempt=2), tmp_path / "w2")
     code, out = finish(proc2)
     assert code == 0, out[-4000:]
-    meta, _ = _check_outputs(s3_server, job_bucket, job, 10)
-    assert meta["loss"]["history_len"] == 10
+    meta, _ = _check_outputs(s3_server, job_bucket, job, 40)
+    assert meta["loss"]["history_len"] == 40
 
 
 def _put(endpoint, bucket, key, body):
