@@ -4,4 +4,10 @@ Importing this package must stay cheap and torch-free: the service imports `trai
 `trainer.failures` and `trainer.storage` and its image has no torch.
 """
 
+import time
+
 __version__ = "0.1.0"
+
+# Wall clock when the trainer package was first imported (≈ process start for `python -m trainer`):
+# metadata's `first_step_s` is measured from here, so it includes the imports.
+STARTED_AT = time.time()

@@ -61,7 +61,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 class StatusReporter:
-    """Owns `status.json`: rewritten on every phase change and at least every `interval_s` (heartbeat).
+    """Owns `status.json`: rewritten on every phase change, on progress at most every `progress_every_s`,
+    and at least every `interval_s` (heartbeat).
 
     A background thread also polls the `cancel` marker and uploads the trainer log and TensorBoard
     events periodically. Only the main process of a multi-process run reports (`enabled`).
@@ -69,8 +70,10 @@ class StatusReporter:
 
     def __init__(self, store: Store, *, attempt: int, interval_s: float = 10.0, enabled: bool = True,
                  log_path: str | None = None, tensorboard_dir: str | None = None,
-                 upload_logs_every_s: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+                 upload_logs_every_s: float = 30.0, progress_every_s: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store, self.enabled, self.interval_s, self.clock = store, enabled, interval_s, clock
+        self.progress_every_s = progress_every_s
         self.log_path, self.tensorboard_dir, self.upload_logs_every_s = log_path, tensorboard_dir, upload_logs_every_s
         now = clock()
         self.status = JobStatus(phase="preparing", revision=0, attempt=attempt, heartbeat_at=now,
@@ -133,9 +136,14 @@ class StatusReporter:
         self._write(force=True)
 
     def progress(self, **fields: Any) -> None:
+        """New progress; the status thread writes it when the last write is `progress_every_s` old
+        (clients follow steps and loss live; training never waits on the store)."""
         with self._lock:
             self.status = msgspec.structs.replace(
                 self.status, progress=msgspec.structs.replace(self.status.progress, **fields))
+            due = self.clock() - self.status.updated_at >= self.progress_every_s
+        if due:
+            self._wake.set()
 
     def warn(self, message: str) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ run removes what it already uploaded unless the spec asks to keep it (practice.m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -40,13 +41,16 @@ class Publisher:
         self.uploaded.append(item.name)
         return OutputFile(name=item.name, uri=self.store.uri(item.name), size=size, sha256=digest, kind=item.kind)
 
-    def commit(self, metadata: dict, outputs: list[OutputFile]) -> None:
-        """Write metadata.json listing `outputs`: from now on the output set is complete."""
+    def commit(self, metadata: dict, outputs: list[OutputFile]) -> OutputFile:
+        """Write metadata.json listing `outputs`: from now on the output set is complete. Returns
+        metadata.json's own entry (kind "metadata"), which status.json lists so clients can pull it."""
         document = {**metadata, "outputs": [msgspec.to_builtins(o) for o in outputs]}
         body = msgspec.json.format(msgspec.json.encode(document), indent=2)
         with_retries(lambda: self.store.put_bytes(METADATA_NAME, body, content_type="application/json"),
                      what="writing metadata.json")
         self.uploaded.append(METADATA_NAME)
+        return OutputFile(name=METADATA_NAME, uri=self.store.uri(METADATA_NAME), size=len(body),
+                          sha256=hashlib.sha256(body).hexdigest(), kind="metadata")
 
     def remove_partial(self) -> None:
         """Undo a failed run's uploads (metadata.json first, so nobody trusts a half set)."""

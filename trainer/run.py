@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from trainer import __version__
+from trainer import STARTED_AT, __version__
 from trainer.failures import EXIT_CODES, JobFailure, Reason
 from trainer.jobdir import Checkpoints, StatusReporter, with_retries
 from trainer.publish import LocalOutput, Publisher
@@ -130,15 +130,19 @@ class Job:
         self._sampled_steps: set[int] = set()
         self._last_epoch: int | None = None
         self.parts: Any = None
+        self.model_downloaded = True
 
     # -- phases ------------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
-        from trainer.fetch import fetch_dataset, fetch_model
+        from trainer.fetch import ensure_model, fetch_dataset, fetch_model
 
         t0 = time.monotonic()
         spec, ctx = self.spec, self.ctx
         cache = str(ctx.cache_dir)
-        model_path = fetch_model(_resolve_input(spec.model.uri, ctx.spec_uri), cache)
+        model = ensure_model(_resolve_input(spec.model.uri, ctx.spec_uri), cache)
+        model_path = model.path
+        self.timings["model_fetch_s"] = model.seconds
+        self.model_downloaded = model.downloaded  # False: node-local cache hit (or a local path)
         vae_path = fetch_model(_resolve_input(spec.model.vae, ctx.spec_uri), cache) if spec.model.vae else None
         weights_path = (fetch_model(_resolve_input(spec.network.weights, ctx.spec_uri), cache)
                         if spec.network.weights else None)
@@ -260,12 +264,13 @@ class Job:
         self.timings["publish_s"] = time.monotonic() - t0
         metadata = self._metadata(result, shrink_report, inputs)
         outputs = sorted(ctx.published.values(), key=lambda o: o.name)
-        self.publisher.commit(metadata, outputs)
-        return outputs
+        return [*outputs, self.publisher.commit(metadata, outputs)]
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_step(self, step: int, total: int, epoch: int, loss: float, avg_loss: float,
                  lrs: dict[str, float], it_per_s: float) -> None:
+        if "first_step_s" not in self.timings:  # process start → first optimizer step of this attempt
+            self.timings["first_step_s"] = time.time() - STARTED_AT
         sample = self.spec.sample
         if sample.prompts:
             epoch_done = self._last_epoch is not None and epoch != self._last_epoch
@@ -340,6 +345,7 @@ class Job:
             "header": header,
             "shrink_report": shrink_report,
             "timings_s": self.timings,
+            "model_cache": "download" if self.model_downloaded else "hit",
             "packages": _package_versions(),
             "platform": {"python": platform.python_version(), "machine": platform.machine()},
             "warnings": self.reporter.status.warnings,

@@ -1,41 +1,15 @@
-"""Fixtures for whole-job tests: a tiny model and dataset uploaded once to the local S3 server."""
+"""Fixtures for whole-job tests: a tiny model and dataset uploaded once to the local S3 server.
+
+The plain helpers live in lifecycle_helpers.py.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import boto3
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def trainer_env(endpoint: str, cache_dir: Path, attempt: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-        "LYCORIS_KERNEL_BACKEND": "torch", "LATHE_CACHE_DIR": str(cache_dir), "LATHE_JOB_ATTEMPT": str(attempt),
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
-
-
-def s3_client(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                        aws_secret_access_key="testing", region_name="us-east-1")
-
-
-def upload_dir(client, bucket: str, local: Path, prefix: str) -> None:
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+from tests.lifecycle.lifecycle_helpers import s3_client, upload_dir
 
 
 @pytest.fixture(scope="session")
@@ -58,64 +32,3 @@ def job_bucket(s3_server, s3_bucket, tiny_assets):
     upload_dir(client, s3_bucket, tiny_assets["model"], "models/tiny-sd1")
     upload_dir(client, s3_bucket, tiny_assets["data"], "datasets/tiny")
     return s3_bucket
-
-
-def make_spec(bucket: str, **overrides) -> dict:
-    spec = {
-        "version": 1,
-        "model": {"uri": f"s3://{bucket}/models/tiny-sd1", "arch": "sd1"},
-        "dataset": {"uri": f"s3://{bucket}/datasets/tiny", "resolution": 64, "caption_extension": ".txt",
-                    "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 8},
-        "network": {"algo": "lora", "dim": 4, "alpha": 4},
-        "optimizer": {"learning_rate": 1e-3},
-        "training": {"max_train_steps": 6, "batch_size": 1, "seed": 1},
-        "save": {"output_name": "tiny", "checkpoint_every_n_steps": 2, "save_every_n_steps": 3},
-        "shrink": {"enabled": True},
-        "logging": {"log_with": "tensorboard"},
-    }
-    for path, value in overrides.items():
-        node = spec
-        keys = path.split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return spec
-
-
-def put_spec(endpoint: str, bucket: str, job_id: str, spec: dict) -> str:
-    key = f"tenants/t1/jobs/{job_id}/spec.json"
-    s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=json.dumps(spec).encode())
-    return f"s3://{bucket}/{key}"
-
-
-def start_trainer(spec_uri: str, env: dict[str, str], work: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "run", spec_uri, "--work-dir", str(work)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def read_json(endpoint: str, bucket: str, key: str) -> dict | None:
-    try:
-        return json.loads(s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read())
-    except Exception:  # noqa: BLE001 — not there (yet) or the server is briefly down
-        return None
-
-
-def wait_for(predicate, timeout: float = 240, interval: float = 0.2, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"trainer exited early with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(interval)
-    raise AssertionError("timed out waiting")
-
-
-def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    proc.send_signal(sig)

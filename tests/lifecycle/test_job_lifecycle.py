@@ -15,7 +15,7 @@ import zipfile
 import pytest
 from safetensors import safe_open
 
-from tests.lifecycle.conftest import (
+from tests.lifecycle.lifecycle_helpers import (
     finish, kill, make_spec, put_spec, read_json, s3_client, start_trainer, trainer_env, wait_for,
 )
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from moto.server import ThreadedMotoServer
 
-from tests.lifecycle.conftest import (
+from tests.lifecycle.lifecycle_helpers import (
     finish, make_spec, put_spec, read_json, s3_client, start_trainer, trainer_env, upload_dir, wait_for,
 )
 

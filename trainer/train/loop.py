@@ -195,6 +195,30 @@ def _te_lr(spec: JobSpec) -> float | list[float]:
     return spec.optimizer.learning_rate if lr is None else lr
 
 
+def prepare_model(spec: JobSpec, parts: Any, network: Any, device: torch.device, *, train_te: bool,
+                  load_weights: bool = True) -> DiffusionModel:
+    """The module a step trains: frozen parts on `device`, the spec's attention, the adapter hooked in
+    (initial `network.weights` loaded unless `load_weights` is off, e.g. when resuming) in its full
+    dtype, gradient checkpointing as asked. The loop and `bench/train.py` share it."""
+    prec = spec.precision
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        module.requires_grad_(False)
+        module.to(device)
+        module.eval()
+    configure_attention(parts.unet, prec.attention)
+    network.apply_to()
+    weights = getattr(getattr(network, "spec", None), "weights", None)
+    if weights and load_weights:
+        network.load_weights(weights)
+    full_dtype = torch.bfloat16 if prec.full_bf16 else torch.float16 if prec.full_fp16 else torch.float32
+    network.to(device=device, dtype=full_dtype)
+    network.train()
+    if spec.training.gradient_checkpointing:
+        enable_gradient_checkpointing(parts, train_te=train_te)
+    return DiffusionModel(parts, network, train_te=train_te, clip_skip=spec.model.clip_skip,
+                          max_token_length=spec.dataset.max_token_length)
+
+
 @torch.no_grad()
 def build_text_cache(model: DiffusionModel, dataset: Any, device: torch.device) -> dict[str, tuple[torch.Tensor, Any]]:
     """Text-encoder outputs per image (captions are fixed: the spec refuses shuffle/dropout with it)."""
@@ -262,22 +286,7 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
                  total, num_epochs, steps_per_epoch, bs, world, ga)
 
     # -- models ---------------------------------------------------------------------------------
-    for module in (parts.unet, parts.vae, *parts.text_encoders):
-        module.requires_grad_(False)
-        module.to(device)
-        module.eval()
-    configure_attention(parts.unet, prec.attention)
-    network.apply_to()
-    weights = getattr(getattr(network, "spec", None), "weights", None)
-    if weights and resume_from is None:
-        network.load_weights(weights)
-    full_dtype = torch.bfloat16 if prec.full_bf16 else torch.float16 if prec.full_fp16 else torch.float32
-    network.to(device=device, dtype=full_dtype)
-    network.train()
-    if tr.gradient_checkpointing:
-        enable_gradient_checkpointing(parts, train_te=train_te)
-    model = DiffusionModel(parts, network, train_te=train_te, clip_skip=spec.model.clip_skip,
-                           max_token_length=spec.dataset.max_token_length)
+    model = prepare_model(spec, parts, network, device, train_te=train_te, load_weights=resume_from is None)
 
     # -- caches ---------------------------------------------------------------------------------
     cache: LatentCache | None = None
@@ -419,7 +428,7 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
                         torch.manual_seed(seed_micro)
                         sync = k == len(chunk) - 1
                         with (contextlib.nullcontext() if sync else acc.no_sync(model)):
-                            loss = _loss(model, batch, parts, spec, cache, text_cache, snr, device, acc, v_pred)
+                            loss = micro_batch_loss(model, batch, parts, spec, cache, text_cache, snr, device, acc, v_pred)
                             if not torch.isfinite(loss):
                                 bad = True
                                 if world == 1:
@@ -490,8 +499,9 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
     )
 
 
-def _loss(model: Any, batch: Any, parts: Any, spec: JobSpec, cache: LatentCache | None, text_cache: dict | None,
-          snr: torch.Tensor | None, device: torch.device, acc: Any, v_pred: bool) -> torch.Tensor:
+def micro_batch_loss(model: Any, batch: Any, parts: Any, spec: JobSpec, cache: LatentCache | None,
+                     text_cache: dict | None, snr: torch.Tensor | None, device: torch.device, acc: Any,
+                     v_pred: bool) -> torch.Tensor:
     """One micro-batch: latents → noise → noisy latents → prediction → weighted MSE."""
     tr, nz = spec.training, spec.noise
     if cache is not None:

@@ -1,0 +1,61 @@
+"""What the benchmarks share: a local S3 server (moto's, in its own process, on 127.0.0.1) with the
+environment that points boto3 and child processes at it, a free port, and percentiles."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+# Dummy credentials for the local server: boto3 needs some, the server accepts any.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_s3(*, export: bool = True) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A moto server on a free loopback port: yields (endpoint, process). With `export`, this process's
+    environment points at it (AWS_ENDPOINT_URL + dummy credentials), so children inherit it."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"moto server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        if export:
+            os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
+            os.environ.pop("AWS_PROFILE", None)
+        yield endpoint, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0–1) of `values`, nearest rank from below; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,493 @@
+"""Benchmark of one LoRA training step: it/s, peak memory, FLOPs and MFU, side by side with a baseline.
+
+The step is the trainer's own: `prepare_model` (frozen parts on the device, attention, adapter hooked
+in, gradient checkpointing), the accelerate `Accelerator` of `make_accelerator`, the optimizer and
+scheduler builders, and `micro_batch_loss` (cached latents → noise → UNet → weighted MSE) followed
+by backward, gradient clipping, optimizer and scheduler step, exactly as `run_training` runs it. Only
+the data is synthetic: random latents and text-encoder outputs stand in for the latent and text
+caches, and every model is built from `trainer/models/configs/` with random weights (speed and memory
+do not depend on the weights' values). The frozen VAE and text encoders are built and kept on the
+device too, because the trainer keeps them there.
+
+Each (model, resolution, batch size, variant) runs in a fresh process, so peak memory and compile
+caches do not leak from one row to the next. Every group starts with the baseline, plain fp32
+without gradient checkpointing, and the other rows are reported as ratios against it:
+
+- `fp32`: mixed_precision "no", UNet in fp32, eager (the baseline);
+- `bf16`: mixed_precision "bf16" (frozen weights in bf16, bf16 autocast, adapter in fp32), as
+  `trainer/run.py` loads a bf16 job;
+- `+gc`: training.gradient_checkpointing; `+compile`: the UNet (with the adapter hooks) under
+  `torch.compile` (the trainer has no switch for it yet: this measures whether it would pay).
+
+Attention is SDPA (precision.attention "sdpa") in every row. FLOPs per step are counted with
+`torch.utils.flop_counter.FlopCounterMode` over one eager step (with gradient checkpointing the
+count includes the recomputed forward); MFU uses the group's model FLOPs (the count without
+checkpointing) × it/s ÷ the GPU's dense bf16 peak, for every row, fp32 ones included.
+
+    # on a GPU: SD1.5 at 512² and SDXL at 1024², batch 1 and 4, every variant
+    .venv/bin/python bench/train.py --json bench-train.json --out bench-train.md
+    # on CPU (`make bench`): the real SD1.5 architecture at 128², batch 1 and 2, a few steps
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BASELINE = "fp32"
+# name → (mixed_precision, gradient checkpointing, torch.compile)
+VARIANTS: dict[str, tuple[str, bool, bool]] = {
+    "fp32": ("no", False, False),
+    "bf16": ("bf16", False, False),
+    "bf16+gc": ("bf16", True, False),
+    "bf16+compile": ("bf16", False, True),
+    "bf16+gc+compile": ("bf16", True, True),
+}
+MODELS = {"sd15": "sd1", "sdxl": "sdxl"}
+# Resolution (pixels; latents are 1/8) per size: full = the models' native training size.
+RESOLUTIONS = {"full": {"sd15": 512, "sdxl": 1024}, "small": {"sd15": 128, "sdxl": 128}}
+BATCH_SIZES = {"full": (1, 4), "small": (1, 2)}
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in TFLOP/s; the first pattern
+# that matches torch.cuda.get_device_name() wins. `--peak-tflops` overrides (and covers other GPUs).
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    (r"H100.*PCIe", 756.0),
+    (r"H100.*NVL", 835.0),
+    (r"H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"H200.*NVL", 835.0),
+    (r"H200", 989.0),  # SXM, GH200
+    (r"A100", 312.0),
+    (r"L40S", 362.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+    (r"RTX 4090", 165.0),
+]
+SDXL_TARGET_GIB = 12.0  # issue: SDXL, LoRA dim 32, bs 1, gradient checkpointing, cached latents
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    for pattern, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops
+    return None
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # sd15 / sdxl
+    resolution: int  # pixels (square)
+    batch_size: int
+    variant: str
+    device: str
+    steps: int
+    warmup: int
+    dim: int
+    alpha: float
+    module: str
+    count_flops: bool
+
+
+# --- child: one case in a fresh process ------------------------------------------------------------
+
+
+def _random_parts(arch: str, device: Any, dtype: Any) -> Any:
+    """ModelParts of the standard architecture with random weights, in `dtype` on `device`."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.models.load import NOISE_SCHEDULE, ModelParts, standard_config
+
+    config = standard_config(arch)
+    torch.manual_seed(0)
+    # Built on the device, then cast: on a GPU this skips a slow CPU initialisation; the fp32
+    # transient is gone (and the peak statistics reset) before the first step.
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config["unet"])
+        vae = AutoencoderKL.from_config(config["vae"])
+        encoders = [CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))]
+        if arch == "sdxl":
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])))
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False)
+        module.to(dtype=dtype)
+    return ModelParts(arch=arch, unet=unet, vae=vae, text_encoders=encoders, tokenizers=[],
+                      noise_scheduler=DDPMScheduler(**NOISE_SCHEDULE, prediction_type="epsilon"),
+                      v_parameterization=False, vae_scaling_factor=float(vae.config.scaling_factor), source="random")
+
+
+def _spec(case: Case) -> Any:
+    from trainer.spec import spec_from_obj
+
+    mixed, checkpointing, _ = VARIANTS[case.variant]
+    return spec_from_obj({
+        "version": 1,
+        "model": {"uri": "random-weights", "arch": MODELS[case.model]},
+        "dataset": {"uri": "synthetic", "resolution": case.resolution},
+        "network": {"module": case.module, "dim": case.dim, "alpha": case.alpha, "train_unet_only": True},
+        "optimizer": {"type": "AdamW", "learning_rate": 1e-4},
+        "training": {"max_train_steps": case.warmup + case.steps + 1, "batch_size": case.batch_size,
+                     "gradient_checkpointing": checkpointing, "seed": 0},
+        "precision": {"mixed_precision": mixed, "attention": "sdpa", "cache_latents": True,
+                      "cache_text_encoder_outputs": True},
+        "resources": {"gpus": 1 if case.device == "cuda" else 0},
+    })
+
+
+def _synthetic_batches(case: Case, parts: Any, weight_dtype: Any) -> tuple[Any, dict, list]:
+    """A latent cache, a text cache and two batches over them, shaped as the trainer's caches."""
+    import torch
+
+    from trainer.data.dataset import Batch
+    from trainer.train.latents import LatentCache
+
+    unet_config = parts.unet.config
+    res, bs = case.resolution, case.batch_size
+    g = torch.Generator().manual_seed(0)
+    cache, text_cache, batches = LatentCache(), {}, []
+    pooled_dim = None
+    if parts.arch == "sdxl":
+        pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    for b in range(2):
+        keys = [f"img{b}-{i}" for i in range(bs)]
+        for key in keys:
+            cache.entries[key] = (torch.randn(4, res // 8, res // 8, generator=g), None)
+            hidden = torch.randn(77, unet_config.cross_attention_dim, generator=g).to(weight_dtype)
+            pooled = torch.randn(pooled_dim, generator=g).to(weight_dtype) if pooled_dim else None
+            text_cache[key] = (hidden, pooled)
+        size = torch.tensor([[res, res]] * bs, dtype=torch.long)
+        batches.append(Batch(pixel_values=None, captions=[""] * bs, input_ids=[],
+                             loss_weights=torch.ones(bs), original_sizes_hw=size,
+                             crop_top_lefts=torch.zeros(bs, 2, dtype=torch.long), target_sizes_hw=size,
+                             image_keys=keys, flipped=[False] * bs, bucket=(res, res)))
+    return cache, text_cache, batches
+
+
+class _Memory:
+    """Peak memory over the steps: CUDA allocator statistics, or the process's peak RSS on CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def reset(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def peak_gib(self) -> dict[str, float]:
+        import torch
+
+        if self.cuda:
+            return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"peak_rss_gib": int(line.split()[1]) / 2**20}
+        return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    import torch
+
+    from trainer.network import build_network
+    from trainer.train.loop import make_accelerator, micro_batch_loss, prepare_model, seed_everything
+    from trainer.train.optim import build_optimizer
+    from trainer.train.schedule import build_scheduler
+
+    t0 = time.perf_counter()
+    cuda = case.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    spec = _spec(case)
+    _, _, compiled = VARIANTS[case.variant]
+    # Weight dtypes as trainer/run.py loads a job: frozen weights in the mixed-precision dtype.
+    weight_dtype = torch.bfloat16 if spec.precision.mixed_precision == "bf16" else torch.float32
+    acc = make_accelerator(spec)
+    device = acc.device
+    parts = _random_parts(MODELS[case.model], device, weight_dtype)
+    seed_everything(0)
+    network = build_network(spec.network, parts, train_unet=True, train_text_encoder=False)
+    model = prepare_model(spec, parts, network, device, train_te=False)
+    if compiled:
+        parts.unet.compile()  # in place: DiffusionModel keeps calling the same module
+    lr = spec.optimizer.learning_rate
+    built = build_optimizer(spec.optimizer, network.param_groups(unet_lr=lr, text_encoder_lr=lr))
+    scheduler = build_scheduler(spec.scheduler, built.optimizer, total_steps=spec.training.max_train_steps,
+                                warmup_steps=0, relative_step_lr=built.relative_step_lr)
+    model, optimizer = acc.prepare(model, built.optimizer)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    cache, text_cache, batches = _synthetic_batches(case, parts, weight_dtype)
+    max_grad_norm = spec.optimizer.max_grad_norm
+
+    def step(index: int) -> float:
+        """One optimizer update as run_training does it (one micro-batch, no accumulation)."""
+        loss = micro_batch_loss(model, batches[index % len(batches)], parts, spec, cache, text_cache, None,
+                                device, acc, False)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss at step {index}")
+        acc.backward(loss)
+        if max_grad_norm > 0:
+            acc.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    memory = _Memory(cuda)
+    gc.collect()
+    memory.reset()
+    setup_s = time.perf_counter() - t0
+    index = 0
+    t1 = time.perf_counter()
+    for _ in range(case.warmup):  # the first steps allocate optimizer state (and compile)
+        step(index)
+        index += 1
+    sync()
+    warmup_s = time.perf_counter() - t1
+
+    flops = None
+    if case.count_flops and not compiled:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        # FlopCounterMode knows the CUDA SDPA kernels; on CPU the math backend spells attention
+        # out as matmuls, which it counts (the same FLOPs).
+        backend = sdpa_kernel([SDPBackend.MATH]) if not cuda else contextlib.nullcontext()
+        with backend, FlopCounterMode(display=False) as counter:
+            step(index)
+        index += 1
+        flops = int(counter.get_total_flops())
+
+    times, losses = [], []
+    for _ in range(case.steps):
+        sync()
+        ts = time.perf_counter()
+        losses.append(step(index))
+        sync()
+        times.append(time.perf_counter() - ts)
+        index += 1
+    total = sum(times)
+    result: dict[str, Any] = {
+        **asdict(case),
+        "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        "setup_s": setup_s,
+        "warmup_s": warmup_s,
+        "step_s": times,
+        "step_median_s": sorted(times)[len(times) // 2],
+        "it_per_s": len(times) / total,
+        "samples_per_s": len(times) * case.batch_size / total,
+        "executed_flops": flops,
+        "losses": losses,
+        "adapter_params": sum(p.numel() for p in trainable),
+        "adapter_modules": len(network.loras()),
+        "unet_params": sum(p.numel() for p in parts.unet.parameters()),
+        **memory.peak_gib(),
+    }
+    return result
+
+
+# --- parent: cases, children, table ----------------------------------------------------------------
+
+
+def run_child(case: Case, timeout_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", json.dumps(asdict(case))]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**asdict(case), "error": f"timed out after {timeout_s:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        error = "out of memory" if "out of memory" in proc.stderr.lower() else tail[0][:200]
+        return {**asdict(case), "error": error, "stderr_tail": proc.stderr[-3000:]}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None) -> None:
+    """Ratios against the group's baseline row, model FLOPs, achieved TFLOP/s and MFU."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["resolution"], r["batch_size"]), []).append(r)
+    for group in groups.values():
+        ok = [r for r in group if "error" not in r]
+        base = next((r for r in ok if r["variant"] == BASELINE), None)
+        # Model FLOPs: a count without gradient checkpointing (its recompute is not model work).
+        plain = [r["executed_flops"] for r in ok if r.get("executed_flops") and not VARIANTS[r["variant"]][1]]
+        model_flops = plain[0] if plain else None
+        for r in ok:
+            mem_key = "peak_allocated_gib" if "peak_allocated_gib" in r else "peak_rss_gib"
+            r["model_flops"] = model_flops
+            if base is not None:
+                r["speedup_vs_baseline"] = r["it_per_s"] / base["it_per_s"]
+                r["memory_vs_baseline"] = r[mem_key] / base[mem_key]
+            if model_flops:
+                r["achieved_tflops"] = model_flops * r["it_per_s"] / 1e12
+                if peak_tflops:
+                    r["mfu"] = r["achieved_tflops"] / peak_tflops
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    cuda = meta["device"] == "cuda"
+    mem = "peak alloc. / reserved GiB" if cuda else "peak RSS GiB"
+    lines = [
+        "| model | res | bs | variant | it/s | samples/s | × baseline it/s | " + mem
+        + " | × baseline mem | GFLOP/step (run) | TFLOP/s (model) | MFU | warm-up s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = f"| {r['model']} | {r['resolution']}² | {r['batch_size']} | {r['variant']} |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} | | | | | | | | |")
+            continue
+        memory = (f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}" if cuda
+                  else f"{r['peak_rss_gib']:.2f}")
+        flops = r.get("executed_flops")
+        lines.append(
+            f"{head} {r['it_per_s']:.3g} | {r['samples_per_s']:.3g} | {_fmt(r.get('speedup_vs_baseline'), '.2f', '×')} | "
+            f"{memory} | {_fmt(r.get('memory_vs_baseline'), '.2f', '×')} | "
+            f"{_fmt(flops / 1e9 if flops else None, ',.0f')} | {_fmt(r.get('achieved_tflops'), '.3g')} | "
+            f"{_fmt(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f', '%')} | {r['warmup_s']:.1f} |"
+        )
+    if cuda:
+        sdxl = [r for r in rows if r["model"] == "sdxl" and r["batch_size"] == 1 and r["resolution"] == 1024
+                and "error" not in r and VARIANTS[r["variant"]][:2] == ("bf16", True)]
+        for r in sdxl:
+            verdict = "met" if r["peak_reserved_gib"] < SDXL_TARGET_GIB else "MISSED"
+            lines.append(f"\nSDXL 1024² bs 1 `{r['variant']}`: peak reserved {r['peak_reserved_gib']:.2f} GiB "
+                         f"(allocated {r['peak_allocated_gib']:.2f}) against the {SDXL_TARGET_GIB:.0f} GiB target: {verdict}.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    parser.add_argument("--size", choices=("full", "small"),
+                        help="full: SD1.5 512², SDXL 1024², bs 1 and 4 (GPU default); small: 128², bs 1 and 2 (CPU default)")
+    parser.add_argument("--models", help="comma-separated sd15,sdxl (default: both on full, sd15 on small)")
+    parser.add_argument("--batch-sizes", help="comma-separated (default: 1,4 on full, 1,2 on small)")
+    parser.add_argument("--resolution", type=int, help="pixels, for every model (default: by --size)")
+    parser.add_argument("--variants", help=f"comma-separated from {','.join(VARIANTS)}; the baseline "
+                        f"{BASELINE!r} always runs first (default: all on cuda, no compile on cpu)")
+    parser.add_argument("--steps", type=int, help="timed steps per row (default: 20 on cuda, 3 on cpu)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 3 on cuda, 1 on cpu; "
+                        "compiled rows at least 2)")
+    parser.add_argument("--dim", type=int, default=32, help="LoRA rank (network.dim)")
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--module", default="networks.lora", choices=("networks.lora", "lycoris.kohya"),
+                        help="networks.lora: sd-scripts' layer set (attention/MLP), as its LoRA benchmarks use")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU for MFU (default: looked up by name)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    parser.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per row")
+    parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--out", help="also write the markdown to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+
+    if a.child:
+        result = run_case(Case(**json.loads(a.child)))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here; use --device cpu")
+    cuda = device == "cuda"
+    size = a.size or ("full" if cuda else "small")
+    models = (a.models or ("sd15,sdxl" if size == "full" else "sd15")).split(",")
+    batch_sizes = [int(b) for b in (a.batch_sizes or ",".join(map(str, BATCH_SIZES[size]))).split(",")]
+    default_variants = list(VARIANTS) if cuda else ["fp32", "bf16", "bf16+gc"]
+    variants = a.variants.split(",") if a.variants else default_variants
+    for name in [*models, *variants]:
+        if name not in MODELS and name not in VARIANTS:
+            parser.error(f"unknown model or variant {name!r}: models {', '.join(MODELS)}; variants {', '.join(VARIANTS)}")
+    variants = [BASELINE] + [v for v in variants if v != BASELINE]
+    steps = a.steps or (20 if cuda else 3)
+    warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
+    device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    peak = a.peak_tflops or (peak_bf16_tflops(device_name) if cuda else None)
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    meta = {
+        "device": device, "device_name": device_name, "size": size, "peak_bf16_tflops": peak,
+        "torch": torch.__version__, "cpus": os.cpu_count(), "omp_num_threads": threads,
+        "load_average": os.getloadavg()[0], "command": " ".join(["bench/train.py", *sys.argv[1:]]),
+        "dim": a.dim, "alpha": a.alpha, "module": a.module, "steps": steps, "warmup": warmup,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if not cuda:
+        print("NOTE: CPU run. These are CPU figures at reduced size: they compare the variants with each other "
+              "on this host and are NOT GPU figures (no VRAM, no MFU).", file=sys.stderr)
+    elif peak is None:
+        print(f"NOTE: no bf16 peak known for {device_name!r}: pass --peak-tflops for MFU", file=sys.stderr)
+
+    rows = []
+    for model in models:
+        res = a.resolution or RESOLUTIONS[size][model]
+        for bs in batch_sizes:
+            for variant in variants:
+                case = Case(model=model, resolution=res, batch_size=bs, variant=variant, device=device, steps=steps,
+                            warmup=max(warmup, 2) if VARIANTS[variant][2] else warmup, dim=a.dim, alpha=a.alpha,
+                            module=a.module, count_flops=not a.no_flops)
+                r = run_child(case, a.child_timeout)
+                rows.append(r)
+                if "error" in r:
+                    print(f"{model} {res}² bs {bs} {variant}: FAILED ({r['error']})", file=sys.stderr)
+                else:
+                    print(f"{model} {res}² bs {bs} {variant}: {r['it_per_s']:.3g} it/s, warm-up {r['warmup_s']:.1f} s, "
+                          f"process {r['process_s']:.0f} s", file=sys.stderr)
+    add_ratios(rows, peak)
+    where = (f"{device_name}, torch {meta['torch']}" if cuda else
+             f"CPU ({device_name}, {meta['cpus']} cores, OMP_NUM_THREADS={threads}, load average "
+             f"{meta['load_average']:.1f}), torch {meta['torch']} — CPU figures, not GPU figures")
+    text = "\n".join([
+        f"`{meta['command']}` — {where}; LoRA `{a.module}` dim {a.dim} alpha {a.alpha:g}, AdamW, SDPA, cached "
+        f"latents and text-encoder outputs; {steps} timed steps after {warmup} warm-up"
+        + (f"; MFU against {peak:g} TFLOP/s dense bf16" if peak else "") + ".",
+        "",
+        markdown(rows, meta),
+    ])
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
