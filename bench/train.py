@@ -53,11 +53,10 @@ sys.path.insert(0, str(REPO))
 BASELINE = "fp32"
 # name → (mixed_precision, gradient checkpointing, torch.compile)
 VARIANTS: dict[str, tuple[str, bool, bool]] = {
-    "fp32": ("no", False, False),
-    "bf16": ("bf16", False, False),
-    "bf16+gc": ("bf16", True, False),
-    "bf16+compile": ("bf16", False, True),
-    "bf16+gc+compile": ("bf16", True, True),
+    f"{precision}{'+gc' if gc else ''}{'+compile' if compiled else ''}": (mixed, gc, compiled)
+    for precision, mixed in (("fp32", "no"), ("bf16", "bf16"))
+    for compiled in (False, True)
+    for gc in (False, True)
 }
 MODELS = {"sd15": "sd1", "sdxl": "sdxl"}
 # Resolution (pixels; latents are 1/8) per size: full = the models' native training size.
@@ -178,11 +177,21 @@ def _synthetic_batches(case: Case, parts: Any, weight_dtype: Any) -> tuple[Any, 
     return cache, text_cache, batches
 
 
+def _proc_status() -> dict[str, float]:
+    """VmRSS / VmHWM of this process in GiB (empty where /proc is missing)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {ln.split(":")[0]: int(ln.split()[1]) / 2**20 for ln in lines if ln.startswith(("VmRSS:", "VmHWM:"))}
+
+
 class _Memory:
     """Peak memory over the steps: CUDA allocator statistics, or the process's peak RSS on CPU."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
+        self.start_rss_gib: float | None = None
 
     def reset(self) -> None:
         import torch
@@ -196,6 +205,7 @@ class _Memory:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
+        self.start_rss_gib = _proc_status().get("VmRSS")
 
     def peak_gib(self) -> dict[str, float]:
         import torch
@@ -203,9 +213,9 @@ class _Memory:
         if self.cuda:
             return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return {"peak_rss_gib": int(line.split()[1]) / 2**20}
+        status = _proc_status()
+        if "VmHWM" in status:
+            return {"peak_rss_gib": status["VmHWM"], "rss_at_start_gib": self.start_rss_gib}
         return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 

@@ -91,6 +91,15 @@ def _http_error(request: Request, exc: HTTPException) -> Response[bytes]:
                     detail, request.url.path)
 
 
+def _recursion_error(request: Request, exc: RecursionError) -> Response[bytes]:
+    # msgspec gives up on JSON nested ~1000 levels deep with a RecursionError while decoding the body,
+    # before any handler runs: that is the client's malformed request, not a failure of the service.
+    if "deserializing" in str(exc):
+        return _problem(400, "http-400", "Bad request", "the JSON body is nested too deeply to be a job request",
+                        request.url.path)
+    return _internal_error(request, exc)
+
+
 def _internal_error(request: Request, exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _problem(500, "internal", "Internal error", "the service failed; the error was logged", request.url.path)
@@ -392,10 +401,19 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         route_handlers=[api, healthz, readyz, metrics],
         openapi_config=openapi,
         exception_handlers={errors.ServiceError: _service_error, HTTPException: _http_error,
-                            Exception: _internal_error},
+                            RecursionError: _recursion_error, Exception: _internal_error},
         middleware=[_metrics_middleware],
         on_startup=[on_startup], on_shutdown=[on_shutdown],
+        request_max_body_size=settings.max_request_bytes,
         debug=debug,
     )
     app.state.services = services
+    _publish_doc_schemas(app)
     return app
+
+
+def _publish_doc_schemas(app: Litestar) -> None:
+    """Litestar replaces `components.schemas` with the ones it generates, dropping JobCreateDoc and the
+    JobSpec tree our request bodies refer to: build the document once and add them back."""
+    document = app.openapi_schema  # built once and cached: what /schema/openapi.json serves
+    document.components.schemas = {**_doc_components(), **(document.components.schemas or {})}

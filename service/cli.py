@@ -37,15 +37,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.errors import ServiceError
     from service.settings import Settings, SettingsError
+    from service.tenants import TokensFileError
 
     try:
         settings = Settings.from_env(os.environ, host=args.host, port=args.port)
-    except SettingsError as exc:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app = create_app(settings)  # reads the tokens file and the webhook secret: bad ones are config errors
+    except (SettingsError, ServiceError, TokensFileError) as exc:
         _err(f"error: {exc}")
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", lifespan="on")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = (502, 503, 504)  # the service (or a proxy before it) is restarting or briefly unavailable
 
 
 class ApiError(Exception):
@@ -70,12 +72,26 @@ class Client:
 
     # -- jobs -----------------------------------------------------------------------------------
     def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None,
-               webhook_url: str | None = None) -> dict[str, Any]:
+               webhook_url: str | None = None, retry_s: float = 0.0) -> dict[str, Any]:
+        """Submit a job. With an `idempotency_key`, a submit whose answer was lost (connection reset,
+        the service restarting, 503) is sent again with the same key for up to `retry_s` seconds:
+        the service answers with the one job the key stands for, never a second one."""
         body: dict[str, Any] = {"spec": spec}
         if webhook_url:
             body["webhook_url"] = webhook_url
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._check(self.http.post("/v1/jobs", json=body, headers=headers)).json()
+        deadline = time.monotonic() + (retry_s if idempotency_key else 0.0)
+        delay = 0.2
+        while True:
+            try:
+                resp = self.http.post("/v1/jobs", json=body, headers=headers)
+                if resp.status_code not in RETRY_STATUSES or time.monotonic() >= deadline:
+                    return self._check(resp).json()
+            except httpx.TransportError:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def validate(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._check(self.http.post("/v1/jobs:validate", json={"spec": spec})).json()

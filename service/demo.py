@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,9 @@ def print_shrink(report: dict[str, Any] | None) -> None:
     if not report:
         _say("shrink report: none (shrink disabled)")
         return
+    if report.get("skipped") or "totals" not in report:
+        _say(f"shrink report: skipped ({report.get('error', 'no details')}); the full adapter is published")
+        return
     t = report["totals"]
     rule = {"rank": f"rank {report.get('rank')}", "method": f"{report.get('method')} {report.get('param')}",
             "recipe": f"recipe {report.get('recipe')}"}.get(report.get("rule"), report.get("rule"))
@@ -156,8 +160,8 @@ def print_shrink(report: dict[str, Any] | None) -> None:
     _say(f"  error        relative {t['rel_error']:.4f} (worst layer {t['max_rel_error']:.4f}), "
          f"retained Frobenius {t['retained_fro']:.4f}")
     worst = sorted(report["layers"], key=lambda r: r["rel_error"], reverse=True)[:3]
-    for row in worst:
-        _say(f"    {row['name']:<58} rank {row['old_rank']}->{row['new_rank']}  error {row['rel_error']:.4f}")
+    _say("  worst layers " + "\n               ".join(
+        f"error {row['rel_error']:.4f}  rank {row['old_rank']}->{row['new_rank']}  {row['name']}" for row in worst))
 
 
 def _ranks(values: Any) -> str:
@@ -274,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("lathe demo: interrupted; the stack is stopped")
         return 130
-    except Exception as exc:  # noqa: BLE001 — one readable line instead of a traceback from deep inside
+    except Exception as exc:  # noqa: BLE001 — the traceback for whoever debugs it, then the readable end
+        traceback.print_exc()
         _say(f"lathe demo: error: {type(exc).__name__}: {exc}")
         _say("lathe demo: final phase: not reached (the demo itself failed)")
         return 1

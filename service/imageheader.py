@@ -10,7 +10,7 @@ import io
 import warnings
 from collections.abc import Callable
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # A ranged read of `length` bytes from offset 0 of one object.
 ReadPrefix = Callable[[int], bytes]
@@ -43,6 +43,9 @@ def _size_of(data: bytes) -> tuple[int, int]:
                 width, height = im.size
         except Image.DecompressionBombError as exc:
             raise UnreadableImage(str(exc)) from None
+        except UnidentifiedImageError:
+            # PIL's message quotes the in-memory buffer's repr (an address), which tells the user nothing.
+            raise UnreadableImage("not a PNG, JPEG, WebP or BMP image, or its header is damaged") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
     if width <= 0 or height <= 0:

@@ -35,6 +35,10 @@ from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
 
 INDEX_CURSOR_RE = re.compile(r"^[0-9]{14}-j-[0-9]{8}t[0-9]{6}-[0-9a-f]{8}$")
 MAX_LOG_LINES = 10000
+# An Idempotency-Key claimed this long ago whose job still does not exist belongs to a submit that died
+# half-way (a killed service); a retry with the same key and body then creates that job itself. Far
+# above a submit's normal duration, so a slow first request is normally waited for, not raced.
+ADOPT_AFTER_S = 10.0
 
 
 class JobService:
@@ -124,16 +128,17 @@ class JobService:
                 return replay, False
         spec, report, warnings = self.check(tenant, body)
         now = self.clock()
-        job_id = new_job_id(now)
+        job_id, submitted_at, adopting = new_job_id(now), now, False
         # The idempotency key first: of concurrent duplicates exactly one goes on to take a slot.
         if key_hash:
-            won = self._call(lambda: self.store.claim_idempotency(
-                tenant.name, key_hash, IdempotencyRecord(job_id=job_id, body_sha256=body_hash, created_at=now)))
-            if not won:
-                replay = self._replay(tenant, key_hash, body_hash, wait_s=15.0)
-                if replay is None:
-                    raise errors.Unavailable("a concurrent request with this Idempotency-Key did not complete; retry")
+            replay, held = self._claim_key(tenant, key_hash, body_hash, job_id, now)
+            if replay is not None:
                 return replay, False
+            if held is not None:
+                # The request holding the key died before creating its job (the service was killed
+                # mid-submit): finish that job, under the id the key reserved. Without this, the key
+                # stayed claimed by a job that never existed and every retry got a 503, forever.
+                job_id, submitted_at, adopting = held.job_id, held.created_at, True
         slot: str | None = None
         try:
             slot = self._call(lambda: self.store.claim_slot(tenant.name, job_id, tenant.limits.max_concurrent_jobs))
@@ -142,27 +147,72 @@ class JobService:
                     f"tenant '{tenant.name}' already has {tenant.limits.max_concurrent_jobs} queued or running jobs; "
                     "wait for one to finish or cancel one", limit="max_concurrent_jobs")
             record = JobRecord(
-                job_id=job_id, tenant=tenant.name, submitted_at=now, spec_hash=spec_hash(spec), name=spec.name,
+                job_id=job_id, tenant=tenant.name, submitted_at=submitted_at, spec_hash=spec_hash(spec), name=spec.name,
                 idempotency_key_sha256=key_hash, max_attempts=spec.resources.max_attempts, slot=slot,
                 webhook_url=body.webhook_url, warnings=[f"{w.path}: {w.message}" for w in warnings], preflight=report,
             )
-            self._call(lambda: self.store.create_job(record, encode_spec(spec)))
+            created = self._call(lambda: self.store.create_job(record, encode_spec(spec), reserved=bool(key_hash)))
         except BaseException:
-            self._undo_submit(tenant, job_id, slot, key_hash)
+            # An adopted key is never given back: the request that claimed it may still be alive.
+            self._undo_submit(tenant, job_id, slot, None if adopting else key_hash)
             raise
+        if not created:
+            # Another request with this key (the slow first one, or a concurrent retry) created the job
+            # first: it keeps its own slot, this one gives its slot back.
+            self._undo_submit(tenant, job_id, slot, None)
+            return self.get(tenant, job_id), False
         return self._view(tenant, record, None), True
+
+    def _claim_key(self, tenant: Tenant, key_hash: str, body_hash: str, job_id: str,
+                   now: float) -> tuple[JobView | None, IdempotencyRecord | None]:
+        """Claim the Idempotency-Key for `job_id`: (None, None) when this request won it. Otherwise
+        (the job, None) once the holder's job exists, or (None, the holder's reservation) when its job
+        still does not exist ADOPT_AFTER_S after the claim: that request died half-way."""
+        mine = IdempotencyRecord(job_id=job_id, body_sha256=body_hash, created_at=now)
+        deadline, delay = self.clock() + ADOPT_AFTER_S + 5.0, 0.05
+        if self._call(lambda: self.store.claim_idempotency(tenant.name, key_hash, mine)):
+            return None, None
+        while True:
+            held = self._call(lambda: self.store.read_idempotency(tenant.name, key_hash))
+            if held is None:  # the first request failed and gave the key back: claim it again
+                if self._call(lambda: self.store.claim_idempotency(tenant.name, key_hash, mine)):
+                    return None, None
+                continue  # another request claimed it just now: read that one
+            if held.body_sha256 != body_hash:
+                raise errors.Conflict(
+                    f"Idempotency-Key was already used with a different request body (job {held.job_id}); "
+                    "use a new key for a different job")
+            try:
+                return self.get(tenant, held.job_id), None
+            except errors.NotFound:
+                pass  # the first request is still writing the job, or died doing so
+            if self.clock() - held.created_at >= ADOPT_AFTER_S:
+                return None, held
+            if self.clock() >= deadline:
+                raise errors.Unavailable("a concurrent request with this Idempotency-Key did not complete; retry")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def _undo_submit(self, tenant: Tenant, job_id: str, slot: str | None, key_hash: str | None) -> None:
         try:
             self.store.release_slot(tenant.name, slot, job_id)
             if key_hash:
                 held = self.store.read_idempotency(tenant.name, key_hash)
-                if held is not None and held.job_id == job_id:
+                if held is not None and held.job_id == job_id and not self._job_exists(tenant, job_id):
+                    # (A retry may have finished this job meanwhile; then the key must keep naming it.)
                     self.store.tenant(tenant.name).delete(f"idempotency/{key_hash}")
         except StorageError:
             pass  # best effort; the reconciler releases orphaned slots
 
-    def _replay(self, tenant: Tenant, key_hash: str, body_hash: str, wait_s: float = 0.0) -> JobView | None:
+    def _job_exists(self, tenant: Tenant, job_id: str) -> bool:
+        try:
+            self.store.read_record(tenant.name, job_id)
+        except NotFound:
+            return False
+        return True
+
+    def _replay(self, tenant: Tenant, key_hash: str, body_hash: str) -> JobView | None:
+        """The job an earlier request with this key created, if it exists (without waiting)."""
         held = self._call(lambda: self.store.read_idempotency(tenant.name, key_hash))
         if held is None:
             return None
@@ -170,18 +220,10 @@ class JobService:
             raise errors.Conflict(
                 f"Idempotency-Key was already used with a different request body (job {held.job_id}); "
                 "use a new key for a different job")
-        deadline = self.clock() + wait_s
-        while True:
-            try:
-                return self.get(tenant, held.job_id)
-            except errors.NotFound:
-                pass  # the first request is still writing the job
-            if self.clock() >= deadline:
-                return None
-            time.sleep(0.1)
-            held = self._call(lambda: self.store.read_idempotency(tenant.name, key_hash))
-            if held is None:
-                return None  # the first request failed and gave the key back
+        try:
+            return self.get(tenant, held.job_id)
+        except errors.NotFound:
+            return None  # still being written, or its request died: submit() sorts that out
 
     # -- read -----------------------------------------------------------------------------------
     def _record(self, tenant: Tenant, job_id: str) -> JobRecord:

@@ -134,12 +134,27 @@ class JobStore:
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None  # a status written by an incompatible trainer: the record still answers
 
-    def create_job(self, record: JobRecord, spec_json: bytes) -> None:
-        """spec.json, job.json, then the index marker: a listed job always has its record."""
+    def create_job(self, record: JobRecord, spec_json: bytes, *, reserved: bool = False) -> bool:
+        """spec.json, the index marker, then job.json (only if absent); True when this call created
+        the job. job.json last: a job that exists is always listed (a submit killed half-way leaves
+        at most a spec and a marker, which lists skip), and it is never overwritten, since the
+        reconciler may already be advancing it. `reserved`: the job id comes from an Idempotency-Key,
+        so a spec.json already there was written for this very job by an earlier request."""
         job = self.job_dir(record.tenant, record.job_id)
-        job.put_bytes(SPEC_KEY, spec_json, content_type="application/json", if_none_match=True)
-        self.write_record(record, now=record.submitted_at)
+        try:
+            job.put_bytes(SPEC_KEY, spec_json, content_type="application/json", if_none_match=True)
+        except PreconditionFailed:
+            if not reserved:
+                raise
         self.tenant(record.tenant).put_bytes(f"index/{index_name(record.submitted_at, record.job_id)}", b"")
+        record.updated_at = record.submitted_at
+        try:
+            job.put_json(JOB_KEY, record, if_none_match=True)
+        except PreconditionFailed:
+            if not reserved:
+                raise
+            return False
+        return True
 
     def request_cancel(self, tenant: str, job_id: str) -> None:
         self.job_dir(tenant, job_id).put_bytes(CANCEL_KEY, b"", content_type="text/plain")

@@ -24,6 +24,7 @@ from trainer.failures import reason_for_exit
 
 _CODE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding service/ and trainer/
 PID_FILE = "pid"
+SERVICE_ONLY_ENV = frozenset({"LATHE_WEBHOOK_SECRET", "LATHE_TOKEN", "LATHE_TOKENS_FILE"})
 LOG_FILE = "trainer.log"
 
 
@@ -50,7 +51,8 @@ class LocalLauncher:
                 return  # this attempt was started already
             run.mkdir(parents=True, exist_ok=True)
             env = {
-                **os.environ,
+                # The service's own secrets stay here: a trainer parses untrusted datasets and needs none of them.
+                **{k: v for k, v in os.environ.items() if k not in SERVICE_ONLY_ENV},
                 "OMP_NUM_THREADS": "1",  # several trainers share this machine's cores
                 "PYTHONUNBUFFERED": "1",
                 "LATHE_JOB_ATTEMPT": str(request.attempt),

@@ -9,9 +9,13 @@ Problems that would fail the run are errors (422); the rest come back as warning
 from __future__ import annotations
 
 import io
+import lzma
 import math
+import re
+import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +32,11 @@ from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
 ARCHIVE_SUFFIXES = (".zip", ".tar")  # inspected through ranged reads
 OPAQUE_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # compressed streams: the trainer checks them
 SHOWN = 5  # file names quoted per kind of problem; counts are exact
+_DRIVE = re.compile(r"^[A-Za-z]:")
+# What reading one damaged archive member raises: bad CRC or local header, corrupt deflate data,
+# encryption (RuntimeError), an unsupported compression method, data cut short.
+_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, tarfile.TarError,
+                  lzma.LZMAError, OSError)
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,14 @@ def _open_source(uri: str, field: str, opener: Callable[[str], Store], limits: P
                 continue
             names.append(info.key)
             sizes[info.key] = info.size
+        # S3 keys may hold '..' segments; the trainer refuses them when it downloads (dataset_invalid),
+        # so say so now rather than after a launch.
+        escaping = _escaping(names)
+        if escaping:
+            problems.append(FieldProblem(path=field, message=(
+                f"{uri} has objects whose names climb out of it ({', '.join(escaping[:SHOWN])}); the trainer "
+                "refuses them: rename or delete them")))
+            return None
         if len(names) > limits.max_files:
             problems.append(FieldProblem(path=field, message=(
                 f"{uri} holds more than {limits.max_files} files, the most a preflight lists; split the dataset "
@@ -146,13 +163,25 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
     try:
         if uri.lower().endswith(".zip"):
             archive = zipfile.ZipFile(reader)
+            # Links and special files (Unix mode in the high bits) are refused by the trainer's extraction;
+            # without this check a link named .txt passed the preflight and failed the run.
+            special = [m.filename for m in archive.infolist()
+                       if stat.S_IFMT(m.external_attr >> 16) not in (0, stat.S_IFREG, stat.S_IFDIR)]
+            if special:
+                problems.append(FieldProblem(path=field, message=(
+                    f"archive {uri} holds links or special files ({', '.join(special[:SHOWN])}), which are "
+                    "refused; store regular files instead")))
+                return None
             members = [m for m in archive.infolist() if not m.is_dir()]
             names = [m.filename for m in members]
             sizes = {m.filename: m.file_size for m in members}
 
             def read(member: str, n: int) -> bytes:
-                with archive.open(member) as fh:
-                    return fh.read(n)
+                try:
+                    with archive.open(member) as fh:
+                        return fh.read(n)
+                except _MEMBER_ERRORS as exc:  # a damaged member: the problem names it (was a 500)
+                    raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
         else:
             tar = tarfile.open(fileobj=reader, mode="r:")
             links = [m.name for m in tar.getmembers() if m.issym() or m.islnk()]
@@ -160,17 +189,27 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
                 problems.append(FieldProblem(path=field, message=(
                     f"archive {uri} holds links ({', '.join(links[:SHOWN])}), which are refused; store files instead")))
                 return None
+            # Devices and FIFOs were skipped here but fail the trainer's extraction: refuse them now.
+            special = [m.name for m in tar.getmembers() if not (m.isfile() or m.isdir())]
+            if special:
+                problems.append(FieldProblem(path=field, message=(
+                    f"archive {uri} holds devices, FIFOs or other special files ({', '.join(special[:SHOWN])}), "
+                    "which are refused; store regular files instead")))
+                return None
             members_t = {m.name: m for m in tar.getmembers() if m.isfile()}
             names = list(members_t)
             sizes = {n: m.size for n, m in members_t.items()}
 
             def read(member: str, n: int) -> bytes:
-                fh = tar.extractfile(members_t[member])
-                return fh.read(n) if fh is not None else b""
+                try:
+                    fh = tar.extractfile(members_t[member])
+                    return fh.read(n) if fh is not None else b""
+                except _MEMBER_ERRORS as exc:
+                    raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
         problems.append(FieldProblem(path=field, message=f"{uri} is not a readable archive: {exc}"))
         return None
-    escaping = [n for n in names if n.startswith("/") or ".." in n.replace("\\", "/").split("/")]
+    escaping = _escaping(names)
     if escaping:
         problems.append(FieldProblem(path=field, message=(
             f"archive {uri} has members outside its root ({', '.join(escaping[:SHOWN])}); rebuild it with relative paths")))
@@ -179,6 +218,16 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
         problems.append(FieldProblem(path=field, message=f"archive {uri} holds more than {limits.max_files} files"))
         return None
     return _Source(names, sizes, read, parallel=False)  # one archive handle: sequential reads
+
+
+def _escaping(names: list[str]) -> list[str]:
+    """Names that are absolute (also 'C:'), or climb out with '..': the trainer's _safe_relative refuses them."""
+    out = []
+    for name in names:
+        clean = name.replace("\\", "/")
+        if clean.startswith("/") or _DRIVE.match(clean) or ".." in clean.split("/"):
+            out.append(name)
+    return out
 
 
 class _RangeFile(io.RawIOBase):

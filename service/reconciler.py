@@ -112,6 +112,12 @@ class Reconciler:
                 except NotFound:
                     self._maybe_release_orphan(tenant.name, slot, job_id, now)
                     continue
+                if record.slot is not None and record.slot != slot:
+                    # A second slot for one job: a retried submit finished the job of one that died
+                    # after taking a slot. The job keeps the slot its record names.
+                    log.info("releasing slot %s of %s: job %s holds %s", slot, tenant.name, job_id, record.slot)
+                    self.store.release_slot(tenant.name, slot, job_id)
+                    continue
                 if record.cancel_requested_at is None and record.final_phase is None:
                     # The API only writes the `cancel` marker (job.json has one writer: this loop).
                     try:

@@ -71,6 +71,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     max_image_pixels: PositiveInt = 8192 * 8192
     # Files of one POST /v1/uploads request.
     upload_max_files: PositiveInt = 1000
+    # Largest request body (bytes); larger ones get 413 before they are parsed. Specs are a few KB;
+    # datasets go straight to the object store through POST /v1/uploads.
+    max_request_bytes: Annotated[int, Meta(ge=64 * 1024, le=100 * 1024 * 1024)] = 1024 * 1024
     # LocalLauncher: folder of per-attempt run records (pid, exit code, log). Relative paths are
     # relative to the working directory of the service.
     local_dir: str = ".lathe/local"

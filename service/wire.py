@@ -34,12 +34,14 @@ class JobCreateDoc(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     webhook_url: Annotated[str, Meta(max_length=2048, pattern=r"^https?://")] | None = None
 
 
-UploadPath = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[^/\\\x00][^\\\x00]*$")]
+# No control characters (CR/LF/NUL…): the path becomes an object key and the content type a header
+# the client must send back, so either could smuggle a header line or an unlistable key.
+UploadPath = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[^/\\\x00-\x1f\x7f][^\\\x00-\x1f\x7f]*$")]
 
 
 class UploadFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     path: UploadPath  # relative path inside the dataset, e.g. "10_mychar/001.png"
-    content_type: Annotated[str, Meta(max_length=200)] | None = None
+    content_type: Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] | None = None
 
 
 class UploadCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

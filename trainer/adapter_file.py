@@ -83,6 +83,18 @@ def save_adapter(tensors: dict[str, torch.Tensor], path: str, *, metadata: dict[
     return SavedAdapter(str(target), target.stat().st_size, digest.hexdigest(), zero_tensor_names(cast))
 
 
+def modelspec_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """`modelspec.hash_sha256` as sd-scripts' sai_model_spec computes it: tensor by tensor."""
+    from safetensors.torch import save
+
+    digest = hashlib.sha256()
+    for tensor in tensors.values():
+        data = save({"tensor": tensor})
+        header_len = int.from_bytes(data[:8], "little")
+        digest.update(memoryview(data)[8 + header_len :])
+    return f"0x{digest.hexdigest()}"
+
+
 def read_header(path: str) -> dict:
     """The raw safetensors JSON header (tensor entries and `__metadata__`), without loading tensors."""
     with open(path, "rb") as f:

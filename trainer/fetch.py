@@ -17,6 +17,7 @@ Torch-free (PIL is imported lazily, only to read image headers).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -441,7 +442,7 @@ def _extract_zip(path: str, dest: str, budget: _Budget, where: str) -> None:
         for info, rel in plan:
             target = _target(dest, rel)
             if info.is_dir():
-                os.makedirs(target, exist_ok=True)
+                _make_member_dir(target, where, rel)
                 continue
             budget.add_file(rel)
             with zf.open(info) as src:
@@ -464,7 +465,7 @@ def _extract_tar(path: str, dest: str, budget: _Budget, where: str) -> None:
                 )
             target = _target(dest, rel)
             if member.isdir():
-                os.makedirs(target, exist_ok=True)
+                _make_member_dir(target, where, rel)
                 continue
             if not member.isreg():
                 raise JobFailure(
@@ -478,16 +479,30 @@ def _extract_tar(path: str, dest: str, budget: _Budget, where: str) -> None:
 
 
 def _copy_member(src: IO[bytes], target: str, budget: _Budget, rel: str) -> None:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    try:
+    # makedirs under the guard too: member "a" then "a/b" fails on the file "a" (was an uncaught
+    # FileExistsError, i.e. an `internal` failure that was retried).
+    with _member_clash(budget.where, rel):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "xb") as out:
             while chunk := src.read(_COPY_CHUNK):
                 budget.add_bytes(len(chunk), rel)
                 out.write(chunk)
+
+
+def _make_member_dir(target: str, where: str, rel: str) -> None:
+    with _member_clash(where, rel):
+        os.makedirs(target, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _member_clash(where: str, rel: str) -> Iterator[None]:
+    """Turns the OS errors of a file/folder name clash between members into dataset_invalid."""
+    try:
+        yield
     except (FileExistsError, IsADirectoryError, NotADirectoryError) as e:
         raise JobFailure(
             Reason.DATASET_INVALID,
-            f"{budget.where}: member {rel!r} clashes with another member of the same name "
+            f"{where}: member {rel!r} clashes with another member of the same name "
             f"(a file and a folder, or names differing only in separators): {e.strerror}",
         ) from e
 

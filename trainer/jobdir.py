@@ -132,6 +132,7 @@ class StatusReporter:
             self.status = msgspec.structs.replace(self.status, **changes)
 
     def set_phase(self, phase: str) -> None:
+        log.info("phase: %s", phase)  # in the log too, so it reads as the status did
         self._update(phase=phase)
         self._write(force=True)
 

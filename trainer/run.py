@@ -29,7 +29,7 @@ from trainer import STARTED_AT, __version__
 from trainer.failures import EXIT_CODES, JobFailure, Reason
 from trainer.jobdir import Checkpoints, StatusReporter, with_retries
 from trainer.publish import LocalOutput, Publisher
-from trainer.spec import JobSpec, SpecError, decode_spec, encode_spec, spec_hash, warnings_for
+from trainer.spec import UNSHRINKABLE_ALGOS, JobSpec, SpecError, decode_spec, encode_spec, spec_hash, warnings_for
 from trainer.status import OutputFile
 from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
 
@@ -153,6 +153,7 @@ class Job:
         return {"model": model_path, "vae": vae_path, "weights": weights_path, "data": data_root, "reg": reg_root}
 
     def train(self, inputs: dict[str, Any]) -> Any:
+        log.info("loading the model")  # torch and the diffusion stack are imported first: the slow part of a start
         import torch
 
         from trainer.data.dataset import TrainDataset
@@ -160,7 +161,7 @@ class Job:
         from trainer.models.load import load_model
         from trainer.network import build_network
         from trainer.spec import train_text_encoder, train_unet
-        from trainer.train.loop import LoopHooks, run_training
+        from trainer.train.loop import LoopHooks, make_accelerator, run_training, seed_everything
 
         spec, ctx = self.spec, self.ctx
         t0 = time.monotonic()
@@ -169,7 +170,11 @@ class Job:
             weight_dtype = torch.float32  # fp16 matmuls are not supported on CPU; the loop warns
         model_spec = msgspec.structs.replace(spec.model, uri=inputs["model"], vae=inputs["vae"])
         vae_dtype = torch.float32 if (spec.model.no_half_vae or weight_dtype == torch.float32) else weight_dtype
-        device = "cuda" if torch.cuda.is_available() and spec.resources.gpus > 0 else "cpu"
+        # The Accelerator comes first: under `accelerate launch` it joins the process group and selects
+        # this rank's GPU, so each rank loads the model onto its own device (not all onto cuda:0) and
+        # the ranks can share their sample listings from the first (at_first) round on.
+        accelerator = make_accelerator(spec)
+        device = accelerator.device
         parts = load_model(model_spec, weight_dtype=weight_dtype, vae_dtype=vae_dtype, device=device)
         self.parts = parts
 
@@ -183,6 +188,9 @@ class Job:
         for problem in getattr(dataset, "problems", []):
             self.reporter.warn(str(problem))
         network_spec = spec.network if not inputs["weights"] else msgspec.structs.replace(spec.network, weights=inputs["weights"])
+        # The adapter's initial weights follow the job's seed (as in sd-scripts), the same on every rank:
+        # unseeded, torch starts each process from a random seed and no two runs begin alike.
+        seed_everything(_seed(spec, ctx.job.root_uri))
         network = build_network(network_spec, parts, train_unet=train_unet(spec), train_text_encoder=train_text_encoder(spec))
         self.timings["load_s"] = time.monotonic() - t0
 
@@ -211,7 +219,8 @@ class Job:
             self._sample(0)
         t1 = time.monotonic()
         result = run_training(spec, parts, network, dataset, out_dir=str(self.out_dir), work_dir=str(ctx.work_dir),
-                              hooks=hooks, resume_from=resume_dir, seed=_seed(spec, ctx.job.root_uri))
+                              hooks=hooks, resume_from=resume_dir, seed=_seed(spec, ctx.job.root_uri),
+                              accelerator=accelerator)
         self.timings["train_s"] = time.monotonic() - t1
         if spec.sample.prompts and not result.stopped and result.steps_done not in self._sampled_steps:
             self._sample(result.steps_done)  # sd-scripts also samples at the end of training
@@ -224,6 +233,8 @@ class Job:
         sh = self.spec.shrink
         if not sh.enabled:
             return [], None
+        if self.spec.network.algo in UNSHRINKABLE_ALGOS:  # warned about at submit (spec check)
+            return [], {"skipped": True, "error": f"'{self.spec.network.algo}' adapters cannot be shrunk"}
         from trainer.shrink import shrink_file
 
         self.reporter.set_phase("shrinking")
@@ -232,10 +243,18 @@ class Job:
         out_path = str(self.out_dir / f"{name}-shrunk.safetensors")
         plot_path = str(self.out_dir / f"{name}-shrink.png") if sh.plot else None
         uses_base = sh.rank is None and sh.method is None
-        report = shrink_file(result.final_path, out_path, base=inputs["model"] if uses_base else None,
-                             rank=sh.rank, method=sh.method, param=sh.param, recipe=None if not uses_base else sh.recipe,
-                             max_rank=sh.max_rank, save_precision=sh.save_precision or self.spec.save.save_precision,
-                             device="cuda" if _cuda() else "cpu", plot_path=plot_path)
+        try:
+            report = shrink_file(result.final_path, out_path, base=inputs["model"] if uses_base else None,
+                                 rank=sh.rank, method=sh.method, param=sh.param,
+                                 recipe=None if not uses_base else sh.recipe, max_rank=sh.max_rank,
+                                 save_precision=sh.save_precision or self.spec.save.save_precision,
+                                 device="cuda" if _cuda() else "cpu", plot_path=plot_path)
+        except Exception as exc:  # noqa: BLE001 — shrinking is optional: never lose the trained adapter to it
+            self.timings["shrink_s"] = time.monotonic() - t0
+            message = f"shrink skipped, the full adapter is published: {type(exc).__name__}: {exc}"
+            log.warning(message)
+            self.reporter.warn(message)
+            return [], {"skipped": True, "error": f"{type(exc).__name__}: {exc}"}
         self.timings["shrink_s"] = time.monotonic() - t0
         items = [LocalOutput(out_path, os.path.basename(out_path), "adapter_shrunk")]
         if plot_path and os.path.exists(plot_path):
@@ -293,6 +312,7 @@ class Job:
         spec, ctx = self.spec, self.ctx
         self._sampled_steps.add(step)
         folder = ctx.work_dir / "samples" / f"{step:06d}"
+        mine: list[OutputFile] = []
         files = generate_samples(self.parts, spec.sample.prompts, spec.sample.sampler, str(folder), step=step,
                                  clip_skip=spec.model.clip_skip, rank=ctx.rank, world_size=ctx.world_size,
                                  base_seed=_seed(spec, ctx.job.root_uri))
@@ -300,8 +320,13 @@ class Job:
             item = LocalOutput(str(path), f"samples/{step:06d}/{path.name}", "sample")
             try:
                 ctx.published[item.name] = self.publisher.upload(item)
+                mine.append(ctx.published[item.name])
             except JobFailure as exc:
                 log.warning("sample upload failed: %s", exc)
+        # Rank 0 alone writes the checkpoint ledger and metadata.json, so it must know the other ranks'
+        # shares too (every rank samples at the same steps, so all of them reach this collective).
+        for item in _gather_from_ranks(mine, ctx.world_size):
+            ctx.published[item.name] = item
 
     def _should_stop(self) -> str | None:
         if self.ctx.stop_signal:
@@ -319,6 +344,7 @@ class Job:
     def _on_checkpoint(self, state_dir: str, step: int) -> None:
         if not self.ctx.is_main:
             return
+        log.info("saving a checkpoint at step %d", step)
         ledger = sorted(self.ctx.published.values(), key=lambda o: o.name)
         Path(state_dir, PUBLISHED_LEDGER).write_bytes(msgspec.json.encode(ledger))
         self.checkpoints.save(state_dir, step, attempt=self.ctx.attempt)
@@ -350,6 +376,20 @@ class Job:
             "platform": {"python": platform.python_version(), "machine": platform.machine()},
             "warnings": self.reporter.status.warnings,
         }
+
+
+def _gather_from_ranks(items: list[OutputFile], world_size: int) -> list[OutputFile]:
+    """Every rank's `items`, on every rank (just `items` in a single-process run)."""
+    if world_size <= 1:
+        return items
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        log.warning("%d processes but no process group: rank 0 lists only its own sample images", world_size)
+        return items
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [msgspec.to_builtins(o) for o in items])
+    return [msgspec.convert(o, OutputFile) for part in gathered for o in part]
 
 
 def _cuda() -> bool:

@@ -27,6 +27,8 @@ Arch = Literal["sd1", "sd2", "sdxl"]
 Precision = Literal["fp32", "fp16", "bf16"]
 NetworkModule = Literal["lycoris.kohya", "networks.lora"]
 Algo = Literal["lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "boft", "diag-oft"]
+# Algos whose adapters have no low-rank ΔW = up·down form the shrink phase could reduce.
+UNSHRINKABLE_ALGOS = frozenset({"ia3", "glora", "boft", "diag-oft"})
 Preset = Literal[
     "full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only"
 ]
@@ -46,11 +48,15 @@ Attention = Literal["sdpa", "xformers", "mem_eff_attn", "default"]
 MaxTokenLength = Literal[75, 150, 225]
 
 Uri = Annotated[str, Meta(min_length=1, max_length=2048)]
+# Free-text fields get a bound too: an unbounded string would be stored in spec.json, copied into
+# adapter metadata and read by every consumer (the bad-input corpus sends megabytes).
+ShortText = Annotated[str, Meta(max_length=64)]  # extensions, separators
+Text = Annotated[str, Meta(max_length=4000)]  # captions, tokens, prompts
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 Reso = Annotated[int, Meta(ge=32, le=8192)]
-OptionValue = str | int | float | bool | list[str | int | float | bool]
+OptionValue = Text | int | float | bool | Annotated[list[Text | int | float | bool], Meta(max_length=64)]
 
 # block_dims / block_alphas lengths of sd-scripts' networks.lora (checked against networks/lora.py):
 # SD1/2: NUM_OF_BLOCKS * 2 + NUM_OF_MID_BLOCKS = 12 + 1 + 12; SDXL: 1 (base) + 9 IN + 3 MID + 9 OUT + 1 (out).
@@ -78,14 +84,14 @@ class ModelSpec(_Base):
 class SubsetSpec(_Base):
     """One `[[datasets.subsets]]` entry; unset options inherit the dataset's."""
 
-    image_dir: str  # relative to the dataset root, e.g. "10_character"
+    image_dir: Annotated[str, Meta(max_length=1024)]  # relative to the dataset root, e.g. "10_character"
     num_repeats: PositiveInt = 1
-    class_tokens: str | None = None  # caption when an image has no caption file
+    class_tokens: Text | None = None  # caption when an image has no caption file
     is_reg: bool = False  # regularisation images (weighted by prior_loss_weight)
-    caption_extension: str | None = None
+    caption_extension: ShortText | None = None
     keep_tokens: NonNegInt | None = None
     shuffle_caption: bool | None = None
-    caption_separator: str | None = None
+    caption_separator: ShortText | None = None
     flip_aug: bool | None = None
     color_aug: bool | None = None
     random_crop: bool | None = None
@@ -99,10 +105,11 @@ class DatasetSpec(_Base):
 
     uri: Uri  # folder of `<repeats>_<concept>` subfolders, or a .zip/.tar archive of one
     reg_uri: Uri | None = None  # --reg_data_dir, same layout, is_reg subsets
-    config_toml: str | None = None  # sd-scripts dataset TOML text ([general]/[[datasets]]/[[datasets.subsets]])
-    subsets: list[SubsetSpec] | None = None  # explicit subsets instead of folder discovery
+    # sd-scripts dataset TOML text ([general]/[[datasets]]/[[datasets.subsets]])
+    config_toml: Annotated[str, Meta(max_length=256 * 1024)] | None = None
+    subsets: Annotated[list[SubsetSpec], Meta(max_length=1000)] | None = None  # explicit subsets instead of folder discovery
     resolution: Reso | Annotated[list[Reso], Meta(min_length=2, max_length=2)] = 512  # int or [w, h]
-    caption_extension: str = ".caption"  # sd-scripts' default; the guides use ".txt"
+    caption_extension: ShortText = ".caption"  # sd-scripts' default; the guides use ".txt"
     enable_bucket: bool = False
     min_bucket_reso: Reso = 256
     max_bucket_reso: Reso = 1024
@@ -110,7 +117,7 @@ class DatasetSpec(_Base):
     bucket_no_upscale: bool = False
     shuffle_caption: bool = False
     keep_tokens: NonNegInt = 0
-    caption_separator: str = ","
+    caption_separator: ShortText = ","
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
@@ -152,10 +159,10 @@ class NetworkSpec(_Base):
     factor: Annotated[int, Meta(ge=-1)] = -1  # LoKr factor (-1: as balanced as possible)
     decompose_both: bool = False  # LoKr: decompose both Kronecker factors
     block_size: PositiveInt = 4  # DyLoRA unit
-    block_dims: list[PositiveInt] | None = None  # networks.lora only: one rank per block
-    block_alphas: list[Annotated[float, Meta(gt=0.0)]] | None = None
-    conv_block_dims: list[NonNegInt] | None = None
-    conv_block_alphas: list[Annotated[float, Meta(gt=0.0)]] | None = None
+    block_dims: Annotated[list[PositiveInt], Meta(max_length=64)] | None = None  # networks.lora only: one rank per block
+    block_alphas: Annotated[list[Annotated[float, Meta(gt=0.0)]], Meta(max_length=64)] | None = None
+    conv_block_dims: Annotated[list[NonNegInt], Meta(max_length=64)] | None = None
+    conv_block_alphas: Annotated[list[Annotated[float, Meta(gt=0.0)]], Meta(max_length=64)] | None = None
     weights: Uri | None = None  # --network_weights: continue from an existing adapter file
     train_unet_only: bool = False
     train_text_encoder_only: bool = False
@@ -165,7 +172,8 @@ class OptimizerSpec(_Base):
     """`--optimizer_type`, `--optimizer_args`, learning rates and stabilisers."""
 
     type: OptimizerType = "AdamW"
-    args: dict[str, OptionValue] = {}  # e.g. {"weight_decay": 0.01, "decouple": true}
+    # e.g. {"weight_decay": 0.01, "decouple": true}
+    args: Annotated[dict[Annotated[str, Meta(max_length=100)], OptionValue], Meta(max_length=100)] = {}
     learning_rate: Annotated[float, Meta(ge=0.0)] = 2e-6  # sd-scripts' default; LoRA runs use ~1e-4
     unet_lr: Annotated[float, Meta(ge=0.0)] | None = None
     text_encoder_lr: Annotated[float, Meta(ge=0.0)] | Annotated[
@@ -262,7 +270,8 @@ class ShrinkSpec(_Base):
 class SampleSpec(_Base):
     """Sample images during training: `--sample_prompts`, `--sample_every_n_*`, `--sample_sampler`."""
 
-    prompts: list[Annotated[str, Meta(max_length=4000)]] = []  # "prompt --n neg --w 512 --h 512 --d 1 --l 7 --s 20"
+    # "prompt --n neg --w 512 --h 512 --d 1 --l 7 --s 20"
+    prompts: Annotated[list[Text], Meta(max_length=1000)] = []
     sampler: Sampler = "ddim"
     every_n_steps: PositiveInt | None = None
     every_n_epochs: PositiveInt | None = None
@@ -386,7 +395,8 @@ def _explain_validation(exc: msgspec.ValidationError) -> Problem:
     text = str(exc)
     m = _PATH_RE.search(text)
     raw = m.group("path") if m else ""
-    parts = [p for p in re.split(r"\.|(?=\[)", raw) if p]
+    # "[...]" is msgspec's placeholder for a dict key: keep it whole (splitting on "." mangled it).
+    parts = re.findall(r"\[[^\]]*\]|[^.\[]+", raw)
     path = ".".join(parts).replace(".[", "[") or "(root)"
     message = _PATH_RE.sub("", text).strip().rstrip("-").strip()
     unknown = re.match(r"Object contains unknown field `(?P<f>[^`]+)`", message)
@@ -426,9 +436,9 @@ def spec_from_obj(obj: Any) -> JobSpec:
         raise SpecError([
             Problem("version", f"unsupported spec version {version!r}; supported versions: {list(SUPPORTED_VERSIONS)}")
         ])
-    non_finite = _first_non_finite(obj, "")
-    if non_finite is not None:
-        raise SpecError([Problem(non_finite or "(root)", "must be a finite number (not NaN or infinity)")])
+    unsafe = _first_unsafe_value(obj)
+    if unsafe is not None:
+        raise SpecError([unsafe])
     try:
         spec = msgspec.convert(obj, JobSpec, strict=True)
     except msgspec.ValidationError as exc:
@@ -440,20 +450,31 @@ def spec_from_obj(obj: Any) -> JobSpec:
     return spec
 
 
-def _first_non_finite(value: Any, path: str) -> str | None:
-    """Path of the first NaN/inf float (JSON as Python reads it and TOML both allow them), or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _first_non_finite(item, f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _first_non_finite(item, f"{path}[{i}]")
-            if found is not None:
-                return found
+MAX_SPEC_DEPTH = 16  # a real spec nests 4 levels (optimizer.args.<key>[i]); JSON allows ~1000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _first_unsafe_value(obj: Any) -> Problem | None:
+    """The first value no field can hold, checked before msgspec sees the object: NaN/infinity (JSON
+    as Python reads it and TOML both allow them), integers outside 64 bits (they pass `int` fields but
+    overflow torch.manual_seed and friends in the trainer: an `internal` failure, retried) and
+    nesting deeper than any field (a recursive walk would hit the interpreter's recursion limit: a 500).
+    Iterative on purpose."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        where = path or "(root)"
+        if depth > MAX_SPEC_DEPTH:
+            return Problem(where, f"nested more than {MAX_SPEC_DEPTH} levels deep; no spec field nests like that")
+        if isinstance(value, float) and not math.isfinite(value):
+            return Problem(where, "must be a finite number (not NaN or infinity)")
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            return Problem(where, "is out of range: integers must fit in 64 bits (|n| < 9.2e18)")
+        if isinstance(value, dict):
+            stack.extend((item, f"{path}.{key}" if path else str(key), depth + 1)
+                         for key, item in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in reversed(list(enumerate(value))))
     return None
 
 
@@ -735,6 +756,13 @@ def check_spec(spec: JobSpec) -> list[Problem]:
             err("shrink.param", f"{sh.method} needs a fraction in (0, 1]")
         if sh.rank is None and sh.method is None and not sh.recipe:
             err("shrink.recipe", "give shrink.rank, shrink.method/param or shrink.recipe, or set shrink.enabled = false")
+        if spec.network.algo in UNSHRINKABLE_ALGOS:
+            warn("shrink.enabled", f"a '{spec.network.algo}' adapter has no low-rank LoRA form: the shrink phase is "
+                 "skipped and the full adapter published; set shrink.enabled = false to silence this")
+        elif sh.rank is None and sh.method is None and spec.model.uri.lower().endswith(".ckpt"):
+            warn("shrink.recipe", "the recipe compares against the base model, which is read from .safetensors or "
+                 "a diffusers folder only: with a .ckpt base the shrink phase is skipped; give shrink.rank or "
+                 "shrink.method instead")
 
     # Samples.
     for i, line in enumerate(spec.sample.prompts):

@@ -514,6 +514,9 @@ def _s3_session_and_client(endpoint_url: str | None) -> tuple[Any, Any]:
                 tcp_keepalive=True,
                 # Custom endpoints (MinIO, moto, Ceph) rarely have wildcard DNS for bucket hosts.
                 s3={"addressing_style": "path"} if endpoint else {},
+                # Without it botocore presigns with legacy SigV2 in us-east-1 (AWS refuses SigV2 on
+                # buckets made since 2020); SigV4 URLs carry X-Amz-Expires, capped by S3 at 7 days.
+                signature_version="s3v4",
             )
             session = boto3.session.Session()
             region = session.region_name or "us-east-1"

@@ -9,20 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.lifecycle.lifecycle_helpers import s3_client, upload_dir
+from tests.lifecycle.lifecycle_helpers import build_tiny_assets, s3_client, upload_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     """A tiny SD1.5 pipeline (folder) and a tiny dataset, built once per session."""
-    from trainer.models.tiny import build_tiny_pipeline
-    from trainer.tinydata import make_tiny_dataset
-
-    root = tmp_path_factory.mktemp("assets")
-    model = Path(build_tiny_pipeline("sd1", str(root / "tiny-sd1")))
-    data = root / "data"
-    make_tiny_dataset(str(data), images=6, seed=0)
-    return {"model": model, "data": data}
+    return build_tiny_assets(tmp_path_factory)
 
 
 @pytest.fixture()

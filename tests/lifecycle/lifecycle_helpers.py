@@ -17,6 +17,21 @@ from pathlib import Path
 import boto3
 
 REPO = Path(__file__).resolve().parents[2]
+_ASSETS: dict[str, Path] = {}
+
+
+def build_tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    """A tiny SD1.5 pipeline (folder) and a tiny dataset, built once per session (the test suites
+    that need them share the one build: it costs an import of the diffusion stack)."""
+    if not _ASSETS:
+        from trainer.models.tiny import build_tiny_pipeline
+        from trainer.tinydata import make_tiny_dataset
+
+        root = tmp_path_factory.mktemp("assets")
+        model = Path(build_tiny_pipeline("sd1", str(root / "tiny-sd1")))
+        make_tiny_dataset(str(root / "data"), images=6, seed=0)
+        _ASSETS.update(model=model, data=root / "data")
+    return dict(_ASSETS)
 
 
 def trainer_env(endpoint: str, cache_dir: Path, attempt: int = 1) -> dict[str, str]:

@@ -59,3 +59,12 @@ def test_cli_submit_watch_logs_list_pull_upload(live_server_factory, bucket, tmp
     again = lathe(server, "submit", str(toml), "--idempotency-key", "k", check=False)
     assert bad.returncode == 0 and again.returncode == 1
     assert "409" in again.stderr and "Idempotency-Key" in again.stderr
+
+
+def test_serve_with_a_missing_tokens_file_says_so_without_a_traceback(tmp_path):
+    env = {**os.environ, "LATHE_STATE_URI": str(tmp_path / "state"), "LATHE_LAUNCHER": "none",
+           "LATHE_TOKENS_FILE": str(tmp_path / "no-such-tokens.json")}
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "no-such-tokens.json" in proc.stderr and "Traceback" not in proc.stderr

@@ -55,3 +55,25 @@ def test_api_conforms_to_its_openapi(served):
                           httpx.get(f"{served.url}/metrics").text.splitlines()
                           if line.startswith("lathe_http_requests_total{"))
     assert served_requests >= 10 * len(operations) - 30  # the fuzzer really called every operation
+
+
+def test_every_schema_reference_resolves_and_the_job_spec_is_published(served):
+    document = httpx.get(f"{served.url}/schema/openapi.json").json()
+    refs: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.add(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document)
+    schemas = document["components"]["schemas"]
+    missing = sorted(r for r in refs if r.removeprefix("#/components/schemas/") not in schemas)
+    assert not missing, missing
+    body = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/JobCreateDoc") and "JobSpec" in schemas and "NetworkSpec" in schemas

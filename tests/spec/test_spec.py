@@ -374,3 +374,18 @@ def test_docs_cover_every_field() -> None:
 def test_json_schema_is_available() -> None:
     schema = spec_module.json_schema()
     assert "JobSpec" in json.dumps(schema)
+
+
+@pytest.mark.parametrize("algo", ["ia3", "glora", "boft", "diag-oft"])
+def test_shrinking_an_adapter_with_no_low_rank_form_is_a_warning_not_a_lost_run(algo: str) -> None:
+    spec = decode_spec(json.dumps(minimal(network={"algo": algo})))
+    warnings = [p for p in warnings_for(spec) if p.path == "shrink.enabled"]
+    assert warnings and "skipped" in warnings[0].message
+    off = decode_spec(json.dumps(minimal(network={"algo": algo}, shrink={"enabled": False})))
+    assert not [p for p in warnings_for(off) if p.path.startswith("shrink.")]
+
+
+def test_recipe_against_a_ckpt_base_warns_and_names_the_alternative() -> None:
+    spec = decode_spec(json.dumps(minimal(model={"uri": "s3://models/sd15.ckpt"})))
+    [warning] = [p for p in warnings_for(spec) if p.path == "shrink.recipe"]
+    assert "shrink.rank" in warning.message

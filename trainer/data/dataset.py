@@ -30,6 +30,9 @@ from trainer.data.layout import DatasetLayout, DatasetParams, Subset, balanced_r
 from trainer.failures import JobFailure, Reason
 
 CLIP_WINDOW = 77  # tokens the CLIP text encoders see at once: BOS + 75 + EOS
+# A caption file's size limit: CLIP reads at most 225 tokens (~1 KB of text); wildcard captions hold a few
+# lines of alternatives. Larger files are reported and their image skipped.
+MAX_CAPTION_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -388,8 +391,14 @@ def _read_caption(base: str, caption_path: str | None, sub: Subset) -> tuple[str
     if caption_path is None:
         return None, None
     try:
-        with open(_local(base, caption_path), encoding="utf-8-sig") as fh:
-            lines = fh.read().splitlines()
+        with open(_local(base, caption_path), "rb") as fh:
+            raw = fh.read(MAX_CAPTION_BYTES + 1)
+        if len(raw) > MAX_CAPTION_BYTES:
+            # Read no further: the whole text would be kept per image and tallied into the adapter's
+            # ss_tag_frequency header, however large the file.
+            return None, DatasetProblem(caption_path, f"is larger than {MAX_CAPTION_BYTES} bytes, more than any "
+                                        "caption can use; shorten it (the image is skipped)")
+        lines = raw.decode("utf-8-sig").splitlines()
     except FileNotFoundError:
         return None, None
     except UnicodeDecodeError:

@@ -6,19 +6,11 @@ import json
 
 from torch import Tensor
 
+from trainer.adapter_file import modelspec_sha256, sshs_hashes
+
 from .report import ShrinkReport
 
 REPORT_KEY = "lathe_shrink_report"
-
-
-def _hash_functions():
-    try:  # the shared implementation, once the adapter_file module exists
-        from trainer.adapter_file import sshs_hashes  # type: ignore[attr-defined]
-
-        from ._hashes import modelspec_sha256
-    except ImportError:
-        from ._hashes import modelspec_sha256, sshs_hashes
-    return sshs_hashes, modelspec_sha256
 
 
 def shrunk_metadata(
@@ -51,7 +43,6 @@ def shrunk_metadata(
         if conv_ranks:
             args = {"conv_dim": _uniform(conv_ranks), "conv_alpha": "Dynamic" if report.rule != "rank" else _uniform(alphas)}
         out["ss_network_args"] = json.dumps(args)
-    sshs_hashes, modelspec_sha256 = _hash_functions()
     if "modelspec.hash_sha256" in out:
         out["modelspec.hash_sha256"] = modelspec_sha256(tensors)
     model_hash, legacy_hash = sshs_hashes(tensors, out)

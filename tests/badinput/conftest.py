@@ -1,0 +1,95 @@
+"""Fixtures of the bad-input corpus: one bucket on the local S3 server (tests/conftest.py) holding a
+model placeholder, a good dataset, a tenant and an API-only app (no launcher: nothing here starts a
+trainer except test_badinput_run.py, which builds its own), plus one job submitted before any bad
+input, so every case can check that nothing stored was lost or changed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.badinput.badinput_helpers import TENANT, TOKEN, auth, five_xx, image, sha, snapshot, spec
+
+
+@pytest.fixture(scope="session")
+def bi_s3(s3_server: str) -> Any:
+    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def bi_bucket(bi_s3: Any) -> Iterator[str]:
+    name = f"bad-{uuid.uuid4().hex[:12]}"
+    bi_s3.create_bucket(Bucket=name)
+    bi_s3.put_object(Bucket=name, Key="models/tiny/model_index.json", Body=b"{}")
+    for i in range(2):
+        bi_s3.put_object(Bucket=name, Key=f"datasets/good/2_cat/{i}.png", Body=image())
+        bi_s3.put_object(Bucket=name, Key=f"datasets/good/2_cat/{i}.txt", Body=b"a cat")
+    yield name
+    for page in bi_s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            bi_s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+    bi_s3.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def bi_tokens_file(tmp_path_factory: pytest.TempPathFactory, bi_bucket: str) -> Path:
+    path = tmp_path_factory.mktemp("bi-tokens") / "tokens.json"
+    path.write_text(json.dumps({"tenants": [{
+        "name": TENANT, "token_sha256": [sha(TOKEN)],
+        "model_prefixes": [f"s3://{bi_bucket}/models/"], "dataset_prefixes": [f"s3://{bi_bucket}/datasets/"],
+        "output_prefixes": [f"s3://{bi_bucket}/results/{TENANT}/"],
+        "limits": {"max_concurrent_jobs": 5, "max_gpus_per_job": 2, "max_runtime_s": 3600},
+    }]}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bi_state(bi_bucket: str) -> str:
+    return f"s3://{bi_bucket}/state/"
+
+
+@pytest.fixture(scope="session")
+def bi_api(bi_state: str, bi_tokens_file: Path) -> Iterator[Any]:
+    """The real app behind litestar's TestClient, API only (no launcher, no reconciler). At the end,
+    the app's own metrics must show no 5xx answer to anything the corpus sent."""
+    from litestar.testing import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(state_uri=bi_state, tokens_file=str(bi_tokens_file), launcher="none", reconcile_interval_s=0,
+                        max_image_pixels=8192 * 8192)
+    app = create_app(settings, use_settings_launcher=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+        assert five_xx(app) == [], five_xx(app)
+
+
+@pytest.fixture(scope="session")
+def bi_existing_job(bi_api: Any, bi_bucket: str) -> dict[str, Any]:
+    """A job accepted before any bad input; bad requests must leave it (and its objects) as they are."""
+    r = bi_api.post("/v1/jobs", json={"spec": spec(bi_bucket, name="keep-me")}, headers=auth())
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+@pytest.fixture
+def bi_unchanged(bi_api: Any, bi_s3: Any, bi_bucket: str, bi_existing_job: dict[str, Any]) -> Iterator[None]:
+    """Around one case: the state root (jobs, slots, idempotency records) is exactly as before and the
+    inputs already stored are all still there, unchanged."""
+    from tests.badinput.badinput_helpers import assert_kept
+
+    state_before = snapshot(bi_s3, bi_bucket, "state/")
+    inputs_before = snapshot(bi_s3, bi_bucket, "datasets/good/") | snapshot(bi_s3, bi_bucket, "models/")
+    yield
+    assert snapshot(bi_s3, bi_bucket, "state/") == state_before
+    assert_kept(inputs_before, snapshot(bi_s3, bi_bucket, "datasets/good/") | snapshot(bi_s3, bi_bucket, "models/"))
+    job = bi_api.get(f"/v1/jobs/{bi_existing_job['id']}", headers=auth()).json()
+    assert (job["phase"], job["name"], job["spec_hash"]) == ("queued", "keep-me", bi_existing_job["spec_hash"])
