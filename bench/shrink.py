@@ -204,6 +204,19 @@ def _base_key(name: str) -> str:
 CHILDREN = {"shrink": child_shrink, "io": child_io_floor, "baseline": child_baseline, "resize_lora": child_resize_lora_ranks}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that across exec, so a child
+    would report its parent's peak (the input generator's gigabytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_child(kind: str, args: dict, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--child", kind, json.dumps(args)]
@@ -227,7 +240,7 @@ def main() -> int:
     a = parser.parse_args()
     if a.child:
         result = CHILDREN[a.child](json.loads(a.payload))
-        result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["max_rss_mib"] = peak_rss_mib()
         print(json.dumps(result))
         return 0
 

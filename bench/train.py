@@ -79,6 +79,16 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 SDXL_TARGET_GIB = 12.0  # issue: SDXL, LoRA dim 32, bs 1, gradient checkpointing, cached latents
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); without it torch emulates bf16
+    matmuls, which on the 2-core dev host made a step ~30× slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def peak_bf16_tflops(device_name: str) -> float | None:
     for pattern, tflops in PEAK_BF16_TFLOPS:
         if re.search(pattern, device_name):
@@ -124,7 +134,8 @@ def _random_parts(arch: str, device: Any, dtype: Any) -> Any:
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])))
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
-        module.to(dtype=dtype)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
     return ModelParts(arch=arch, unet=unet, vae=vae, text_encoders=encoders, tokenizers=[],
                       noise_scheduler=DDPMScheduler(**NOISE_SCHEDULE, prediction_type="epsilon"),
                       v_parameterization=False, vae_scaling_factor=float(vae.config.scaling_factor), source="random")
@@ -318,6 +329,11 @@ def run_case(case: Case) -> dict[str, Any]:
         "adapter_params": sum(p.numel() for p in trainable),
         "adapter_modules": len(network.loras()),
         "unet_params": sum(p.numel() for p in parts.unet.parameters()),
+        # What sits in memory besides activations: the UNet, and the VAE and text encoders that the
+        # trainer keeps on the device although cached latents / text outputs never run them.
+        "weights_gib": {name: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**30
+                        for name, m in (("unet", parts.unet), ("vae", parts.vae),
+                                        ("text_encoders", torch.nn.ModuleList(parts.text_encoders)))},
         **memory.peak_gib(),
     }
     return result
@@ -411,8 +427,9 @@ def main() -> int:
     parser.add_argument("--batch-sizes", help="comma-separated (default: 1,4 on full, 1,2 on small)")
     parser.add_argument("--resolution", type=int, help="pixels, for every model (default: by --size)")
     parser.add_argument("--variants", help=f"comma-separated from {','.join(VARIANTS)}; the baseline "
-                        f"{BASELINE!r} always runs first (default: all on cuda, no compile on cpu)")
-    parser.add_argument("--steps", type=int, help="timed steps per row (default: 20 on cuda, 3 on cpu)")
+                        f"{BASELINE!r} always runs first (default cuda: fp32,bf16,bf16+gc,bf16+compile,bf16+gc+compile; "
+                        "cpu: fp32,fp32+gc, plus bf16,bf16+gc where the CPU has native bf16)")
+    parser.add_argument("--steps", type=int, help="timed steps per row (default: 20 on cuda, 2 on cpu)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 3 on cuda, 1 on cpu; "
                         "compiled rows at least 2)")
     parser.add_argument("--dim", type=int, default=32, help="LoRA rank (network.dim)")
@@ -441,13 +458,14 @@ def main() -> int:
     size = a.size or ("full" if cuda else "small")
     models = (a.models or ("sd15,sdxl" if size == "full" else "sd15")).split(",")
     batch_sizes = [int(b) for b in (a.batch_sizes or ",".join(map(str, BATCH_SIZES[size]))).split(",")]
-    default_variants = list(VARIANTS) if cuda else ["fp32", "bf16", "bf16+gc"]
+    default_variants = (["fp32", "bf16", "bf16+gc", "bf16+compile", "bf16+gc+compile"] if cuda
+                        else ["fp32", "fp32+gc", *(["bf16", "bf16+gc"] if cpu_has_bf16() else [])])
     variants = a.variants.split(",") if a.variants else default_variants
     for name in [*models, *variants]:
         if name not in MODELS and name not in VARIANTS:
             parser.error(f"unknown model or variant {name!r}: models {', '.join(MODELS)}; variants {', '.join(VARIANTS)}")
     variants = [BASELINE] + [v for v in variants if v != BASELINE]
-    steps = a.steps or (20 if cuda else 3)
+    steps = a.steps or (20 if cuda else 2)
     warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     peak = a.peak_tflops or (peak_bf16_tflops(device_name) if cuda else None)

@@ -7,6 +7,7 @@ Raises only service.errors; the app maps them to problem+json. All state goes to
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -32,6 +33,8 @@ from service.wire import (
 from trainer.spec import JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
 from trainer.status import TERMINAL_PHASES, JobStatus, Progress
 from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
+
+log = logging.getLogger("lathe.jobs")
 
 INDEX_CURSOR_RE = re.compile(r"^[0-9]{14}-j-[0-9]{8}t[0-9]{6}-[0-9a-f]{8}$")
 MAX_LOG_LINES = 10000
@@ -139,6 +142,8 @@ class JobService:
                 # mid-submit): finish that job, under the id the key reserved. Without this, the key
                 # stayed claimed by a job that never existed and every retry got a 503, forever.
                 job_id, submitted_at, adopting = held.job_id, held.created_at, True
+                log.warning("job %s: finishing the submit of a request that died (its Idempotency-Key was "
+                            "claimed %.0f s ago and the job was never written)", job_id, now - held.created_at)
         slot: str | None = None
         try:
             slot = self._call(lambda: self.store.claim_slot(tenant.name, job_id, tenant.limits.max_concurrent_jobs))

@@ -202,15 +202,29 @@ class JobStore:
         return True
 
     # -- concurrency slots ----------------------------------------------------------------------
-    def active_slots(self, tenant: str) -> dict[str, str]:
-        """slot key → job id of the tenant's queued and running jobs."""
+    def active_slots(self, tenant: str, cache: dict[tuple[str, str], str] | None = None) -> dict[str, str]:
+        """slot key → job id of the tenant's queued and running jobs. With `cache` ((key, ETag) →
+        job id, kept by the caller between calls), only slots written since the last call are read:
+        a slot object never changes while it exists, so a pass over a long queue costs one listing,
+        not one GET per queued job."""
         store = self.tenant(tenant)
         out: dict[str, str] = {}
+        seen: set[tuple[str, str]] = set()
         for info in store.list("slots/"):
+            ident = (info.key, info.etag)
+            seen.add(ident)
+            if cache is not None and ident in cache:
+                out[info.key] = cache[ident]
+                continue
             try:
                 out[info.key] = store.get_bytes(info.key).decode("utf-8")
             except NotFound:
                 continue  # released meanwhile
+            if cache is not None:
+                cache[ident] = out[info.key]
+        if cache is not None:
+            for ident in [i for i in cache if i not in seen]:
+                del cache[ident]
         return out
 
     def claim_slot(self, tenant: str, job_id: str, limit: int) -> str | None:

@@ -57,6 +57,7 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_retention = 0.0
+        self._slot_cache: dict[str, dict[tuple[str, str], str]] = {}  # per tenant, see JobStore.active_slots
 
     # -- loop -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,7 +107,8 @@ class Reconciler:
         out: list[_Active] = []
         now = self.clock()
         for tenant in self.tenants:
-            for slot, job_id in self.store.active_slots(tenant.name).items():
+            slots = self.store.active_slots(tenant.name, self._slot_cache.setdefault(tenant.name, {}))
+            for slot, job_id in slots.items():
                 try:
                     record = self.store.read_record(tenant.name, job_id)
                 except NotFound:
@@ -124,7 +126,11 @@ class Reconciler:
                         record.cancel_requested_at = self.store.job_dir(tenant.name, job_id).head(CANCEL_KEY).last_modified
                     except NotFound:
                         pass
-                out.append(_Active(tenant.name, slot, record, self.store.read_status(tenant.name, job_id)))
+                # A queued job's phase does not depend on status.json (phase.effective): with a long
+                # queue, not reading it halves the cost of a pass.
+                queued = record.state == "queued" and record.final_phase is None
+                status = None if queued else self.store.read_status(tenant.name, job_id)
+                out.append(_Active(tenant.name, slot, record, status))
         return out
 
     def _maybe_release_orphan(self, tenant: str, slot: str, job_id: str, now: float) -> None:

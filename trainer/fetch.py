@@ -318,7 +318,23 @@ def _plan_prefix_download(
     if not plan:
         raise JobFailure(Reason.DATASET_INVALID, f"dataset {uri} is empty: no objects under {folder!r}")
     _refuse_duplicates([rel for rel, _ in plan], f"dataset {uri}", "object")
+    _refuse_file_folder_clash([rel for rel, _ in plan], f"dataset {uri}")
     return plan
+
+
+def _refuse_file_folder_clash(names: list[str], where: str) -> None:
+    """S3 allows objects 'a' and 'a/b' side by side; a folder cannot hold both. Without this the download
+    failed on the local file system with a StorageError: a retryable failure retried for nothing."""
+    names_set = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in names_set:
+                raise JobFailure(
+                    Reason.DATASET_INVALID,
+                    f"{where}: object {parent!r} is both a file and the folder of {name!r}; rename one of them",
+                )
 
 
 class _staging:

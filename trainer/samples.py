@@ -21,7 +21,7 @@ log = logging.getLogger("lathe.samples")
 # sd-scripts sampler name → (diffusers scheduler class name, extra config)
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD pipelines ship it; PRK needs ≥ 4 steps
     "lms": ("LMSDiscreteScheduler", {}),
     "k_lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -33,7 +33,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    # DPM-Solver (not ++) cannot step to sigma 0, diffusers' default end: it refuses to build without this.
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
 }

@@ -26,9 +26,9 @@ from tests.lifecycle.lifecycle_helpers import make_spec, put_spec
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12
+STEPS = 8
 # Seconds after a milestone a kill may land (the phase usually lasts about that long here).
-WINDOWS = {"start": (0.1, 1.5), "fetch": (0.0, 1.0), "load": (0.0, 6.0), "training": (0.0, 5.0),
+WINDOWS = {"start": (0.1, 1.5), "fetch": (0.0, 1.0), "load": (0.0, 6.0), "training": (0.0, 3.0),
            "shrinking": (0.0, 1.0), "uploading": (0.0, 0.1)}
 
 
@@ -46,9 +46,13 @@ def test_killed_at_random_moments_in_every_phase_the_job_still_finishes_exactly(
         s3_server, fault_bucket, fault_assets, tmp_path):
     rng, seed = fault_rng("trainer kills")
     kills = soak(10)
-    # Every phase once, the rest anywhere; in phase order, since each attempt resumes the last one.
-    plan = sorted(MILESTONE_NAMES + [rng.choice(MILESTONE_NAMES) for _ in range(kills - len(MILESTONE_NAMES))],
-                  key=MILESTONE_NAMES.index)
+    # Every phase once plus a second training kill (the first one is the SIGTERM); the rest in the
+    # start-up phases, where most of a tiny job's life goes and kills cost least (a kill in training or
+    # later costs a whole start of torch), or anywhere with LATHE_SOAK. In phase order, since each
+    # attempt resumes where the last one stopped.
+    extra_from = MILESTONE_NAMES if kills > 10 else MILESTONE_NAMES[:3]
+    plan = MILESTONE_NAMES + ["training"]
+    plan = sorted(plan + [rng.choice(extra_from) for _ in range(kills - len(plan))], key=MILESTONE_NAMES.index)
     job = "j-kills"
     uri = put_spec(s3_server, fault_bucket, job, make_spec(fault_bucket, **{
         "training.max_train_steps": STEPS, "save.checkpoint_every_n_steps": 2, "save.save_every_n_steps": 3}))
@@ -111,4 +115,4 @@ def test_killed_at_random_moments_in_every_phase_the_job_still_finishes_exactly(
     assert status["attempt"] == attempt
     meta = check_outputs(s3_server, fault_bucket, job, STEPS, fault_assets["model"], tmp_path)
     saves = {o["name"] for o in meta["outputs"] if o["kind"] == "adapter_step"}
-    assert saves >= {f"tiny-step{s:08d}.safetensors" for s in (3, 6, 9)}, saves
+    assert saves >= {f"tiny-step{s:08d}.safetensors" for s in (3, 6)}, saves

@@ -39,7 +39,7 @@ def test_make_demo_runs_a_real_job_to_succeeded(tmp_path):
     workdir = (tmp_path / "demo").resolve()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LYCORIS_KERNEL_BACKEND": "torch"}
     proc = subprocess.run([sys.executable, "-m", "service.demo", "--workdir", str(workdir)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=540)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]

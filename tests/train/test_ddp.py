@@ -63,8 +63,9 @@ def ddp_run(tiny_models: dict[str, str], tiny_data: str, tmp_path_factory: pytes
                "--mixed_precision", "no", "--dynamo_backend", "no",
                str(WORKER), str(job / "spec.json"), str(probe)]
     # Both ranks share one work folder, as in a pod (manifests.py sets LATHE_WORK_DIR per pod).
+    # HF_HOME: no accelerate config file of this machine's user applies.
     env = {**os.environ, "LATHE_WORK_DIR": str(root / "work"), "LATHE_CACHE_DIR": str(root / "cache"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+           "HF_HOME": str(root / "hf"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     t0 = time.monotonic()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
     seconds = time.monotonic() - t0

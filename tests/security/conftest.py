@@ -1,0 +1,92 @@
+"""Fixtures of the security tests: one bucket on the local S3 server (tests/conftest.py) with a model
+placeholder and a small dataset per tenant, a tokens file with three tenants (one, `acme-evil`, whose
+name extends another's), and a factory of real apps behind litestar's TestClient."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.security.security_helpers import FAKE_TRAINER, REPO, TOKENS, png, tenants_doc
+
+
+@pytest.fixture(scope="session")
+def sec_s3(s3_server: str) -> Any:
+    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def sec_bucket(sec_s3: Any) -> Iterator[str]:
+    name = f"sec-{uuid.uuid4().hex[:12]}"
+    sec_s3.create_bucket(Bucket=name)
+    sec_s3.put_object(Bucket=name, Key="models/tiny/model_index.json", Body=b"{}")
+    for tenant in TOKENS:
+        for i in range(2):
+            sec_s3.put_object(Bucket=name, Key=f"datasets/{tenant}/tiny/2_cat/{i}.png", Body=png())
+            sec_s3.put_object(Bucket=name, Key=f"datasets/{tenant}/tiny/2_cat/{i}.txt", Body=b"a cat")
+    yield name
+    for page in sec_s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            sec_s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+    sec_s3.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def sec_tokens_file(tmp_path_factory: pytest.TempPathFactory, sec_bucket: str) -> Path:
+    path = tmp_path_factory.mktemp("sec-tokens") / "tokens.json"
+    path.write_text(json.dumps(tenants_doc(sec_bucket)))
+    return path
+
+
+@pytest.fixture
+def sec_settings(tmp_path: Path, sec_bucket: str, sec_tokens_file: Path) -> Callable[..., Any]:
+    """Settings with a state root of the test's own, the LocalLauncher running the service tests'
+    stand-in trainer (fast), and a quick reconciler; keyword arguments override."""
+    from service.settings import Settings
+
+    state = f"s3://{sec_bucket}/state-{uuid.uuid4().hex[:8]}/"
+
+    def make(**overrides: Any) -> Any:
+        values: dict[str, Any] = dict(
+            state_uri=state, tokens_file=str(sec_tokens_file), launcher="local", local_dir=str(tmp_path / "local"),
+            trainer_cache_dir=str(tmp_path / "cache"), trainer_command=[sys.executable, str(FAKE_TRAINER)],
+            reconcile_interval_s=0.2, heartbeat_timeout_s=30.0, cancel_grace_s=5.0, retry_backoff_s=0.1,
+            max_running_jobs=2)
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def sec_client(sec_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """Builds the real app (launcher per settings) behind TestClient; closed, trainers killed, at the end."""
+    from litestar.testing import TestClient
+
+    from service.app import create_app
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("FAKE_STEP_S", "0.05")
+    opened: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        app = create_app(sec_settings(**overrides), events_poll_s=0.1)
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    yield make
+    for client in reversed(opened):
+        launcher = client.app.state.services.extra.get("launcher")
+        client.__exit__(None, None, None)
+        if launcher is not None and hasattr(launcher, "shutdown"):
+            launcher.shutdown(kill=True, timeout_s=5)
