@@ -6,11 +6,13 @@
 The service runs as deployed (`python -m service.cli serve`, its own process) on a local S3 server
 (moto, its own process); the load comes from this process (asyncio + httpx), all on 127.0.0.1:
 - `--pollers` clients each GET /v1/jobs/{id} of a random submitted job, then wait `--poll-interval`
-  (closed loop), for `--seconds`;
+  (closed loop; 2 s by default, as `lathe logs -f` polls), for `--seconds`;
 - meanwhile, from `--submit-start` on, POST /v1/jobs at `--submit-rate` per second (open loop, one
   Idempotency-Key each) for `--submit-seconds`: the whole submit path, spec checks and the dataset
   preflight included;
-- the service's RSS (/proc/<pid>/status) is sampled every second.
+- the service's RSS (/proc/<pid>/status) is sampled every second, and the CPU time of the service,
+  the S3 server and the load generator is read before and after (one Python process: the service
+  can use one core at most).
 Submitted jobs do not train: with `--launcher fake` (default) the reconciler launches them through the
 LocalLauncher with the stand-in trainer of the service tests (tests/service/fake_trainer.py), at most
 `--max-running` at once, so a queue builds up as in production; `--launcher none` leaves them queued
@@ -64,6 +66,15 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stats(latencies: list[float], errors: int, seconds: float) -> dict[str, float]:
     return {"requests": len(latencies) + errors, "errors": errors, "rps": round(len(latencies) / seconds, 1),
             "p50_ms": round(1000 * percentile(latencies, 0.50), 1),
@@ -71,7 +82,7 @@ def stats(latencies: list[float], errors: int, seconds: float) -> dict[str, floa
             "max_ms": round(1000 * max(latencies, default=0.0), 1)}
 
 
-async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int) -> dict:
+async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int, s3_pid: int) -> dict:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     limits = httpx.Limits(max_connections=args.pollers + 200, max_keepalive_connections=args.pollers + 200)
     job_ids: list[str] = []
@@ -88,6 +99,7 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int) -> 
             await client.get(f"/v1/jobs/{job_ids[0]}")
         start = time.monotonic()
         stop = start + args.seconds
+        cpu0 = {"service": cpu_s(pid), "s3 server": cpu_s(s3_pid), "load generator": cpu_s(os.getpid())}
 
         async def poller(n: int) -> None:
             rng = random.Random(n)
@@ -136,6 +148,7 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int) -> 
 
         await asyncio.gather(sampler(), submitter(), *(poller(n) for n in range(args.pollers)))
         elapsed = time.monotonic() - start
+        cpu1 = {"service": cpu_s(pid), "s3 server": cpu_s(s3_pid), "load generator": cpu_s(os.getpid())}
         submit_window = args.submit_seconds
     rss_values = [v for _, v in rss]
     before = [v for t, v in rss if t < args.submit_start] or rss_values[:1]
@@ -149,6 +162,7 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int) -> 
                     "max_before_submits": max(before, default=None), "max_during_submits": max(during, default=None),
                     "max_after_submits": max(after, default=None), "last": rss_values[-1] if rss_values else None,
                     "samples_every_5s": rss[::5]},
+        "cpu_cores_used": {k: round((cpu1[k] - cpu0[k]) / elapsed, 2) for k in cpu0},
         "error_samples": {k: v[:5] for k, v in errors.items()},
         "elapsed_s": round(elapsed, 1),
     }
@@ -157,7 +171,8 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pollers", type=int, default=200)
-    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds a poller waits between GETs")
+    parser.add_argument("--poll-interval", type=float, default=2.0,
+                        help="seconds a poller waits between GETs (the CLI's polling interval)")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the pollers run")
     parser.add_argument("--submit-rate", type=float, default=20.0, help="submits per second")
     parser.add_argument("--submit-seconds", type=float, default=30.0)
@@ -211,7 +226,7 @@ def main() -> int:
             spec = {"version": 1, "model": {"uri": f"s3://{BUCKET}/models/tiny"},
                     "dataset": {"uri": f"s3://{BUCKET}/datasets/tiny", "caption_extension": ".txt"},
                     "training": {"max_train_steps": 3}, "resources": {"gpus": 0}}
-            result = asyncio.run(run_load(url, spec, args, service.pid))
+            result = asyncio.run(run_load(url, spec, args, service.pid, moto.pid))
             phases: dict[str, int] = {}
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
                 cursor = None
@@ -251,6 +266,8 @@ def main() -> int:
     print()
     print(f"Service RSS (MiB): first {m['first']}, max before submits {m['max_before_submits']}, during "
           f"{m['max_during_submits']}, after {m['max_after_submits']}, last {m['last']}")
+    print("CPU cores used over the run: " + ", ".join(f"{k} {v}" for k, v in result["cpu_cores_used"].items())
+          + f" (of {os.cpu_count()}; load average at the end {result['loadavg_at_end'][0]})")
     return 0 if p["errors"] == 0 and s["errors"] == 0 else 1
 
 

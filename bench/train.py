@@ -24,8 +24,11 @@ Attention is SDPA (precision.attention "sdpa") in every row. FLOPs per step are 
 count includes the recomputed forward); MFU uses the group's model FLOPs (the count without
 checkpointing) × it/s ÷ the GPU's dense bf16 peak, for every row, fp32 ones included.
 
-    # on a GPU: SD1.5 at 512² and SDXL at 1024², batch 1 and 4, every variant
-    .venv/bin/python bench/train.py --json bench-train.json --out bench-train.md
+    # on a GPU: SD1.5 at 512² and SDXL at 1024², batch 1 and 4; fp32 baseline, bf16, bf16+gc,
+    # bf16+compile, bf16+gc+compile (split so that each command stays near 10 minutes)
+    .venv/bin/python bench/train.py --models sd15 --json sd15.json --out sd15.md
+    .venv/bin/python bench/train.py --models sdxl --batch-sizes 1 --json sdxl-bs1.json --out sdxl-bs1.md
+    .venv/bin/python bench/train.py --models sdxl --batch-sizes 4 --json sdxl-bs4.json --out sdxl-bs4.md
     # on CPU (`make bench`): the real SD1.5 architecture at 128², batch 1 and 2, a few steps
     OMP_NUM_THREADS=1 .venv/bin/python bench/train.py --device cpu
 """
@@ -322,6 +325,7 @@ def run_case(case: Case) -> dict[str, Any]:
         "warmup_s": warmup_s,
         "step_s": times,
         "step_median_s": sorted(times)[len(times) // 2],
+        "step_min_s": min(times),  # the least disturbed step, for noisy shared hosts
         "it_per_s": len(times) / total,
         "samples_per_s": len(times) * case.batch_size / total,
         "executed_flops": flops,
@@ -366,7 +370,8 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None) -> None:
         groups.setdefault((r["model"], r["resolution"], r["batch_size"]), []).append(r)
     for group in groups.values():
         ok = [r for r in group if "error" not in r]
-        base = next((r for r in ok if r["variant"] == BASELINE), None)
+        # The fp32 baseline; where it failed (fp32 SDXL at batch 4 may not fit), the first row that ran.
+        base = next((r for r in ok if r["variant"] == BASELINE), ok[0] if ok else None)
         # Model FLOPs: a count without gradient checkpointing (its recompute is not model work).
         plain = [r["executed_flops"] for r in ok if r.get("executed_flops") and not VARIANTS[r["variant"]][1]]
         model_flops = plain[0] if plain else None
@@ -374,6 +379,7 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None) -> None:
             mem_key = "peak_allocated_gib" if "peak_allocated_gib" in r else "peak_rss_gib"
             r["model_flops"] = model_flops
             if base is not None:
+                r["baseline_variant"] = base["variant"]
                 r["speedup_vs_baseline"] = r["it_per_s"] / base["it_per_s"]
                 r["memory_vs_baseline"] = r[mem_key] / base[mem_key]
             if model_flops:
@@ -402,9 +408,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         memory = (f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}" if cuda
                   else f"{r['peak_rss_gib']:.2f}")
         flops = r.get("executed_flops")
+        versus = "" if r.get("baseline_variant", BASELINE) == BASELINE else f" (vs {r['baseline_variant']})"
         lines.append(
-            f"{head} {r['it_per_s']:.3g} | {r['samples_per_s']:.3g} | {_fmt(r.get('speedup_vs_baseline'), '.2f', '×')} | "
-            f"{memory} | {_fmt(r.get('memory_vs_baseline'), '.2f', '×')} | "
+            f"{head} {r['it_per_s']:.3g} | {r['samples_per_s']:.3g} | {_fmt(r.get('speedup_vs_baseline'), '.2f', '×')}"
+            f"{versus} | {memory} | {_fmt(r.get('memory_vs_baseline'), '.2f', '×')}{versus} | "
             f"{_fmt(flops / 1e9 if flops else None, ',.0f')} | {_fmt(r.get('achieved_tflops'), '.3g')} | "
             f"{_fmt(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f', '%')} | {r['warmup_s']:.1f} |"
         )
@@ -429,7 +436,7 @@ def main() -> int:
     parser.add_argument("--variants", help=f"comma-separated from {','.join(VARIANTS)}; the baseline "
                         f"{BASELINE!r} always runs first (default cuda: fp32,bf16,bf16+gc,bf16+compile,bf16+gc+compile; "
                         "cpu: fp32,fp32+gc, plus bf16,bf16+gc where the CPU has native bf16)")
-    parser.add_argument("--steps", type=int, help="timed steps per row (default: 20 on cuda, 2 on cpu)")
+    parser.add_argument("--steps", type=int, help="timed steps per row (default: 10 on cuda, 2 on cpu)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 3 on cuda, 1 on cpu; "
                         "compiled rows at least 2)")
     parser.add_argument("--dim", type=int, default=32, help="LoRA rank (network.dim)")
@@ -465,7 +472,7 @@ def main() -> int:
         if name not in MODELS and name not in VARIANTS:
             parser.error(f"unknown model or variant {name!r}: models {', '.join(MODELS)}; variants {', '.join(VARIANTS)}")
     variants = [BASELINE] + [v for v in variants if v != BASELINE]
-    steps = a.steps or (20 if cuda else 2)
+    steps = a.steps or (10 if cuda else 2)
     warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     peak = a.peak_tflops or (peak_bf16_tflops(device_name) if cuda else None)
@@ -480,6 +487,9 @@ def main() -> int:
     if not cuda:
         print("NOTE: CPU run. These are CPU figures at reduced size: they compare the variants with each other "
               "on this host and are NOT GPU figures (no VRAM, no MFU).", file=sys.stderr)
+        if not a.variants and not cpu_has_bf16():
+            print("NOTE: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 rows left out (ask with --variants)",
+                  file=sys.stderr)
     elif peak is None:
         print(f"NOTE: no bf16 peak known for {device_name!r}: pass --peak-tflops for MFU", file=sys.stderr)
 
@@ -504,7 +514,7 @@ def main() -> int:
              f"{meta['load_average']:.1f}), torch {meta['torch']} — CPU figures, not GPU figures")
     text = "\n".join([
         f"`{meta['command']}` — {where}; LoRA `{a.module}` dim {a.dim} alpha {a.alpha:g}, AdamW, SDPA, cached "
-        f"latents and text-encoder outputs; {steps} timed steps after {warmup} warm-up"
+        f"latents and text-encoder outputs; {steps} timed step{'s' if steps != 1 else ''} after {warmup} warm-up"
         + (f"; MFU against {peak:g} TFLOP/s dense bf16" if peak else "") + ".",
         "",
         markdown(rows, meta),

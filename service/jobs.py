@@ -254,8 +254,11 @@ class JobService:
         outputs = []
         if current is not None:
             for out in current.outputs:
+                # Presigned only inside the tenant's output locations (the rule delete follows): a
+                # status.json naming another tenant's object must not hand out a URL to read it.
+                url = self._presign(out.uri) if presign and tenant.allows("output", out.uri) else None
                 outputs.append(OutputView(name=out.name, uri=out.uri, size=out.size, sha256=out.sha256, kind=out.kind,
-                                          url=self._presign(out.uri) if presign else None))
+                                          url=url))
         warnings = list(record.warnings) + (list(status.warnings) if status is not None else [])
         return JobView(
             id=record.job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,

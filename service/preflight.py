@@ -8,6 +8,7 @@ Problems that would fail the run are errors (422); the rest come back as warning
 
 from __future__ import annotations
 
+import errno
 import io
 import lzma
 import math
@@ -206,7 +207,11 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
                     return fh.read(n) if fh is not None else b""
                 except _MEMBER_ERRORS as exc:
                     raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, ValueError, IndexError,
+            OSError) as exc:
+        # Besides the plain "not an archive": a zip version or method zipfile cannot read, a name flagged
+        # UTF-8 that is not (UnicodeDecodeError), an empty member name (IndexError), an offset before the
+        # start of the file (OSError from _RangeFile.seek) — each was a 500.
         problems.append(FieldProblem(path=field, message=f"{uri} is not a readable archive: {exc}"))
         return None
     escaping = _escaping(names)
@@ -251,7 +256,11 @@ class _RangeFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
+        if base + offset < 0:
+            # As a real file does. Clamping to 0 made a zip whose directory puts a member before the
+            # file's start read the first member instead: the preflight passed what the trainer refuses.
+            raise OSError(errno.EINVAL, "seek to a negative position")
+        self.pos = base + offset
         return self.pos
 
     def _block(self, index: int) -> bytes:

@@ -18,6 +18,7 @@ Torch-free (PIL is imported lazily, only to read image headers).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import logging
@@ -386,9 +387,18 @@ def extract_archive(
             _extract_tar(archive_path, dest_dir, budget, where)
         else:
             raise JobFailure(Reason.DATASET_INVALID, f"{where} is neither a zip nor a tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, RuntimeError, NotImplementedError) as e:
-        # RuntimeError: encrypted zip members; NotImplementedError: unsupported compression.
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, RuntimeError, NotImplementedError, ValueError,
+            IndexError) as e:
+        # RuntimeError: encrypted zip members; NotImplementedError: unsupported compression or zip version;
+        # ValueError (UnicodeDecodeError): a name flagged UTF-8 that is not; IndexError: an empty member name
+        # (zipfile's is_dir). The last two were uncaught: an `internal` failure, retried (found by fuzzing).
         raise JobFailure(Reason.DATASET_INVALID, f"{where} is damaged or unsupported: {e}") from e
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise  # the local disk's trouble (full, I/O error), not the archive's
+        # A damaged zip directory can put a member's offset before the file's start: zipfile then seeks
+        # to a negative position (EINVAL). Was an `internal` failure, retried (found by fuzzing).
+        raise JobFailure(Reason.DATASET_INVALID, f"{where} is damaged: a member lies outside the file ({e})") from e
     return budget.bytes
 
 

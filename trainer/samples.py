@@ -90,6 +90,8 @@ def generate_samples(parts: Any, prompts: list[str], sampler: str, out_dir: str,
         return []
     pipe = build_pipeline(parts, sampler)
     device = next(parts.unet.parameters()).device
+    # The training loop may have parked the VAE / text encoders on the CPU after caching: borrow them.
+    parked = [m for m in (parts.vae, *parts.text_encoders) if next(m.parameters()).device != device]
     pipe.to(device)
     was_training = [m.training for m in (parts.unet, *parts.text_encoders)]
     for m in (parts.unet, *parts.text_encoders):
@@ -117,4 +119,6 @@ def generate_samples(parts: Any, prompts: list[str], sampler: str, out_dir: str,
     finally:
         for m, flag in zip((parts.unet, *parts.text_encoders), was_training):
             m.train(flag)
+        for m in parked:
+            m.to("cpu")
     return written

@@ -14,7 +14,7 @@ import json
 import math
 import re
 import tomllib
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 from msgspec import Meta, Struct
@@ -359,7 +359,9 @@ def _resolve_path(path: list[str]) -> Any:
         if part.startswith("["):
             args = [a for a in get_args(tp) if a is not type(None)]
             tp = args[0] if args else tp
-            tp = get_args(tp)[0] if get_args(tp) else tp
+            while get_origin(tp) is Annotated:  # list fields with a length bound: Annotated[list[X], Meta]
+                tp = get_args(tp)[0]
+            tp = get_args(tp)[-1] if get_args(tp) else tp  # the item (list) or value (dict) type
             continue
         hints = msgspec.structs.fields(tp) if isinstance(tp, type) and issubclass(tp, Struct) else None
         if hints is None:

@@ -14,7 +14,7 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 TOKEN = "tok-badinput-7Qx2mV9pL4"  # the one tenant's bearer token
@@ -69,6 +69,47 @@ def zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
     info = zipfile.ZipInfo(name)
     info.external_attr = 0o120777 << 16  # S_IFLNK: how Info-ZIP stores a symbolic link
     return info, target.encode()
+
+
+def zip_patched(*, name: bytes | None = None, utf8_flag: bool = False, version_needed: int | None = None) -> bytes:
+    """A one-member zip whose headers are edited afterwards: the member's name bytes (same length as
+    "1_cat/ab.png"), the UTF-8 flag, the "version needed to extract". Shapes the fuzzer found."""
+    data = bytearray(zip_bytes([("1_cat/ab.png", image())]))
+    central = data.rfind(b"PK\x01\x02")
+    if name is not None:
+        assert len(name) == len("1_cat/ab.png")
+        data[30:30 + len(name)] = name
+        data[central + 46:central + 46 + len(name)] = name
+    if utf8_flag:
+        for offset in (6, central + 8):
+            struct.pack_into("<H", data, offset, struct.unpack_from("<H", data, offset)[0] | 0x800)
+    if version_needed is not None:
+        struct.pack_into("<H", data, central + 6, version_needed)
+        struct.pack_into("<H", data, 4, version_needed)
+    return bytes(data)
+
+
+def zip_empty_name() -> bytes:
+    """A one-member zip whose member name is empty (zipfile cannot write one: the name is cut out)."""
+    data = bytearray(zip_bytes([("x", image())]))
+    central = data.rfind(b"PK\x01\x02")
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<H", data, central + 28, 0)
+    del data[central + 46]
+    struct.pack_into("<I", data, end - 1 + 12, struct.unpack_from("<I", data, end - 1 + 12)[0] - 1)  # cd size
+    struct.pack_into("<H", data, 26, 0)
+    del data[30]
+    struct.pack_into("<I", data, end - 2 + 16, central - 1)  # cd offset
+    return bytes(data)
+
+
+def zip_member_before_start() -> bytes:
+    """A zip whose end record puts the central directory 1000 bytes later than it is: zipfile finds the
+    directory anyway, and shifts every member's offset 1000 bytes before the start of the file."""
+    data = bytearray(zip_bytes(good_members()))
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<I", data, end + 16, struct.unpack_from("<I", data, end + 16)[0] + 1000)
+    return bytes(data)
 
 
 def tar_bytes(members: Iterable[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w") -> bytes:
@@ -172,5 +213,3 @@ def five_xx(app: Any) -> list[tuple[str, str, float]]:
                 out.append((sample.labels["route"], sample.labels["status"], sample.value))
     return out
 
-
-Maker = Callable[[str], dict[str, Any]]

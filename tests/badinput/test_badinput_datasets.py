@@ -16,7 +16,7 @@ import pytest
 
 from tests.badinput.badinput_helpers import (
     auth, check_problem, good_members, image, png_header, problem_paths, spec, tar_bytes, tar_special, zip_bytes,
-    zip_symlink,
+    zip_empty_name, zip_member_before_start, zip_patched, zip_symlink,
 )
 
 PNG, JPEG, WEBP = image(), image(fmt="JPEG"), image(fmt="WEBP")
@@ -101,6 +101,12 @@ DATASET_CASES: list[tuple[str, Callable[[], Files], str, str]] = [
     ("zip-encrypted-member", lambda: {"ds.zip": _zip_with_flag(6, 8, 1)}, "dataset.uri:1_cat/a.png", "encrypted"),
     ("zip-unsupported-compression", lambda: {"ds.zip": _zip_with_flag(8, 10, 9)}, "dataset.uri:1_cat/a.png",
      "compression"),
+    ("zip-name-not-utf8", lambda: {"ds.zip": zip_patched(name=b"1_cat/\xa9\xa9.png", utf8_flag=True)}, "dataset.uri",
+     "not a readable archive"),
+    ("zip-empty-member-name", lambda: {"ds.zip": zip_empty_name()}, "dataset.uri", "not a readable archive"),
+    ("zip-version-unsupported", lambda: {"ds.zip": zip_patched(version_needed=64)}, "dataset.uri", "zip file version"),
+    ("zip-member-before-start", lambda: {"ds.zip": zip_member_before_start()}, "dataset.uri:1_cat/a.png",
+     "cannot be read from the archive"),
     ("tar-dotdot", lambda: {"ds.tar": tar_bytes([*good_members(), ("../../escape.png", PNG)])}, "dataset.uri",
      "../../escape.png"),
     ("tar-absolute", lambda: {"ds.tar": tar_bytes([*good_members(), ("/etc/x.png", PNG)])}, "dataset.uri",
@@ -143,9 +149,27 @@ def test_bad_reg_dataset_names_its_own_field(bi_api, bi_s3, bi_bucket, bi_unchan
     assert "dataset.reg_uri:1_person/a.png" in problem_paths(problem), problem
 
 
-def test_bad_config_toml_is_named(bi_api, bi_bucket, bi_unchanged):
-    body = {"spec": spec(bi_bucket, **{"dataset.config_toml": "[[datasets]\nresolution = 'big'"})}
-    problem = check_problem(bi_api.post("/v1/jobs", json=body, headers=auth()), 422, ["not valid TOML"])
+TOML_CASES = [
+    ("not-toml", "[[datasets]\nresolution = 'big'", "not valid TOML"),
+    ("unknown-key", "[[datasets]]\nbogus = 1\n[[datasets.subsets]]\nimage_dir = '2_cat'", "unknown key 'bogus'"),
+    ("no-subsets", "[[datasets]]\nresolution = 64", "no [[datasets.subsets]]"),
+    ("subset-dir-climbs-out", "[[datasets]]\n[[datasets.subsets]]\nimage_dir = '../../state'", "../../state"),
+    # Wrong types where a number or a string belongs: these were 500s (found by fuzzing).
+    ("bucket-reso-string", "[[datasets]]\nmin_bucket_reso = 'abc'\n[[datasets.subsets]]\nimage_dir = '2_cat'",
+     "'min_bucket_reso' must be an integer"),
+    ("bucket-steps-list", "[general]\nbucket_reso_steps = [1, 2]\n[[datasets]]\n[[datasets.subsets]]\n"
+     "image_dir = '2_cat'", "'bucket_reso_steps' must be an integer"),
+    ("caption-extension-int", "[[datasets]]\n[[datasets.subsets]]\nimage_dir = '2_cat'\ncaption_extension = 5",
+     "'caption_extension' must be a string"),
+    ("unsupported-option", "[[datasets]]\nalpha_mask = true\n[[datasets.subsets]]\nimage_dir = '2_cat'",
+     "does not support"),
+]
+
+
+@pytest.mark.parametrize("case, text, words", TOML_CASES, ids=[c[0] for c in TOML_CASES])
+def test_bad_config_toml_is_named(bi_api, bi_bucket, bi_unchanged, case, text, words):
+    body = {"spec": spec(bi_bucket, **{"dataset.config_toml": text})}
+    problem = check_problem(bi_api.post("/v1/jobs", json=body, headers=auth()), 422, [words])
     assert "dataset.config_toml" in problem_paths(problem), problem
 
 

@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 
 from tests.badinput.badinput_helpers import (
-    LEAK_MARKERS, good_members, image, png_header, tar_bytes, tar_special, zip_bytes, zip_symlink,
+    LEAK_MARKERS, good_members, image, png_header, tar_bytes, tar_special, zip_bytes, zip_empty_name,
+    zip_member_before_start, zip_patched, zip_symlink,
 )
+
+pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
 from trainer.failures import JobFailure, Reason
 
 PNG = image()
@@ -57,6 +60,11 @@ ARCHIVE_CASES: list[tuple[str, str, Callable[[], bytes], tuple[int, int] | None,
      "more than 10 files"),
     ("zip-garbage", "d.zip", lambda: bytes(range(256)) * 4, None, "neither a zip nor a tar"),
     ("zip-truncated", "d.zip", lambda: zip_bytes(good_members())[:100], None, "neither a zip nor a tar"),
+    ("zip-name-not-utf8", "d.zip", lambda: zip_patched(name=b"1_cat/\xa9\xa9.png", utf8_flag=True), None,
+     "damaged or unsupported"),
+    ("zip-empty-member-name", "d.zip", zip_empty_name, None, "damaged or unsupported"),
+    ("zip-version-unsupported", "d.zip", lambda: zip_patched(version_needed=64), None, "zip file version"),
+    ("zip-member-before-start", "d.zip", zip_member_before_start, None, "a member lies outside the file"),
     ("tar-dotdot", "d.tar", lambda: tar_bytes([*good_members(), ("../../evil.png", PNG)]), None,
      "'../../evil.png' climbs out"),
     ("tar-absolute", "d.tar", lambda: tar_bytes([("/root/.ssh/authorized_keys", b"ssh-ed25519 AAAA")]), None,

@@ -43,7 +43,8 @@ def test_bodies_over_the_limit_are_413_with_or_without_a_length(server):
             r = http.post(path, content=chunks(), headers={**auth(), "content-type": "application/json"})
             assert r.status_code == 413, (path, r.status_code, r.text[:300])
         # Just under the limit the body is parsed (and judged on its content).
-        r = http.post("/v1/jobs:validate", content=_body(60 * 1024), headers={**auth(), "content-type": "application/json"})
+        r = http.post("/v1/jobs:validate", content=_body(60 * 1024),
+                      headers={**auth(), "content-type": "application/json"})
         assert r.status_code == 422, r.text[:300]
         assert r.json()["problems"][0]["path"] == "name"  # over its own 200-character limit
 

@@ -100,9 +100,9 @@ def test_no_uri_field_reaches_another_tenants_area(sec_client, sec_bucket, tenan
             assert {p["path"] for p in r.json()["problems"]} == {field}, (field, target, r.json())
 
 
-def test_delete_never_follows_outputs_outside_the_tenants_locations(sec_client, sec_bucket, sec_s3):
-    """A status.json listing outputs elsewhere (written by a compromised or buggy trainer) must not make
-    DELETE remove another tenant's objects."""
+def test_outputs_outside_the_tenants_locations_are_neither_presigned_nor_deleted(sec_client, sec_bucket, sec_s3):
+    """A status.json listing outputs elsewhere (written by a compromised or buggy trainer) must not hand
+    out URLs to another tenant's objects, nor make DELETE remove them."""
     from service.jobstore import JobRecord, STATUS_KEY, new_job_id
     from trainer.spec import encode_spec, spec_from_obj
     from trainer.status import JobStatus, OutputFile
@@ -126,7 +126,15 @@ def test_delete_never_follows_outputs_outside_the_tenants_locations(sec_client, 
     store.create_job(record, encode_spec(spec_from_obj(spec(sec_bucket))))
     outputs = [OutputFile(name=k.rsplit("/", 1)[1], uri=f"s3://{sec_bucket}/{k}", size=1, sha256="0" * 64)
                for k in keys]
-    store.job_dir("acme", job_id).put_json(STATUS_KEY, JobStatus(phase="succeeded", outputs=outputs))
+    own = store.job_dir("acme", job_id)
+    own.put_bytes("output/mine.safetensors", b"mine")
+    outputs.append(OutputFile(name="mine.safetensors", uri=own.uri("output/mine.safetensors"), size=4, sha256="0" * 64))
+    own.put_json(STATUS_KEY, JobStatus(phase="succeeded", outputs=outputs))
+
+    # No presigned URL to read them either, only to the job's own output.
+    view = api.get(f"/v1/jobs/{job_id}", headers=auth("acme")).json()
+    assert {o["name"]: o["url"] is not None for o in view["outputs"]} == {
+        **{k.rsplit("/", 1)[1]: False for k in keys}, "mine.safetensors": True}
 
     assert api.delete(f"/v1/jobs/{job_id}", headers=auth("acme")).status_code == 204
     assert api.get(f"/v1/jobs/{job_id}", headers=auth("acme")).status_code == 404

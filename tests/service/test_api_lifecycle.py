@@ -117,7 +117,8 @@ def test_delete_removes_a_finished_job_and_its_outputs(client_factory, bucket, s
     running = submit(client, bucket, **{"training.max_train_steps": 1000})
     r = client.delete(f"/v1/jobs/{running}", headers=auth())
     assert r.status_code == 409  # not finished
-    job = wait_phase(client, job_id, {"succeeded", "failed"})
+    # Finished as the reconciler records it (not just the trainer's terminal status): delete needs that.
+    job = wait_finished(client, job_id)
     # The stand-in trainer writes into the job directory; the service deletes listed outputs anywhere allowed.
     prefix = job["job_uri"].split(f"s3://{bucket}/", 1)[1]
     assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["KeyCount"] > 0

@@ -549,7 +549,7 @@ def _subsets_from_toml(text: str, ds: Any) -> tuple[list[_SubsetConfig], list[Da
             try:
                 built = _make_subset(get, image_dir=image_dir, name=posixpath.basename(image_dir) or ".",
                                      root="train", dataset=d)
-            except (TypeError, ValueError) as exc:  # a wrong type already reported by _check_table
+            except (TypeError, ValueError, AttributeError) as exc:  # a wrong type already reported by _check_table
                 problems.append(f"{swhere}: {exc}")
                 continue
             configs.append(_SubsetConfig(built, swhere, repeats_from_spec))
@@ -564,14 +564,20 @@ def _dataset_params(get, where: str, problems: list[str]) -> DatasetParams:
     if wh is None:
         problems.append(f"{where}: resolution must be an integer or [width, height]")
         wh = (512, 512)
-    bp = BucketParams(
-        resolution=(int(wh[0]), int(wh[1])),
-        enable_bucket=bool(get("enable_bucket")),
-        min_reso=int(get("min_bucket_reso")),
-        max_reso=int(get("max_bucket_reso")),
-        steps=int(get("bucket_reso_steps")),
-        no_upscale=bool(get("bucket_no_upscale")),
-    )
+    try:
+        bp = BucketParams(
+            resolution=(int(wh[0]), int(wh[1])),
+            enable_bucket=bool(get("enable_bucket")),
+            min_reso=int(get("min_bucket_reso")),
+            max_reso=int(get("max_bucket_reso")),
+            steps=int(get("bucket_reso_steps")),
+            no_upscale=bool(get("bucket_no_upscale")),
+        )
+    except (TypeError, ValueError):
+        # A wrong type, already reported by _check_table: int("abc") here was an uncaught ValueError,
+        # i.e. a 500 from the preflight and an `internal` failure in the trainer (found by fuzzing).
+        problems.append(f"{where}: the bucket settings must be integers and booleans")
+        return DatasetParams(BucketParams())
     if bp.enable_bucket:
         if min(bp.resolution) < bp.min_reso:
             problems.append(f"{where}: min_bucket_reso {bp.min_reso} is above the resolution {bp.resolution}; lower it")

@@ -1,0 +1,63 @@
+"""The pure parts of bench/train.py: the GPU peak table, ratios against the baseline, MFU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "train.py"
+_SPEC = importlib.util.spec_from_file_location("bench_train", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules["bench_train"] = bench  # dataclasses look their module up while the class is built
+_SPEC.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA GeForce RTX 4090", 165.0),
+    ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peak_lookup(name: str, tflops: float | None) -> None:
+    assert bench.peak_bf16_tflops(name) == tflops
+
+
+def _row(variant: str, it_per_s: float, mem: float, flops: int | None) -> dict:
+    return {"model": "sdxl", "resolution": 1024, "batch_size": 1, "variant": variant, "it_per_s": it_per_s,
+            "peak_allocated_gib": mem, "peak_reserved_gib": mem + 1, "executed_flops": flops, "warmup_s": 1.0,
+            "samples_per_s": it_per_s}
+
+
+def test_ratios_and_mfu_use_the_baseline_and_model_flops() -> None:
+    rows = [_row("fp32", 1.0, 20.0, 10**12), _row("bf16", 4.0, 10.0, 10**12), _row("bf16+gc", 3.0, 5.0, 13 * 10**11)]
+    bench.add_ratios(rows, peak_tflops=100.0)
+    base, bf16, gc = rows
+    assert (base["speedup_vs_baseline"], bf16["speedup_vs_baseline"], gc["speedup_vs_baseline"]) == (1.0, 4.0, 3.0)
+    assert gc["memory_vs_baseline"] == 0.25
+    # MFU counts model FLOPs (no recompute): 1 TFLOP × 3 it/s of 100 TFLOP/s.
+    assert gc["model_flops"] == 10**12
+    assert gc["mfu"] == pytest.approx(0.03)
+    table = bench.markdown(rows, {"device": "cuda"})
+    assert "| sdxl | 1024² | 1 | bf16+gc | 3 | 3 | 3.00× | 5.00 / 6.00 | 0.25× | 1,300 | 3 | 3.0% |" in table
+    assert "against the 12 GiB target: met" in table
+
+
+def test_failed_baseline_falls_back_to_the_first_row_that_ran() -> None:
+    rows = [{**_row("fp32", 0, 0, None), "error": "out of memory"}, _row("bf16", 2.0, 10.0, None),
+            _row("bf16+gc", 1.0, 5.0, None)]
+    bench.add_ratios(rows, peak_tflops=None)
+    assert rows[2]["baseline_variant"] == "bf16" and rows[2]["speedup_vs_baseline"] == 0.5
+    assert "mfu" not in rows[2]
+    table = bench.markdown(rows, {"device": "cuda"})
+    assert "| sdxl | 1024² | 1 | fp32 | out of memory |" in table
+    assert "0.50× (vs bf16)" in table
