@@ -7,16 +7,19 @@ the state it leaves in the object store, not training.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
 
 import httpx
+import msgspec
 import pytest
 
 from service.client import Client
 from service.dev import free_port
 from service.jobstore import IdempotencyRecord, JobStore, new_job_id
+from service.wire import JobCreate
 from tests.faults.fault_helpers import (
     TENANT, TOKEN, ServiceProcess, fault_rng, s3_client, service_env, service_spec, soak, wait_until,
 )
@@ -78,7 +81,8 @@ def test_service_killed_mid_submit_loses_and_duplicates_nothing(s3_server, servi
             threads = [threading.Thread(target=send, args=(k, rng.uniform(0, 2 * latency))) for k in keys]
             for t in threads:
                 t.start()
-            time.sleep(rng.uniform(0.5 * latency, 4 * latency))
+            # Early in even rounds (most submits cut), late in odd ones (most answered, some cut).
+            time.sleep(rng.uniform(0.5, 2.0) * latency if round_ % 2 == 0 else rng.uniform(2.0, 6.0) * latency)
             service.kill()
             for t in threads:
                 t.join(60)
@@ -108,12 +112,6 @@ def test_service_killed_mid_submit_loses_and_duplicates_nothing(s3_server, servi
         reserved = new_job_id(time.time() - 60)
         key = f"dead-{uuid.uuid4().hex[:8]}"
         body = {"spec": service_spec(service_bucket, name="dead-submit")}
-        import hashlib
-
-        import msgspec
-
-        from service.wire import JobCreate
-
         body_hash = hashlib.sha256(msgspec.json.encode(msgspec.convert(body, JobCreate), order="sorted")).hexdigest()
         assert store.claim_idempotency(TENANT, JobStore.key_hash(key), IdempotencyRecord(
             job_id=reserved, body_sha256=body_hash, created_at=time.time() - 60))
