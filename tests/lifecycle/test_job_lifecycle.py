@@ -66,7 +66,8 @@ def test_whole_job_from_spec_to_metadata(s3_server, job_bucket, tmp_path):
     assert any("/logs/tensorboard/" in k for k in keys)
 
 
-@pytest.mark.parametrize("phase_or_step", ["preparing", 3, "uploading"])
+# One deterministic point here (the commit window); tests/faults kills at 10 random moments across every phase.
+@pytest.mark.parametrize("phase_or_step", ["uploading"])
 def test_sigkill_then_rerun_finishes_exactly(s3_server, job_bucket, tmp_path, phase_or_step):
     job = f"j-kill-{phase_or_step}"
     uri = put_spec(s3_server, job_bucket, job, make_spec(job_bucket, **{"training.max_train_steps": 8}))

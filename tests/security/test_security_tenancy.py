@@ -41,7 +41,7 @@ def _probe_as(api: Any, tenant: str, job_id: str) -> None:
 
 def test_a_running_then_finished_job_is_invisible_to_other_tenants(sec_client, sec_bucket, sec_s3):
     api = sec_client()
-    r = api.post("/v1/jobs", json={"spec": spec(sec_bucket, name="succeed", **{"training.max_train_steps": 30})},
+    r = api.post("/v1/jobs", json={"spec": spec(sec_bucket, name="succeed", **{"training.max_train_steps": 60})},
                  headers=auth("acme"))
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -103,7 +103,7 @@ def test_no_uri_field_reaches_another_tenants_area(sec_client, sec_bucket, tenan
 def test_outputs_outside_the_tenants_locations_are_neither_presigned_nor_deleted(sec_client, sec_bucket, sec_s3):
     """A status.json listing outputs elsewhere (written by a compromised or buggy trainer) must not hand
     out URLs to another tenant's objects, nor make DELETE remove them."""
-    from service.jobstore import JobRecord, STATUS_KEY, new_job_id
+    from service.jobstore import STATUS_KEY, AttemptRecord, JobRecord, new_job_id
     from trainer.spec import encode_spec, spec_from_obj
     from trainer.status import JobStatus, OutputFile
 
@@ -122,7 +122,8 @@ def test_outputs_outside_the_tenants_locations_are_neither_presigned_nor_deleted
 
     job_id = new_job_id()
     record = JobRecord(job_id=job_id, tenant="acme", submitted_at=1.0, spec_hash="0" * 64, state="finished",
-                       final_phase="succeeded", finished_at=2.0)
+                       final_phase="succeeded", finished_at=2.0, attempt=1,
+                       attempts=[AttemptRecord(attempt=1, launched_at=1.5, ended_at=2.0)])
     store.create_job(record, encode_spec(spec_from_obj(spec(sec_bucket))))
     outputs = [OutputFile(name=k.rsplit("/", 1)[1], uri=f"s3://{sec_bucket}/{k}", size=1, sha256="0" * 64)
                for k in keys]
