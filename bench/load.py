@@ -178,7 +178,9 @@ def main() -> int:
     parser.add_argument("--submit-seconds", type=float, default=30.0)
     parser.add_argument("--submit-start", type=float, default=15.0, help="seconds into the run the submits begin")
     parser.add_argument("--launcher", choices=["fake", "none"], default="fake")
-    parser.add_argument("--max-running", type=int, default=4, help="LATHE_MAX_RUNNING_JOBS with --launcher fake")
+    parser.add_argument("--max-running", type=int, default=2, help="LATHE_MAX_RUNNING_JOBS with --launcher fake")
+    parser.add_argument("--fake-step-s", type=float, default=5.0,
+                        help="seconds per step of the stand-in trainer (3 steps): few launches, a long queue")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="lathe-load-"))
@@ -205,9 +207,9 @@ def main() -> int:
         else:
             env.update({"LATHE_LAUNCHER": "local", "LATHE_MAX_RUNNING_JOBS": str(args.max_running),
                         "LATHE_TRAINER_COMMAND": json.dumps([sys.executable, str(FAKE_TRAINER)]),
-                        "FAKE_STEP_S": "0.5"})
+                        "FAKE_STEP_S": str(args.fake_step_s)})
             how = (f"LocalLauncher + reconciler running the stand-in trainer (tests/service/fake_trainer.py, "
-                   f"3 steps of 0.5 s), at most {args.max_running} at once: the rest queue")
+                   f"3 steps of {args.fake_step_s:g} s), at most {args.max_running} at once: the rest queue")
         log_path = tmp / "serve.log"
         with open(log_path, "wb") as log:
             service = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
@@ -227,16 +229,22 @@ def main() -> int:
                     "dataset": {"uri": f"s3://{BUCKET}/datasets/tiny", "caption_extension": ".txt"},
                     "training": {"max_train_steps": 3}, "resources": {"gpus": 0}}
             result = asyncio.run(run_load(url, spec, args, service.pid, moto.pid))
-            phases: dict[str, int] = {}
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
-                cursor = None
-                while True:
-                    page = client.get("/v1/jobs", params={"limit": 100, **({"cursor": cursor} if cursor else {})}).json()
-                    for item in page["items"]:
-                        phases[item["phase"]] = phases.get(item["phase"], 0) + 1
-                    cursor = page.get("next_cursor")
-                    if not cursor:
-                        break
+            metrics = httpx.get(url + "/metrics", timeout=120).text
+            values: dict[str, float] = {}
+            server_errors = 0.0
+            for line in metrics.splitlines():
+                if line.startswith("lathe_reconcile_duration_seconds_") and " " in line:
+                    name, value = line.rsplit(" ", 1)
+                    values[name] = float(value)
+                if line.startswith("lathe_http_requests_total{") and 'status="5' in line:
+                    server_errors += float(line.rsplit(" ", 1)[1])
+            passes = values.get("lathe_reconcile_duration_seconds_count", 0.0)
+            reconciler = {"passes": int(passes), "mean_pass_s": round(
+                values.get("lathe_reconcile_duration_seconds_sum", 0.0) / passes, 2) if passes else None}
+            # Every answered submit is a real job: count the index markers the service wrote (straight
+            # from the store: listing 600 jobs through the API would load the service further).
+            created = sum(page.get("KeyCount", 0) for page in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=BUCKET, Prefix=f"state/tenants/{TENANT}/index/"))
         finally:
             service.terminate()
             try:
@@ -250,12 +258,13 @@ def main() -> int:
                     pass
     result = {"pollers": args.pollers, "poll_interval_s": args.poll_interval, "seconds": args.seconds,
               "submit_rate": args.submit_rate, "submit_seconds": args.submit_seconds, "launcher": how,
-              **result, "jobs_by_phase_at_end": phases, "cpus": os.cpu_count(),
+              **result, "jobs_created": created, "service_5xx": int(server_errors), "reconciler": reconciler,
+              "cpus": os.cpu_count(),
               "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(result, indent=2))
     p, s, m = result["poll"], result["submit"], result["rss_mib"]
     print()
-    print(f"Jobs: {how}.")
+    print(f"Jobs: {how}; {created} jobs created (10 before the run, the rest by the submits).")
     print()
     print("| traffic | requests | errors | req/s | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|---|---|")
@@ -266,6 +275,8 @@ def main() -> int:
     print()
     print(f"Service RSS (MiB): first {m['first']}, max before submits {m['max_before_submits']}, during "
           f"{m['max_during_submits']}, after {m['max_after_submits']}, last {m['last']}")
+    print(f"Answers with a 5xx status counted by the service: {result['service_5xx']}; reconciler passes: "
+          f"{reconciler['passes']}, mean {reconciler['mean_pass_s']} s")
     print("CPU cores used over the run: " + ", ".join(f"{k} {v}" for k, v in result["cpu_cores_used"].items())
           + f" (of {os.cpu_count()}; load average at the end {result['loadavg_at_end'][0]})")
     return 0 if p["errors"] == 0 and s["errors"] == 0 else 1

@@ -48,7 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (SettingsError, ServiceError, TokensFileError) as exc:
         _err(f"error: {exc}")
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", lifespan="on")
+    # Idle keep-alive connections are kept 75 s, not uvicorn's 5 s: a client (or a load balancer, whose
+    # idle timeout is typically 60 s) that reuses a connection just as the server closes it gets a reset
+    # (bench/load.py saw them as ReadError under load; an AWS ALB turns them into 502s).
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", lifespan="on", timeout_keep_alive=75)
     return 0
 
 
