@@ -76,7 +76,8 @@ def cpu_s(pid: int) -> float:
 
 
 def stats(latencies: list[float], errors: int, seconds: float) -> dict[str, float]:
-    return {"requests": len(latencies) + errors, "errors": errors, "rps": round(len(latencies) / seconds, 1),
+    """`seconds`: from the first request sent to the last answer received (the answered rate)."""
+    return {"requests": len(latencies) + errors, "errors": errors, "rps": round(len(latencies) / max(seconds, 1e-9), 1),
             "p50_ms": round(1000 * percentile(latencies, 0.50), 1),
             "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
             "max_ms": round(1000 * max(latencies, default=0.0), 1)}
@@ -90,6 +91,8 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int, s3_
     submit_lat: list[float] = []
     errors: dict[str, list[str]] = {"poll": [], "submit": []}
     rss: list[tuple[float, float]] = []
+    last_answer = {"poll": 0.0, "submit": 0.0}
+    first_submit = [0.0]
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as client:
         for i in range(10):  # a few jobs to poll from the first second on
             resp = await client.post("/v1/jobs", json={"spec": spec}, headers={"Idempotency-Key": f"seed-{i}"})
@@ -113,6 +116,7 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int, s3_
                         errors["poll"].append(f"{resp.status_code} {resp.text[:200]}")
                     else:
                         poll_lat.append(time.perf_counter() - t0)
+                        last_answer["poll"] = time.monotonic()
                 except httpx.HTTPError as exc:
                     errors["poll"].append(repr(exc))
                 await asyncio.sleep(args.poll_interval)
@@ -125,13 +129,14 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int, s3_
                     errors["submit"].append(f"{resp.status_code} {resp.text[:200]}")
                 else:
                     submit_lat.append(time.perf_counter() - t0)
+                    last_answer["submit"] = time.monotonic()
                     job_ids.append(resp.json()["id"])
             except httpx.HTTPError as exc:
                 errors["submit"].append(repr(exc))
 
         async def submitter() -> None:
             await asyncio.sleep(args.submit_start)
-            t_first = time.monotonic()
+            t_first = first_submit[0] = time.monotonic()
             tasks = []
             total = int(args.submit_rate * args.submit_seconds)
             for i in range(total):  # open loop: on schedule, whatever the latency
@@ -139,29 +144,38 @@ async def run_load(url: str, spec: dict, args: argparse.Namespace, pid: int, s3_
                 tasks.append(asyncio.create_task(submit(i)))
             await asyncio.gather(*tasks)
 
-        async def sampler() -> None:
-            while time.monotonic() < stop:
+        finished = asyncio.Event()
+
+        async def sampler() -> None:  # until the last answer is in
+            while not finished.is_set():
                 value = rss_mib(pid)
                 if value is not None:
                     rss.append((round(time.monotonic() - start, 1), round(value, 1)))
-                await asyncio.sleep(1.0)
+                try:
+                    await asyncio.wait_for(finished.wait(), 1.0)
+                except TimeoutError:
+                    pass
 
-        await asyncio.gather(sampler(), submitter(), *(poller(n) for n in range(args.pollers)))
+        async def traffic() -> None:
+            await asyncio.gather(submitter(), *(poller(n) for n in range(args.pollers)))
+            finished.set()
+
+        await asyncio.gather(sampler(), traffic())
         elapsed = time.monotonic() - start
         cpu1 = {"service": cpu_s(pid), "s3 server": cpu_s(s3_pid), "load generator": cpu_s(os.getpid())}
-        submit_window = args.submit_seconds
     rss_values = [v for _, v in rss]
     before = [v for t, v in rss if t < args.submit_start] or rss_values[:1]
     during = [v for t, v in rss if args.submit_start <= t < args.submit_start + args.submit_seconds]
     after = [v for t, v in rss if t >= args.submit_start + args.submit_seconds] or rss_values[-1:]
     return {
-        "poll": stats(poll_lat, len(errors["poll"]), elapsed),
-        "submit": stats(submit_lat, len(errors["submit"]), submit_window),
+        "poll": stats(poll_lat, len(errors["poll"]), last_answer["poll"] - start),
+        "submit": stats(submit_lat, len(errors["submit"]), last_answer["submit"] - first_submit[0]),
         "jobs_submitted": len(job_ids),
         "rss_mib": {"first": rss_values[0] if rss_values else None,
                     "max_before_submits": max(before, default=None), "max_during_submits": max(during, default=None),
                     "max_after_submits": max(after, default=None), "last": rss_values[-1] if rss_values else None,
                     "samples_every_5s": rss[::5]},
+        "last_answer_after_s": round(max(last_answer.values()) - start, 1),
         "cpu_cores_used": {k: round((cpu1[k] - cpu0[k]) / elapsed, 2) for k in cpu0},
         "error_samples": {k: v[:5] for k, v in errors.items()},
         "elapsed_s": round(elapsed, 1),
@@ -266,7 +280,7 @@ def main() -> int:
     print()
     print(f"Jobs: {how}; {created} jobs created (10 before the run, the rest by the submits).")
     print()
-    print("| traffic | requests | errors | req/s | p50 ms | p99 ms | max ms |")
+    print("| traffic (offered) | requests | errors | answered/s | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|---|---|")
     print(f"| GET /v1/jobs/{{id}} ({args.pollers} pollers, {args.seconds:.0f} s) | {p['requests']} | {p['errors']} | "
           f"{p['rps']} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} |")
@@ -275,6 +289,8 @@ def main() -> int:
     print()
     print(f"Service RSS (MiB): first {m['first']}, max before submits {m['max_before_submits']}, during "
           f"{m['max_during_submits']}, after {m['max_after_submits']}, last {m['last']}")
+    print(f"The last answer came {result['last_answer_after_s']} s after the pollers started "
+          f"(they stop sending at {args.seconds:g} s).")
     print(f"Answers with a 5xx status counted by the service: {result['service_5xx']}; reconciler passes: "
           f"{reconciler['passes']}, mean {reconciler['mean_pass_s']} s")
     print("CPU cores used over the run: " + ", ".join(f"{k} {v}" for k, v in result["cpu_cores_used"].items())
