@@ -169,7 +169,11 @@ def child_baseline(args: dict) -> dict:
 
 
 def child_resize_lora_ranks(args: dict) -> dict:
-    """resize_lora's per-layer rank, from its definition (not from our code path)."""
+    """resize_lora's per-layer rank, from its definition (not from our code path).
+
+    Its spectral norm is a randomised estimate (`svd_lowrank(q=1, niter=64)`) from the global RNG, so
+    two runs of resize_lora can disagree near the threshold. `seed` None draws like resize_lora does
+    (unseeded); an int reseeds before each layer, which is the stream our `spectral_norm` uses."""
     import torch
     from safetensors import safe_open
 
@@ -188,6 +192,8 @@ def child_resize_lora_ranks(args: dict) -> dict:
             _, rd = torch.linalg.qr(down.T)
             s = torch.linalg.svdvals(ru @ rd.T) * (alpha / down.shape[0])
             w = base.get_tensor(_base_key(name)).float().flatten(1)
+            if kind == "spn" and args.get("seed") is not None:
+                torch.manual_seed(args["seed"])
             ref = torch.linalg.matrix_norm(w, ord="fro").item() if kind == "fro" else \
                 torch.svd_lowrank(w, q=1, niter=64)[1][0].item()
             ranks[name] = int(((torch.log10(s) - math.log10(ref)) > thr).sum())
@@ -295,10 +301,21 @@ def main() -> int:
         for rank in (64, 32):
             key = (rank, f"{label} (warm norms)") if (rank, f"{label} (warm norms)") in results else (rank, f"{label} (cold norms)")
             ours = results[key]["ranks"]
-            ref = run_child("resize_lora", {"input": str(paths[f"lora{rank}"]), "base": str(paths["base"]),
-                                            "thr": thr, "kind": kind}, a.threads)["ranks"]
-            same = sum(ours[n] == ref[n] for n in ref)
-            lines.append(f"- rank {rank}, `{label}`: {same}/{len(ref)} layers pick the same rank")
+            ref_args = {"input": str(paths[f"lora{rank}"]), "base": str(paths["base"]), "thr": thr, "kind": kind}
+            if kind == "fro":  # deterministic
+                ref = run_child("resize_lora", ref_args, a.threads)["ranks"]
+                same = sum(ours[n] == ref[n] for n in ref)
+                lines.append(f"- rank {rank}, `{label}`: {same}/{len(ref)} layers pick the same rank")
+            else:
+                seeded = run_child("resize_lora", {**ref_args, "seed": 0}, a.threads)["ranks"]
+                drawn = [run_child("resize_lora", ref_args, a.threads)["ranks"] for _ in range(2)]
+                n = len(seeded)
+                lines.append(
+                    f"- rank {rank}, `{label}`: {sum(ours[k] == seeded[k] for k in seeded)}/{n} layers pick the same"
+                    f" rank as resize_lora's rule drawing the same random numbers; against two unseeded runs of it"
+                    f" (as resize_lora runs): {sum(ours[k] == drawn[0][k] for k in seeded)}/{n} and"
+                    f" {sum(ours[k] == drawn[1][k] for k in seeded)}/{n}, while those two runs agree with each"
+                    f" other on {sum(drawn[0][k] == drawn[1][k] for k in seeded)}/{n}")
             print(lines[-1], file=sys.stderr)
 
     if not a.skip_baseline:

@@ -36,13 +36,54 @@ class SavedAdapter:
 
 def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them."""
+    return _sshs_of(_serialize_for_hash(tensors, metadata))
+
+
+def _serialize_for_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
-    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    (header_len,) = struct.unpack("<Q", data[:8])
-    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
-    legacy_hash = hashlib.sha256(data[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]
+    return save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+
+
+def _sshs_of(blob: bytes) -> tuple[str, str]:
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    view = memoryview(blob)
+    model_hash = hashlib.sha256(view[8 + header_len :]).hexdigest()
+    legacy_hash = hashlib.sha256(view[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]
     return model_hash, legacy_hash
+
+
+def write_hashed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> tuple[int, str]:
+    """Write `tensors` with `metadata` plus the sshs hashes, serialising them once; atomic (temporary
+    file + rename). Returns (file size, sha256 of the file).
+
+    The hashes cover a serialisation with only the `ss_*` metadata; the file differs from it in the
+    header alone (tensor offsets are relative to the data buffer), so that serialisation is reused
+    with its header swapped for the full one instead of serialising every tensor a second time.
+    """
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings: {bad}")
+    blob = _serialize_for_hash(tensors, metadata)
+    model_hash, legacy_hash = _sshs_of(blob)
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    entries = json.loads(blob[8 : 8 + header_len])
+    entries.pop("__metadata__", None)
+    full = dict(metadata, sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
+    header = json.dumps({"__metadata__": full, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data buffer stays 8-byte aligned, as safetensors writes it
+    prefix = struct.pack("<Q", len(header)) + header
+    data = memoryview(blob)[8 + header_len :]
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(prefix)
+        f.write(data)
+    os.replace(tmp, target)
+    digest = hashlib.sha256(prefix)
+    digest.update(data)
+    return len(prefix) + len(data), digest.hexdigest()
 
 
 def zero_tensor_names(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -54,33 +95,18 @@ def zero_tensor_names(tensors: dict[str, torch.Tensor]) -> list[str]:
 def save_adapter(tensors: dict[str, torch.Tensor], path: str, *, metadata: dict[str, str], dtype) -> SavedAdapter:
     """Write `tensors` (cast to `dtype`: torch dtype or fp32/fp16/bf16) with `metadata` plus the
     sshs hashes; atomic (temporary file + rename)."""
-    from safetensors.torch import save_file
-
     if isinstance(dtype, str):
         if dtype not in SAVE_DTYPES:
             raise ValueError(f"save precision {dtype!r}: choose one of fp32, fp16, bf16")
         dtype = SAVE_DTYPES[dtype]
-    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
-    if bad:
-        raise TypeError(f"safetensors metadata values must be strings: {bad}")
     cast = {}
     for key, value in tensors.items():
         value = value.detach().to("cpu")
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         cast[key] = value.contiguous()
-    model_hash, legacy_hash = sshs_hashes(cast, metadata)
-    header = dict(metadata, sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(cast, str(tmp), metadata=header)
-    os.replace(tmp, target)
-    digest = hashlib.sha256()
-    with open(target, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return SavedAdapter(str(target), target.stat().st_size, digest.hexdigest(), zero_tensor_names(cast))
+    size, sha256 = write_hashed(cast, path, metadata)
+    return SavedAdapter(str(Path(path)), size, sha256, zero_tensor_names(cast))
 
 
 def modelspec_sha256(tensors: dict[str, torch.Tensor]) -> str:

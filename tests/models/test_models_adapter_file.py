@@ -51,6 +51,23 @@ def test_sshs_hashes_match_an_independent_computation(tmp_path):
         header["sshs_model_hash"], header["sshs_legacy_hash"])
 
 
+def test_written_file_equals_safetensors_own_serialisation(tmp_path):
+    """The writer swaps the header of one serialisation instead of serialising twice: the result must be
+    what safetensors itself writes, apart from the header's layout."""
+    tensors = {k: v.half() for k, v in _tensors().items()}
+    metadata = {"ss_network_dim": "4", "lathe_report": json.dumps({"a": [1, 2]}), "modelspec.title": "é"}
+    saved = save_adapter(tensors, str(tmp_path / "ours.safetensors"), metadata=metadata, dtype="fp16")
+    header = read_metadata(saved.path)
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=header)
+    ours, ref = (tmp_path / "ours.safetensors").read_bytes(), (tmp_path / "ref.safetensors").read_bytes()
+    (n_ours,), (n_ref,) = struct.unpack("<Q", ours[:8]), struct.unpack("<Q", ref[:8])
+    assert n_ours % 8 == 0  # the data buffer stays aligned
+    assert ours[8 + n_ours :] == ref[8 + n_ref :]
+    assert json.loads(ours[8 : 8 + n_ours]) == json.loads(ref[8 : 8 + n_ref])
+    loaded = load_file(saved.path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
 def test_small_file_legacy_hash_is_the_empty_digest(tmp_path):
     saved = save_adapter(_tensors(big=False), str(tmp_path / "s.safetensors"), metadata={}, dtype="fp32")
     assert read_metadata(saved.path)["sshs_legacy_hash"] == hashlib.sha256(b"").hexdigest()[:8]

@@ -6,7 +6,7 @@ import json
 
 from torch import Tensor
 
-from trainer.adapter_file import modelspec_sha256, sshs_hashes
+from trainer.adapter_file import modelspec_sha256
 
 from .report import ShrinkReport
 
@@ -24,7 +24,8 @@ def shrunk_metadata(
     converted_lycoris: bool,
     conv_ranks: list[int],
 ) -> dict[str, str]:
-    """Input metadata updated as sd-scripts' resize_lora does, plus hashes and the shrink report."""
+    """Input metadata updated as sd-scripts' resize_lora does, plus the shrink report (the writer,
+    `write_hashed`, adds the recomputed sshs hashes)."""
     out = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != REPORT_KEY}
     comment = metadata.get("ss_training_comment", "")
     if report.rule == "rank":
@@ -45,9 +46,6 @@ def shrunk_metadata(
         out["ss_network_args"] = json.dumps(args)
     if "modelspec.hash_sha256" in out:
         out["modelspec.hash_sha256"] = modelspec_sha256(tensors)
-    model_hash, legacy_hash = sshs_hashes(tensors, out)
-    out["sshs_model_hash"] = model_hash
-    out["sshs_legacy_hash"] = legacy_hash
     out[REPORT_KEY] = report.header_json()
     return out
 

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from trainer.adapter_file import write_hashed
+
 from .adapter_layers import AdapterLayer, parse_adapter, resolve_shape, spectrum_of
 from .base_model import BaseModel
 from .errors import NothingToShrink, ShrinkError
@@ -366,8 +368,7 @@ def shrink_file(
         converted_lycoris=any(layer.algo != "lora" for layer in parsed.layers),
         conv_ranks=conv_ranks,
     )
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(out_tensors, str(out_path), metadata=header)
+    write_hashed(out_tensors, out_path, header)
     if base_model is not None:
         base_model.save_cache()
     timings["write"] = round(time.perf_counter() - t_svd, 4)
