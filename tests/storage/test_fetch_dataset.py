@@ -77,13 +77,33 @@ def test_prefix_download_matches_the_source(s3_bucket, dataset, tmp_path, engine
     assert os.listdir(tmp_path / "work") == ["dataset"]  # no staging folder left behind
 
 
-def test_prefix_limits_are_checked_before_downloading(s3_bucket, dataset, tmp_path) -> None:
+def _child_pids() -> set[int]:
+    children: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            children.update(int(pid) for pid in f.read().split())
+    return children
+
+
+@pytest.mark.parametrize("engine", ["s5cmd", "boto3"])
+def test_prefix_limits_stop_the_transfer_and_leave_nothing(s3_bucket, dataset, tmp_path, engine, monkeypatch) -> None:
+    # The listing is vetted while the transfer already runs; two keys per LIST page puts the refusal
+    # pages after the start, with s5cmd copying and boto3 workers downloading.
+    monkeypatch.setattr("trainer.storage.S3Store.page_size", 2)
     upload_tree(s3_bucket, "ds", dataset)
     uri = f"s3://{s3_bucket}/ds/"
-    refused(lambda: fetch_dataset(uri, str(tmp_path / "a"), max_files=5), "more than 5 files")
-    refused(lambda: fetch_dataset(uri, str(tmp_path / "b"), max_bytes=100), "more than 100 bytes")
-    refused(lambda: fetch_dataset(f"s3://{s3_bucket}/nothing", str(tmp_path / "c")), "is empty")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    before = _child_pids()
+    refused(lambda: fetch_dataset(uri, str(tmp_path / "a"), max_files=5, engine=engine), "more than 5 files")
+    refused(lambda: fetch_dataset(uri, str(tmp_path / "b"), max_bytes=100, engine=engine), "more than 100 bytes")
+    refused(lambda: fetch_dataset(f"s3://{s3_bucket}/nothing", str(tmp_path / "c"), engine=engine), "is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial tree left
+    assert _child_pids() <= before  # s5cmd was stopped and reaped, not left running
+
+
+def test_file_and_folder_of_the_same_name_is_refused(s3_bucket, tmp_path) -> None:
+    upload_tree(s3_bucket, "ds", {"1_a/x.png": png_bytes(), "1_a/x.png/y.png": png_bytes()})
+    refused(lambda: fetch_dataset(f"s3://{s3_bucket}/ds", str(tmp_path / "d")), "'1_a/x.png'", "both a file and")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_prefix_key_climbing_out_is_refused(s3_bucket, tmp_path) -> None:
