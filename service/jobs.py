@@ -26,6 +26,7 @@ from service.phase import effective
 from service.preflight import PreflightLimits, run_preflight
 from service.settings import Settings
 from service.tenants import Tenant, UriKind
+from service.webhooks import destination_problem
 from service.wire import (
     AttemptView, FieldProblem, JobCreate, JobList, JobSummary, JobView, OutputView, PreflightReport, UploadCreate,
     UploadGrant, UploadTarget, ValidationResult,
@@ -69,6 +70,7 @@ class JobService:
                 problems=[FieldProblem(path=p.path, message=p.message, severity=p.severity) for p in exc.problems],
             ) from None
         self._check_uris(tenant, spec)
+        self._check_webhook(body.webhook_url)
         spec = self._apply_limits(tenant, spec)
         report = self._preflight(spec)
         errors_ = [p for p in report.problems if p.severity == "error"]
@@ -79,6 +81,17 @@ class JobService:
             )
         warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
         return spec, report, warnings + report.warnings
+
+    def _check_webhook(self, url: str | None) -> None:
+        """Refuse at submit what the sender would refuse at the job's end (a private destination), so
+        the client learns now instead of never receiving the event."""
+        if url is None or self.settings.webhook_allow_private:
+            return
+        problem = destination_problem(url)
+        if problem is not None:
+            raise errors.BadRequest(
+                f"webhook_url: {problem}; give a public http(s) URL (private destinations are allowed only "
+                "when the service runs with LATHE_WEBHOOK_ALLOW_PRIVATE=true)", field="webhook_url")
 
     def _check_uris(self, tenant: Tenant, spec: JobSpec) -> None:
         refs: list[tuple[str, str | None, UriKind]] = [

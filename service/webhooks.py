@@ -139,15 +139,22 @@ def _iso(ts: float) -> str:
 
 
 def _public_destination(url: str) -> bool:
+    return destination_problem(url) is None
+
+
+def destination_problem(url: str) -> str | None:
+    """Why `url` may not receive webhooks (its host is missing, does not resolve, or resolves to a
+    private, loopback, link-local, reserved or multicast address: the service must not be usable to
+    reach the cluster's own network), or None when it may."""
     host = urllib.parse.urlsplit(url).hostname
     if not host:
-        return False
+        return "the URL has no host"
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
-        return False
+        return f"host {host!r} does not resolve"
     for info in infos:
         addr = ipaddress.ip_address(info[4][0])
         if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
-            return False
-    return True
+            return f"host {host!r} is a private or loopback address ({addr})"
+    return None

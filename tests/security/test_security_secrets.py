@@ -71,8 +71,12 @@ def captured_logs() -> Iterator[_Capture]:
     root.setLevel(logging.DEBUG)
     noisy = {name: logging.getLogger(name).level for name in ("botocore", "boto3", "urllib3", "s3transfer",
                                                                "uvicorn", "uvicorn.access", "uvicorn.error", "httpx")}
+    # uvicorn's default logging config (applied by any earlier `lathe serve` in this process) stops
+    # its loggers from propagating to the root: let them, or the scan misses the access log.
+    propagate = {name: logging.getLogger(name).propagate for name in noisy}
     for name in noisy:
         logging.getLogger(name).setLevel(logging.DEBUG)
+        logging.getLogger(name).propagate = True
     try:
         yield handler
     finally:
@@ -80,6 +84,7 @@ def captured_logs() -> Iterator[_Capture]:
         root.setLevel(old_level)
         for name, level in noisy.items():
             logging.getLogger(name).setLevel(level)
+            logging.getLogger(name).propagate = propagate[name]
 
 
 class _Receiver:
