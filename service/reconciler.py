@@ -4,7 +4,8 @@ failure, declares attempts lost when their heartbeat stopped and the launcher no
 escalates cancels after the grace period, sends webhooks and expires old jobs.
 
 Everything it decides is written to job.json; it holds no state between passes, so it can stop and
-start (or run on several replicas: launcher.submit is idempotent per attempt) without losing jobs.
+start (or run on several replicas: each attempt is claimed with a conditional PUT of
+`attempts/<n>` before the launcher is called, so one replica launches it) without losing jobs.
 Active jobs are found through the tenants' `slots/`, so a pass costs O(active jobs), not O(all jobs).
 """
 
@@ -194,6 +195,11 @@ class Reconciler:
         # know, which the heartbeat rule turns into `lost` and retries.
         self.store.write_record(rec, now=now)
         waited_since = rec.submitted_at if attempt == 1 else rec.not_before
+        if not self.store.claim_attempt(rec.tenant, rec.job_id, attempt, now):
+            # Another replica read the same queued record and launched this attempt first: Kubernetes
+            # Job names would make a second launch a no-op, separate local launchers would not.
+            log.info("job %s attempt %d: launched by another replica", rec.job_id, attempt)
+            return 1
         try:
             self.launcher.submit(LaunchRequest(job_id=rec.job_id, tenant=rec.tenant, attempt=attempt,
                                                spec_uri=self.store.spec_uri(rec.tenant, rec.job_id), spec=spec,

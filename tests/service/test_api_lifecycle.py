@@ -172,3 +172,39 @@ def test_retention_expires_finished_jobs_only(client_factory, bucket):
     assert reconciler.expire_old_jobs() == 1
     assert client.get(f"/v1/jobs/{finished}", headers=auth()).status_code == 404
     assert client.get(f"/v1/jobs/{active}", headers=auth()).json()["phase"] == "queued"
+
+
+class _CountingLauncher:
+    """Records launches; every attempt it launched stays running."""
+
+    def __init__(self) -> None:
+        self.launched: list[tuple[str, int]] = []
+
+    def submit(self, request) -> None:
+        self.launched.append((request.job_id, request.attempt))
+
+    def state(self, tenant, job_id, attempt):
+        from service.launcher import AttemptState, RunState
+
+        return AttemptState(state=RunState.RUNNING)
+
+    def cancel(self, tenant, job_id, attempt) -> None:
+        pass
+
+    def logs(self, tenant, job_id, attempt, tail_lines=200) -> str:
+        return ""
+
+
+def test_two_replicas_racing_for_one_queued_job_launch_it_once(client_factory, bucket):
+    client = client_factory(launcher="none", reconcile_interval_s=0)
+    services = client.app.state.services
+    job_id = submit(client, bucket)
+    launchers = [_CountingLauncher(), _CountingLauncher()]
+    replicas = [Reconciler(services.settings, services.store, services.tenants, launcher=launcher)
+                for launcher in launchers]
+    # Both read the queued record before either writes: the race two replicas' loops can run into.
+    seen = [replica._active_jobs() for replica in replicas]
+    launched = [replica._advance(active[0], 0) for replica, active in zip(replicas, seen)]
+    assert launched == [1, 1]  # both count the job as running
+    assert launchers[0].launched + launchers[1].launched == [(job_id, 1)]  # but one launcher started it
+    assert services.store.read_record("acme", job_id).attempt == 1
