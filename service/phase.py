@@ -39,7 +39,7 @@ def effective(record: JobRecord, status: JobStatus | None) -> Effective:
         current = status is not None and status.attempt == record.attempt
         return Effective(record.final_phase, record.error, current)
     if record.state == "queued" or record.attempt == 0:
-        return Effective("queued", None, False)
+        return Effective("queued", _retry_cause(record), False)
     if status is None or status.attempt < record.attempt:
         # Launched; the trainer of this attempt has not reported yet (scheduling, image pull, start-up).
         return Effective("queued", None, False)
@@ -48,6 +48,15 @@ def effective(record: JobRecord, status: JobStatus | None) -> Effective:
             return Effective("queued", status.error, True)
         return Effective(status.phase, status.error, True)
     return Effective(status.phase, None, True)
+
+
+def _retry_cause(record: JobRecord) -> ErrorInfo | None:
+    """For a job queued again after a failed attempt (waiting out its backoff), that attempt's error:
+    otherwise the job looked like a fresh submit, with no hint why it went back to the queue."""
+    last = record.attempts[-1] if record.attempts else None
+    if last is None or last.reason is None:
+        return None
+    return ErrorInfo(reason=last.reason, message=last.message or "")
 
 
 def _retryable(reason: str) -> bool:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.cli import _new_lines
 from service.imageheader import UnreadableImage, image_size
-from service.jobstore import JobRecord, index_name, is_job_id, job_id_of_index, new_job_id
+from service.jobstore import AttemptRecord, JobRecord, index_name, is_job_id, job_id_of_index, new_job_id
 from service.phase import effective
 from service.settings import Settings, SettingsError
 from service.tenants import TenantRegistry, TokensFileError, hash_token, load_tokens_file, uri_under
@@ -44,6 +44,13 @@ def status(phase: str, attempt: int = 1, reason: str | None = None) -> JobStatus
 ])
 def test_effective_phase_merges_record_and_status(rec, st, phase):
     assert effective(rec, st).phase == phase
+
+
+def test_a_job_waiting_for_its_retry_shows_why():
+    failed = AttemptRecord(attempt=1, launched_at=1.0, ended_at=2.0, reason="preempted", message="node drained")
+    waiting = effective(record(state="queued", attempt=1, attempts=[failed]), status("failed", reason="preempted"))
+    assert waiting.phase == "queued" and waiting.error == ErrorInfo(reason="preempted", message="node drained")
+    assert effective(record(), None).error is None  # never launched: nothing to explain
 
 
 def test_uri_prefixes_are_folder_boundaries_and_refuse_dot_segments():
