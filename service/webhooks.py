@@ -111,8 +111,9 @@ class WebhookSender:
                     self.failed += 1
 
     def deliver(self, event: WebhookEvent, client: httpx.Client) -> bool:
-        if not self.allow_private and not _public_destination(event.url):
-            log.warning("webhook %s not sent: %s resolves to a private or loopback address", event.msg_id, event.url)
+        problem = None if self.allow_private else destination_problem(event.url)
+        if problem is not None:
+            log.warning("webhook %s not sent to %s: %s", event.msg_id, event.url, problem)
             return False
         body = msgspec.json.encode({"type": event.type, "timestamp": _iso(self.clock()), "data": event.data})
         delay = 1.0
@@ -136,10 +137,6 @@ class WebhookSender:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _public_destination(url: str) -> bool:
-    return destination_problem(url) is None
 
 
 def destination_problem(url: str) -> str | None:

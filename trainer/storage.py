@@ -206,21 +206,34 @@ class Store(abc.ABC):
 
     def download_many(
         self,
-        items: Sequence[tuple[ObjectInfo, str | os.PathLike[str]]],
+        items: Iterable[tuple[ObjectInfo, str | os.PathLike[str]]],
         *,
         workers: int | None = None,
     ) -> int:
         """Download (object, local path) pairs in parallel; every size is checked. Returns bytes.
 
+        `items` may be a lazy listing: each object is queued as soon as it is yielded, and if the
+        listing raises (or a download fails) the queued transfers are cancelled and the error raised.
         Memory stays bounded: each worker streams one object to disk at a time.
         """
-        if not items:
-            return 0
-        workers = max(1, min(workers or DEFAULT_TRANSFER_WORKERS, len(items)))
+        workers = max(1, workers or DEFAULT_TRANSFER_WORKERS)
+        if isinstance(items, Sequence):
+            if not items:
+                return 0
+            workers = min(workers, len(items))
+        total = 0
         with ThreadPoolExecutor(workers, thread_name_prefix="lathe-dl") as pool:
-            for _ in pool.map(lambda it: self._download_expected(it[0], it[1]), items):
-                pass
-        return sum(info.size for info, _ in items)
+            futures = []
+            try:
+                for info, dest in items:
+                    futures.append(pool.submit(self._download_expected, info, dest))
+                    total += info.size
+                for future in futures:
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        return total
 
     def _download_expected(self, info: ObjectInfo, local_path: str | os.PathLike[str]) -> None:
         got = self.download_file(info.key, local_path)
@@ -851,12 +864,13 @@ class S3Store(Store):
         start before it is complete, so the listing's round trips overlap the downloads. With s5cmd
         the whole prefix is copied by one wildcard (one LIST per 1000 objects instead of a HEAD per
         object) while the listing is read; objects outside it are deleted afterwards and missing or
-        short files fetched again. With boto3 each object is queued as soon as it is listed.
+        short files fetched again. With boto3 each object is queued as soon as it is listed
+        (`Store.download_many`).
         A refusal from the listing stops the transfers; the caller discards the partial tree.
         """
         binary = self._s5cmd_for(engine)
         if not binary:
-            return self._download_streaming(items, workers)
+            return super().download_many(items, workers=workers)
         downloader = _S5cmdDownloader(self, binary)
         if any(ch in self._key(prefix) for ch in "*?[]{}\\"):  # would be read as a pattern: copy by name
             items = list(items)
@@ -864,29 +878,6 @@ class S3Store(Store):
         else:
             items, remaining = downloader.copy_tree(prefix, items, os.fspath(dest_root), workers)
         return self._finish_with_boto3(items, remaining, workers)
-
-    def _download_streaming(
-        self, items: Iterable[tuple[ObjectInfo, str | os.PathLike[str]]], workers: int | None
-    ) -> int:
-        """boto3 engine: each object is queued as soon as the listing yields it."""
-        total = 0
-        made: set[str] = set()
-        with ThreadPoolExecutor(max(1, workers or DEFAULT_TRANSFER_WORKERS), thread_name_prefix="lathe-dl") as pool:
-            futures = []
-            try:
-                for info, dest in items:
-                    folder = os.path.dirname(os.path.abspath(dest))
-                    if folder not in made:
-                        os.makedirs(folder, exist_ok=True)
-                        made.add(folder)
-                    futures.append(pool.submit(self._download_expected, info, dest))
-                    total += info.size
-                for future in futures:
-                    future.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        return total
 
     def _s5cmd_for(self, engine: str | None) -> str | None:
         engine = engine or os.environ.get("LATHE_TRANSFER_ENGINE", "auto")
