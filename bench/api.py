@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import io
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import seed_tiny_job_inputs  # noqa: E402
 from service.jobstore import JobRecord, JobStore, index_name, new_job_id  # noqa: E402
 from trainer.status import JobStatus, Progress  # noqa: E402
 from trainer.storage import open_store  # noqa: E402
@@ -156,14 +155,6 @@ def page_latency(url: str, token: str, pages: int = 30) -> dict[str, float]:
             "p99_ms": round(1000 * percentile(latencies, 0.99), 2)}
 
 
-def png(w: int, h: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (120, 30, 200)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load phase")
@@ -185,11 +176,7 @@ def main() -> int:
     try:
         wait_http(endpoint + "/moto-api/")
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        s3.create_bucket(Bucket=BUCKET)
-        for i in range(8):
-            s3.put_object(Bucket=BUCKET, Key=f"datasets/tiny/5_cat/{i}.png", Body=png(512, 512))
-            s3.put_object(Bucket=BUCKET, Key=f"datasets/tiny/5_cat/{i}.txt", Body=b"a cat")
-        s3.put_object(Bucket=BUCKET, Key="models/tiny/model_index.json", Body=b"{}")
+        seed_tiny_job_inputs(s3, BUCKET)
         tokens = tmp / "tokens.json"
         tokens.write_text(json.dumps({"tenants": [
             {"name": name, "token_sha256": [hashlib.sha256(tok.encode()).hexdigest()],

@@ -4,6 +4,7 @@ environment that points boto3 and child processes at it, a free port, and percen
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -46,11 +47,34 @@ def local_s3(*, export: bool = True) -> Iterator[tuple[str, subprocess.Popen[byt
             os.environ.pop("AWS_PROFILE", None)
         yield endpoint, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def seed_tiny_job_inputs(s3, bucket: str) -> None:
+    """Create `bucket` with what the API benches submit against: a placeholder model
+    (`models/tiny/`) and 8 captioned 512² images (`datasets/tiny/5_cat/`)."""
+    s3.create_bucket(Bucket=bucket)
+    for i in range(8):
+        s3.put_object(Bucket=bucket, Key=f"datasets/tiny/5_cat/{i}.png", Body=solid_png(512, 512))
+        s3.put_object(Bucket=bucket, Key=f"datasets/tiny/5_cat/{i}.txt", Body=b"a cat")
+    s3.put_object(Bucket=bucket, Key="models/tiny/model_index.json", Body=b"{}")
+
+
+def solid_png(w: int, h: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 30, 200)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def percentile(values: list[float], q: float) -> float:

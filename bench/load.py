@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import io
 import json
 import os
 import random
@@ -41,19 +40,11 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port, local_s3, percentile  # noqa: E402
+from bench.common import free_port, local_s3, percentile, seed_tiny_job_inputs, stop_process  # noqa: E402
 
 BUCKET = "load"
 TENANT, TOKEN = "load", "load-bench-token-0123456789"
 FAKE_TRAINER = REPO / "tests" / "service" / "fake_trainer.py"
-
-
-def png(w: int, h: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (120, 30, 200)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def rss_mib(pid: int) -> float | None:
@@ -200,11 +191,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lathe-load-"))
     with local_s3() as (endpoint, moto):
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        s3.create_bucket(Bucket=BUCKET)
-        for i in range(8):
-            s3.put_object(Bucket=BUCKET, Key=f"datasets/tiny/5_cat/{i}.png", Body=png(512, 512))
-            s3.put_object(Bucket=BUCKET, Key=f"datasets/tiny/5_cat/{i}.txt", Body=b"a cat")
-        s3.put_object(Bucket=BUCKET, Key="models/tiny/model_index.json", Body=b"{}")
+        seed_tiny_job_inputs(s3, BUCKET)
         tokens = tmp / "tokens.json"
         tokens.write_text(json.dumps({"tenants": [{
             "name": TENANT, "token_sha256": [hashlib.sha256(TOKEN.encode()).hexdigest()],
@@ -260,11 +247,7 @@ def main() -> int:
             created = sum(page.get("KeyCount", 0) for page in s3.get_paginator("list_objects_v2").paginate(
                 Bucket=BUCKET, Prefix=f"state/tenants/{TENANT}/index/"))
         finally:
-            service.terminate()
-            try:
-                service.wait(30)
-            except subprocess.TimeoutExpired:
-                service.kill()
+            stop_process(service, 30)
             for pid_file in (tmp / "local").glob("*/*/pid"):  # this run's stand-in trainers, by process group
                 try:
                     os.killpg(int(pid_file.read_text()), signal.SIGTERM)

@@ -17,6 +17,8 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from tests.common_helpers import apply_changes
+
 TOKEN = "tok-badinput-7Qx2mV9pL4"  # the one tenant's bearer token
 TENANT = "acme"
 
@@ -151,16 +153,7 @@ def spec(bucket: str, **changes: Any) -> dict[str, Any]:
         "training": {"max_train_steps": 3},
         "resources": {"gpus": 0},
     }
-    for dotted, value in changes.items():
-        node = doc
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return doc
+    return apply_changes(doc, changes)
 
 
 # ------------------------------------------------------------------------------------------ checks

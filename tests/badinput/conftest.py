@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.common_helpers import delete_bucket
 from tests.badinput.badinput_helpers import (
     TENANT, TOKEN, assert_kept, auth, five_xx, image, sha, snapshot, spec,
 )
@@ -33,11 +34,7 @@ def bi_bucket(bi_s3: Any) -> Iterator[str]:
         bi_s3.put_object(Bucket=name, Key=f"datasets/good/2_cat/{i}.png", Body=image())
         bi_s3.put_object(Bucket=name, Key=f"datasets/good/2_cat/{i}.txt", Body=b"a cat")
     yield name
-    for page in bi_s3.get_paginator("list_objects_v2").paginate(Bucket=name):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            bi_s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
-    bi_s3.delete_bucket(Bucket=name)
+    delete_bucket(bi_s3, name)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from tests.common_helpers import apply_changes
 from tests.lifecycle.lifecycle_helpers import REPO, build_tiny_assets, read_json, s3_client  # noqa: F401
 
 TENANT = "acme"
@@ -299,13 +300,7 @@ def service_spec(bucket: str, **changes: Any) -> dict[str, Any]:
         "training": {"max_train_steps": 3},
         "resources": {"gpus": 0},
     }
-    for dotted, value in changes.items():
-        node = doc
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return doc
+    return apply_changes(doc, changes)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

@@ -7,7 +7,6 @@ does not disturb the shared server of other tests.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest

@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.common_helpers import app_clients, delete_bucket
 from tests.security.security_helpers import FAKE_TRAINER, REPO, TOKENS, png, tenants_doc
 
 
@@ -32,11 +33,7 @@ def sec_bucket(sec_s3: Any) -> Iterator[str]:
             sec_s3.put_object(Bucket=name, Key=f"datasets/{tenant}/tiny/2_cat/{i}.png", Body=png())
             sec_s3.put_object(Bucket=name, Key=f"datasets/{tenant}/tiny/2_cat/{i}.txt", Body=b"a cat")
     yield name
-    for page in sec_s3.get_paginator("list_objects_v2").paginate(Bucket=name):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            sec_s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
-    sec_s3.delete_bucket(Bucket=name)
+    delete_bucket(sec_s3, name)
 
 
 @pytest.fixture(scope="session")
@@ -69,24 +66,6 @@ def sec_settings(tmp_path: Path, sec_bucket: str, sec_tokens_file: Path) -> Call
 @pytest.fixture
 def sec_client(sec_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
     """Builds the real app (launcher per settings) behind TestClient; closed, trainers killed, at the end."""
-    from litestar.testing import TestClient
-
-    from service.app import create_app
-
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("FAKE_STEP_S", "0.05")
-    opened: list[Any] = []
-
-    def make(**overrides: Any) -> Any:
-        app = create_app(sec_settings(**overrides), events_poll_s=0.1)
-        client = TestClient(app, raise_server_exceptions=False)
-        client.__enter__()
-        opened.append(client)
-        return client
-
-    yield make
-    for client in reversed(opened):
-        launcher = client.app.state.services.extra.get("launcher")
-        client.__exit__(None, None, None)
-        if launcher is not None and hasattr(launcher, "shutdown"):
-            launcher.shutdown(kill=True, timeout_s=5)
+    yield from app_clients(sec_settings)

@@ -9,11 +9,12 @@ import hashlib
 import hmac
 import json
 import threading
-import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from tests.common_helpers import apply_changes, wait_for  # noqa: F401 (wait_for: re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = REPO / "tests" / "service" / "fake_trainer.py"  # the service tests' stand-in trainer
@@ -55,13 +56,7 @@ def spec(bucket: str, tenant: str = "acme", **changes: Any) -> dict[str, Any]:
         "training": {"max_train_steps": 3},
         "resources": {"gpus": 0, "max_attempts": 1},
     }
-    for dotted, value in changes.items():
-        node = doc
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return doc
+    return apply_changes(doc, changes)
 
 
 def png(w: int = 64, h: int = 64) -> bytes:
@@ -72,17 +67,6 @@ def png(w: int = 64, h: int = 64) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (10, 120, 200)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or predicate}; last value {last!r}")
 
 
 class LiveServer:
@@ -101,7 +85,7 @@ class LiveServer:
                                                     lifespan="on", access_log=True, log_config=None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_for(lambda: self.server.started, 30, "uvicorn to start")
+        wait_for(lambda: self.server.started, 30, what="uvicorn to start")
 
     def stop(self) -> None:
         self.server.should_exit = True

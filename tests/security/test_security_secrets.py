@@ -142,7 +142,7 @@ def test_no_secret_is_stored_logged_or_answered(sec_settings, sec_s3, sec_bucket
             job_id = keep(http.post("/v1/jobs", json=body, headers=acme)).json()["id"]
             keep(http.post("/v1/jobs", json=body, headers=acme))  # the idempotent replay
             wait_for(lambda: keep(http.get(f"/v1/jobs/{job_id}", headers=auth())).json().get("finished_at"), 60,
-                     "the job to finish")
+                     what="the job to finish")
             keep(http.get(f"/v1/jobs/{job_id}/events", headers=auth()))
             keep(http.get(f"/v1/jobs/{job_id}/logs", headers=auth()))
             keep(http.get("/v1/jobs", headers=auth()))
@@ -150,7 +150,7 @@ def test_no_secret_is_stored_logged_or_answered(sec_settings, sec_s3, sec_bucket
             keep(http.get(f"/v1/jobs/{job_id}", headers=auth("other")))
             keep(http.get("/v1/jobs", headers={"Authorization": f"Bearer {WRONG_TOKEN}"}))
             keep(http.post("/v1/jobs", json={"spec": {"version": 1}}, headers=acme))
-            wait_for(lambda: len(receiver.deliveries) >= 2, 30, "webhook deliveries")
+            wait_for(lambda: len(receiver.deliveries) >= 2, 30, what="webhook deliveries")
             job = keep(http.get(f"/v1/jobs/{job_id}", headers=auth())).json()
             assert job["phase"] == "succeeded" and job["outputs"] and job["outputs"][0]["url"], job
             keep(http.get(job["outputs"][0]["url"]))  # the presigned GET works
@@ -169,7 +169,7 @@ def test_no_secret_is_stored_logged_or_answered(sec_settings, sec_s3, sec_bucket
         r = keep(api.post("/v1/jobs", json={"spec": spec(sec_bucket, **{"dataset.uri": f"s3://{sec_bucket}/{key}"})},
                           headers=auth()))
         real = wait_for(lambda: (j := keep(api.get(f"/v1/jobs/{r.json()['id']}", headers=auth())).json())
-                        .get("finished_at") and j, 120, "the real trainer's job to finish")
+                        .get("finished_at") and j, 120, what="the real trainer's job to finish")
         keep(api.get(f"/v1/jobs/{real['id']}/logs", headers=auth()))
         app.state.services.extra["launcher"].shutdown(kill=True, timeout_s=5)
     assert real["error"]["reason"] == "dataset_invalid", real
@@ -277,7 +277,7 @@ def test_trainers_started_locally_do_not_inherit_service_secrets(tmp_path):
     launcher = LocalLauncher(tmp_path / "local", command, cache_dir=str(tmp_path / "cache"))
     launcher.submit(LaunchRequest(job_id="j-20250101t000000-00000000", tenant="acme", attempt=1,
                                   spec_uri="s3://b/spec.json", spec=spec_from_obj(spec("b")), env={}))
-    env = wait_for(lambda: dump.exists() and dump.stat().st_size and json.loads(dump.read_text()), 30, "the env dump")
+    env = wait_for(lambda: dump.exists() and dump.stat().st_size and json.loads(dump.read_text()), 30, what="the env dump")
     assert env["AWS_SECRET_ACCESS_KEY"] == AWS_SECRET  # what a trainer needs
     assert not {"LATHE_WEBHOOK_SECRET", "LATHE_TOKEN", "LATHE_TOKENS_FILE"} & set(env), sorted(env)
     launcher.shutdown(kill=True, timeout_s=5)

@@ -45,7 +45,7 @@ def test_a_running_then_finished_job_is_invisible_to_other_tenants(sec_client, s
                  headers=auth("acme"))
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
-    wait_for(lambda: api.get(f"/v1/jobs/{job_id}", headers=auth()).json()["phase"] == "training", 60, "training")
+    wait_for(lambda: api.get(f"/v1/jobs/{job_id}", headers=auth()).json()["phase"] == "training", 60, what="training")
     for tenant in OTHERS:  # while it runs: no stream, no cancel
         _probe_as(api, tenant, job_id)
 
@@ -55,7 +55,7 @@ def test_a_running_then_finished_job_is_invisible_to_other_tenants(sec_client, s
         text = "".join(stream.iter_text())
     assert '"phase":"succeeded"' in text and job_id in text
     job = wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}", headers=auth()).json()).get("finished_at") and j,
-                   60, "finished")
+                   60, what="finished")
     assert job["phase"] == "succeeded" and job["outputs"], job
     stored_before = _objects(sec_s3, sec_bucket, job["job_uri"])
 
@@ -111,7 +111,7 @@ def test_outputs_outside_the_tenants_locations_are_neither_presigned_nor_deleted
     store = api.app.state.services.store
     state = store.root.root_uri
     victims = {f"results/other/{uuid.uuid4().hex[:6]}.safetensors": b"other's adapter",
-               f"datasets/other/tiny/2_cat/0.png": None}
+               "datasets/other/tiny/2_cat/0.png": None}
     for key, data in victims.items():
         if data is not None:
             sec_s3.put_object(Bucket=sec_bucket, Key=key, Body=data)

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 import boto3
 import pytest
 from PIL import Image
+
+from tests.common_helpers import apply_changes, app_clients, delete_bucket, wait_for  # noqa: F401 (wait_for: re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
@@ -61,11 +62,7 @@ def bucket(s3: Any) -> Iterator[str]:
     put(s3, name, "models/tiny/model_index.json", b"{}")
     upload_tiny_dataset(s3, name)
     yield name
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
-    s3.delete_bucket(Bucket=name)
+    delete_bucket(s3, name)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +87,7 @@ def spec(bucket: str, **changes: Any) -> dict[str, Any]:
         "training": {"max_train_steps": 3},
         "resources": {"gpus": 0},
     }
-    for dotted, value in changes.items():
-        node = doc
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return doc
+    return apply_changes(doc, changes)
 
 
 def auth(tenant: str = "acme") -> dict[str, str]:
@@ -144,36 +132,7 @@ def local_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def client_factory(settings_factory: Callable[..., Any], local_launcher_env: None) -> Iterator[Callable[..., Any]]:
     """Builds the real app (LocalLauncher + reconciler) behind litestar's TestClient; all are closed
     and their trainers killed at the end."""
-    from litestar.testing import TestClient
-
-    from service.app import create_app
-
-    opened: list[Any] = []
-
-    def make(**overrides: Any) -> Any:
-        app = create_app(settings_factory(**overrides), events_poll_s=0.1)
-        client = TestClient(app, raise_server_exceptions=False)
-        client.__enter__()
-        opened.append(client)
-        return client
-
-    yield make
-    for client in reversed(opened):
-        launcher = client.app.state.services.extra.get("launcher")
-        client.__exit__(None, None, None)
-        if launcher is not None and hasattr(launcher, "shutdown"):
-            launcher.shutdown(kill=True, timeout_s=5)
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}; last value {last!r}")
+    yield from app_clients(settings_factory)
 
 
 def wait_phase(client: Any, job_id: str, phases: set[str] | str, tenant: str = "acme", timeout_s: float = 30.0) -> dict:
