@@ -86,26 +86,48 @@ def test_delta_equals_lycoris_and_svd_is_exact(label, cls, org, kwargs):
     assert abs(err.item() - best.item()) < 1e-5
 
 
-@pytest.mark.parametrize("deficient", [False, True], ids=["cholesky", "qr-fallback"])
-def test_product_spectrum_paths_are_exact(deficient):
-    """Well-conditioned factors take the float64-Gram path, rank-deficient ones Householder QR."""
-    from trainer.shrink.spectrum import ProductSpectrum
-
+def _factors(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     left = torch.randn(300, 16, generator=g)
     right = torch.randn(16, 200, generator=g)
-    if deficient:
+    if kind == "decaying":
+        # A trained LoRA's spectrum: column norms of `up` spread over 6 decades (κ ≈ 1e6), while the
+        # unit-norm columns stay well-conditioned: the float32 Gram keeps every σ to round-off.
+        left = left * torch.logspace(0, -6, 16)
+    elif kind == "correlated":
+        left[:, 1] = left[:, 0] + 0.05 * left[:, 1]  # two nearly parallel columns: κ ≈ 40 after scaling
+    elif kind == "deficient":
         left = torch.randn(300, 5, generator=g) @ torch.randn(5, 16, generator=g)
-    spec = ProductSpectrum(left, right, scale=-0.25)
-    assert spec._mode == ("qr" if deficient else "cholesky")
-    dense = (-0.25 * left.double() @ right.double())
+    return left, right
+
+
+@pytest.mark.parametrize(
+    "kind,route",
+    [("random", "gram32"), ("decaying", "gram32"), ("correlated", "gram64"), ("deficient", "qr")],
+)
+def test_product_spectrum_routes_are_exact(kind, route):
+    """Factors well-conditioned once their columns are normalised take the float32 Gram, worse ones
+    the float64 Gram, rank-deficient ones Householder QR; all agree with a float64 SVD of ΔW."""
+    from trainer.shrink.spectrum import product_spectra, product_spectrum
+
+    left, right = _factors(kind)
+    spec = product_spectrum(left, right, scale=-0.25)
+    assert spec.mode == route
+    dense = -0.25 * left.double() @ right.double()
     reference = torch.linalg.svdvals(dense)
     assert (spec.S.double() - reference[:16]).abs().max() < 1e-6 * reference[0]
+    if kind == "decaying":  # each σ to round-off of itself, not only of σ₀
+        assert ((spec.S.double() - reference[:16]).abs() / reference[:16]).max() < 2e-5
     k = 5
     u, vh = spec.vectors(torch.arange(k))
     best = (reference[k:] ** 2).sum().sqrt() / reference.norm()
     err = ((u * spec.S[:k]) @ vh).double().sub(dense).norm() / dense.norm()
     assert abs(err - best) < 1e-6
+    # Batched with other products (and in fp16, as files store them) it is the same decomposition.
+    batch = product_spectra([(left.half(), right.half(), -0.25), (left.half() * 3, right.half(), 1.0)])
+    half = torch.linalg.svdvals(-0.25 * left.half().double() @ right.half().double())
+    assert batch[0].mode == route and batch[0].S.dtype == torch.float32
+    assert (batch[0].S.double() - half[:16]).abs().max() < 1e-6 * half[0]
 
 
 @pytest.mark.gpu

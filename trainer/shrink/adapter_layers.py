@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .errors import ShrinkError
-from .spectrum import DenseSpectrum, KronSpectrum, ProductSpectrum, Spectrum
+from .spectrum import DenseSpectrum, KronSpectrum, Spectrum, product_spectra, product_spectrum
 
 LORA_SUFFIXES = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"})
 LOHA_SUFFIXES = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"})
@@ -79,10 +80,24 @@ Structure = Product | Dense | Kron
 def spectrum_of(structure: Structure) -> Spectrum:
     """Exact singular values (and vectors on demand) of the delta, from its factors."""
     if isinstance(structure, Product):
-        return ProductSpectrum(structure.left, structure.right, structure.scale)
+        return product_spectrum(structure.left, structure.right, structure.scale)
     if isinstance(structure, Dense):
         return DenseSpectrum(structure.matrix, structure.scale)
     return KronSpectrum(spectrum_of(structure.a), spectrum_of(structure.b), structure.scale)
+
+
+def spectra_of(structures: list[Structure], map_fn: Callable = map) -> list[Spectrum]:
+    """`spectrum_of` for many deltas: the products among them are decomposed together (their small
+    k×k work batched, their Gram products through `map_fn`), the rest one by one."""
+    products = [i for i, s in enumerate(structures) if isinstance(s, Product)]
+    batched = product_spectra([(structures[i].left, structures[i].right, structures[i].scale) for i in products], map_fn)
+    out: list[Spectrum | None] = [None] * len(structures)
+    for i, spec in zip(products, batched):
+        out[i] = spec
+    rest = [i for i, spec in enumerate(out) if spec is None]
+    for i, spec in zip(rest, map_fn(spectrum_of, [structures[i] for i in rest])):
+        out[i] = spec
+    return out  # type: ignore[return-value]
 
 
 def materialize(structure: Structure) -> Tensor:
@@ -151,9 +166,15 @@ class AdapterLayer:
         sd-scripts and resize_lora do), 1 otherwise (alpha = rank, factors carry the magnitude)."""
         return abs(self.scale) if self.algo == "lora" else 1.0
 
-    def structure(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Structure:
-        t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items() if k != "alpha"}
+    def structure(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> Structure:
+        """The delta's factored form, its tensors in `dtype`. With dtype None a plain LoRA's two factors
+        stay in their stored precision (the spectrum code upcasts them one at a time, so float32 copies
+        of every factor are never held at once); anything computed here is float32."""
         out = self.weight_shape[0]
+        if dtype is None and self.algo == "lora" and "lora_mid.weight" not in self.tensors:
+            t = {k: v.to(device=device) for k, v in self.tensors.items() if k != "alpha"}
+            return Product(t["lora_up.weight"].reshape(out, -1), t["lora_down.weight"].flatten(1), self.scale)
+        t = {k: v.to(device=device, dtype=dtype or torch.float32) for k, v in self.tensors.items() if k != "alpha"}
         if self.algo == "lora":
             up = t["lora_up.weight"].reshape(out, -1)
             down = t["lora_down.weight"].flatten(1)

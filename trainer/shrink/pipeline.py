@@ -17,7 +17,7 @@ from torch import Tensor
 
 from trainer.adapter_file import write_hashed
 
-from .adapter_layers import AdapterLayer, parse_adapter, resolve_shape, spectrum_of
+from .adapter_layers import AdapterLayer, parse_adapter, resolve_shape, spectra_of, spectrum_of
 from .base_model import BaseModel
 from .errors import NothingToShrink, ShrinkError
 from .metadata import shrunk_metadata
@@ -86,19 +86,38 @@ def detect_arch(names: list[str], metadata: dict[str, str]) -> str:
     return "sd1"
 
 
-def _spectrum(layer: AdapterLayer, device: torch.device, source: str) -> Spectrum:
-    """The layer's exact spectrum; NaN/inf anywhere in its factors shows up in σ (or stops LAPACK)."""
-    bad = ShrinkError(
+def _bad_values(layer: AdapterLayer, source: str) -> ShrinkError:
+    return ShrinkError(
         f"{source}: layer '{layer.name}' holds NaN/inf values (a diverged or fp16-overflowed training);"
         " there is nothing sound to shrink"
     )
+
+
+def _spectrum(layer: AdapterLayer, device: torch.device, source: str) -> Spectrum:
+    """The layer's exact spectrum; NaN/inf anywhere in its factors shows up in σ (or stops LAPACK)."""
     try:
         spec = spectrum_of(layer.structure(device))
     except RuntimeError as e:  # e.g. "linalg.svd: The algorithm failed to converge"
-        raise bad from e
+        raise _bad_values(layer, source) from e
     if not bool(torch.isfinite(spec.S).all()):
-        raise bad
+        raise _bad_values(layer, source)
     return spec
+
+
+def _spectra(layers: list[AdapterLayer], device: torch.device, source: str, map_fn) -> list[Spectrum]:
+    """Every layer's exact spectrum, decomposed together (`spectra_of`). When LAPACK stops on a
+    batch, the layers are redone one by one so that the error names the layer at fault."""
+    try:
+        structures = [layer.structure(device, dtype=None) for layer in layers]
+        spectra = spectra_of(structures, map_fn)
+    except RuntimeError:
+        for layer in layers:
+            _spectrum(layer, device, source)
+        raise
+    for layer, spec in zip(layers, spectra):
+        if not bool(torch.isfinite(spec.S).all()):
+            raise _bad_values(layer, source)
+    return spectra
 
 
 def _layer_refs(layer: AdapterLayer, spec: Spectrum, recipe: Recipe, base: BaseModel | None) -> LayerRefs:
@@ -132,27 +151,26 @@ def _workers(device: torch.device) -> int:
     return max(1, min(limit or cores, 8))
 
 
-def _map(fn, items: list, workers: int) -> list:
-    if workers == 1 or len(items) < 2:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
-
-
 def _factors_for(layer: AdapterLayer, spec: Spectrum, keep: Tensor, rescale: float) -> tuple[Tensor, Tensor, float]:
     """(down, up, alpha) of the shrunk layer: alpha/rank keeps the input's scale for LoRA inputs and the
     singular values are split evenly between the factors (better conditioned than all-in-up in fp16)."""
-    u, vh = spec.vectors(keep)
     out_scale = layer.output_scale
     root = torch.sqrt(spec.S[keep] * (rescale / out_scale))
-    up = u * root
-    down = root[:, None] * vh
+    up, down = spec.vectors(keep, weights=root)
     k = int(keep.numel())
     out, inn, *kernel = layer.weight_shape
     if kernel:
         down = down.reshape(k, inn, *kernel)
         up = up.reshape(out, k, *([1] * len(kernel)))
-    return down, up, out_scale * k
+    return down, up, out_scale * k, float(root.square().sum())
+
+
+def _may_vanish(root_sq: float, up: Tensor, down: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a shrunk factor could be all zeros once cast to `dtype`. Both factors have squared
+    Frobenius norm Σ√σ² = `root_sq` (orthonormal vectors scaled by √σ), so some entry is at least
+    √(root_sq / numel); when that clears twice the smallest subnormal, the cast keeps it nonzero."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return root_sq / max(up.numel(), down.numel()) <= (2 * tiny) ** 2
 
 
 def shrink_file(
@@ -215,28 +233,34 @@ def shrink_file(
     compute = torch.device(device)
     rescale = rule.recipe.rescale if rule.recipe else 1.0
     workers = _workers(compute)
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    map_fn = pool.map if pool is not None else map
+    try:
+        spectra = _spectra(parsed.layers, compute, source, map_fn)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        raise
     threshold: float | None = None
     t_norms = 0.0
     if rule.kind == "recipe" and rule.recipe.size_mib is not None:
         # A size target needs every layer's scores before any cut: a first pass on σ only.
         elem = torch.finfo(save_dtype).bits // 8
 
-        def score(layer: AdapterLayer):
-            spec = _spectrum(layer, compute, source)
+        def score(item: tuple[AdapterLayer, Spectrum]):
+            layer, spec = item
             if spec.S.numel() == 0 or spec.S[0].item() < MIN_SV:
                 return None
             refs = _layer_refs(layer, spec, rule.recipe, base_model)
             return recipe_scores(spec.S.cpu(), rule.recipe, refs), elem * (refs.out_features + refs.in_features), len(spec.S)
 
-        scored = [x for x in _map(score, parsed.layers, workers) if x is not None]
+        scored = [x for x in map_fn(score, zip(parsed.layers, spectra)) if x is not None]
         threshold = recipe_threshold([x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored], rule.recipe)
     elif rule.kind == "recipe":
         threshold = rule.recipe.threshold
 
-    tiny = torch.finfo(save_dtype).smallest_normal * torch.finfo(save_dtype).eps  # smallest subnormal
-
-    def shrink_layer(layer: AdapterLayer) -> tuple[LayerRow, dict[str, Tensor], float, float, float]:
-        spec = _spectrum(layer, compute, source)
+    def shrink_layer(item: tuple[AdapterLayer, Spectrum]) -> tuple[LayerRow, dict[str, Tensor], float, float, float]:
+        layer, spec = item
         S = spec.S
         if rule.kind == "recipe":
             if S.numel() == 0 or S[0].item() < MIN_SV:
@@ -253,25 +277,26 @@ def shrink_file(
             )
             keep = torch.arange(new_rank)
         keep = keep.to(S.device)
-        s_sq = S.double().pow(2)
-        layer_sq = float(s_sq.sum())
-        kept = float(s_sq[keep].sum()) if keep.numel() else 0.0
-        dropped_mask = torch.ones_like(s_sq, dtype=torch.bool)
-        dropped_mask[keep] = False
-        dropped = float(s_sq[dropped_mask].sum())
+        s_sq = [x * x for x in S.double().tolist()]  # a few dozen numbers: plain Python is cheapest
+        kept_idx = set(keep.tolist())
+        layer_sq = math.fsum(s_sq)
+        kept = math.fsum(x for i, x in enumerate(s_sq) if i in kept_idx)
+        dropped = math.fsum(x for i, x in enumerate(s_sq) if i not in kept_idx)
         retained = math.sqrt(kept / layer_sq) if layer_sq > 0 else 1.0
         rel_error = math.sqrt(dropped / layer_sq) if layer_sq > 0 else 0.0
         new_rank = int(keep.numel())
         out: dict[str, Tensor] = {}
         alpha = 0.0
         if new_rank:
-            down, up, alpha = _factors_for(layer, spec, keep, rescale)
-            if float(down.abs().amax()) < tiny or float(up.abs().amax()) < tiny:
+            down, up, alpha, root_sq = _factors_for(layer, spec, keep, rescale)
+            down = down.to(device="cpu", dtype=save_dtype).contiguous()
+            up = up.to(device="cpu", dtype=save_dtype).contiguous()
+            if _may_vanish(root_sq, up, down, save_dtype) and not (bool(down.any()) and bool(up.any())):
                 new_rank, retained, rel_error, kept = 0, 0.0, 1.0, 0.0  # all zeros in the save precision
             else:
                 out[f"{layer.name}.alpha"] = torch.tensor(alpha, dtype=save_dtype)
-                out[f"{layer.name}.lora_down.weight"] = down.to(device="cpu", dtype=save_dtype).contiguous()
-                out[f"{layer.name}.lora_up.weight"] = up.to(device="cpu", dtype=save_dtype).contiguous()
+                out[f"{layer.name}.lora_down.weight"] = down
+                out[f"{layer.name}.lora_up.weight"] = up
         row = LayerRow(
             name=layer.name, algo=layer.algo, old_rank=len(S), new_rank=new_rank,
             retained_fro=retained, rel_error=rel_error,
@@ -283,9 +308,13 @@ def shrink_file(
     kept_alphas: list[float] = []
     conv_ranks: list[int] = []
     total_sq = kept_sq = 0.0
-    for layer, (row, tensors_out, alpha, layer_sq, kept) in zip(
-        parsed.layers, _map(shrink_layer, parsed.layers, workers)
-    ):
+    try:
+        shrunk = list(map_fn(shrink_layer, zip(parsed.layers, spectra)))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    del spectra  # they hold float32 copies of every factor
+    for layer, (row, tensors_out, alpha, layer_sq, kept) in zip(parsed.layers, shrunk):
         rows.append(row)
         out_tensors.update(tensors_out)
         total_sq += layer_sq

@@ -10,6 +10,9 @@ Singular vectors are produced only for the components a rank rule keeps (`vector
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -19,8 +22,9 @@ class Spectrum:
 
     S: Tensor
 
-    def vectors(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(U[:, idx], Vh[idx, :]) so that ΔW ≈ U·diag(S[idx])·Vh for the chosen components."""
+    def vectors(self, idx: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(U[:, idx], Vh[idx, :]) so that ΔW ≈ U·diag(S[idx])·Vh for the chosen components; with
+        `weights`, U's columns and Vh's rows come multiplied by them (cheaper here than after)."""
         raise NotImplementedError
 
     @property
@@ -38,8 +42,8 @@ class DenseSpectrum(Spectrum):
         self.S = s * abs(scale)
         self._shape = (matrix.shape[0], matrix.shape[1])
 
-    def vectors(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        return self._u[:, idx], self._vh[idx]
+    def vectors(self, idx: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return _weighted(self._u[:, idx], self._vh[idx], weights)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,55 +51,47 @@ class DenseSpectrum(Spectrum):
 
 
 class ProductSpectrum(Spectrum):
-    """SVD of ΔW = scale · left @ right from the triangular factors of its two factors.
+    """SVD of ΔW = scale · left @ right (left: m × k, right: k × n), from k×k work only.
 
-    R factors come from a Cholesky factorisation of each factor's Gram matrix in float64 (one GEMM
-    each: far cheaper than Householder QR, and exact to float32 round-off while the factor's condition
-    number stays below ~1e4); rank-deficient or ill-conditioned factors fall back to Householder QR.
-    The r×r core R_L·R_Rᵀ is decomposed in float64; singular vectors are only formed when asked for,
-    as left·(R_L⁻¹·U_core) and (V_coreᵀ·R_R⁻ᵀ)·right.
+    Built by `product_spectra`, which picks one of three routes per product (`mode`):
+    - "gram32"/"gram64": the R factors of both factors come from Cholesky factorisations of their k×k Gram
+      matrices (one GEMM each: far cheaper than Householder QR). The Gram is formed in float32 when
+      both factors are well-conditioned once their columns (rows, for the right factor) are scaled to
+      unit norm: κ ≤ FP32_GRAM_CONDITION. The float32 rounding of each Gram entry is relative to the
+      two norms it multiplies, so it moves each σ by about u·κ² of itself, whatever the spread of the
+      norms (a trained LoRA's decaying spectrum lives mostly there) — the round-off a float32 SVD of
+      the materialised ΔW has anyway. Other factors up to MAX_CONDITION get a float64 Gram;
+    - "qr": Householder QR, for rank-deficient or worse-conditioned factors;
+    - "dense": the factors hold at least as many numbers as ΔW, so its plain SVD is the cheap exact path.
+    Singular vectors are only formed when asked for, as left·(R_L⁻¹·U_core) and (V_coreᵀ·R_R⁻ᵀ)·right.
     """
 
+    FP32_GRAM_CONDITION = 4.0
     MAX_CONDITION = 1e4
 
-    def __init__(self, left: Tensor, right: Tensor, scale: float = 1.0) -> None:
-        m, k = left.shape
-        n = right.shape[1]
-        self._shape = (m, n)
+    def __init__(self, left: Tensor, right: Tensor, scale: float, mode: str, core: tuple[Tensor, Tensor, Tensor],
+                 bases: tuple[Tensor, Tensor] | None = None) -> None:
+        self._shape = (left.shape[0], right.shape[1])
         self._sign = -1.0 if scale < 0 else 1.0
         self._left, self._right = left, right
-        self._mode = "dense"
-        if k >= min(m, n):
-            # The factors hold at least as many numbers as ΔW: forming it is the cheaper exact path.
-            u, s, vh = torch.linalg.svd(left @ right, full_matrices=False)
-            self._uc, self._vhc = u, vh
-        else:
-            r_left, r_right = _cholesky_r(left.T), _cholesky_r(right)
-            if r_left is not None and r_right is not None:
-                self._mode = "cholesky"
-                uc, s, vhc = torch.linalg.svd(r_left @ r_right.T)
-                self._r_left, self._r_right = r_left, r_right
-                s = s.to(left.dtype)
-            else:
-                self._mode = "qr"
-                qu, ru = torch.linalg.qr(left)
-                qd, rd = torch.linalg.qr(right.T)
-                uc, s, vhc = torch.linalg.svd(ru @ rd.T)
-                self._qu, self._qd = qu, qd
-            self._uc, self._vhc = uc, vhc
-        self.S = s * abs(scale)
+        self.mode = mode
+        self._uc, s, self._vhc = core
+        self._bases = bases  # (R_L, R_R) for "gram32"/"gram64", (Q_L, Q_R) for "qr"
+        self._dtype = _compute_dtype(left)
+        self.S = s.to(self._dtype) * abs(scale)
 
-    def vectors(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        uc = self._uc[:, idx]
-        vhc = self._vhc[idx]
-        if self._mode == "cholesky":
-            # Q_L·u = L·R_L⁻¹·u and vᵀ·Q_Rᵀ = (R_R⁻ᵀ·v)ᵀ·R, solved on the r×k blocks in float64.
-            x = torch.linalg.solve_triangular(self._r_left, uc, upper=True)
-            y = torch.linalg.solve_triangular(self._r_right, vhc.T, upper=True)
-            u = self._left @ x.to(self._left.dtype)
-            vh = y.T.to(self._right.dtype) @ self._right
-        elif self._mode == "qr":
-            u, vh = self._qu @ uc, vhc @ self._qd.T
+    def vectors(self, idx: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        uc, vhc = _weighted(self._uc[:, idx], self._vhc[idx], weights)  # k×k: cheap to weight here
+        if self.mode in ("gram32", "gram64"):
+            # Q_L·u = L·R_L⁻¹·u and vᵀ·Q_Rᵀ = (R_R⁻ᵀ·v)ᵀ·R, solved on the k×k blocks.
+            r_left, r_right = self._bases
+            x = torch.linalg.solve_triangular(r_left, uc, upper=True)
+            y = torch.linalg.solve_triangular(r_right, vhc.T, upper=True)
+            u = self._left.to(self._dtype) @ x.to(self._dtype)
+            vh = y.T.to(self._dtype) @ self._right.to(self._dtype)
+        elif self.mode == "qr":
+            q_left, q_right = self._bases
+            u, vh = q_left @ uc, vhc @ q_right.T
         else:
             u, vh = uc, vhc
         return (u * self._sign if self._sign < 0 else u), vh
@@ -103,6 +99,83 @@ class ProductSpectrum(Spectrum):
     @property
     def shape(self) -> tuple[int, int]:
         return self._shape
+
+
+def product_spectrum(left: Tensor, right: Tensor, scale: float = 1.0) -> ProductSpectrum:
+    return product_spectra([(left, right, scale)])[0]
+
+
+def product_spectra(products: Sequence[tuple[Tensor, Tensor, float]], map_fn: Callable = map) -> list[ProductSpectrum]:
+    """The spectrum of each (left, right, scale). The Gram products (the O((m+n)·k²) part) go through
+    `map_fn`, so a caller can spread them over threads; the k×k work (condition check, Cholesky, core
+    SVD) runs batched over all products of one inner size, which saves a Python round trip per layer."""
+    grams = list(map_fn(_float32_grams, products))
+    out: list[ProductSpectrum | None] = [None] * len(products)
+    batches: dict[tuple, list[int]] = {}
+    for i, ((left, right, scale), gram) in enumerate(zip(products, grams)):
+        if gram is None:
+            dtype = _compute_dtype(left)
+            u, s, vh = torch.linalg.svd(left.to(dtype) @ right.to(dtype), full_matrices=False)
+            out[i] = ProductSpectrum(left, right, scale, "dense", (u, s, vh))
+        elif not bool(torch.isfinite(gram[0]).all() and torch.isfinite(gram[1]).all()):
+            out[i] = _careful_spectrum(left, right, scale)
+        else:
+            batches.setdefault((left.shape[1], left.dtype, left.device), []).append(i)
+    limit = ProductSpectrum.FP32_GRAM_CONDITION**2
+    for idx in batches.values():
+        g_left = torch.stack([grams[i][0] for i in idx])
+        g_right = torch.stack([grams[i][1] for i in idx])
+        # κ² of each norm-scaled factor is the eigenvalue ratio of its scaled Gram; float32 rounding
+        # moves those eigenvalues by ≈ u, so a ratio ≤ 16 measured here is a ratio ≤ 16 in truth.
+        conditioned = (_scaled_condition(g_left) <= limit) & (_scaled_condition(g_right) <= limit)
+        r_left, info_left = torch.linalg.cholesky_ex(g_left, upper=True)
+        r_right, info_right = torch.linalg.cholesky_ex(g_right, upper=True)
+        conditioned &= (info_left == 0) & (info_right == 0)
+        uc, s, vhc = torch.linalg.svd(r_left @ r_right.mT)
+        for j, i in enumerate(idx):
+            left, right, scale = products[i]
+            if bool(conditioned[j]):
+                out[i] = ProductSpectrum(left, right, scale, "gram32", (uc[j], s[j], vhc[j]), (r_left[j], r_right[j]))
+            else:
+                out[i] = _careful_spectrum(left, right, scale)
+    return out  # type: ignore[return-value]
+
+
+def _float32_grams(product: tuple[Tensor, Tensor, float]) -> tuple[Tensor, Tensor] | None:
+    """(LᵀL, R·Rᵀ) in float32, or None where the factors are no smaller than ΔW."""
+    left, right, _ = product
+    m, k = left.shape
+    if k >= min(m, right.shape[1]):
+        return None
+    left32, right32 = left.to(torch.float32), right.to(torch.float32)
+    return left32.T @ left32, right32 @ right32.T
+
+
+def _compute_dtype(factor: Tensor) -> torch.dtype:
+    """float32, or the factor's own dtype when wider (fp16/bf16 factors are upcast as they are used)."""
+    return torch.promote_types(factor.dtype, torch.float32)
+
+
+def _scaled_condition(grams: Tensor) -> Tensor:
+    """λ_max/λ_min of each Gram matrix in the batch after scaling it to a unit diagonal (the Gram of
+    the factor with unit-norm columns); inf where it is not positive definite."""
+    norms = grams.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(grams.dtype).tiny).sqrt()
+    eig = torch.linalg.eigvalsh(grams / (norms[:, :, None] * norms[:, None, :]))
+    low, high = eig[:, 0], eig[:, -1]
+    return torch.where(low > 0, high / low.clamp_min(torch.finfo(eig.dtype).tiny), torch.full_like(low, math.inf))
+
+
+def _careful_spectrum(left: Tensor, right: Tensor, scale: float) -> ProductSpectrum:
+    """One product whose factors are too ill-conditioned for a float32 Gram: float64 Gram while κ stays
+    below MAX_CONDITION, Householder QR beyond (or for rank-deficient factors)."""
+    r_left, r_right = _cholesky_r(left.T), _cholesky_r(right)
+    if r_left is not None and r_right is not None:
+        uc, s, vhc = torch.linalg.svd(r_left @ r_right.T)
+        return ProductSpectrum(left, right, scale, "gram64", (uc, s, vhc), (r_left, r_right))
+    dtype = _compute_dtype(left)
+    q_left, ru = torch.linalg.qr(left.to(dtype))
+    q_right, rd = torch.linalg.qr(right.T.to(dtype))
+    return ProductSpectrum(left, right, scale, "qr", torch.linalg.svd(ru @ rd.T), (q_left, q_right))
 
 
 def _cholesky_r(factor: Tensor) -> Tensor | None:
@@ -130,7 +203,7 @@ class KronSpectrum(Spectrum):
         (ma, na), (mb, nb) = a.shape, b.shape
         self._shape = (ma * mb, na * nb)
 
-    def vectors(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+    def vectors(self, idx: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         pair = self._pair[idx]
         nb = self._b.S.shape[0]
         ua, vha = self._a.vectors(pair // nb)
@@ -138,7 +211,13 @@ class KronSpectrum(Spectrum):
         k = pair.shape[0]
         u = (ua[:, None, :] * ub[None, :, :]).reshape(-1, k)
         vh = (vha[:, :, None] * vhb[:, None, :]).reshape(k, -1)
-        return (u * self._sign if self._sign < 0 else u), vh
+        return _weighted(u * self._sign if self._sign < 0 else u, vh, weights)
+
+
+def _weighted(u: Tensor, vh: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    if weights is None:
+        return u, vh
+    return u * weights.to(u.dtype), weights.to(vh.dtype)[:, None] * vh
 
     @property
     def shape(self) -> tuple[int, int]:
