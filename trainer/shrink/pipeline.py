@@ -138,11 +138,11 @@ def _layer_refs(layer: AdapterLayer, spec: Spectrum, recipe: Recipe, base: BaseM
     return refs
 
 
-def _workers(device: torch.device) -> int:
-    """Layers are independent: on CPU, one worker thread per available core (torch releases the GIL
-    and each op stays single-threaded, which suits these small matrices); on a GPU one stream."""
-    if device.type != "cpu":
-        return 1
+def _base_reader_threads() -> int:
+    """Threads that read the base model's weights for the recipe's references: one per core. That work
+    is large reads and norms, which release the GIL. The decompositions themselves stay on one thread:
+    they are thousands of small operations, and two threads handing the GIL back and forth between
+    them measured slower than one."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -232,15 +232,15 @@ def shrink_file(
 
     compute = torch.device(device)
     rescale = rule.recipe.rescale if rule.recipe else 1.0
-    workers = _workers(compute)
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-    map_fn = pool.map if pool is not None else map
-    try:
-        spectra = _spectra(parsed.layers, compute, source, map_fn)
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        raise
+    spectra = _spectra(parsed.layers, compute, source, map)
+    refs_of: dict[str, LayerRefs] = {}
+    if rule.kind == "recipe":
+        readers = _base_reader_threads() if base_model is not None else 1
+        with ThreadPoolExecutor(max_workers=readers) as pool:
+            refs_of = dict(zip(
+                [layer.name for layer in parsed.layers],
+                pool.map(lambda item: _layer_refs(*item, rule.recipe, base_model), zip(parsed.layers, spectra)),
+            ))
     threshold: float | None = None
     t_norms = 0.0
     if rule.kind == "recipe" and rule.recipe.size_mib is not None:
@@ -251,10 +251,10 @@ def shrink_file(
             layer, spec = item
             if spec.S.numel() == 0 or spec.S[0].item() < MIN_SV:
                 return None
-            refs = _layer_refs(layer, spec, rule.recipe, base_model)
+            refs = refs_of[layer.name]
             return recipe_scores(spec.S.cpu(), rule.recipe, refs), elem * (refs.out_features + refs.in_features), len(spec.S)
 
-        scored = [x for x in map_fn(score, zip(parsed.layers, spectra)) if x is not None]
+        scored = [x for x in map(score, zip(parsed.layers, spectra)) if x is not None]
         threshold = recipe_threshold([x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored], rule.recipe)
     elif rule.kind == "recipe":
         threshold = rule.recipe.threshold
@@ -266,8 +266,7 @@ def shrink_file(
             if S.numel() == 0 or S[0].item() < MIN_SV:
                 keep = torch.zeros(0, dtype=torch.long)
             else:
-                refs = _layer_refs(layer, spec, rule.recipe, base_model)
-                keep = recipe_keep(recipe_scores(S.cpu(), rule.recipe, refs), threshold)
+                keep = recipe_keep(recipe_scores(S.cpu(), rule.recipe, refs_of[layer.name]), threshold)
                 if rule.max_rank is not None:
                     keep = keep[: rule.max_rank]
         else:
@@ -308,11 +307,7 @@ def shrink_file(
     kept_alphas: list[float] = []
     conv_ranks: list[int] = []
     total_sq = kept_sq = 0.0
-    try:
-        shrunk = list(map_fn(shrink_layer, zip(parsed.layers, spectra)))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    shrunk = [shrink_layer(item) for item in zip(parsed.layers, spectra)]
     del spectra  # they hold float32 copies of every factor
     for layer, (row, tensors_out, alpha, layer_sq, kept) in zip(parsed.layers, shrunk):
         rows.append(row)
