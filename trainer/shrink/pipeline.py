@@ -104,12 +104,12 @@ def _spectrum(layer: AdapterLayer, device: torch.device, source: str) -> Spectru
     return spec
 
 
-def _spectra(layers: list[AdapterLayer], device: torch.device, source: str, map_fn) -> list[Spectrum]:
+def _spectra(layers: list[AdapterLayer], device: torch.device, source: str) -> list[Spectrum]:
     """Every layer's exact spectrum, decomposed together (`spectra_of`). When LAPACK stops on a
     batch, the layers are redone one by one so that the error names the layer at fault."""
     try:
         structures = [layer.structure(device, dtype=None) for layer in layers]
-        spectra = spectra_of(structures, map_fn)
+        spectra = spectra_of(structures)
     except RuntimeError:
         for layer in layers:
             _spectrum(layer, device, source)
@@ -232,7 +232,7 @@ def shrink_file(
 
     compute = torch.device(device)
     rescale = rule.recipe.rescale if rule.recipe else 1.0
-    spectra = _spectra(parsed.layers, compute, source, map)
+    spectra = _spectra(parsed.layers, compute, source)
     refs_of: dict[str, LayerRefs] = {}
     if rule.kind == "recipe":
         readers = _base_reader_threads() if base_model is not None else 1
