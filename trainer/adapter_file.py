@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,39 +64,91 @@ def _sshs_of(blob: bytes) -> tuple[str, str]:
     return model_hash, legacy_hash
 
 
-def write_hashed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> tuple[int, str]:
-    """Write `tensors` with `metadata` plus the sshs hashes, serialising them once; atomic (temporary
-    file + rename). Returns (file size, sha256 of the file).
+def write_hashed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str], *,
+                 file_sha256: bool = True) -> tuple[int, str | None]:
+    """Write `tensors` with `metadata` plus the sshs hashes; atomic (temporary file + rename). Returns
+    (file size, sha256 of the file, or None when `file_sha256` is off).
 
-    The hashes cover a serialisation with only the `ss_*` metadata; the file differs from it in the
-    header alone (tensor offsets are relative to the data buffer), so that serialisation is reused
-    with its header swapped for the full one instead of serialising every tensor a second time.
+    safetensors streams the tensors to disk with placeholder hashes of the final length; the hashes are
+    then taken from the data section on disk and patched into the header in place. The data section is
+    the same bytes in the `ss_*`-only serialisation sd-scripts hashes (tensor offsets are relative to
+    it), and the legacy window's position there follows from that serialisation's header length. This
+    never holds a second in-memory copy of the file, whose fresh pages cost more than the write itself.
     """
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"safetensors metadata values must be strings: {bad}")
-    blob = _serialize_for_hash(tensors, metadata)
-    model_hash, legacy_hash = _sshs_of(blob)
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    entries = json.loads(blob[8 : 8 + header_len])
-    entries.pop("__metadata__", None)
-    full = dict(metadata, sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
-    header = json.dumps({"__metadata__": full, **entries}, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data buffer stays 8-byte aligned, as safetensors writes it
-    prefix = struct.pack("<Q", len(header)) + header
-    data = memoryview(blob)[8 + header_len :]
+    placeholders = dict(metadata, sshs_model_hash="0" * 64, sshs_legacy_hash="0" * 8)
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    digest = hashlib.sha256(prefix)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # hashing and writing both release the GIL
-        hashed = pool.submit(digest.update, data)
-        with open(tmp, "wb") as f:
-            f.write(prefix)
-            f.write(data)
-        hashed.result()
+    _save_file(tensors, tmp, placeholders)
+    with open(tmp, "r+b") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = f.read(header_len)
+        ss_header_len = _pad8(len(header.rstrip(b" ")) - _json_len(placeholders) + _json_len(ss_only))
+        window = LEGACY_OFFSET - 8 - ss_header_len  # where the legacy window starts in the data section
+        if window < 0:  # a header past 1 MiB: the window holds header bytes, hash a real serialisation
+            model_hash, legacy_hash = sshs_hashes(tensors, metadata)
+        else:
+            model_hash, legacy_hash = _hash_data(f, window)
+        for key, value in (("sshs_model_hash", model_hash), ("sshs_legacy_hash", legacy_hash)):
+            field_at = header.index(json.dumps({key: placeholders[key]}, separators=(",", ":"))[1:-1].encode())
+            f.seek(8 + field_at)
+            f.write(json.dumps({key: value}, separators=(",", ":"))[1:-1].encode())
+        size = f.seek(0, os.SEEK_END)
+        digest = None
+        if file_sha256:
+            f.seek(0)
+            digest = _sha256_of_stream(f).hexdigest()
     os.replace(tmp, target)
-    return len(prefix) + len(data), digest.hexdigest()
+    return size, digest
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    if all(t.dtype in _NUMPY_SAFE and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
+        from safetensors.numpy import save_file  # skips the torch front end's shared-storage scan
+
+        save_file({k: t.numpy() for k, t in tensors.items()}, str(path), metadata)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata)
+
+
+def _json_len(metadata: dict[str, str]) -> int:
+    """Bytes of `metadata` in a safetensors header (serde_json escapes as Python does without ensure_ascii)."""
+    return len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _pad8(n: int) -> int:
+    return n + (-n % 8)
+
+
+def _hash_data(f, window: int) -> tuple[str, str]:
+    """(sha256 of the rest of `f`, first 8 hex digits of the sha256 of its LEGACY_LENGTH bytes at `window`)."""
+    model, legacy = hashlib.sha256(), hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    position = 0
+    while got := f.readinto(buffer):
+        chunk = view[:got]
+        model.update(chunk)
+        lo, hi = max(window, position), min(window + LEGACY_LENGTH, position + got)
+        if lo < hi:
+            legacy.update(chunk[lo - position : hi - position])
+        position += got
+    return model.hexdigest(), legacy.hexdigest()[:8]
+
+
+def _sha256_of_stream(f):
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    while got := f.readinto(buffer):
+        digest.update(view[:got])
+    return digest
 
 
 def zero_tensor_names(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -134,3 +134,25 @@ def test_inspect_cli(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 4)
     assert main([str(tmp_path / "bad.safetensors")]) == 2
     assert "not a safetensors file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_hashes_patched_into_the_streamed_file_equal_a_whole_serialisation(tmp_path, dtype):
+    """The writer streams the file with placeholder hashes and patches them in; the legacy window's place
+    follows from the ss_*-only header's length, which awkward metadata (escapes, unicode) and many
+    tensors change. Both hashes must equal those of a whole ss_*-only serialisation."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"lora_unet_layer_{i:04d}.lora_down.weight": torch.randn(4, 700, generator=g) for i in range(400)}
+    metadata = {
+        "ss_training_comment": 'quote " backslash \\ newline \n tab \t bell \x07 é 日本 \u2028 done',
+        "ss_tag_frequency": json.dumps({"d": {"a b": 3, "ü": 1}}),
+        "modelspec.title": "not hashed \x01",
+    }
+    saved = save_adapter(tensors, str(tmp_path / "w.safetensors"), metadata=metadata, dtype=dtype)
+    header = read_metadata(saved.path)
+    cast = {k: v.to(torch.float16 if dtype == "fp16" else torch.bfloat16) for k, v in tensors.items()}
+    assert (header["sshs_model_hash"], header["sshs_legacy_hash"]) == sshs_hashes(cast, metadata)
+    assert saved.sha256 == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+    assert header["ss_training_comment"] == metadata["ss_training_comment"]
+    loaded = load_file(saved.path)
+    assert all(torch.equal(loaded[k], cast[k]) for k in tensors)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +29,12 @@ from .rank_rules import (
     LayerRefs,
     Recipe,
     parse_recipe,
-    recipe_keep,
-    recipe_scores,
+    recipe_scores_many,
     recipe_threshold,
     sd_scripts_rank,
 )
 from .report import LayerRow, ShrinkReport, ShrinkTotals
-from .spectrum import Spectrum
+from .spectrum import Spectrum, kept_factors
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in SAVE_DTYPES.items()}
@@ -104,12 +105,12 @@ def _spectrum(layer: AdapterLayer, device: torch.device, source: str) -> Spectru
     return spec
 
 
-def _spectra(layers: list[AdapterLayer], device: torch.device, source: str) -> list[Spectrum]:
-    """Every layer's exact spectrum, decomposed together (`spectra_of`). When LAPACK stops on a
-    batch, the layers are redone one by one so that the error names the layer at fault."""
+def _spectra(layers: list[AdapterLayer], device: torch.device, source: str, map_fn=map) -> list[Spectrum]:
+    """Every layer's exact spectrum, decomposed together (`spectra_of`, batches through `map_fn`). When
+    LAPACK stops on a batch, the layers are redone one by one so that the error names the layer at fault."""
     try:
         structures = [layer.structure(device, dtype=None) for layer in layers]
-        spectra = spectra_of(structures)
+        spectra = spectra_of(structures, map_fn)
     except RuntimeError:
         for layer in layers:
             _spectrum(layer, device, source)
@@ -138,11 +139,10 @@ def _layer_refs(layer: AdapterLayer, spec: Spectrum, recipe: Recipe, base: BaseM
     return refs
 
 
-def _base_reader_threads() -> int:
-    """Threads that read the base model's weights for the recipe's references: one per core. That work
-    is large reads and norms, which release the GIL. The decompositions themselves stay on one thread:
-    they are thousands of small operations, and two threads handing the GIL back and forth between
-    them measured slower than one."""
+def _worker_threads() -> int:
+    """Threads that share the work out: one per core. Each task is a few large operations that release
+    the GIL (a batch of same-shaped layers, or reading one base weight and its norm); per-layer small
+    operations on two threads measured slower than on one, because of the GIL hand-offs between them."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -151,18 +151,58 @@ def _base_reader_threads() -> int:
     return max(1, min(limit or cores, 8))
 
 
-def _factors_for(layer: AdapterLayer, spec: Spectrum, keep: Tensor, rescale: float) -> tuple[Tensor, Tensor, float]:
-    """(down, up, alpha) of the shrunk layer: alpha/rank keeps the input's scale for LoRA inputs and the
-    singular values are split evenly between the factors (better conditioned than all-in-up in fp16)."""
-    out_scale = layer.output_scale
-    root = torch.sqrt(spec.S[keep] * (rescale / out_scale))
-    up, down = spec.vectors(keep, weights=root)
-    k = int(keep.numel())
-    out, inn, *kernel = layer.weight_shape
-    if kernel:
-        down = down.reshape(k, inn, *kernel)
-        up = up.reshape(out, k, *([1] * len(kernel)))
-    return down, up, out_scale * k, float(root.square().sum())
+def _choose(rule: Rule, layers: list[AdapterLayer], spectra: list[Spectrum], base: BaseModel | None,
+            save_dtype: torch.dtype, map_fn=map) -> tuple[list[Tensor], float | None]:
+    """The components each layer keeps (indices into its σ, on the CPU), and the recipe's threshold."""
+    if rule.kind != "recipe":
+        keeps = []
+        for layer, spec in zip(layers, spectra):
+            scale = abs(layer.scale) or 1.0
+            rank = sd_scripts_rank(
+                (spec.S / scale).cpu(), rank=rule.rank, method=rule.method, param=rule.param, max_rank=rule.max_rank
+            )
+            keeps.append(torch.arange(rank))
+        return keeps, None
+    recipe = rule.recipe
+    # Base-model references are large reads and norms (they release the GIL): through the pool.
+    refs = list(map_fn(lambda item: _layer_refs(*item, recipe, base), zip(layers, spectra)))
+    S = _padded([spec.S.cpu() for spec in spectra])
+    zero = S[:, 0] < MIN_SV if S.shape[1] else torch.ones(len(layers), dtype=torch.bool)  # resize_lora drops these
+    scores = recipe_scores_many(S, recipe, refs)
+    if recipe.size_mib is None:
+        threshold = recipe.threshold
+    else:  # a size target needs every layer's scores before any cut
+        elem = torch.finfo(save_dtype).bits // 8
+        live = [i for i in range(len(layers)) if not zero[i]]
+        threshold = recipe_threshold(
+            [scores[i, : len(spectra[i].S)] for i in live],
+            [elem * (refs[i].out_features + refs[i].in_features) for i in live],
+            [len(spectra[i].S) for i in live],
+            recipe,
+        )
+    keep = (scores > threshold) & ~zero[:, None]
+    if rule.max_rank is not None:
+        keep &= keep.cumsum(1) <= rule.max_rank
+    columns = keep.nonzero()[:, 1]
+    return list(columns.split(keep.sum(1).tolist())), threshold
+
+
+def _padded(rows: list[Tensor]) -> Tensor:
+    """Rows of different lengths as one matrix, zero-padded, in the widest of their dtypes."""
+    dtype = torch.float32
+    for row in rows:
+        dtype = torch.promote_types(dtype, row.dtype)
+    return torch.nn.utils.rnn.pad_sequence([row.to(dtype) for row in rows], batch_first=True)
+
+
+def _energies(spectra: list[Spectrum], keeps: list[Tensor]) -> tuple[list[float], list[float]]:
+    """Each layer's Σσ² and the part of it its kept components carry (float64, for the report)."""
+    sq = _padded([spec.S.double().cpu() for spec in spectra]).square()
+    kept = torch.zeros_like(sq, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(len(keeps)), torch.tensor([k.numel() for k in keeps], dtype=torch.long))
+    if rows.numel():
+        kept[rows, torch.cat(keeps)] = True
+    return sq.sum(1).tolist(), (sq * kept).sum(1).tolist()
 
 
 def _may_vanish(root_sq: float, up: Tensor, down: Tensor, dtype: torch.dtype) -> bool:
@@ -171,6 +211,19 @@ def _may_vanish(root_sq: float, up: Tensor, down: Tensor, dtype: torch.dtype) ->
     √(root_sq / numel); when that clears twice the smallest subnormal, the cast keeps it nonzero."""
     tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     return root_sq / max(up.numel(), down.numel()) <= (2 * tiny) ** 2
+
+
+@contextmanager
+def _cyclic_gc_paused():
+    """A full collection walks every object torch's import left behind (~0.1 s here) and a shrink
+    allocates enough to trigger one; it builds no reference cycles, so the collector waits until the end."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def shrink_file(
@@ -188,6 +241,14 @@ def shrink_file(
     plot_path: str | None = None,
 ) -> ShrinkReport:
     """Shrink one adapter file; returns the report (also stored in the output's header)."""
+    with _cyclic_gc_paused():
+        return _shrink_file(in_path, out_path, base=base, rank=rank, method=method, param=param, recipe=recipe,
+                            max_rank=max_rank, save_precision=save_precision, device=device, plot_path=plot_path)
+
+
+def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | None, method: str | None,
+                 param: float | None, recipe: str | None, max_rank: int | None, save_precision: str | None,
+                 device: str, plot_path: str | None) -> ShrinkReport:
     t_start = time.perf_counter()
     rule = make_rule(rank, method, param, recipe, max_rank)
     if save_precision is not None and save_precision not in SAVE_DTYPES:
@@ -232,94 +293,50 @@ def shrink_file(
 
     compute = torch.device(device)
     rescale = rule.recipe.rescale if rule.recipe else 1.0
-    spectra = _spectra(parsed.layers, compute, source)
-    refs_of: dict[str, LayerRefs] = {}
-    if rule.kind == "recipe":
-        readers = _base_reader_threads() if base_model is not None else 1
-        with ThreadPoolExecutor(max_workers=readers) as pool:
-            refs_of = dict(zip(
-                [layer.name for layer in parsed.layers],
-                pool.map(lambda item: _layer_refs(*item, rule.recipe, base_model), zip(parsed.layers, spectra)),
-            ))
-    threshold: float | None = None
-    t_norms = 0.0
-    if rule.kind == "recipe" and rule.recipe.size_mib is not None:
-        # A size target needs every layer's scores before any cut: a first pass on σ only.
-        elem = torch.finfo(save_dtype).bits // 8
-
-        def score(item: tuple[AdapterLayer, Spectrum]):
-            layer, spec = item
-            if spec.S.numel() == 0 or spec.S[0].item() < MIN_SV:
-                return None
-            refs = refs_of[layer.name]
-            return recipe_scores(spec.S.cpu(), rule.recipe, refs), elem * (refs.out_features + refs.in_features), len(spec.S)
-
-        scored = [x for x in map(score, zip(parsed.layers, spectra)) if x is not None]
-        threshold = recipe_threshold([x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored], rule.recipe)
-    elif rule.kind == "recipe":
-        threshold = rule.recipe.threshold
-
-    def shrink_layer(item: tuple[AdapterLayer, Spectrum]) -> tuple[LayerRow, dict[str, Tensor], float, float, float]:
-        layer, spec = item
-        S = spec.S
-        if rule.kind == "recipe":
-            if S.numel() == 0 or S[0].item() < MIN_SV:
-                keep = torch.zeros(0, dtype=torch.long)
-            else:
-                keep = recipe_keep(recipe_scores(S.cpu(), rule.recipe, refs_of[layer.name]), threshold)
-                if rule.max_rank is not None:
-                    keep = keep[: rule.max_rank]
-        else:
-            scale = abs(layer.scale) or 1.0
-            new_rank = sd_scripts_rank(
-                (S / scale).cpu(), rank=rule.rank, method=rule.method, param=rule.param, max_rank=rule.max_rank
-            )
-            keep = torch.arange(new_rank)
-        keep = keep.to(S.device)
-        s_sq = [x * x for x in S.double().tolist()]  # a few dozen numbers: plain Python is cheapest
-        kept_idx = set(keep.tolist())
-        layer_sq = math.fsum(s_sq)
-        kept = math.fsum(x for i, x in enumerate(s_sq) if i in kept_idx)
-        dropped = math.fsum(x for i, x in enumerate(s_sq) if i not in kept_idx)
-        retained = math.sqrt(kept / layer_sq) if layer_sq > 0 else 1.0
-        rel_error = math.sqrt(dropped / layer_sq) if layer_sq > 0 else 0.0
-        new_rank = int(keep.numel())
-        out: dict[str, Tensor] = {}
-        alpha = 0.0
-        if new_rank:
-            down, up, alpha, root_sq = _factors_for(layer, spec, keep, rescale)
-            down = down.to(device="cpu", dtype=save_dtype).contiguous()
-            up = up.to(device="cpu", dtype=save_dtype).contiguous()
-            if _may_vanish(root_sq, up, down, save_dtype) and not (bool(down.any()) and bool(up.any())):
-                new_rank, retained, rel_error, kept = 0, 0.0, 1.0, 0.0  # all zeros in the save precision
-            else:
-                out[f"{layer.name}.alpha"] = torch.tensor(alpha, dtype=save_dtype)
-                out[f"{layer.name}.lora_down.weight"] = down
-                out[f"{layer.name}.lora_up.weight"] = up
-        row = LayerRow(
-            name=layer.name, algo=layer.algo, old_rank=len(S), new_rank=new_rank,
-            retained_fro=retained, rel_error=rel_error,
+    with ThreadPoolExecutor(max_workers=_worker_threads()) as pool:
+        spectra = _spectra(parsed.layers, compute, source, pool.map)
+        keeps, threshold = _choose(rule, parsed.layers, spectra, base_model, save_dtype, pool.map)
+        roots = [torch.sqrt(spec.S[keep.to(spec.S.device)] * (rescale / layer.output_scale))
+                 for layer, spec, keep in zip(parsed.layers, spectra, keeps)]
+        factors = kept_factors(
+            [(spec, keep.to(spec.S.device), root) for spec, keep, root in zip(spectra, keeps, roots)], save_dtype, pool.map
         )
-        return row, out, alpha, layer_sq, kept
+    old_ranks = [len(spec.S) for spec in spectra]
+    energies, kept_energies = _energies(spectra, keeps)
+    del spectra  # they hold float32 copies of every factor
 
     out_tensors: dict[str, Tensor] = {}
     rows: list[LayerRow] = []
     kept_alphas: list[float] = []
     conv_ranks: list[int] = []
     total_sq = kept_sq = 0.0
-    shrunk = [shrink_layer(item) for item in zip(parsed.layers, spectra)]
-    del spectra  # they hold float32 copies of every factor
-    for layer, (row, tensors_out, alpha, layer_sq, kept) in zip(parsed.layers, shrunk):
-        rows.append(row)
-        out_tensors.update(tensors_out)
-        total_sq += layer_sq
-        kept_sq += kept
-        if row.new_rank:
-            kept_alphas.append(alpha)
-            if layer.is_conv:
-                conv_ranks.append(row.new_rank)
-    if base_model is not None:
-        t_norms = base_model.seconds_reading
+    for layer, keep, root, (up, down), old_rank, energy, kept_i in zip(
+        parsed.layers, keeps, roots, factors, old_ranks, energies, kept_energies
+    ):
+        new_rank = int(keep.numel())
+        if new_rank:
+            out, inn, *kernel = layer.weight_shape
+            if kernel:
+                down = down.reshape(new_rank, inn, *kernel)
+                up = up.reshape(out, new_rank, *([1] * len(kernel)))
+            if _may_vanish(float(root.square().sum()), up, down, save_dtype) and not (bool(down.any()) and bool(up.any())):
+                new_rank, kept_i = 0, 0.0  # all zeros in the save precision
+            else:
+                alpha = layer.output_scale * new_rank
+                out_tensors[f"{layer.name}.alpha"] = torch.tensor(alpha, dtype=save_dtype)
+                out_tensors[f"{layer.name}.lora_down.weight"] = down
+                out_tensors[f"{layer.name}.lora_up.weight"] = up
+                kept_alphas.append(alpha)
+                if layer.is_conv:
+                    conv_ranks.append(new_rank)
+        rows.append(LayerRow(
+            name=layer.name, algo=layer.algo, old_rank=old_rank, new_rank=new_rank,
+            retained_fro=math.sqrt(kept_i / energy) if energy > 0 else 1.0,
+            rel_error=math.sqrt(max(energy - kept_i, 0.0) / energy) if energy > 0 else 0.0,
+        ))
+        total_sq += energy
+        kept_sq += kept_i
+    t_norms = base_model.seconds_reading if base_model is not None else 0.0
     t_svd = time.perf_counter()
 
     passthrough_names: list[str] = []
@@ -392,7 +409,7 @@ def shrink_file(
         converted_lycoris=any(layer.algo != "lora" for layer in parsed.layers),
         conv_ranks=conv_ranks,
     )
-    write_hashed(out_tensors, out_path, header)
+    write_hashed(out_tensors, out_path, header, file_sha256=False)
     if base_model is not None:
         base_model.save_cache()
     timings["write"] = round(time.perf_counter() - t_svd, 4)

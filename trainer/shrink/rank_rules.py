@@ -169,21 +169,35 @@ class LayerRefs:
 
 def recipe_scores(S: Tensor, recipe: Recipe, refs: LayerRefs) -> Tensor:
     """log10 scores of one layer's (scaled) singular values, in resize_lora's order of operations."""
+    return recipe_scores_many(S[None], recipe, [refs])[0]
+
+
+def recipe_scores_many(S: Tensor, recipe: Recipe, refs: list[LayerRefs]) -> Tensor:
+    """`recipe_scores` of many layers at once: S holds one layer's spectrum per row, zero-padded (padding
+    scores -inf, so no threshold keeps it); refs are the layers' references, in row order."""
     w = recipe.weights
+
+    def column(values: list[float]) -> Tensor:  # one per-layer constant per row, as resize_lora's scalars
+        return torch.tensor(values, dtype=S.dtype, device=S.device)[:, None]
+
     scores = torch.log10(S)
     scores += math.log10(recipe.rescale)
     if abs(w["subspace"]) > 1e-6:
-        scores -= w["subspace"] * torch.log10(_required(refs.subspace, "subspace"))
+        subspace = [_required(r.subspace, "subspace").to(S.dtype) for r in refs]
+        padded = torch.ones_like(S)
+        for row, values in zip(padded, subspace):
+            row[: values.numel()] = values
+        scores -= w["subspace"] * torch.log10(padded)
     if abs(w["spn_ckpt"]) > 1e-6:
-        scores -= w["spn_ckpt"] * math.log10(_required(refs.spn_ckpt, "spn_ckpt"))
+        scores -= column([w["spn_ckpt"] * math.log10(_required(r.spn_ckpt, "spn_ckpt")) for r in refs])
     if abs(w["spn_lora"]) > 1e-6:
-        scores -= w["spn_lora"] * torch.log10(S[0])
+        scores -= w["spn_lora"] * torch.log10(S[:, :1])
     if abs(w["fro_ckpt"]) > 1e-6:
-        scores -= w["fro_ckpt"] * math.log10(_required(refs.fro_ckpt, "fro_ckpt"))
+        scores -= column([w["fro_ckpt"] * math.log10(_required(r.fro_ckpt, "fro_ckpt")) for r in refs])
     if abs(w["fro_lora"]) > 1e-6:
-        scores -= w["fro_lora"] * torch.log10(torch.linalg.vector_norm(S))
+        scores -= w["fro_lora"] * torch.log10(torch.linalg.vector_norm(S, dim=1, keepdim=True))
     if abs(w["params"]) > 1e-6:
-        scores -= w["params"] * math.log10(refs.out_features + refs.in_features)
+        scores -= column([w["params"] * math.log10(r.out_features + r.in_features) for r in refs])
     return scores
 
 

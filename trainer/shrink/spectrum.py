@@ -105,50 +105,113 @@ def product_spectrum(left: Tensor, right: Tensor, scale: float = 1.0) -> Product
     return product_spectra([(left, right, scale)])[0]
 
 
+# float32 bytes of the factors one batch stacks: bounds the memory a batch holds, and splits a file into
+# enough batches for a pool of threads to share.
+BATCH_BYTES = 8 << 20
+
+
 def product_spectra(products: Sequence[tuple[Tensor, Tensor, float]], map_fn: Callable = map) -> list[ProductSpectrum]:
-    """The spectrum of each (left, right, scale). The Gram products (the O((m+n)·k²) part) go through
-    `map_fn`, so a caller can spread them over threads; the k×k work (condition check, Cholesky, core
-    SVD) runs batched over all products of one inner size, which saves a Python round trip per layer."""
-    grams = list(map_fn(_float32_grams, products))
+    """The spectrum of each (left, right, scale). Products of one shape are decomposed together: their
+    factors stacked and upcast once, the Gram products and the k×k work (condition check, Cholesky,
+    core SVD) done as batched calls. Each batch goes through `map_fn`: batches are a few large
+    operations that release the GIL, so a pool of threads can share them out."""
     out: list[ProductSpectrum | None] = [None] * len(products)
-    batches: dict[tuple, list[int]] = {}
-    for i, ((left, right, scale), gram) in enumerate(zip(products, grams)):
-        if gram is None:
+    groups: dict[tuple, list[int]] = {}
+    for i, (left, right, scale) in enumerate(products):
+        (m, k), n = left.shape, right.shape[1]
+        if k >= min(m, n):  # the factors are no smaller than ΔW: its plain SVD is the cheap exact path
             dtype = _compute_dtype(left)
-            u, s, vh = torch.linalg.svd(left.to(dtype) @ right.to(dtype), full_matrices=False)
-            out[i] = ProductSpectrum(left, right, scale, "dense", (u, s, vh))
-        elif not bool(torch.isfinite(gram[0]).all() and torch.isfinite(gram[1]).all()):
-            out[i] = _careful_spectrum(left, right, scale)
+            core = torch.linalg.svd(left.to(dtype) @ right.to(dtype), full_matrices=False)
+            out[i] = ProductSpectrum(left, right, scale, "dense", core)
         else:
-            batches.setdefault((left.shape[1], left.dtype, left.device), []).append(i)
-    limit = ProductSpectrum.FP32_GRAM_CONDITION**2
-    for idx in batches.values():
-        g_left = torch.stack([grams[i][0] for i in idx])
-        g_right = torch.stack([grams[i][1] for i in idx])
-        # κ² of each norm-scaled factor is the eigenvalue ratio of its scaled Gram; float32 rounding
-        # moves those eigenvalues by ≈ u, so a ratio ≤ 16 measured here is a ratio ≤ 16 in truth.
-        conditioned = (_scaled_condition(g_left) <= limit) & (_scaled_condition(g_right) <= limit)
-        r_left, info_left = torch.linalg.cholesky_ex(g_left, upper=True)
-        r_right, info_right = torch.linalg.cholesky_ex(g_right, upper=True)
-        conditioned &= (info_left == 0) & (info_right == 0)
-        uc, s, vhc = torch.linalg.svd(r_left @ r_right.mT)
-        for j, i in enumerate(idx):
-            left, right, scale = products[i]
-            if bool(conditioned[j]):
-                out[i] = ProductSpectrum(left, right, scale, "gram32", (uc[j], s[j], vhc[j]), (r_left[j], r_right[j]))
-            else:
-                out[i] = _careful_spectrum(left, right, scale)
+            groups.setdefault((m, k, n, left.dtype, right.dtype, left.device), []).append(i)
+    batches = [batch for (m, k, n, *_), idx in groups.items() for batch in _batches(idx, 4 * k * (m + n))]
+    for idx, spectra in zip(batches, map_fn(lambda idx: _gram_spectra([products[i] for i in idx]), batches)):
+        for i, spec in zip(idx, spectra):
+            out[i] = spec
     return out  # type: ignore[return-value]
 
 
-def _float32_grams(product: tuple[Tensor, Tensor, float]) -> tuple[Tensor, Tensor] | None:
-    """(LᵀL, R·Rᵀ) in float32, or None where the factors are no smaller than ΔW."""
-    left, right, _ = product
-    m, k = left.shape
-    if k >= min(m, right.shape[1]):
-        return None
-    left32, right32 = left.to(torch.float32), right.to(torch.float32)
-    return left32.T @ left32, right32 @ right32.T
+def _batches(items: list, item_bytes: int) -> list[list]:
+    size = max(1, BATCH_BYTES // max(item_bytes, 1))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _gram_spectra(products: list[tuple[Tensor, Tensor, float]]) -> list[ProductSpectrum]:
+    """Spectra of products of one shape, from float32 Grams where both factors are well-conditioned
+    (see `ProductSpectrum`); the others are redone one by one (`_careful_spectrum`)."""
+    left = torch.stack([p[0] for p in products]).to(torch.float32)
+    right = torch.stack([p[1] for p in products]).to(torch.float32)
+    g_left, g_right = left.mT @ left, right @ right.mT
+    del left, right
+    finite = torch.isfinite(g_left).flatten(1).all(1) & torch.isfinite(g_right).flatten(1).all(1)
+    if not bool(finite.all()):  # NaN/inf factors: an identity stands in, the careful path reports them
+        eye = torch.eye(g_left.shape[-1], dtype=g_left.dtype, device=g_left.device)
+        g_left = torch.where(finite[:, None, None], g_left, eye)
+        g_right = torch.where(finite[:, None, None], g_right, eye)
+    limit = ProductSpectrum.FP32_GRAM_CONDITION**2
+    # κ² of each norm-scaled factor is the eigenvalue ratio of its scaled Gram; float32 rounding
+    # moves those eigenvalues by ≈ u, so a ratio ≤ 16 measured here is a ratio ≤ 16 in truth.
+    conditioned = finite & (_scaled_condition(g_left) <= limit) & (_scaled_condition(g_right) <= limit)
+    r_left, info_left = torch.linalg.cholesky_ex(g_left, upper=True)
+    r_right, info_right = torch.linalg.cholesky_ex(g_right, upper=True)
+    conditioned &= (info_left == 0) & (info_right == 0)
+    uc, s, vhc = torch.linalg.svd(r_left @ r_right.mT)
+    return [
+        ProductSpectrum(left, right, scale, "gram32", (uc[j], s[j], vhc[j]), (r_left[j], r_right[j]))
+        if ok else _careful_spectrum(left, right, scale)
+        for j, ((left, right, scale), ok) in enumerate(zip(products, conditioned.tolist()))
+    ]
+
+
+def kept_factors(requests: Sequence[tuple[Spectrum, Tensor, Tensor]], dtype: torch.dtype,
+                 map_fn: Callable = map) -> list[tuple[Tensor, Tensor]]:
+    """For each (spectrum, kept indices, weights): `vectors(idx, weights)` cast to `dtype`, each a
+    tensor of its own (safetensors refuses to save views of one buffer).
+
+    Gram-route products of one shape are formed together, in batches through `map_fn`: their kept
+    columns padded to the batch's widest (padding weighs 0), sorted by width to keep padding small."""
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, (spec, idx, weights) in enumerate(requests):
+        if isinstance(spec, ProductSpectrum) and spec.mode in ("gram32", "gram64") and idx.numel():
+            left, right = spec._left, spec._right
+            groups.setdefault((spec.mode, *left.shape, right.shape[1], left.dtype, right.dtype, left.device), []).append(i)
+        else:
+            u, vh = spec.vectors(idx, weights)
+            out[i] = (u.to(dtype).contiguous(), vh.to(dtype).contiguous())
+    batches = []
+    for (_, m, k, n, *_), idx in groups.items():
+        idx.sort(key=lambda i: requests[i][1].numel())
+        batches += _batches(idx, 4 * (m + n) * (k + requests[idx[-1]][1].numel()))
+    for idx, factors in zip(batches, map_fn(lambda idx: _gram_vectors([requests[i] for i in idx], dtype), batches)):
+        for i, pair in zip(idx, factors):
+            out[i] = pair
+    return out  # type: ignore[return-value]
+
+
+def _gram_vectors(requests: list[tuple[ProductSpectrum, Tensor, Tensor]], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """`kept_factors` for Gram-route products of one shape: U = L·(R_L⁻¹·U_c·w), Vh = (R_R⁻ᵀ·V_c·w)ᵀ·R
+    as batched triangular solves and GEMMs."""
+    specs = [r[0] for r in requests]
+    widths = [int(r[1].numel()) for r in requests]
+    core = specs[0]._uc.dtype
+    pad = torch.nn.utils.rnn.pad_sequence
+    idx = pad([r[1].to(specs[0]._uc.device) for r in requests], batch_first=True)  # padding: column 0, weight 0
+    weights = pad([r[2].to(core) for r in requests], batch_first=True)
+    uc = torch.stack([s._uc for s in specs])
+    vhc = torch.stack([s._vhc for s in specs])
+    k, width = uc.shape[-1], idx.shape[1]
+    uc = uc.gather(2, idx[:, None, :].expand(-1, k, width)) * weights[:, None, :]
+    vc = vhc.gather(1, idx[:, :, None].expand(-1, width, k)).mT * weights[:, None, :]
+    x = torch.linalg.solve_triangular(torch.stack([s._bases[0] for s in specs]), uc, upper=True)
+    y = torch.linalg.solve_triangular(torch.stack([s._bases[1] for s in specs]), vc, upper=True)
+    compute = specs[0]._dtype
+    if any(s._sign < 0 for s in specs):
+        x = x * torch.tensor([s._sign for s in specs], dtype=x.dtype, device=x.device)[:, None, None]
+    u = (torch.stack([s._left for s in specs]).to(compute) @ x.to(compute)).to(dtype)
+    vh = (y.mT.to(compute) @ torch.stack([s._right for s in specs]).to(compute)).to(dtype)
+    return [(u[j, :, :w].clone(memory_format=torch.contiguous_format), vh[j, :w].clone()) for j, w in enumerate(widths)]
 
 
 def _compute_dtype(factor: Tensor) -> torch.dtype:
@@ -213,13 +276,13 @@ class KronSpectrum(Spectrum):
         vh = (vha[:, :, None] * vhb[:, None, :]).reshape(k, -1)
         return _weighted(u * self._sign if self._sign < 0 else u, vh, weights)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
 
 def _weighted(u: Tensor, vh: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
     if weights is None:
         return u, vh
     return u * weights.to(u.dtype), weights.to(vh.dtype)[:, None] * vh
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._shape
 
