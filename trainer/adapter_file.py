@@ -3,7 +3,8 @@
 `sshs_model_hash` / `sshs_legacy_hash` are computed as sd-scripts' `precalculate_safetensors_hashes`
 does (for sd-webui-additional-networks): serialise the tensors with only the `ss_*` metadata, then
 hash everything after the header (model hash) and 64 KiB at offset 1 MiB (legacy hash, 8 hex
-digits). The model hash therefore equals the SHA-256 of the saved file's tensor bytes.
+digits). The model hash therefore equals the SHA-256 of the saved file's tensor bytes, and `write_hashed`
+takes both hashes from the file it streamed to disk rather than serialising the tensors in memory.
 `modelspec.*` keys follow sd-scripts' `library/sai_model_spec.py` for LoRA files.
 """
 

@@ -137,3 +137,35 @@ def test_cuda_spectrum_matches_cpu():
     on_cpu = spectrum_of(layer.structure("cpu")).S
     on_gpu = spectrum_of(layer.structure("cuda")).S.cpu()
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-6 * float(on_cpu[0]))
+
+
+def test_batched_kept_factors_equal_each_spectrums_own_vectors():
+    """`kept_factors` forms Gram-route layers of one shape together (kept columns padded, layers sorted by
+    width); every layer must get exactly what its own `vectors(idx, weights)` gives, whatever its route,
+    its kept indices (in any order, any count, none) or the sign of its scale."""
+    from trainer.shrink.spectrum import kept_factors, product_spectra
+
+    g = torch.Generator().manual_seed(5)
+    products = []
+    for i in range(7):  # one shape, so the Gram-route ones share batches
+        left, right = torch.randn(120, 8, generator=g), torch.randn(8, 90, generator=g)
+        if i == 3:
+            left[:, 1] = left[:, 0] + 0.05 * left[:, 1]  # too ill-conditioned for float32: float64 Gram
+        products.append((left.half(), right.half(), -0.5 if i % 2 else 2.0))
+    products.append((torch.randn(6, 8, generator=g), torch.randn(8, 5, generator=g), 1.0))  # dense route
+    spectra = product_spectra(products)
+    assert {s.mode for s in spectra} >= {"gram32", "gram64", "dense"}
+    picks = [[0, 1, 2], [4, 0], [], [0, 2, 5, 7], list(range(8)), [3], [6, 1, 0], [0, 1]]
+    requests = []
+    for spec, pick in zip(spectra, picks):
+        idx = torch.tensor(pick, dtype=torch.long)
+        requests.append((spec, idx, torch.sqrt(spec.S[idx])))
+    batched = kept_factors(requests, torch.float32)
+    for (spec, idx, weights), (u, vh) in zip(requests, batched):
+        ref_u, ref_vh = spec.vectors(idx, weights)
+        assert u.shape == ref_u.shape and vh.shape == ref_vh.shape
+        torch.testing.assert_close(u, ref_u.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vh, ref_vh.float(), rtol=1e-5, atol=1e-6)
+        assert u.is_contiguous() and vh.is_contiguous()
+    storages = [t.untyped_storage().data_ptr() for pair in batched for t in pair if t.numel()]
+    assert len(storages) == len(set(storages))  # safetensors refuses tensors that share memory

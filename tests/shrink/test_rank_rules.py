@@ -109,3 +109,28 @@ def test_size_target_cuts_the_best_scores_that_fit():
     kept = [recipe_keep(s, threshold).numel() for s in scores]
     assert kept == [2, 2]
     assert recipe_threshold(scores, sizes, [3, 2], parse_recipe("spn_lora=1,size=1")) == -math.inf
+
+
+def test_recipe_scores_of_many_layers_equal_one_layer_at_a_time():
+    """The pipeline scores every layer at once on zero-padded spectra; each row must equal the layer's own
+    scores bit for bit, and the padding must never be kept."""
+    from trainer.shrink.rank_rules import recipe_scores_many
+
+    g = torch.Generator().manual_seed(1)
+    spectra = [torch.sort(torch.rand(n, generator=g) * 3, descending=True).values for n in (5, 2, 8)]
+    refs = [LayerRefs(40 + i, 30, fro_ckpt=1.5 + i, spn_ckpt=0.7 + i, subspace=torch.rand(len(s), generator=g) + 0.1)
+            for i, s in enumerate(spectra)]
+    padded = torch.zeros(3, 8)
+    for row, s in zip(padded, spectra):
+        row[: len(s)] = s
+    for text in ("fro_ckpt=1,thr=-2", "spn_ckpt=1,spn_lora=1,thr=-1", "subspace=1,fro_lora=0.5,params=0.2,thr=0",
+                 "fro_ckpt=1,rescale=2,thr=-1"):
+        recipe = parse_recipe(text)
+        many = recipe_scores_many(padded, recipe, refs)
+        for i, (s, r) in enumerate(zip(spectra, refs)):
+            one = recipe_scores(s, recipe, r)
+            if text.startswith("subspace"):  # fro_lora's norm runs over the padded row: equal to round-off
+                torch.testing.assert_close(many[i, : len(s)], one)
+            else:
+                assert torch.equal(many[i, : len(s)], one), text
+            assert not (many[i, len(s):] > -1e30).any()
