@@ -195,14 +195,15 @@ def _padded(rows: list[Tensor]) -> Tensor:
     return torch.nn.utils.rnn.pad_sequence([row.to(dtype) for row in rows], batch_first=True)
 
 
-def _energies(spectra: list[Spectrum], keeps: list[Tensor]) -> tuple[list[float], list[float]]:
-    """Each layer's Σσ² and the part of it its kept components carry (float64, for the report)."""
+def _energies(spectra: list[Spectrum], keeps: list[Tensor]) -> tuple[list[float], list[float], list[float]]:
+    """Each layer's Σσ², and the parts of it its kept and its dropped components carry (float64, for the
+    report; the dropped part is summed, not subtracted, so a tiny truncation error stays exact)."""
     sq = _padded([spec.S.double().cpu() for spec in spectra]).square()
     kept = torch.zeros_like(sq, dtype=torch.bool)
     rows = torch.repeat_interleave(torch.arange(len(keeps)), torch.tensor([k.numel() for k in keeps], dtype=torch.long))
     if rows.numel():
         kept[rows, torch.cat(keeps)] = True
-    return sq.sum(1).tolist(), (sq * kept).sum(1).tolist()
+    return sq.sum(1).tolist(), (sq * kept).sum(1).tolist(), (sq * ~kept).sum(1).tolist()
 
 
 def _may_vanish(root_sq: float, up: Tensor, down: Tensor, dtype: torch.dtype) -> bool:
@@ -302,7 +303,7 @@ def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | N
             [(spec, keep.to(spec.S.device), root) for spec, keep, root in zip(spectra, keeps, roots)], save_dtype, pool.map
         )
     old_ranks = [len(spec.S) for spec in spectra]
-    energies, kept_energies = _energies(spectra, keeps)
+    energies, kept_energies, dropped_energies = _energies(spectra, keeps)
     del spectra  # they hold float32 copies of every factor
 
     out_tensors: dict[str, Tensor] = {}
@@ -310,17 +311,18 @@ def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | N
     kept_alphas: list[float] = []
     conv_ranks: list[int] = []
     total_sq = kept_sq = 0.0
-    for layer, keep, root, (up, down), old_rank, energy, kept_i in zip(
-        parsed.layers, keeps, roots, factors, old_ranks, energies, kept_energies
+    for layer, keep, root, (up, down), old_rank, energy, kept_i, dropped_i in zip(
+        parsed.layers, keeps, roots, factors, old_ranks, energies, kept_energies, dropped_energies
     ):
         new_rank = int(keep.numel())
         if new_rank:
+            up, down = up.to("cpu"), down.to("cpu")  # no-ops unless the work ran on a GPU
             out, inn, *kernel = layer.weight_shape
             if kernel:
                 down = down.reshape(new_rank, inn, *kernel)
                 up = up.reshape(out, new_rank, *([1] * len(kernel)))
             if _may_vanish(float(root.square().sum()), up, down, save_dtype) and not (bool(down.any()) and bool(up.any())):
-                new_rank, kept_i = 0, 0.0  # all zeros in the save precision
+                new_rank, kept_i, dropped_i = 0, 0.0, energy  # all zeros in the save precision
             else:
                 alpha = layer.output_scale * new_rank
                 out_tensors[f"{layer.name}.alpha"] = torch.tensor(alpha, dtype=save_dtype)
@@ -332,7 +334,7 @@ def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | N
         rows.append(LayerRow(
             name=layer.name, algo=layer.algo, old_rank=old_rank, new_rank=new_rank,
             retained_fro=math.sqrt(kept_i / energy) if energy > 0 else 1.0,
-            rel_error=math.sqrt(max(energy - kept_i, 0.0) / energy) if energy > 0 else 0.0,
+            rel_error=math.sqrt(dropped_i / energy) if energy > 0 else 0.0,
         ))
         total_sq += energy
         kept_sq += kept_i
