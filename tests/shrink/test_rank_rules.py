@@ -134,3 +134,29 @@ def test_recipe_scores_of_many_layers_equal_one_layer_at_a_time():
             else:
                 assert torch.equal(many[i, : len(s)], one), text
             assert not (many[i, len(s):] > -1e30).any()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_sd_scripts_ranks_of_many_layers_equal_one_layer_at_a_time(legacy):
+    """The pipeline ranks every layer at once on zero-padded spectra: each must get what sd-scripts' rule
+    gives that layer alone, including the tiny (MIN_SV) and all-zero layers and the caps."""
+    from trainer.shrink.rank_rules import sd_scripts_ranks
+
+    g = torch.Generator().manual_seed(2)
+    spectra = []
+    for i in range(60):
+        n = 1 + i % 9
+        decay = torch.exp(-torch.arange(n, dtype=torch.float32) * (0.1 + (i % 5) * 0.4))
+        spectra.append(decay * torch.rand(1, generator=g).item() * 10)
+    spectra += [torch.full((4,), 5e-7), torch.zeros(3), torch.tensor([2.0, 2.0, 2.0]), torch.tensor([1.0])]
+    padded = torch.zeros(len(spectra), 9)
+    for row, s in zip(padded, spectra):
+        row[: len(s)] = s
+    lengths = [len(s) for s in spectra]
+    cases = [dict(rank=3, method=None, param=None), dict(rank=None, method="sv_ratio", param=4.0),
+             dict(rank=None, method="sv_fro", param=0.9), dict(rank=None, method="sv_cumulative", param=0.7),
+             dict(rank=None, method="sv_fro", param=1.0), dict(rank=None, method="sv_cumulative", param=0.5, max_rank=2)]
+    for case in cases:
+        many = sd_scripts_ranks(padded, lengths, legacy_off_by_one=legacy, **case)
+        one = [sd_scripts_rank(s, legacy_off_by_one=legacy, **case) for s in spectra]
+        assert many == one, case

@@ -31,7 +31,7 @@ from .rank_rules import (
     parse_recipe,
     recipe_scores_many,
     recipe_threshold,
-    sd_scripts_rank,
+    sd_scripts_ranks,
 )
 from .report import LayerRow, ShrinkReport, ShrinkTotals
 from .spectrum import Spectrum, kept_factors
@@ -154,19 +154,15 @@ def _worker_threads() -> int:
 def _choose(rule: Rule, layers: list[AdapterLayer], spectra: list[Spectrum], base: BaseModel | None,
             save_dtype: torch.dtype, map_fn=map) -> tuple[list[Tensor], float | None]:
     """The components each layer keeps (indices into its σ, on the CPU), and the recipe's threshold."""
-    if rule.kind != "recipe":
-        keeps = []
-        for layer, spec in zip(layers, spectra):
-            scale = abs(layer.scale) or 1.0
-            rank = sd_scripts_rank(
-                (spec.S / scale).cpu(), rank=rule.rank, method=rule.method, param=rule.param, max_rank=rule.max_rank
-            )
-            keeps.append(torch.arange(rank))
-        return keeps, None
+    S = _padded([spec.S.cpu() for spec in spectra])
+    if rule.kind != "recipe":  # sd-scripts decomposes up@down without alpha/dim: its σ are unscaled
+        scales = torch.tensor([abs(layer.scale) or 1.0 for layer in layers], dtype=S.dtype)[:, None]
+        ranks = sd_scripts_ranks(S / scales, [len(spec.S) for spec in spectra], rank=rule.rank, method=rule.method,
+                                 param=rule.param, max_rank=rule.max_rank)
+        return [torch.arange(rank) for rank in ranks], None
     recipe = rule.recipe
     # Base-model references are large reads and norms (they release the GIL): through the pool.
     refs = list(map_fn(lambda item: _layer_refs(*item, recipe, base), zip(layers, spectra)))
-    S = _padded([spec.S.cpu() for spec in spectra])
     zero = S[:, 0] < MIN_SV if S.shape[1] else torch.ones(len(layers), dtype=torch.bool)  # resize_lora drops these
     scores = recipe_scores_many(S, recipe, refs)
     if recipe.size_mib is None:

@@ -98,6 +98,47 @@ def sd_scripts_rank(
     return min(new_rank, n)
 
 
+def sd_scripts_ranks(
+    S_unscaled: Tensor,
+    lengths: list[int],
+    *,
+    rank: int | None,
+    method: str | None,
+    param: float | None,
+    max_rank: int | None = None,
+    legacy_off_by_one: bool = False,
+) -> list[int]:
+    """`sd_scripts_rank` for many layers at once: one zero-padded spectrum per row, `lengths` its true
+    lengths. Padding changes nothing: it is never above a σ-ratio cut, and it repeats the last cumulative
+    share, which a search that runs past the real entries is clamped back from."""
+    if method is None and rank is None:
+        raise ShrinkError("a fixed rank (--rank) or a method (--method/--param) is required")
+    if method is not None and param is None:
+        raise ShrinkError(f"--method {method} needs --param")
+    n = torch.tensor(lengths, dtype=torch.long)
+    if S_unscaled.shape[1] == 0:
+        return [0] * len(lengths)
+    top = S_unscaled[:, 0]
+    if method is None:
+        new_rank = torch.full_like(n, rank)
+    else:
+        if method == "sv_ratio":
+            count = (S_unscaled > top[:, None] / param).sum(1)
+            index = count if legacy_off_by_one else count - 1
+        else:
+            values, target = (S_unscaled, param) if method == "sv_cumulative" else (S_unscaled.square(), param**2)
+            cumulative = torch.cumsum(values, dim=1) / values.sum(1, keepdim=True)
+            targets = torch.full((len(lengths), 1), target, dtype=cumulative.dtype)
+            index = torch.searchsorted(cumulative, targets).squeeze(1) + (1 if legacy_off_by_one else 0)
+        new_rank = torch.minimum(index.clamp_min(0), n - 1) + 1
+    new_rank = torch.where(top <= MIN_SV, torch.ones_like(new_rank), new_rank)
+    if max_rank is not None:
+        new_rank = new_rank.clamp_max(max_rank)
+    new_rank = torch.minimum(new_rank, n)
+    new_rank = torch.where((n == 0) | (top == 0), torch.zeros_like(new_rank), new_rank)  # all-zero layers
+    return new_rank.tolist()
+
+
 # --- resize_lora recipes ------------------------------------------------------------------------
 
 SCORE_KEYS = ("spn_lora", "spn_ckpt", "subspace", "fro_lora", "fro_ckpt", "params")
