@@ -42,12 +42,11 @@ def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> t
 
 def _serialize_for_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    if all(t.dtype in _NUMPY_SAFE and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
-        # The same bytes through safetensors' numpy front end, which skips the torch front end's scan
-        # for tensors sharing storage (~50 µs a tensor; ours are all freshly made).
-        from safetensors.numpy import save as save_numpy
+    arrays = _as_numpy(tensors)
+    if arrays is not None:
+        from safetensors.numpy import save
 
-        return save_numpy({k: t.numpy() for k, t in tensors.items()}, ss_only)
+        return save(arrays, ss_only)
     from safetensors.torch import save
 
     return save(tensors, ss_only)
@@ -55,6 +54,15 @@ def _serialize_for_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, st
 
 # dtypes numpy holds natively (bf16 is not one of them)
 _NUMPY_SAFE = frozenset({torch.float16, torch.float32, torch.float64})
+
+
+def _as_numpy(tensors: dict[str, torch.Tensor]) -> dict | None:
+    """The tensors as numpy views when numpy can hold them all (CPU, contiguous, fp16/32/64), else None.
+    safetensors' numpy front end writes the same bytes as its torch one, without the torch front end's
+    scan for tensors sharing storage (~50 µs a tensor; ours are all freshly made)."""
+    if all(t.dtype in _NUMPY_SAFE and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
+        return {k: t.numpy() for k, t in tensors.items()}
+    return None
 
 
 def _sshs_of(blob: bytes) -> tuple[str, str]:
@@ -108,10 +116,11 @@ def write_hashed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    if all(t.dtype in _NUMPY_SAFE and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
-        from safetensors.numpy import save_file  # skips the torch front end's shared-storage scan
+    arrays = _as_numpy(tensors)
+    if arrays is not None:
+        from safetensors.numpy import save_file
 
-        save_file({k: t.numpy() for k, t in tensors.items()}, str(path), metadata)
+        save_file(arrays, str(path), metadata)
     else:
         from safetensors.torch import save_file
 

@@ -227,21 +227,19 @@ def _well_conditioned(grams: Tensor) -> Tensor:
     the factorisation's own rounding) that proves the ratio. The rest get their eigenvalues computed."""
     limit = ProductSpectrum.FP32_GRAM_CONDITION**2
     norms = grams.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(grams.dtype).tiny).sqrt()
-    scaled = grams / (norms[:, :, None] * norms[:, None, :])
+    scaled = grams / (norms[:, :, None] * norms[:, None, :])  # the Gram of the factor with unit-norm columns
     shift = 1.01 * scaled.abs().sum(-1).amax(-1) / limit
     eye = torch.eye(scaled.shape[-1], dtype=scaled.dtype, device=scaled.device)
     proven = torch.linalg.cholesky_ex(scaled - shift[:, None, None] * eye).info == 0
     if not bool(proven.all()):
         rest = ~proven
-        proven[rest] = _scaled_condition(grams[rest]) <= limit
+        proven[rest] = _eigenvalue_ratio(scaled[rest]) <= limit
     return proven
 
 
-def _scaled_condition(grams: Tensor) -> Tensor:
-    """λ_max/λ_min of each Gram matrix in the batch after scaling it to a unit diagonal (the Gram of
-    the factor with unit-norm columns); inf where it is not positive definite."""
-    norms = grams.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(grams.dtype).tiny).sqrt()
-    eig = torch.linalg.eigvalsh(grams / (norms[:, :, None] * norms[:, None, :]))
+def _eigenvalue_ratio(symmetric: Tensor) -> Tensor:
+    """λ_max/λ_min of each matrix in the batch; inf where it is not positive definite."""
+    eig = torch.linalg.eigvalsh(symmetric)
     low, high = eig[:, 0], eig[:, -1]
     return torch.where(low > 0, high / low.clamp_min(torch.finfo(eig.dtype).tiny), torch.full_like(low, math.inf))
 
