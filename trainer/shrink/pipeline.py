@@ -151,10 +151,10 @@ def _worker_threads() -> int:
     return max(1, min(limit or cores, 8))
 
 
-def _choose(rule: Rule, layers: list[AdapterLayer], spectra: list[Spectrum], base: BaseModel | None,
+def _choose(rule: Rule, layers: list[AdapterLayer], spectra: list[Spectrum], S: Tensor, base: BaseModel | None,
             save_dtype: torch.dtype, map_fn=map) -> tuple[list[Tensor], float | None]:
-    """The components each layer keeps (indices into its σ, on the CPU), and the recipe's threshold."""
-    S = _padded([spec.S.cpu() for spec in spectra])
+    """The components each layer keeps (indices into its σ, on the CPU), and the recipe's threshold.
+    S: the layers' spectra as one zero-padded matrix (`_padded`)."""
     if rule.kind != "recipe":  # sd-scripts decomposes up@down without alpha/dim: its σ are unscaled
         scales = torch.tensor([abs(layer.scale) or 1.0 for layer in layers], dtype=S.dtype)[:, None]
         ranks = sd_scripts_ranks(S / scales, [len(spec.S) for spec in spectra], rank=rule.rank, method=rule.method,
@@ -191,10 +191,10 @@ def _padded(rows: list[Tensor]) -> Tensor:
     return torch.nn.utils.rnn.pad_sequence([row.to(dtype) for row in rows], batch_first=True)
 
 
-def _energies(spectra: list[Spectrum], keeps: list[Tensor]) -> tuple[list[float], list[float], list[float]]:
+def _energies(S: Tensor, keeps: list[Tensor]) -> tuple[list[float], list[float], list[float]]:
     """Each layer's Σσ², and the parts of it its kept and its dropped components carry (float64, for the
     report; the dropped part is summed, not subtracted, so a tiny truncation error stays exact)."""
-    sq = _padded([spec.S.double().cpu() for spec in spectra]).square()
+    sq = S.double().square()
     kept = torch.zeros_like(sq, dtype=torch.bool)
     rows = torch.repeat_interleave(torch.arange(len(keeps)), torch.tensor([k.numel() for k in keeps], dtype=torch.long))
     if rows.numel():
@@ -292,14 +292,15 @@ def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | N
     rescale = rule.recipe.rescale if rule.recipe else 1.0
     with ThreadPoolExecutor(max_workers=_worker_threads()) as pool:
         spectra = _spectra(parsed.layers, compute, source, pool.map)
-        keeps, threshold = _choose(rule, parsed.layers, spectra, base_model, save_dtype, pool.map)
+        padded = _padded([spec.S.cpu() for spec in spectra])
+        keeps, threshold = _choose(rule, parsed.layers, spectra, padded, base_model, save_dtype, pool.map)
         roots = [torch.sqrt(spec.S[keep.to(spec.S.device)] * (rescale / layer.output_scale))
                  for layer, spec, keep in zip(parsed.layers, spectra, keeps)]
         factors = kept_factors(
             [(spec, keep.to(spec.S.device), root) for spec, keep, root in zip(spectra, keeps, roots)], save_dtype, pool.map
         )
     old_ranks = [len(spec.S) for spec in spectra]
-    energies, kept_energies, dropped_energies = _energies(spectra, keeps)
+    energies, kept_energies, dropped_energies = _energies(padded, keeps)
     del spectra  # they hold float32 copies of every factor
 
     out_tensors: dict[str, Tensor] = {}
