@@ -302,13 +302,3 @@ def service_spec(bucket: str, **changes: Any) -> dict[str, Any]:
     }
     return apply_changes(doc, changes)
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value {last!r}")

@@ -20,8 +20,9 @@ from service.client import Client
 from service.dev import free_port
 from service.jobstore import IdempotencyRecord, JobStore, new_job_id
 from service.wire import JobCreate
+from tests.common_helpers import wait_for
 from tests.faults.fault_helpers import (
-    TENANT, TOKEN, ServiceProcess, fault_rng, s3_client, service_env, service_spec, soak, wait_until,
+    TENANT, TOKEN, ServiceProcess, fault_rng, s3_client, service_env, service_spec, soak,
 )
 from trainer.storage import open_store
 
@@ -147,12 +148,12 @@ def test_service_killed_mid_submit_loses_and_duplicates_nothing(s3_server, servi
             jobs = _all_jobs(service.url)
             return all(j["phase"] in ("succeeded", "failed", "cancelled") for j in jobs) and jobs
 
-        wait_until(all_finished, 180, "every job to finish")
+        wait_for(all_finished, 180, 0.2, "every job to finish")
         print(f"service kill: all {len(expected)} jobs finished ({time.monotonic() - t0:.1f} s)")
         phases = {j["id"]: j["phase"] for j in _all_jobs(service.url)}
         assert set(phases.values()) == {"succeeded"}, phases
-        wait_until(lambda: not _keys(s3_server, service_bucket, f"state/tenants/{TENANT}/slots/"), 30,
-                   "every concurrency slot to be released")
+        wait_for(lambda: not _keys(s3_server, service_bucket, f"state/tenants/{TENANT}/slots/"), 30, 0.2,
+                 "every concurrency slot to be released")
     finally:
         service.stop()
 
