@@ -169,3 +169,38 @@ def test_batched_kept_factors_equal_each_spectrums_own_vectors():
         assert u.is_contiguous() and vh.is_contiguous()
     storages = [t.untyped_storage().data_ptr() for pair in batched for t in pair if t.numel()]
     assert len(storages) == len(set(storages))  # safetensors refuses tensors that share memory
+
+
+def test_one_pass_reduction_equals_spectra_then_kept_factors():
+    """`reduce_products` (decide and re-form each batch in one pass, on the batch's own float32 factors)
+    gives every product the spectrum and factors of `product_spectra` followed by `kept_factors`, and
+    calls `select` with the right positions, whatever the product's route."""
+    from trainer.shrink.spectrum import kept_factors, product_spectra, reduce_products
+
+    g = torch.Generator().manual_seed(11)
+    products = []
+    for i in range(9):  # two shapes; one ill-conditioned factor; one dense-route product
+        m = 120 if i % 2 else 64
+        left, right = torch.randn(m, 8, generator=g), torch.randn(8, 90, generator=g)
+        if i == 4:
+            left[:, 1] = left[:, 0] + 0.05 * left[:, 1]
+        products.append((left.half(), right.half(), -0.5 if i % 3 == 0 else 1.5))
+    products.append((torch.randn(6, 8, generator=g), torch.randn(8, 5, generator=g), 1.0))
+    picks = {i: torch.arange(i % 5) for i in range(len(products))}  # 0..4 components, so some keep none
+    seen = []
+
+    def select(positions, spectra):
+        seen.extend(positions)
+        return [(picks[p], torch.sqrt(s.S[picks[p]])) for p, s in zip(positions, spectra)]
+
+    one_pass = reduce_products(products, select, torch.float16)
+    assert sorted(seen) == list(range(len(products)))
+    spectra = product_spectra(products)
+    assert {s.mode for s in spectra} >= {"gram32", "gram64", "dense"}
+    two_pass = kept_factors([(s, picks[i], torch.sqrt(s.S[picks[i]])) for i, s in enumerate(spectra)], torch.float16)
+    for (spec, (idx, _), (u, vh)), ref, (ref_u, ref_vh) in zip(one_pass, spectra, two_pass):
+        assert spec.mode == ref.mode
+        torch.testing.assert_close(spec.S, ref.S)
+        assert u.dtype == vh.dtype == torch.float16 and u.is_contiguous() and vh.is_contiguous()
+        torch.testing.assert_close(u, ref_u, rtol=2e-3, atol=1e-4)
+        torch.testing.assert_close(vh, ref_vh, rtol=2e-3, atol=1e-4)

@@ -231,3 +231,28 @@ def test_file_level_refusals(tmp_path):
         shrink_file(str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors"), base=None, rank=2)
     with pytest.raises(ShrinkError, match="overwrite"):
         shrink_file(str(tmp_path / "ok.safetensors"), str(tmp_path / "ok.safetensors"), base=None, rank=2)
+
+
+def test_size_target_cuts_where_its_threshold_would(tmp_path):
+    """A size target (`size=MiB`) weighs every layer before any cut (two passes); a plain threshold
+    decides each layer as it is decomposed (one pass). With the size run's threshold, the threshold
+    run must keep exactly the same ranks, and the size run must fit its target."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for b in range(6):
+        name = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_{b}_attn1_to_q"
+        decay = torch.exp(-torch.arange(16.0) / (2 + b))
+        tensors[f"{name}.lora_up.weight"] = torch.randn(40, 16, generator=g) * decay
+        tensors[f"{name}.lora_down.weight"] = torch.randn(16, 48, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(8.0)
+    path = tmp_path / "in.safetensors"
+    save_file(tensors, str(path))
+    target_mib = 0.02
+    sized = shrink_file(str(path), str(tmp_path / "sized.safetensors"), base=None, recipe=f"spn_lora=1,size={target_mib}",
+                        save_precision="fp32")
+    params = sum(r.new_rank * (40 + 48) for r in sized.layers)
+    assert 0 < params * 4 <= target_mib * 2**20
+    assert len({r.new_rank for r in sized.layers}) > 1  # the target cuts layers differently
+    cut = shrink_file(str(path), str(tmp_path / "cut.safetensors"), base=None,
+                      recipe=f"spn_lora=1,thr={sized.threshold!r}", save_precision="fp32")
+    assert [r.new_rank for r in cut.layers] == [r.new_rank for r in sized.layers]

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .errors import ShrinkError
-from .spectrum import DenseSpectrum, KronSpectrum, Spectrum, product_spectra, product_spectrum
+from .spectrum import (DenseSpectrum, Kept, KronSpectrum, Spectrum, kept_factors, product_spectra, product_spectrum,
+                       reduce_products)
 
 LORA_SUFFIXES = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"})
 LOHA_SUFFIXES = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"})
@@ -98,6 +99,28 @@ def spectra_of(structures: list[Structure], map_fn: Callable = map) -> list[Spec
     for i, spec in zip(rest, map_fn(spectrum_of, [structures[i] for i in rest])):
         out[i] = spec
     return out  # type: ignore[return-value]
+
+
+def reductions_of(structures: list[Structure], select: Callable[[list[int], list[Spectrum]], list[Kept]],
+                  dtype: torch.dtype, map_fn: Callable = map) -> list[tuple[Spectrum, Kept, tuple[Tensor, Tensor]]]:
+    """For rank rules that decide each layer on its own: every delta's spectrum, what `select` keeps of
+    it (called with positions into `structures` and their spectra), and the kept factors in `dtype`.
+    Products go through `reduce_products` (one pass per batch); the rest one by one."""
+    products = [i for i, s in enumerate(structures) if isinstance(s, Product)]
+    out: list = [None] * len(structures)
+    reduced = reduce_products(
+        [(structures[i].left, structures[i].right, structures[i].scale) for i in products],
+        lambda positions, spectra: select([products[p] for p in positions], spectra), dtype, map_fn,
+    )
+    for i, result in zip(products, reduced):
+        out[i] = result
+    rest = [i for i, result in enumerate(out) if result is None]
+    spectra = list(map_fn(spectrum_of, [structures[i] for i in rest]))
+    kept = select(rest, spectra) if rest else []
+    factors = kept_factors([(spec, *k) for spec, k in zip(spectra, kept)], dtype, map_fn)
+    for i, spec, k, pair in zip(rest, spectra, kept, factors):
+        out[i] = (spec, k, pair)
+    return out
 
 
 def materialize(structure: Structure) -> Tensor:

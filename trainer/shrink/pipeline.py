@@ -19,7 +19,8 @@ from torch import Tensor
 
 from trainer.adapter_file import write_hashed
 
-from .adapter_layers import AdapterLayer, parse_adapter, resolve_shape, spectra_of, spectrum_of
+from . import blas
+from .adapter_layers import AdapterLayer, parse_adapter, reductions_of, resolve_shape, spectra_of, spectrum_of
 from .base_model import BaseModel
 from .errors import NothingToShrink, ShrinkError
 from .metadata import shrunk_metadata
@@ -119,6 +120,39 @@ def _spectra(layers: list[AdapterLayer], device: torch.device, source: str, map_
         if not bool(torch.isfinite(spec.S).all()):
             raise _bad_values(layer, source)
     return spectra
+
+
+def _reduce(rule: Rule, layers: list[AdapterLayer], base: BaseModel | None, save_dtype: torch.dtype,
+            device: torch.device, source: str, map_fn=map) -> tuple[list[Spectrum], list[Tensor], list[Tensor], list]:
+    """Spectra, kept components (on the CPU), their weights √σ and the kept factors of every layer, for
+    rules that decide each layer on its own: the rule runs on each batch as soon as it is decomposed
+    (`reductions_of`), so the kept factors are formed while the batch's factors are at hand."""
+
+    def select(positions: list[int], spectra: list[Spectrum]) -> list[tuple[Tensor, Tensor]]:
+        batch = [layers[i] for i in positions]
+        for layer, spec in zip(batch, spectra):
+            if not bool(torch.isfinite(spec.S).all()):
+                raise _bad_values(layer, source)
+        # Already on a pool thread: the base-model reads of this batch run here, not through the pool.
+        keeps, _ = _choose(rule, batch, spectra, _padded([spec.S.cpu() for spec in spectra]), base, save_dtype)
+        return [(keep.to(spec.S.device), _roots(layer, spec, keep.to(spec.S.device), rule))
+                for layer, spec, keep in zip(batch, spectra, keeps)]
+
+    try:
+        structures = [layer.structure(device, dtype=None) for layer in layers]
+        reduced = reductions_of(structures, select, save_dtype, map_fn)
+    except RuntimeError:  # LAPACK stopped on a batch: redo layer by layer so the error names the layer
+        for layer in layers:
+            _spectrum(layer, device, source)
+        raise
+    return ([spec for spec, _, _ in reduced], [kept[0].cpu() for _, kept, _ in reduced],
+            [kept[1] for _, kept, _ in reduced], [pair for _, _, pair in reduced])
+
+
+def _roots(layer: AdapterLayer, spec: Spectrum, keep: Tensor, rule: Rule) -> Tensor:
+    """√σ of the kept components, in the output's scale: each shrunk factor carries one √σ."""
+    rescale = rule.recipe.rescale if rule.recipe else 1.0
+    return torch.sqrt(spec.S[keep] * (rescale / layer.output_scale))
 
 
 def _layer_refs(layer: AdapterLayer, spec: Spectrum, recipe: Recipe, base: BaseModel | None) -> LayerRefs:
@@ -289,16 +323,20 @@ def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | N
         resolve_shape(layer, base_shape, arch, source)
 
     compute = torch.device(device)
-    rescale = rule.recipe.rescale if rule.recipe else 1.0
-    with ThreadPoolExecutor(max_workers=_worker_threads()) as pool:
-        spectra = _spectra(parsed.layers, compute, source, pool.map)
-        padded = _padded([spec.S.cpu() for spec in spectra])
-        keeps, threshold = _choose(rule, parsed.layers, spectra, padded, base_model, save_dtype, pool.map)
-        roots = [torch.sqrt(spec.S[keep.to(spec.S.device)] * (rescale / layer.output_scale))
-                 for layer, spec, keep in zip(parsed.layers, spectra, keeps)]
-        factors = kept_factors(
-            [(spec, keep.to(spec.S.device), root) for spec, keep, root in zip(spectra, keeps, roots)], save_dtype, pool.map
-        )
+    with ThreadPoolExecutor(max_workers=_worker_threads()) as pool, blas.single_threaded_blas():
+        if rule.kind != "recipe" or rule.recipe.size_mib is None:  # each layer's rank is its own affair
+            spectra, keeps, roots, factors = _reduce(rule, parsed.layers, base_model, save_dtype, compute, source,
+                                                     pool.map)
+            threshold = rule.recipe.threshold if rule.recipe else None
+            padded = _padded([spec.S.cpu() for spec in spectra])
+        else:  # a size target weighs every layer's spectrum before any cut
+            spectra = _spectra(parsed.layers, compute, source, pool.map)
+            padded = _padded([spec.S.cpu() for spec in spectra])
+            keeps, threshold = _choose(rule, parsed.layers, spectra, padded, base_model, save_dtype, pool.map)
+            roots = [_roots(layer, spec, keep.to(spec.S.device), rule)
+                     for layer, spec, keep in zip(parsed.layers, spectra, keeps)]
+            factors = kept_factors([(spec, keep.to(spec.S.device), root) for spec, keep, root in zip(spectra, keeps, roots)],
+                                   save_dtype, pool.map)
     old_ranks = [len(spec.S) for spec in spectra]
     energies, kept_energies, dropped_energies = _energies(padded, keeps)
     del spectra  # they hold float32 copies of every factor

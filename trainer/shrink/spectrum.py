@@ -11,10 +11,13 @@ Singular vectors are produced only for the components a rank rule keeps (`vector
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from . import blas
 
 
 class Spectrum:
@@ -116,20 +119,27 @@ def product_spectra(products: Sequence[tuple[Tensor, Tensor, float]], map_fn: Ca
     core SVD) done as batched calls. Each batch goes through `map_fn`: batches are a few large
     operations that release the GIL, so a pool of threads can share them out."""
     out: list[ProductSpectrum | None] = [None] * len(products)
-    groups: dict[tuple, list[int]] = {}
     for i, (left, right, scale) in enumerate(products):
-        (m, k), n = left.shape, right.shape[1]
-        if k >= min(m, n):  # the factors are no smaller than ΔW: its plain SVD is the cheap exact path
+        if left.shape[1] >= min(left.shape[0], right.shape[1]):  # factors no smaller than ΔW: plain SVD
             dtype = _compute_dtype(left)
             core = torch.linalg.svd(left.to(dtype) @ right.to(dtype), full_matrices=False)
             out[i] = ProductSpectrum(left, right, scale, "dense", core)
-        else:
-            groups.setdefault((m, k, n, left.dtype, right.dtype, left.device), []).append(i)
-    batches = [batch for (m, k, n, *_), idx in groups.items() for batch in _batches(idx, 4 * k * (m + n))]
+    batches = _product_batches(products)
     for idx, spectra in zip(batches, map_fn(lambda idx: _gram_spectra([products[i] for i in idx]), batches)):
         for i, spec in zip(idx, spectra):
             out[i] = spec
     return out  # type: ignore[return-value]
+
+
+def _product_batches(products: Sequence[tuple[Tensor, Tensor, float]]) -> list[list[int]]:
+    """Indices of the products to decompose together: one shape (and dtype, device) per batch, at most
+    BATCH_BYTES of float32 factors each. Products whose factors are no smaller than ΔW are left out."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (left, right, _) in enumerate(products):
+        (m, k), n = left.shape, right.shape[1]
+        if k < min(m, n):
+            groups.setdefault((m, k, n, left.dtype, right.dtype, left.device), []).append(i)
+    return [batch for (m, k, n, *_), idx in groups.items() for batch in _batches(idx, 4 * k * (m + n))]
 
 
 def _batches(items: list, item_bytes: int) -> list[list]:
@@ -138,12 +148,16 @@ def _batches(items: list, item_bytes: int) -> list[list]:
 
 
 def _gram_spectra(products: list[tuple[Tensor, Tensor, float]]) -> list[ProductSpectrum]:
+    return _decompose(products)[0]
+
+
+def _decompose(products: list[tuple[Tensor, Tensor, float]]) -> tuple[list[ProductSpectrum], Tensor, Tensor]:
     """Spectra of products of one shape, from float32 Grams where both factors are well-conditioned
-    (see `ProductSpectrum`); the others are redone one by one (`_careful_spectrum`)."""
-    left = torch.stack([p[0] for p in products]).to(torch.float32)
-    right = torch.stack([p[1] for p in products]).to(torch.float32)
-    g_left, g_right = left.mT @ left, right @ right.mT
-    del left, right
+    (see `ProductSpectrum`); the others are redone one by one (`_careful_spectrum`). Also returns the
+    batch's factors stacked in float32, for `_gram_vectors` to reuse while they are at hand."""
+    left = _stacked([p[0] for p in products], "left")
+    right = _stacked([p[1] for p in products], "right")
+    g_left, g_right = blas.grams(left, right)
     finite = torch.isfinite(g_left).flatten(1).all(1) & torch.isfinite(g_right).flatten(1).all(1)
     if not bool(finite.all()):  # NaN/inf factors: an identity stands in, the careful path reports them
         eye = torch.eye(g_left.shape[-1], dtype=g_left.dtype, device=g_left.device)
@@ -154,11 +168,76 @@ def _gram_spectra(products: list[tuple[Tensor, Tensor, float]]) -> list[ProductS
     r_right, info_right = torch.linalg.cholesky_ex(g_right, upper=True)
     conditioned &= (info_left == 0) & (info_right == 0)
     uc, s, vhc = torch.linalg.svd(r_left @ r_right.mT)
-    return [
-        ProductSpectrum(left, right, scale, "gram32", (uc[j], s[j], vhc[j]), (r_left[j], r_right[j]))
-        if ok else _careful_spectrum(left, right, scale)
-        for j, ((left, right, scale), ok) in enumerate(zip(products, conditioned.tolist()))
+    spectra = [
+        ProductSpectrum(l_j, r_j, scale, "gram32", (uc[j], s[j], vhc[j]), (r_left[j], r_right[j]))
+        if ok else _careful_spectrum(l_j, r_j, scale)
+        for j, ((l_j, r_j, scale), ok) in enumerate(zip(products, conditioned.tolist()))
     ]
+    return spectra, left, right
+
+
+_workspace = threading.local()
+
+
+def _stacked(factors: list[Tensor], slot: str) -> Tensor:
+    """The factors stacked in float32 into this thread's reusable buffer `slot` (valid until the thread
+    stacks its next batch). A fresh buffer per batch would cost a page fault per 4 KiB on first touch."""
+    shape = (len(factors), *factors[0].shape)
+    numel = math.prod(shape)
+    key = (slot, factors[0].device)
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        buffers = _workspace.buffers = {}
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:  # (numpy views make a storage non-resizable: a new one)
+        buffer = buffers[key] = torch.empty(numel, dtype=torch.float32, device=factors[0].device)
+    return torch.stack(factors, out=buffer[:numel].view(shape))
+
+
+# What a rank rule keeps of a spectrum: (indices into its σ, a weight per kept component).
+Kept = tuple[Tensor, Tensor]
+
+
+def reduce_products(products: Sequence[tuple[Tensor, Tensor, float]],
+                    select: Callable[[list[int], list[ProductSpectrum]], list[Kept]],
+                    dtype: torch.dtype, map_fn: Callable = map) -> list[tuple[ProductSpectrum, Kept, tuple[Tensor, Tensor]]]:
+    """`product_spectra` and `kept_factors` in one pass over each batch, for rank rules that decide
+    each layer on its own: `select(positions, spectra)` is called on every batch (positions index
+    `products`) and names what each product keeps; the kept factors are then formed from the batch's
+    float32 factors while they are still at hand (in cache, not stacked and converted a second time).
+    Returns (spectrum, kept, (U, Vh) in `dtype`) per product."""
+    out: list = [None] * len(products)
+    rest = []
+    for i, (left, right, _) in enumerate(products):
+        if left.shape[1] >= min(left.shape[0], right.shape[1]):
+            rest.append(i)  # "dense": nothing to batch
+    dense = product_spectra([products[i] for i in rest])
+    for i, spec, kept in zip(rest, dense, select(rest, dense) if rest else []):
+        u, vh = spec.vectors(*kept)
+        out[i] = (spec, kept, (u.to(dtype).contiguous(), vh.to(dtype).contiguous()))
+    batches = _product_batches(products)
+
+    def reduce(idx: list[int]) -> list:
+        spectra, left, right = _decompose([products[i] for i in idx])
+        kept = select(idx, spectra)
+        factors: list = [None] * len(idx)
+        gram = [j for j, s in enumerate(spectra) if s.mode == "gram32" and kept[j][0].numel()]
+        for j in sorted(set(range(len(idx))) - set(gram)):
+            u, vh = spectra[j].vectors(*kept[j])
+            factors[j] = (u.to(dtype).contiguous(), vh.to(dtype).contiguous())
+        if gram:
+            stacked = None
+            if spectra[0]._dtype == left.dtype:  # float32 work: the stacked factors are the ones to use
+                stacked = ([left[j] for j in gram], [right[j] for j in gram])
+            formed = _gram_vectors([(spectra[j], *kept[j]) for j in gram], dtype, stacked)
+            for j, pair in zip(gram, formed):
+                factors[j] = pair
+        return list(zip(spectra, kept, factors))
+
+    for idx, results in zip(batches, map_fn(reduce, batches)):
+        for i, result in zip(idx, results):
+            out[i] = result
+    return out
 
 
 def kept_factors(requests: Sequence[tuple[Spectrum, Tensor, Tensor]], dtype: torch.dtype,
@@ -166,8 +245,8 @@ def kept_factors(requests: Sequence[tuple[Spectrum, Tensor, Tensor]], dtype: tor
     """For each (spectrum, kept indices, weights): `vectors(idx, weights)` cast to `dtype`, each a
     tensor of its own (safetensors refuses to save views of one buffer).
 
-    Gram-route products of one shape are formed together, in batches through `map_fn`: their kept
-    columns padded to the batch's widest (padding weighs 0), sorted by width to keep padding small."""
+    Gram-route products of one shape are formed together, in batches through `map_fn`, layers sorted by
+    kept width."""
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     for i, (spec, idx, weights) in enumerate(requests):
@@ -187,9 +266,11 @@ def kept_factors(requests: Sequence[tuple[Spectrum, Tensor, Tensor]], dtype: tor
     return out  # type: ignore[return-value]
 
 
-def _gram_vectors(requests: list[tuple[ProductSpectrum, Tensor, Tensor]], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-    """`kept_factors` for Gram-route products of one shape: U = L·(R_L⁻¹·U_c·w), Vh = (R_R⁻ᵀ·V_c·w)ᵀ·R
-    as batched triangular solves and GEMMs."""
+def _gram_vectors(requests: list[tuple[ProductSpectrum, Tensor, Tensor]], dtype: torch.dtype,
+                  factors: tuple[list[Tensor], list[Tensor]] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """`kept_factors` for Gram-route products of one shape: U = L·(R_L⁻¹·U_c·w), Vh = (R_R⁻ᵀ·V_c·w)ᵀ·R.
+    The k×k work is batched (kept columns padded to the widest, with weight 0); each layer's two
+    products run at its own width. `factors`: each layer's (left, right) already in the compute dtype."""
     specs = [r[0] for r in requests]
     widths = [int(r[1].numel()) for r in requests]
     core = specs[0]._uc.dtype
@@ -206,10 +287,11 @@ def _gram_vectors(requests: list[tuple[ProductSpectrum, Tensor, Tensor]], dtype:
     compute = specs[0]._dtype
     if any(s._sign < 0 for s in specs):
         x = x * torch.tensor([s._sign for s in specs], dtype=x.dtype, device=x.device)[:, None, None]
-    # Uᵀ = Xᵀ·Lᵀ: a wide GEMM runs faster than the narrow L·X, and the per-layer copy below transposes anyway.
-    u_t = (x.mT.to(compute) @ torch.stack([s._left for s in specs]).to(compute).mT).to(dtype)
-    vh = (y.mT.to(compute) @ torch.stack([s._right for s in specs]).to(compute)).to(dtype)
-    return [(u_t[j, :w].mT.clone(memory_format=torch.contiguous_format), vh[j, :w].clone()) for j, w in enumerate(widths)]
+    lefts, rights = factors or ([s._left.to(compute) for s in specs], [s._right.to(compute) for s in specs])
+    x, y_t = x.to(compute), y.mT.to(compute)
+    u = blas.matmuls(lefts, [x[j, :, :w] for j, w in enumerate(widths)])
+    vh = blas.matmuls([y_t[j, :w] for j, w in enumerate(widths)], rights)
+    return [(a.to(dtype), b.to(dtype)) for a, b in zip(u, vh)]
 
 
 def _compute_dtype(factor: Tensor) -> torch.dtype:
