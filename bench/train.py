@@ -6,8 +6,8 @@ scheduler builders, and `micro_batch_loss` (cached latents → noise → UNet �
 by backward, gradient clipping, optimizer and scheduler step, exactly as `run_training` runs it. Only
 the data is synthetic: random latents and text-encoder outputs stand in for the latent and text
 caches, and every model is built from `trainer/models/configs/` with random weights (speed and memory
-do not depend on the weights' values). The frozen VAE and text encoders are built and kept on the
-device too, because the trainer keeps them there.
+do not depend on the weights' values). The frozen VAE and text encoders are built on the device and
+then parked on the CPU by `park_idle_modules`, as `run_training` does once the caches make them idle.
 
 Each (model, resolution, batch size, variant) runs in a fresh process, so peak memory and compile
 caches do not leak from one row to the next. Every group starts with the baseline, plain fp32
@@ -237,7 +237,7 @@ def run_case(case: Case) -> dict[str, Any]:
     import torch
 
     from trainer.network import build_network
-    from trainer.train.loop import make_accelerator, micro_batch_loss, prepare_model, seed_everything
+    from trainer.train.loop import make_accelerator, micro_batch_loss, park_idle_modules, prepare_model, seed_everything
     from trainer.train.optim import build_optimizer
     from trainer.train.schedule import build_scheduler
 
@@ -264,6 +264,7 @@ def run_case(case: Case) -> dict[str, Any]:
     model, optimizer = acc.prepare(model, built.optimizer)
     trainable = [p for p in network.parameters() if p.requires_grad]
     cache, text_cache, batches = _synthetic_batches(case, parts, weight_dtype)
+    park_idle_modules(parts, device, vae_idle=True, text_encoders_idle=True)
     max_grad_norm = spec.optimizer.max_grad_norm
 
     def step(index: int) -> float:
@@ -333,8 +334,7 @@ def run_case(case: Case) -> dict[str, Any]:
         "adapter_params": sum(p.numel() for p in trainable),
         "adapter_modules": len(network.loras()),
         "unet_params": sum(p.numel() for p in parts.unet.parameters()),
-        # What sits in memory besides activations: the UNet, and the VAE and text encoders that the
-        # trainer keeps on the device although cached latents / text outputs never run them.
+        # The frozen weights: the UNet on the device; on CUDA the VAE and text encoders are parked on the CPU.
         "weights_gib": {name: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**30
                         for name, m in (("unet", parts.unet), ("vae", parts.vae),
                                         ("text_encoders", torch.nn.ModuleList(parts.text_encoders)))},

@@ -261,10 +261,27 @@ def _make_module(network_module: str, algo: str, t: _Target, spec) -> nn.Module:
     module_dropout = float(_spec(spec, "module_dropout", 0.0))
     if _is_norm(t.module):
         return NormModule(t.lora_name, t.module, 1.0, rank_dropout, module_dropout, **_module_options(spec))
-    cls = network_module_dict["lora" if network_module == "networks.lora" else algo]
+    kind = "lora" if network_module == "networks.lora" else algo
+    cls = network_module_dict[kind]
     use_tucker = bool(_spec(spec, "use_tucker", False)) if network_module == "lycoris.kohya" else False
     options = _module_options(spec) | t.options
+    if kind in ("lora", "locon") and _bypass(network_module, dropout, rank_dropout):
+        options["bypass_mode"] = True
     return cls(t.lora_name, t.module, 1.0, t.dim, t.alpha, dropout, rank_dropout, module_dropout, use_tucker, **options)
+
+
+def _bypass(network_module: str, dropout: float, rank_dropout: float) -> bool:
+    """Whether a LoRA/LoCon layer runs as y = Wx + up(down(x))·scale instead of rebuilding W + ΔW.
+
+    LyCORIS' default rebuild forms the full out×in ΔW of every layer at every step, then subtracts W
+    back out in the frozen weights' dtype: about four full-size tensors per layer, a second full GEMM,
+    and in bf16 the subtraction rounds most of ΔW away. The bypass form is what sd-scripts'
+    networks.lora computes, costs rank-r work only, and gives the same output up to round-off.
+    LyCORIS defines the dropouts differently in the two forms (rebuild drops rows of ΔW and ignores
+    neuron dropout; bypass drops on the rank axis as sd-scripts does), so lycoris.kohya keeps the
+    rebuild form when a dropout is asked for, and networks.lora always takes sd-scripts' meaning.
+    """
+    return network_module == "networks.lora" or (not dropout and not rank_dropout)
 
 
 def _load_module(module: nn.Module, sd: dict[str, torch.Tensor]) -> None:

@@ -218,3 +218,45 @@ def test_lora_and_locon_files_load_in_diffusers(tiny_models, parts_for, network_
             loaded = _unet_out(diffusers_parts, latents, t, ids)
         assert not torch.allclose(base, loaded, atol=1e-4)
         assert torch.allclose(loaded, ours, atol=1e-4), (algo, (loaded - ours).abs().max())
+
+
+@pytest.mark.parametrize("module_name", ["networks.lora", "lycoris.kohya"])
+def test_lora_layers_run_in_bypass_form_with_the_rebuild_forms_output(parts_for, network_spec, module_name):
+    """LoRA/LoCon layers add up(down(x)) instead of rebuilding W + ΔW (rank-r work, not out×in per step);
+    the output is the rebuild form's to fp32 round-off, on linear and conv layers alike."""
+    parts = parts_for("sd1")
+    spec = network_spec(module=module_name, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
+    network = build_network(spec, parts, train_unet=True, train_text_encoder=False)
+    modules = network.loras()
+    assert modules and all(m.bypass_mode for m in modules)
+    assert any(m.isconv for m in modules)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in modules:
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.1)
+    latents, t, ids = _inputs(parts)
+    network.apply_to()
+    try:
+        with torch.no_grad():
+            bypass = _unet_out(parts, latents, t, ids)
+            for m in modules:
+                m.bypass_mode = False
+            rebuilt = _unet_out(parts, latents, t, ids)
+    finally:
+        network.restore()
+    assert not torch.allclose(bypass, _unet_out(parts, latents, t, ids), atol=1e-3)  # the adapter does act
+    assert torch.allclose(bypass, rebuilt, atol=1e-5), (bypass - rebuilt).abs().max()
+
+
+def test_lycoris_dropouts_keep_lycoris_rebuild_meaning(parts_for, network_spec):
+    """LyCORIS defines rank dropout on rows of ΔW in its default (rebuild) form: a lycoris.kohya job that
+    asks for a dropout keeps that form; sd-scripts' networks.lora always drops on the rank axis (bypass)."""
+    parts = parts_for("sd1")
+    lyco = build_network(network_spec(module="lycoris.kohya", dim=4, alpha=2.0, rank_dropout=0.1), parts,
+                         train_unet=True, train_text_encoder=False)
+    assert not any(m.bypass_mode for m in lyco.loras())
+    kohya = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0, rank_dropout=0.1), parts,
+                          train_unet=True, train_text_encoder=False)
+    assert all(m.bypass_mode for m in kohya.loras())
+    loha = build_network(network_spec(algo="loha", dim=4, alpha=2.0), parts, train_unet=True, train_text_encoder=False)
+    assert not any(m.bypass_mode for m in loha.loras())

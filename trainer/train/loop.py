@@ -311,15 +311,7 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
         text_cache = build_text_cache(model, dataset, device)
         timings["cache_text_s"] = time.monotonic() - t0
 
-    # Modules the caches made idle leave the GPU, as sd-scripts does after caching (SDXL bf16: ~1.7 GiB
-    # of text encoders + VAE); sampling brings them back for its round (trainer.samples).
-    if device.type == "cuda":
-        if cache is not None:
-            parts.vae.to("cpu")
-        if text_cache is not None and not train_te:
-            for te in parts.text_encoders:
-                te.to("cpu")
-        torch.cuda.empty_cache()
+    park_idle_modules(parts, device, vae_idle=cache is not None, text_encoders_idle=text_cache is not None and not train_te)
 
     # -- optimizer, scheduler, accelerate -------------------------------------------------------
     groups = network.param_groups(unet_lr=opt_spec.unet_lr if opt_spec.unet_lr is not None else opt_spec.learning_rate,
@@ -507,6 +499,19 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
         saved_files=list(saved), timings=timings, ss_metadata=stamp(meta, steps=step, epoch=min(epoch, num_epochs))
         if is_main else {}, cache_stats=cache_stats,
     )
+
+
+def park_idle_modules(parts: Any, device: torch.device, *, vae_idle: bool, text_encoders_idle: bool) -> None:
+    """Modules the caches made idle leave the GPU, as sd-scripts does after caching (SDXL bf16: ~1.7 GiB
+    of text encoders + VAE); sampling brings them back for its round (trainer.samples)."""
+    if device.type != "cuda":
+        return
+    if vae_idle:
+        parts.vae.to("cpu")
+    if text_encoders_idle:
+        for te in parts.text_encoders:
+            te.to("cpu")
+    torch.cuda.empty_cache()
 
 
 def micro_batch_loss(model: Any, batch: Any, parts: Any, spec: JobSpec, cache: LatentCache | None,
