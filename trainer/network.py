@@ -262,7 +262,10 @@ def _make_module(network_module: str, algo: str, t: _Target, spec) -> nn.Module:
     if _is_norm(t.module):
         return NormModule(t.lora_name, t.module, 1.0, rank_dropout, module_dropout, **_module_options(spec))
     kind = "lora" if network_module == "networks.lora" else algo
-    cls = network_module_dict[kind]
+    if network_module == "networks.lora":
+        from trainer.kohya_lora import KohyaLoRAModule as cls
+    else:
+        cls = network_module_dict[kind]
     use_tucker = bool(_spec(spec, "use_tucker", False)) if network_module == "lycoris.kohya" else False
     options = _module_options(spec) | t.options
     if kind in ("lora", "locon") and _bypass(network_module, dropout, rank_dropout):
@@ -278,8 +281,8 @@ def _bypass(network_module: str, dropout: float, rank_dropout: float) -> bool:
     and in bf16 the subtraction rounds most of ΔW away. The bypass form is what sd-scripts'
     networks.lora computes, costs rank-r work only, and gives the same output up to round-off.
     LyCORIS defines the dropouts differently in the two forms (rebuild drops rows of ΔW and ignores
-    neuron dropout; bypass drops on the rank axis as sd-scripts does), so lycoris.kohya keeps the
-    rebuild form when a dropout is asked for, and networks.lora always takes sd-scripts' meaning.
+    neuron dropout), so lycoris.kohya keeps the rebuild form when a dropout is asked for; networks.lora
+    always runs bypassed, through sd-scripts' own dropout rules (`trainer.kohya_lora`).
     """
     return network_module == "networks.lora" or (not dropout and not rank_dropout)
 

@@ -260,3 +260,53 @@ def test_lycoris_dropouts_keep_lycoris_rebuild_meaning(parts_for, network_spec):
     assert all(m.bypass_mode for m in kohya.loras())
     loha = build_network(network_spec(algo="loha", dim=4, alpha=2.0), parts, train_unet=True, train_text_encoder=False)
     assert not any(m.bypass_mode for m in loha.loras())
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "conv"])
+def test_networks_lora_dropouts_follow_sd_scripts(parts_for, network_spec, layer_kind):
+    """networks.lora in training: neuron dropout on lx = down(x), then a per-sample rank mask and the
+    1/(1 − rank_dropout) rescale, exactly as sd-scripts' LoRAModule (same random draws, same output);
+    in eval mode neither applies."""
+    parts = parts_for("sd1")
+    spec = network_spec(module="networks.lora", dim=8, alpha=4.0, conv_dim=8, conv_alpha=4.0,
+                        dropout=0.3, rank_dropout=0.25)
+    network = build_network(spec, parts, train_unet=True, train_text_encoder=False)
+    modules = dict(network.named_children())
+    if layer_kind == "linear":
+        name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+        layer = parts.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        x = torch.randn(3, 5, layer.in_features)
+    else:
+        name = "lora_unet_down_blocks_0_resnets_0_conv1"
+        layer = parts.unet.down_blocks[0].resnets[0].conv1
+        x = torch.randn(3, layer.in_channels, 6, 6)
+    module = modules[name]
+    with torch.no_grad():
+        module.lora_up.weight.normal_()
+
+    def sd_scripts(x):  # sd-scripts networks/lora.py LoRAModule.forward, training branch
+        lx = module.lora_down(x)
+        lx = torch.nn.functional.dropout(lx, p=0.3)
+        mask = torch.rand((lx.size(0), 8), device=lx.device) > 0.25
+        mask = mask.unsqueeze(1) if lx.dim() == 3 else mask.unsqueeze(-1).unsqueeze(-1)
+        return layer(x) + module.lora_up(lx * mask) * (4.0 / 8) * (1.0 / (1.0 - 0.25))
+
+    with torch.no_grad():
+        expected_eval = layer(x) + module.lora_up(module.lora_down(x)) * (4.0 / 8)
+        torch.manual_seed(7)
+        expected = sd_scripts(x)
+    network.apply_to()
+    try:
+        network.train()
+        with torch.no_grad():
+            torch.manual_seed(7)
+            got = layer(x)
+            torch.manual_seed(8)
+            other = layer(x)
+            network.eval()
+            got_eval = layer(x)
+    finally:
+        network.restore()
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert not torch.allclose(got, other, atol=1e-4)  # the dropouts do draw
+    assert torch.allclose(got_eval, expected_eval, atol=1e-5)
