@@ -16,8 +16,8 @@ without gradient checkpointing, and the other rows are reported as ratios agains
 - `fp32`: mixed_precision "no", UNet in fp32, eager (the baseline);
 - `bf16`: mixed_precision "bf16" (frozen weights in bf16, bf16 autocast, adapter in fp32), as
   `trainer/run.py` loads a bf16 job;
-- `+gc`: training.gradient_checkpointing; `+compile`: the UNet (with the adapter hooks) under
-  `torch.compile` (the trainer has no switch for it yet: this measures whether it would pay).
+- `+gc`: training.gradient_checkpointing; `+compile`: precision.torch_compile (inductor), which has
+  accelerate compile the prepared model (the UNet with the adapter hooks), as sd-scripts' --torch_compile.
 
 Attention is SDPA (precision.attention "sdpa") in every row. FLOPs per step are counted with
 `torch.utils.flop_counter.FlopCounterMode` over one eager step (with gradient checkpointing the
@@ -147,7 +147,7 @@ def _random_parts(arch: str, device: Any, dtype: Any) -> Any:
 def _spec(case: Case) -> Any:
     from trainer.spec import spec_from_obj
 
-    mixed, checkpointing, _ = VARIANTS[case.variant]
+    mixed, checkpointing, compiled = VARIANTS[case.variant]
     return spec_from_obj({
         "version": 1,
         "model": {"uri": "random-weights", "arch": MODELS[case.model]},
@@ -157,7 +157,7 @@ def _spec(case: Case) -> Any:
         "training": {"max_train_steps": case.warmup + case.steps + 1, "batch_size": case.batch_size,
                      "gradient_checkpointing": checkpointing, "seed": 0},
         "precision": {"mixed_precision": mixed, "attention": "sdpa", "cache_latents": True,
-                      "cache_text_encoder_outputs": True},
+                      "cache_text_encoder_outputs": True, "torch_compile": compiled},
         "resources": {"gpus": 1 if case.device == "cuda" else 0},
     })
 
@@ -255,8 +255,6 @@ def run_case(case: Case) -> dict[str, Any]:
     seed_everything(0)
     network = build_network(spec.network, parts, train_unet=True, train_text_encoder=False)
     model = prepare_model(spec, parts, network, device, train_te=False)
-    if compiled:
-        parts.unet.compile()  # in place: DiffusionModel keeps calling the same module
     lr = spec.optimizer.learning_rate
     built = build_optimizer(spec.optimizer, network.param_groups(unet_lr=lr, text_encoder_lr=lr))
     scheduler = build_scheduler(spec.scheduler, built.optimizer, total_steps=spec.training.max_train_steps,

@@ -27,6 +27,7 @@ from typing import Any, get_args
 
 from trainer.spec import (
     Algo,
+    DynamoBackend,
     JobSpec,
     OptimizerType,
     Preset,
@@ -123,6 +124,7 @@ SIMPLE_FLAGS: dict[str, tuple[str, str]] = {
     "cache_text_encoder_outputs": ("precision.cache_text_encoder_outputs", "bool"),
     "cache_text_encoder_outputs_to_disk": ("precision.cache_text_encoder_outputs_to_disk", "bool"),
     "vae_batch_size": ("precision.vae_batch_size", "int"),
+    "torch_compile": ("precision.torch_compile", "bool"),
     "output_dir": ("save.output_uri", "str"),
     "output_name": ("save.output_name", "str"),
     "save_every_n_epochs": ("save.save_every_n_epochs", "int"),
@@ -147,7 +149,7 @@ SPECIAL_FLAGS = frozenset("""
 v2 resolution network_module network_alpha network_dropout network_args optimizer_type use_8bit_adam
 use_lion_optimizer optimizer_args text_encoder_lr lr_scheduler lr_scheduler_type lr_scheduler_args lr_warmup_steps
 save_precision save_model_as save_state sample_prompts xformers sdpa mem_eff_attn log_with logging_dir
-dataset_config config_file
+dataset_config config_file dynamo_backend
 """.split())
 
 # Flags with no Lathe field, and why.
@@ -180,8 +182,6 @@ IGNORED_FLAGS: dict[str, str] = {
     "ddp_timeout": "Lathe configures distributed training itself",
     "ddp_gradient_as_bucket_view": "Lathe configures distributed training itself",
     "ddp_static_graph": "Lathe configures distributed training itself",
-    "torch_compile": "not supported by Lathe",
-    "dynamo_backend": "not supported by Lathe",
 }
 
 LYCORIS_ONLY_NETWORK_ARGS = ("algo", "preset", "use_tucker", "use_scalar", "rank_dropout_scale", "train_norm",
@@ -397,6 +397,19 @@ def _parse_flags(tokens: list[str], bool_flags: frozenset[str], multi_flags: fro
 # Values
 
 
+def _map_dynamo_backend(conv: Conversion, raw: Any) -> None:
+    """--dynamo_backend: the backends stock PyTorch has; sd-scripts' others need packages Lathe lacks."""
+    value = _typed(conv, "dynamo_backend", raw, "str")
+    if value is None:
+        return
+    supported = get_args(DynamoBackend)
+    if value.lower() in supported:
+        conv.set("precision.dynamo_backend", value.lower())
+    else:
+        conv.note("--dynamo_backend", f"{value!r} is not available in Lathe's trainer image; left out (the default "
+                  f"is inductor; choose one of {', '.join(supported)})")
+
+
 def _typed(conv: Conversion, flag: str, raw: Any, kind: str) -> Any:
     """A flag's value as `kind`; None (and a note) when it does not read as one."""
     if isinstance(raw, str) and _VAR_REF.search(raw):
@@ -513,6 +526,8 @@ def _map_flags(conv: Conversion, flags: dict[str, Any], arch: str) -> bool:
 
     if "resolution" in flags:
         _map_resolution(conv, flags["resolution"])
+    if "dynamo_backend" in flags:
+        _map_dynamo_backend(conv, flags["dynamo_backend"])
     if "network_alpha" in flags:
         alpha = _typed(conv, "network_alpha", flags["network_alpha"], "float")
         if alpha == 0:

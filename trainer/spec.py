@@ -45,6 +45,8 @@ Sampler = Literal[
     "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
 ]
 Attention = Literal["sdpa", "xformers", "mem_eff_attn", "default"]
+# sd-scripts' --dynamo_backend values that stock PyTorch provides (the others need extra packages).
+DynamoBackend = Literal["inductor", "eager", "aot_eager", "cudagraphs"]
 MaxTokenLength = Literal[75, 150, 225]
 
 Uri = Annotated[str, Meta(min_length=1, max_length=2048)]
@@ -231,6 +233,10 @@ class PrecisionSpec(_Base):
     cache_text_encoder_outputs: bool = False
     cache_text_encoder_outputs_to_disk: bool = False
     vae_batch_size: PositiveInt = 1
+    # --torch_compile / --dynamo_backend: the training model (UNet with the adapter hooks) runs under
+    # torch.compile, through accelerate as sd-scripts does. Compiles once per bucket shape.
+    torch_compile: bool = False
+    dynamo_backend: DynamoBackend = "inductor"
 
 
 class SaveSpec(_Base):

@@ -199,6 +199,20 @@ run_training_script "/opt/sd-scripts/sdxl_train_network.py" "${args[@]}"
     assert notes_about(notes, "run_training_script")  # an unknown launcher is named
 
 
+def test_torch_compile_and_dynamo_backend_map_and_unknown_backends_are_named() -> None:
+    base = ("accelerate launch sdxl_train_network.py --pretrained_model_name_or_path=m --train_data_dir=d "
+            "--network_module=networks.lora --sdpa ")
+    spec, notes = convert(base + "--torch_compile --dynamo_backend=aot_eager")
+    assert spec is not None, notes
+    assert (spec.precision.torch_compile, spec.precision.dynamo_backend) == (True, "aot_eager")
+    spec, notes = convert(base + "--torch_compile --dynamo_backend tvm")
+    assert spec is not None, notes
+    assert (spec.precision.torch_compile, spec.precision.dynamo_backend) == (True, "inductor")
+    assert any("tvm" in n and "inductor" in n for n in notes_about(notes, "--dynamo_backend"))
+    spec, _ = convert(base)
+    assert spec is not None and not spec.precision.torch_compile
+
+
 @pytest.mark.parametrize("text, reason", [
     ("echo hello", "no sd-scripts training command"),
     ("accelerate launch train_db.py --pretrained_model_name_or_path=m", "LoRA/LyCORIS networks only"),

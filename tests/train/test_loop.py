@@ -188,6 +188,26 @@ def test_checkpointing_and_bf16_autocast_run(tiny_models, tiny_data, tmp_path) -
     assert meta["ss_mixed_precision"] == "bf16"
 
 
+
+def test_torch_compile_trains_the_same_steps(tiny_models, tiny_data, tmp_path) -> None:
+    """precision.torch_compile runs the step under torch.compile (through accelerate, as sd-scripts'
+    --torch_compile): the same losses and adapter as eager. `aot_eager` traces forward and backward
+    without inductor's C++ build, which would take minutes on this CPU."""
+    import torch._dynamo
+
+    base = make_spec(tiny_models["sd1"], tiny_data, training={"max_train_steps": 2, "seed": 3},
+                     network={"module": "networks.lora", "dim": 4, "alpha": 2.0})
+    eager, net_eager, _ = train(base, tmp_path / "eager", seed=3)
+    torch._dynamo.reset()
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled_spec = replace(base, "precision", torch_compile=True, dynamo_backend="aot_eager")
+    compiled, net_compiled, _ = train(compiled_spec, tmp_path / "compiled", seed=3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames_before  # it did compile
+    assert compiled.loss_history == pytest.approx(eager.loss_history, rel=1e-4)
+    for (name, a), b in zip(net_eager.state_dict().items(), net_compiled.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    torch._dynamo.reset()
+
 def test_cancel_checkpoints_and_stops_without_a_final_file(tiny_models, tiny_data, tmp_path) -> None:
     spec = make_spec(tiny_models["sd1"], tiny_data, training={"max_train_steps": 5})
     states = []

@@ -158,8 +158,11 @@ def make_accelerator(spec: JobSpec) -> Any:
     cuda = torch.cuda.is_available() and spec.resources.gpus > 0
     mixed = effective_mixed_precision(spec.precision.mixed_precision, cuda=cuda)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameter_search(spec))
+    # torch_compile: accelerate compiles what `prepare` gets (the UNet with the adapter hooked in), as
+    # sd-scripts' --torch_compile does through its Accelerator.
+    dynamo = spec.precision.dynamo_backend if spec.precision.torch_compile else "no"
     return Accelerator(gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
-                       mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[ddp])
+                       mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[ddp], dynamo_backend=dynamo)
 
 
 def configure_attention(unet: nn.Module, attention: str) -> None:
