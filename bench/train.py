@@ -112,6 +112,7 @@ class Case:
     alpha: float
     module: str
     count_flops: bool
+    profile: bool = False
 
 
 # --- child: one case in a fresh process ------------------------------------------------------------
@@ -317,6 +318,7 @@ def run_case(case: Case) -> dict[str, Any]:
         times.append(time.perf_counter() - ts)
         index += 1
     total = sum(times)
+    profile = _profile_steps(step, index, sync, cuda) if case.profile else None
     result: dict[str, Any] = {
         **asdict(case),
         "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
@@ -337,8 +339,46 @@ def run_case(case: Case) -> dict[str, Any]:
                         for name, m in (("unet", parts.unet), ("vae", parts.vae),
                                         ("text_encoders", torch.nn.ModuleList(parts.text_encoders)))},
         **memory.peak_gib(),
+        "profile": profile,
     }
     return result
+
+
+def _profile_steps(step: Any, index: int, sync: Any, cuda: bool, steps: int = 3) -> dict[str, Any]:
+    """Where a step's time goes, from torch.profiler over `steps` more steps: how long the device was
+    busy (the sum of kernel times) against the wall time, and which host-side ops cost the most. A
+    device busy for a small fraction of the step means the step is bound by the host (op dispatch
+    and kernel launches), which compile or CUDA graphs address, not faster kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(index + i)
+        sync()
+        wall = (time.perf_counter() - t0) / steps
+    averages = prof.key_averages()
+
+    def device_us(event: Any) -> float:
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+    aten = [e for e in averages if e.key.startswith("aten::")]
+    out: dict[str, Any] = {
+        "steps": steps,
+        "wall_s_per_step": wall,
+        "aten_calls_per_step": sum(e.count for e in aten) / steps,
+        "top_self_cpu_ms_per_step": [[e.key, e.self_cpu_time_total / 1e3 / steps]
+                                     for e in sorted(aten, key=lambda e: -e.self_cpu_time_total)[:10]],
+    }
+    if cuda:
+        busy = sum(device_us(e) for e in averages) / 1e6 / steps
+        launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        out.update(device_busy_s_per_step=busy, device_busy_fraction=busy / wall,
+                   kernel_launches_per_step=launches / steps)
+    return out
 
 
 # --- parent: cases, children, table ----------------------------------------------------------------
@@ -413,6 +453,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{_fmt(flops / 1e9 if flops else None, ',.0f')} | {_fmt(r.get('achieved_tflops'), '.3g')} | "
             f"{_fmt(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f', '%')} | {r['warmup_s']:.1f} |"
         )
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["", "| model | res | bs | variant | profiled s/step | device busy s/step | busy | kernel launches/step "
+                  "| aten calls/step | top host op (ms/step) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+        for r in profiled:
+            pr = r["profile"]
+            top = pr["top_self_cpu_ms_per_step"][0] if pr["top_self_cpu_ms_per_step"] else ("–", 0.0)
+            lines.append(f"| {r['model']} | {r['resolution']}² | {r['batch_size']} | {r['variant']} | "
+                         f"{pr['wall_s_per_step']:.3f} | {_fmt(pr.get('device_busy_s_per_step'), '.3f')} | "
+                         f"{_fmt(pr['device_busy_fraction'] * 100 if 'device_busy_fraction' in pr else None, '.0f', '%')} | "
+                         f"{_fmt(pr.get('kernel_launches_per_step'), ',.0f')} | {pr['aten_calls_per_step']:,.0f} | "
+                         f"`{top[0]}` {top[1]:.1f} |")
     if cuda:
         sdxl = [r for r in rows if r["model"] == "sdxl" and r["batch_size"] == 1 and r["resolution"] == 1024
                 and "error" not in r and VARIANTS[r["variant"]][:2] == ("bf16", True)]
@@ -443,6 +495,8 @@ def main() -> int:
                         help="networks.lora: sd-scripts' layer set (attention/MLP), as its LoRA benchmarks use")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU for MFU (default: looked up by name)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile 3 more steps per row: device-busy fraction, kernel launches, top host ops")
     parser.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per row")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--out", help="also write the markdown to this file")
@@ -498,7 +552,7 @@ def main() -> int:
             for variant in variants:
                 case = Case(model=model, resolution=res, batch_size=bs, variant=variant, device=device, steps=steps,
                             warmup=max(warmup, 2) if VARIANTS[variant][2] else warmup, dim=a.dim, alpha=a.alpha,
-                            module=a.module, count_flops=not a.no_flops)
+                            module=a.module, count_flops=not a.no_flops, profile=a.profile)
                 r = run_child(case, a.child_timeout)
                 rows.append(r)
                 if "error" in r:

@@ -61,3 +61,13 @@ def test_failed_baseline_falls_back_to_the_first_row_that_ran() -> None:
     table = bench.markdown(rows, {"device": "cuda"})
     assert "| sdxl | 1024² | 1 | fp32 | out of memory |" in table
     assert "0.50× (vs bf16)" in table
+
+
+def test_profiled_rows_get_a_host_versus_device_table() -> None:
+    row = _row("bf16", 1.0, 10.0, None)
+    row["profile"] = {"steps": 3, "wall_s_per_step": 0.8, "device_busy_s_per_step": 0.08, "device_busy_fraction": 0.1,
+                      "kernel_launches_per_step": 21000.0, "aten_calls_per_step": 38000.0,
+                      "top_self_cpu_ms_per_step": [["aten::mm", 120.5]]}
+    table = bench.markdown([_row("fp32", 1.0, 20.0, None), row], {"device": "cuda"})
+    assert "| sdxl | 1024² | 1 | bf16 | 0.800 | 0.080 | 10% | 21,000 | 38,000 | `aten::mm` 120.5 |" in table
+    assert table.count("profiled s/step") == 1  # one table, for the profiled row only
