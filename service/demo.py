@@ -72,23 +72,36 @@ def _progress_line(phase: str, progress: dict[str, Any]) -> str:
 
 
 def follow(client: Any, job_id: str, started: float) -> str:
-    """Phase changes and progress from the SSE stream until the terminal event; returns that phase."""
+    """Phase changes and progress from the SSE stream until the terminal event; returns that phase.
+
+    Progress is training progress, and the status keeps it through the later phases. A short
+    training can end between two status writes, so its last steps may first appear with the next
+    phase; they are shown before that phase is announced."""
     tty = sys.stdout.isatty()
-    phase, width = "", 0
+    phase, width, shown_step = "", 0, None
+
+    def show_progress(progress: dict[str, Any]) -> None:
+        nonlocal width
+        line = _progress_line("training", progress)
+        if tty:
+            print("\r" + line.ljust(width), end="", flush=True)
+            width = len(line)
+        else:
+            _say(line)
+
     for _, kind, event in client.events(job_id):
         progress = event.get("progress") or {}
+        step = progress.get("step") if progress.get("total_steps") else None
+        advanced, shown_step = step is not None and step != shown_step, step if step is not None else shown_step
+        if advanced and event["phase"] != "training":  # steps that ended between two status writes
+            show_progress(progress)
         if event["phase"] != phase:
             if tty and width:
                 print()
             phase, width = event["phase"], 0
             _say(f"  {time.monotonic() - started:6.1f}s  phase -> {phase}")
-        if progress.get("total_steps") and phase == "training":
-            line = _progress_line(phase, progress)
-            if tty:
-                print("\r" + line.ljust(width), end="", flush=True)
-                width = len(line)
-            else:
-                _say(line)
+        if advanced and event["phase"] == "training":
+            show_progress(progress)
         if phase in TERMINAL:
             break
     if tty and width:
