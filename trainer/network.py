@@ -267,7 +267,8 @@ def _make_module(network_module: str, algo: str, t: _Target, spec) -> nn.Module:
     else:
         cls = network_module_dict[kind]
     use_tucker = bool(_spec(spec, "use_tucker", False)) if network_module == "lycoris.kohya" else False
-    options = _module_options(spec) | t.options
+    # networks.lora ignores LyCORIS' own options (use_scalar, rank_dropout_scale, …), as sd-scripts does.
+    options = (_module_options(spec) if network_module == "lycoris.kohya" else {}) | t.options
     if kind in ("lora", "locon") and _bypass(network_module, dropout, rank_dropout):
         options["bypass_mode"] = True
     return cls(t.lora_name, t.module, 1.0, t.dim, t.alpha, dropout, rank_dropout, module_dropout, use_tucker, **options)

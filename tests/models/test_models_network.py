@@ -310,3 +310,15 @@ def test_networks_lora_dropouts_follow_sd_scripts(parts_for, network_spec, layer
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(got, other, atol=1e-4)  # the dropouts do draw
     assert torch.allclose(got_eval, expected_eval, atol=1e-5)
+
+
+def test_networks_lora_ignores_lycoris_only_options(parts_for, network_spec):
+    """The spec warns that networks.lora ignores LyCORIS options (as sd-scripts does): they must not
+    reach the modules (use_scalar would add a trained scalar that sd-scripts' files do not have)."""
+    parts = parts_for("sd1")
+    plain = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0), parts,
+                          train_unet=True, train_text_encoder=False)
+    flagged = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0, use_scalar=True,
+                                         rank_dropout_scale=True), parts, train_unet=True, train_text_encoder=False)
+    assert set(flagged.state_dict()) == set(plain.state_dict())
+    assert not any(isinstance(m.scalar, torch.nn.Parameter) for m in flagged.loras())
