@@ -789,6 +789,9 @@ def check_spec(spec: JobSpec) -> list[Problem]:
     # Resources.
     if spec.resources.nodes > 1 and spec.resources.gpus < 1:
         err("resources.nodes", "multi-node training needs resources.gpus ≥ 1 per node")
+    if prec.torch_compile and spec.resources.gpus < 1:
+        warn("precision.torch_compile", "on CPU the first steps compile for many minutes (inductor builds C++), and "
+             "again for each bucket shape; it is meant for GPUs (set resources.gpus, or turn it off)")
     return out
 
 

@@ -389,3 +389,10 @@ def test_recipe_against_a_ckpt_base_warns_and_names_the_alternative() -> None:
     spec = decode_spec(json.dumps(minimal(model={"uri": "s3://models/sd15.ckpt"})))
     [warning] = [p for p in warnings_for(spec) if p.path == "shrink.recipe"]
     assert "shrink.rank" in warning.message
+
+
+def test_torch_compile_without_a_gpu_is_a_warning() -> None:
+    on_cpu = decode_spec(json.dumps(minimal(precision={"torch_compile": True}, resources={"gpus": 0})))
+    assert [p.path for p in warnings_for(on_cpu)] == ["precision.torch_compile"]
+    on_gpu = decode_spec(json.dumps(minimal(precision={"torch_compile": True}, resources={"gpus": 1})))
+    assert not [p for p in warnings_for(on_gpu) if p.path == "precision.torch_compile"]
