@@ -106,19 +106,29 @@ def _spectrum(layer: AdapterLayer, device: torch.device, source: str) -> Spectru
     return spec
 
 
-def _spectra(layers: list[AdapterLayer], device: torch.device, source: str, map_fn=map) -> list[Spectrum]:
-    """Every layer's exact spectrum, decomposed together (`spectra_of`, batches through `map_fn`). When
-    LAPACK stops on a batch, the layers are redone one by one so that the error names the layer at fault."""
+@contextmanager
+def _failing_layer_named(layers: list[AdapterLayer], device: torch.device, source: str):
+    """When LAPACK stops on a batch, the layers are redone one by one so that the error names the
+    layer at fault."""
     try:
-        structures = [layer.structure(device, dtype=None) for layer in layers]
-        spectra = spectra_of(structures, map_fn)
+        yield
     except RuntimeError:
         for layer in layers:
             _spectrum(layer, device, source)
         raise
+
+
+def _require_finite(layers: list[AdapterLayer], spectra: list[Spectrum], source: str) -> None:
     for layer, spec in zip(layers, spectra):
         if not bool(torch.isfinite(spec.S).all()):
             raise _bad_values(layer, source)
+
+
+def _spectra(layers: list[AdapterLayer], device: torch.device, source: str, map_fn=map) -> list[Spectrum]:
+    """Every layer's exact spectrum, decomposed together (`spectra_of`, batches through `map_fn`)."""
+    with _failing_layer_named(layers, device, source):
+        spectra = spectra_of([layer.structure(device, dtype=None) for layer in layers], map_fn)
+    _require_finite(layers, spectra, source)
     return spectra
 
 
@@ -130,21 +140,14 @@ def _reduce(rule: Rule, layers: list[AdapterLayer], base: BaseModel | None, save
 
     def select(positions: list[int], spectra: list[Spectrum]) -> list[tuple[Tensor, Tensor]]:
         batch = [layers[i] for i in positions]
-        for layer, spec in zip(batch, spectra):
-            if not bool(torch.isfinite(spec.S).all()):
-                raise _bad_values(layer, source)
+        _require_finite(batch, spectra, source)
         # Already on a pool thread: the base-model reads of this batch run here, not through the pool.
         keeps, _ = _choose(rule, batch, spectra, _padded([spec.S.cpu() for spec in spectra]), base, save_dtype)
         return [(keep.to(spec.S.device), _roots(layer, spec, keep.to(spec.S.device), rule))
                 for layer, spec, keep in zip(batch, spectra, keeps)]
 
-    try:
-        structures = [layer.structure(device, dtype=None) for layer in layers]
-        reduced = reductions_of(structures, select, save_dtype, map_fn)
-    except RuntimeError:  # LAPACK stopped on a batch: redo layer by layer so the error names the layer
-        for layer in layers:
-            _spectrum(layer, device, source)
-        raise
+    with _failing_layer_named(layers, device, source):
+        reduced = reductions_of([layer.structure(device, dtype=None) for layer in layers], select, save_dtype, map_fn)
     return ([spec for spec, _, _ in reduced], [kept[0].cpu() for _, kept, _ in reduced],
             [kept[1] for _, kept, _ in reduced], [pair for _, _, pair in reduced])
 

@@ -120,7 +120,7 @@ def product_spectra(products: Sequence[tuple[Tensor, Tensor, float]], map_fn: Ca
     operations that release the GIL, so a pool of threads can share them out."""
     out: list[ProductSpectrum | None] = [None] * len(products)
     for i, (left, right, scale) in enumerate(products):
-        if left.shape[1] >= min(left.shape[0], right.shape[1]):  # factors no smaller than ΔW: plain SVD
+        if _no_smaller_than_delta(left, right):  # the plain SVD of ΔW is the cheap exact path
             dtype = _compute_dtype(left)
             core = torch.linalg.svd(left.to(dtype) @ right.to(dtype), full_matrices=False)
             out[i] = ProductSpectrum(left, right, scale, "dense", core)
@@ -131,13 +131,24 @@ def product_spectra(products: Sequence[tuple[Tensor, Tensor, float]], map_fn: Ca
     return out  # type: ignore[return-value]
 
 
+def _no_smaller_than_delta(left: Tensor, right: Tensor) -> bool:
+    """Whether the factors' rank k reaches min(m, n): then ΔW itself is no bigger than its factors."""
+    return left.shape[1] >= min(left.shape[0], right.shape[1])
+
+
+def _vectors_in(spec: Spectrum, idx: Tensor, weights: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`spec.vectors(idx, weights)` cast to `dtype`, each a contiguous tensor of its own."""
+    u, vh = spec.vectors(idx, weights)
+    return u.to(dtype).contiguous(), vh.to(dtype).contiguous()
+
+
 def _product_batches(products: Sequence[tuple[Tensor, Tensor, float]]) -> list[list[int]]:
     """Indices of the products to decompose together: one shape (and dtype, device) per batch, at most
     BATCH_BYTES of float32 factors each. Products whose factors are no smaller than ΔW are left out."""
     groups: dict[tuple, list[int]] = {}
     for i, (left, right, _) in enumerate(products):
         (m, k), n = left.shape, right.shape[1]
-        if k < min(m, n):
+        if not _no_smaller_than_delta(left, right):
             groups.setdefault((m, k, n, left.dtype, right.dtype, left.device), []).append(i)
     return [batch for (m, k, n, *_), idx in groups.items() for batch in _batches(idx, 4 * k * (m + n))]
 
@@ -207,14 +218,10 @@ def reduce_products(products: Sequence[tuple[Tensor, Tensor, float]],
     float32 factors while they are still at hand (in cache, not stacked and converted a second time).
     Returns (spectrum, kept, (U, Vh) in `dtype`) per product."""
     out: list = [None] * len(products)
-    rest = []
-    for i, (left, right, _) in enumerate(products):
-        if left.shape[1] >= min(left.shape[0], right.shape[1]):
-            rest.append(i)  # "dense": nothing to batch
-    dense = product_spectra([products[i] for i in rest])
+    rest = [i for i, (left, right, _) in enumerate(products) if _no_smaller_than_delta(left, right)]
+    dense = product_spectra([products[i] for i in rest])  # "dense": nothing to batch
     for i, spec, kept in zip(rest, dense, select(rest, dense) if rest else []):
-        u, vh = spec.vectors(*kept)
-        out[i] = (spec, kept, (u.to(dtype).contiguous(), vh.to(dtype).contiguous()))
+        out[i] = (spec, kept, _vectors_in(spec, *kept, dtype))
     batches = _product_batches(products)
 
     def reduce(idx: list[int]) -> list:
@@ -223,8 +230,7 @@ def reduce_products(products: Sequence[tuple[Tensor, Tensor, float]],
         factors: list = [None] * len(idx)
         gram = [j for j, s in enumerate(spectra) if s.mode == "gram32" and kept[j][0].numel()]
         for j in sorted(set(range(len(idx))) - set(gram)):
-            u, vh = spectra[j].vectors(*kept[j])
-            factors[j] = (u.to(dtype).contiguous(), vh.to(dtype).contiguous())
+            factors[j] = _vectors_in(spectra[j], *kept[j], dtype)
         if gram:
             stacked = None
             if spectra[0]._dtype == left.dtype:  # float32 work: the stacked factors are the ones to use
@@ -254,8 +260,7 @@ def kept_factors(requests: Sequence[tuple[Spectrum, Tensor, Tensor]], dtype: tor
             left, right = spec._left, spec._right
             groups.setdefault((spec.mode, *left.shape, right.shape[1], left.dtype, right.dtype, left.device), []).append(i)
         else:
-            u, vh = spec.vectors(idx, weights)
-            out[i] = (u.to(dtype).contiguous(), vh.to(dtype).contiguous())
+            out[i] = _vectors_in(spec, idx, weights, dtype)
     batches = []
     for (_, m, k, n, *_), idx in groups.items():
         idx.sort(key=lambda i: requests[i][1].numel())
