@@ -92,7 +92,9 @@ def follow(client: Any, job_id: str, started: float) -> str:
     for _, kind, event in client.events(job_id):
         progress = event.get("progress") or {}
         step = progress.get("step") if progress.get("total_steps") else None
-        advanced, shown_step = step is not None and step != shown_step, step if step is not None else shown_step
+        advanced = step is not None and step != shown_step
+        if advanced:
+            shown_step = step
         if advanced and event["phase"] != "training":  # steps that ended between two status writes
             show_progress(progress)
         if event["phase"] != phase:

@@ -261,14 +261,14 @@ def _make_module(network_module: str, algo: str, t: _Target, spec) -> nn.Module:
     module_dropout = float(_spec(spec, "module_dropout", 0.0))
     if _is_norm(t.module):
         return NormModule(t.lora_name, t.module, 1.0, rank_dropout, module_dropout, **_module_options(spec))
-    kind = "lora" if network_module == "networks.lora" else algo
     if network_module == "networks.lora":
         from trainer.kohya_lora import KohyaLoRAModule as cls
+
+        # networks.lora ignores LyCORIS' own options (use_scalar, rank_dropout_scale, …), as sd-scripts does.
+        kind, use_tucker, options = "lora", False, dict(t.options)
     else:
-        cls = network_module_dict[kind]
-    use_tucker = bool(_spec(spec, "use_tucker", False)) if network_module == "lycoris.kohya" else False
-    # networks.lora ignores LyCORIS' own options (use_scalar, rank_dropout_scale, …), as sd-scripts does.
-    options = (_module_options(spec) if network_module == "lycoris.kohya" else {}) | t.options
+        kind, cls = algo, network_module_dict[algo]
+        use_tucker, options = bool(_spec(spec, "use_tucker", False)), _module_options(spec) | t.options
     if kind in ("lora", "locon") and _bypass(network_module, dropout, rank_dropout):
         options["bypass_mode"] = True
     return cls(t.lora_name, t.module, 1.0, t.dim, t.alpha, dropout, rank_dropout, module_dropout, use_tucker, **options)
