@@ -10,6 +10,7 @@ first), with the base-norm cache warm.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -54,7 +55,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as before:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", a.rev, "trainer"], check=True,
                                  capture_output=True).stdout
-        with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(before, filter="data")
         trees = {a.rev: before, "working tree": str(REPO)}
         print(f"| case | {a.rev}: wall s | CPU s | working tree: wall s | CPU s | speed-up |")
