@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import msgspec
@@ -18,6 +19,7 @@ from trainer.storage import (
     S3Store,
     Store,
     StorageError,
+    _parse_timestamp,
     open_store,
     parse_uri,
 )
@@ -101,6 +103,33 @@ def test_s3_list_pages_through_continuation_tokens(s3_bucket: str, monkeypatch) 
     assert [o.key for o in store.list()] == keys
     assert [o.key for o in store.list(start_after="k04", limit=4)] == ["k05", "k06", "k07", "k08"]
     assert [o.key for o in store.list(start_after="k08")] == ["k09", "k10"]
+
+
+def test_listing_and_head_agree_on_last_modified_through_the_fast_timestamp_parser(s3_bucket: str) -> None:
+    # Listings carry ISO 8601 times ("…T…Z", our fast path); HEAD carries an RFC 1123 header date
+    # (botocore's parser). Both must give the same instant, to the second HTTP dates keep.
+    store = open_store(f"s3://{s3_bucket}/times")
+    store.put_bytes("a", b"x")
+    (listed,) = list(store.list())
+    assert abs(listed.last_modified - store.head("a").last_modified) < 1.0
+    assert abs(listed.last_modified - time.time()) < 600
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-04T16:15:36.785Z", "2026-12-04T16:15:36Z", "2026-12-04T16:15:36.123456Z",
+    "Fri, 04 Dec 2026 16:15:36 GMT", "2026-12-04T16:15:36+02:00", "1764865000", "not a date Z",
+])
+def test_timestamp_parser_matches_botocore(text: str) -> None:
+    from botocore.utils import parse_timestamp
+
+    try:
+        expected = parse_timestamp(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _parse_timestamp(text)
+        return
+    got = _parse_timestamp(text)
+    assert got == expected and got.utcoffset() == expected.utcoffset()
 
 
 def test_delete_and_delete_prefix(store: Store) -> None:
