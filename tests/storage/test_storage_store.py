@@ -116,7 +116,7 @@ def test_listing_and_head_agree_on_last_modified_through_the_fast_timestamp_pars
 
 
 @pytest.mark.parametrize("text", [
-    "2026-12-04T16:15:36.785Z", "2026-12-04T16:15:36Z", "2026-12-04T16:15:36.123456Z",
+    "2026-12-04T16:15:36.785Z", "2026-12-04T16:15:36Z", "2026-12-04T16:15:36.123456Z", "2026-12-04T16:15:36.123456789Z",
     "Fri, 04 Dec 2026 16:15:36 GMT", "2026-12-04T16:15:36+02:00", "1764865000", "not a date Z",
 ])
 def test_timestamp_parser_matches_botocore(text: str) -> None:
