@@ -163,7 +163,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000, help="images to generate (each with a caption)")
     parser.add_argument("--size-kb", type=int, default=100, help="approximate size of each image")
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per contender (best, median and the paired ratio are reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timed rounds per contender (best, median and the paired ratio are reported)")
     parser.add_argument("--workers", default="16,64,256",
                         help="parallel transfers: a comma list; every contender runs at each, and is judged at its best")
     parser.add_argument("--server", choices=("moto", "rclone"), default="moto",
@@ -203,10 +204,14 @@ def main() -> None:
 
         worker_counts = [int(w) for w in args.workers.split(",")]
         contenders = {}
+        reference_of: dict[str, str] = {}  # each contender's `s5cmd cp` at the same worker count
         for w in worker_counts:  # bind w now: each lambda keeps its own worker count
-            contenders[f"s5cmd cp (reference) w={w}"] = lambda d, w=w: time_s5cmd(binary, endpoint, d, w)
-            contenders[f"fetch_dataset engine=s5cmd w={w}"] = lambda d, w=w: time_fetch(endpoint, d, "s5cmd", w)
-            contenders[f"fetch_dataset engine=boto3 w={w}"] = lambda d, w=w: time_fetch(endpoint, d, "boto3", w)
+            ref, ours_s5cmd, ours_boto3 = (f"s5cmd cp (reference) w={w}", f"fetch_dataset engine=s5cmd w={w}",
+                                           f"fetch_dataset engine=boto3 w={w}")
+            contenders[ref] = lambda d, w=w: time_s5cmd(binary, endpoint, d, w)
+            contenders[ours_s5cmd] = lambda d, w=w: time_fetch(endpoint, d, "s5cmd", w)
+            contenders[ours_boto3] = lambda d, w=w: time_fetch(endpoint, d, "boto3", w)
+            reference_of |= dict.fromkeys((ref, ours_s5cmd, ours_boto3), ref)
         times: dict[str, list[float]] = {name: [] for name in contenders}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
         server_pid = server.pid if server is not None else None
@@ -232,7 +237,7 @@ def main() -> None:
             best = min(values)
             # Paired: against `s5cmd cp` at the same worker count in the same round, seconds apart (this
             # VM's file writes swing 2-5x over minutes); the median of those ratios.
-            twin = times[f"s5cmd cp (reference) w={name.rsplit('w=', 1)[1]}"]
+            twin = times[reference_of[name]]
             row = {
                 "contender": name, "best_s": round(best, 3), "median_s": round(statistics.median(values), 3),
                 "files_per_s": round(objects / best, 1), "mb_per_s": round(total_bytes / 1e6 / best, 1),
