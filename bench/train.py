@@ -426,6 +426,41 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float | None) -> None:
                     r["mfu"] = r["achieved_tflops"] / peak_tflops
 
 
+def row_summary(r: dict[str, Any]) -> str:
+    """One console line per row: the figures a cut-off run still shows in its log."""
+    if "error" in r:
+        return f"FAILED ({r['error']})"
+    parts = [f"{r['it_per_s']:.3g} it/s", f"setup {r['setup_s']:.0f} s", f"warm-up {r['warmup_s']:.1f} s",
+             f"process {r['process_s']:.0f} s"]
+    if "peak_reserved_gib" in r:
+        parts.append(f"peak {r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f} GiB")
+    if r.get("executed_flops"):
+        parts.append(f"{r['executed_flops'] / 1e9:,.0f} GFLOP/step")
+    profile = r.get("profile") or {}
+    if "device_busy_fraction" in profile:
+        parts.append(f"device busy {profile['device_busy_fraction']:.0%}, "
+                     f"{profile['kernel_launches_per_step']:,.0f} launches/step")
+    return ", ".join(parts)
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any], peak: float | None, module: str, dim: int,
+           alpha: float, steps: int, warmup: int) -> str:
+    """The markdown report of the rows so far (ratios recomputed, so it can be written after every row)."""
+    add_ratios(rows, peak)
+    cuda = meta["device"] == "cuda"
+    threads = meta["omp_num_threads"]
+    where = (f"{meta['device_name']}, torch {meta['torch']}" if cuda else
+             f"CPU ({meta['device_name']}, {meta['cpus']} cores, OMP_NUM_THREADS={threads}, load average "
+             f"{meta['load_average']:.1f}), torch {meta['torch']} — CPU figures, not GPU figures")
+    return "\n".join([
+        f"`{meta['command']}` — {where}; LoRA `{module}` dim {dim} alpha {alpha:g}, AdamW, SDPA, cached "
+        f"latents and text-encoder outputs; {steps} timed step{'s' if steps != 1 else ''} after {warmup} warm-up"
+        + (f"; MFU against {peak:g} TFLOP/s dense bf16" if peak else "") + ".",
+        "",
+        markdown(rows, meta),
+    ])
+
+
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
@@ -555,27 +590,14 @@ def main() -> int:
                             module=a.module, count_flops=not a.no_flops, profile=a.profile)
                 r = run_child(case, a.child_timeout)
                 rows.append(r)
-                if "error" in r:
-                    print(f"{model} {res}² bs {bs} {variant}: FAILED ({r['error']})", file=sys.stderr)
-                else:
-                    print(f"{model} {res}² bs {bs} {variant}: {r['it_per_s']:.3g} it/s, warm-up {r['warmup_s']:.1f} s, "
-                          f"process {r['process_s']:.0f} s", file=sys.stderr)
-    add_ratios(rows, peak)
-    where = (f"{device_name}, torch {meta['torch']}" if cuda else
-             f"CPU ({device_name}, {meta['cpus']} cores, OMP_NUM_THREADS={threads}, load average "
-             f"{meta['load_average']:.1f}), torch {meta['torch']} — CPU figures, not GPU figures")
-    text = "\n".join([
-        f"`{meta['command']}` — {where}; LoRA `{a.module}` dim {a.dim} alpha {a.alpha:g}, AdamW, SDPA, cached "
-        f"latents and text-encoder outputs; {steps} timed step{'s' if steps != 1 else ''} after {warmup} warm-up"
-        + (f"; MFU against {peak:g} TFLOP/s dense bf16" if peak else "") + ".",
-        "",
-        markdown(rows, meta),
-    ])
+                print(f"{model} {res}² bs {bs} {variant}: {row_summary(r)}", file=sys.stderr)
+                # After every row, so a run cut short (a lent GPU's minutes run out) keeps what it measured.
+                text = report(rows, meta, peak, a.module, a.dim, a.alpha, steps, warmup)
+                if a.out:
+                    Path(a.out).write_text(text + "\n")
+                if a.json:
+                    Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -71,3 +71,19 @@ def test_profiled_rows_get_a_host_versus_device_table() -> None:
     table = bench.markdown([_row("fp32", 1.0, 20.0, None), row], {"device": "cuda"})
     assert "| sdxl | 1024² | 1 | bf16 | 0.800 | 0.080 | 10% | 21,000 | 38,000 | `aten::mm` 120.5 |" in table
     assert table.count("profiled s/step") == 1  # one table, for the profiled row only
+
+
+def test_row_summary_keeps_a_cut_off_runs_figures_in_its_log() -> None:
+    row = {**_row("bf16", 1.9, 14.07, 15 * 10**12), "setup_s": 61.2, "process_s": 84.0,
+           "profile": {"steps": 3, "wall_s_per_step": 0.5, "aten_calls_per_step": 38000.0,
+                       "top_self_cpu_ms_per_step": [["aten::mm", 12.5]], "device_busy_s_per_step": 0.21,
+                       "device_busy_fraction": 0.42, "kernel_launches_per_step": 12345.0}}
+    line = bench.row_summary(row)
+    assert line == ("1.9 it/s, setup 61 s, warm-up 1.0 s, process 84 s, peak 14.07 / 15.07 GiB, "
+                    "15,000 GFLOP/step, device busy 42%, 12,345 launches/step")
+    assert bench.row_summary({"error": "out of memory"}) == "FAILED (out of memory)"
+    text = bench.report([row], {"device": "cuda", "device_name": "NVIDIA H200", "torch": "2.11", "cpus": 16,
+                                "omp_num_threads": "1", "load_average": 0.0, "command": "bench/train.py"},
+                        989.0, "networks.lora", 32, 16.0, 10, 3)
+    assert text.startswith("`bench/train.py` — NVIDIA H200, torch 2.11; LoRA `networks.lora` dim 32 alpha 16")
+    assert "| sdxl | 1024² | 1 | bf16 |" in text
