@@ -257,6 +257,9 @@ def main() -> None:
                 if not same_tree(source, dest):
                     raise SystemExit(f"{name}: the download differs from the generated files")
                 times[name].append(seconds)
+                # As each download ends, so a run cut off by a time limit still shows its rounds.
+                print(f"round {round_ + 1} {name}: {seconds:.2f} s, client CPU {cpu[name][-1][0]:.2f} s",
+                      file=sys.stderr, flush=True)
                 shutil.rmtree(dest)
 
         reference = min(min(v) for k, v in times.items() if k.startswith("s5cmd cp"))
