@@ -1,5 +1,6 @@
 """What the benchmarks share: a local S3 server (moto's, in its own process, on 127.0.0.1) with the
-environment that points boto3 and child processes at it, a free port, and percentiles."""
+environment that points boto3 and child processes at it, a free port, waiting for a server to answer,
+and percentiles."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -33,21 +35,29 @@ def local_s3(*, export: bool = True) -> Iterator[tuple[str, subprocess.Popen[byt
     proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
                              "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"moto server did not start on {endpoint}") from None
-                time.sleep(0.1)
+        wait_for(endpoint + "/moto-api/", proc, "moto server")
         if export:
             os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
             os.environ.pop("AWS_PROFILE", None)
         yield endpoint, proc
     finally:
         stop_process(proc)
+
+
+def wait_for(url: str, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 60) -> None:
+    """Return once `url` answers (an HTTP error is an answer: the server is up); SystemExit if `proc`
+    exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (an anonymous request may well be refused)
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"{what} did not start on {url}") from None
+            time.sleep(0.1)
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:

@@ -22,19 +22,17 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import free_port, stop_process, wait_for  # noqa: E402
 from trainer.fetch import fetch_dataset  # noqa: E402
 from trainer.storage import find_s5cmd  # noqa: E402
 
@@ -82,26 +80,6 @@ def parse_cpus(text: str | None) -> set[int] | None:
 def pinned_to(cpus: set[int] | None):
     """A preexec_fn pinning the child before it execs, so every thread it starts (Go's too) inherits it."""
     return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (an anonymous request may well be refused)
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"{what} did not start on {url}")
-            time.sleep(0.1)
 
 
 def noise_png(index: int, size_kb: int) -> bytes:
@@ -296,8 +274,7 @@ def main() -> None:
                  "client_cpus": args.client_cpus, "server_cpus": args.server_cpus, "rows": rows}, indent=2))
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(10)
+            stop_process(server)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -284,6 +284,8 @@ def main() -> int:
     ]
     results = {}
     ranks = [int(r) for r in a.ranks.split(",")]
+    if not set(ranks) <= {64, 32}:
+        parser.error(f"--ranks {a.ranks}: the generated inputs are rank 64 and 32")
     for rank in ranks:
         src = str(paths[f"lora{rank}"])
         rules = [

@@ -443,9 +443,9 @@ def row_summary(r: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def report(rows: list[dict[str, Any]], meta: dict[str, Any], peak: float | None, module: str, dim: int,
-           alpha: float, steps: int, warmup: int) -> str:
+def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown report of the rows so far (ratios recomputed, so it can be written after every row)."""
+    peak, steps, warmup = meta["peak_bf16_tflops"], meta["steps"], meta["warmup"]
     add_ratios(rows, peak)
     cuda = meta["device"] == "cuda"
     threads = meta["omp_num_threads"]
@@ -453,7 +453,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], peak: float | None,
              f"CPU ({meta['device_name']}, {meta['cpus']} cores, OMP_NUM_THREADS={threads}, load average "
              f"{meta['load_average']:.1f}), torch {meta['torch']} — CPU figures, not GPU figures")
     return "\n".join([
-        f"`{meta['command']}` — {where}; LoRA `{module}` dim {dim} alpha {alpha:g}, AdamW, SDPA, cached "
+        f"`{meta['command']}` — {where}; LoRA `{meta['module']}` dim {meta['dim']} alpha {meta['alpha']:g}, AdamW, SDPA, cached "
         f"latents and text-encoder outputs; {steps} timed step{'s' if steps != 1 else ''} after {warmup} warm-up"
         + (f"; MFU against {peak:g} TFLOP/s dense bf16" if peak else "") + ".",
         "",
@@ -592,7 +592,7 @@ def main() -> int:
                 rows.append(r)
                 print(f"{model} {res}² bs {bs} {variant}: {row_summary(r)}", file=sys.stderr)
                 # After every row, so a run cut short (a lent GPU's minutes run out) keeps what it measured.
-                text = report(rows, meta, peak, a.module, a.dim, a.alpha, steps, warmup)
+                text = report(rows, meta)
                 if a.out:
                     Path(a.out).write_text(text + "\n")
                 if a.json:

@@ -83,7 +83,8 @@ def test_row_summary_keeps_a_cut_off_runs_figures_in_its_log() -> None:
                     "15,000 GFLOP/step, device busy 42%, 12,345 launches/step")
     assert bench.row_summary({"error": "out of memory"}) == "FAILED (out of memory)"
     text = bench.report([row], {"device": "cuda", "device_name": "NVIDIA H200", "torch": "2.11", "cpus": 16,
-                                "omp_num_threads": "1", "load_average": 0.0, "command": "bench/train.py"},
-                        989.0, "networks.lora", 32, 16.0, 10, 3)
+                                "omp_num_threads": "1", "load_average": 0.0, "command": "bench/train.py",
+                                "peak_bf16_tflops": 989.0, "module": "networks.lora", "dim": 32, "alpha": 16.0,
+                                "steps": 10, "warmup": 3})
     assert text.startswith("`bench/train.py` — NVIDIA H200, torch 2.11; LoRA `networks.lora` dim 32 alpha 16")
     assert "| sdxl | 1024² | 1 | bf16 |" in text
