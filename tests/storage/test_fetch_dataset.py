@@ -60,7 +60,7 @@ def dataset(tmp_path: Path) -> dict[str, bytes]:
     return make_dataset(tmp_path / "src")
 
 
-@pytest.mark.parametrize("engine", ["s5cmd", "boto3"])
+@pytest.mark.parametrize("engine", ["crt", "s5cmd", "boto3"])
 def test_prefix_download_matches_the_source(s3_bucket, dataset, tmp_path, engine) -> None:
     upload_tree(s3_bucket, "datasets/ds1", dataset)
     # Debris from macOS and folder placeholders are not part of the dataset.
@@ -85,7 +85,7 @@ def _child_pids() -> set[int]:
     return children
 
 
-@pytest.mark.parametrize("engine", ["s5cmd", "boto3"])
+@pytest.mark.parametrize("engine", ["crt", "s5cmd", "boto3"])
 def test_prefix_limits_stop_the_transfer_and_leave_nothing(s3_bucket, dataset, tmp_path, engine, monkeypatch) -> None:
     # The listing is vetted while the transfer already runs; two keys per LIST page puts the refusal
     # pages after the start, with s5cmd copying and boto3 workers downloading.
@@ -234,7 +234,7 @@ def test_unreadable_or_missing_images_are_refused(tmp_path) -> None:
     refused(lambda: fetch_dataset(str(tmp_path / "plain.txt"), str(tmp_path / "d")), "not an archive")
 
 
-@pytest.mark.parametrize("engine", ["s5cmd", "boto3"])
+@pytest.mark.parametrize("engine", ["crt", "s5cmd", "boto3"])
 def test_tree_download_ignores_objects_outside_the_vetted_listing(s3_bucket, tmp_path, engine) -> None:
     # Objects that appear after the listing was vetted, including keys that climb out ('..'):
     # s5cmd would write `ds/../../evil.png` two levels above the target; nothing may land there.

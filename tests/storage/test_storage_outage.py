@@ -52,7 +52,7 @@ def outage_dataset(s3_server: str) -> tuple[str, dict[str, bytes]]:
     return bucket, files
 
 
-@pytest.mark.parametrize("engine", ["s5cmd", "boto3"])
+@pytest.mark.parametrize("engine", ["crt", "s5cmd", "boto3"])
 def test_dataset_download_survives_an_outage(outage_dataset, s3_proxy, tmp_path, monkeypatch, engine) -> None:
     bucket, files = outage_dataset
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint)
