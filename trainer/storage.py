@@ -775,14 +775,19 @@ class S3Store(Store):
         )
 
     def list(
-        self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None
+        self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None,
+        first_page: int | None = None,
     ) -> Iterator[ObjectInfo]:
+        """Objects under `prefix` in key order. `first_page` keys are asked for in the first request
+        only: a short first page reaches the caller (and its first transfers) a round trip sooner."""
         remaining = limit
         token: str | None = None
         cut = len(self.prefix)
+        page_size = first_page or self.page_size
         while remaining is None or remaining > 0:
             args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key(prefix)}
-            args["MaxKeys"] = self.page_size if remaining is None else min(self.page_size, remaining)
+            args["MaxKeys"] = page_size if remaining is None else min(page_size, remaining)
+            page_size = self.page_size
             if token:
                 args["ContinuationToken"] = token
             elif start_after:

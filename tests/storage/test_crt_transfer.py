@@ -112,3 +112,30 @@ def test_crt_requested_without_awscrt_is_a_clear_error(s3_bucket, monkeypatch) -
     with pytest.raises(StorageError, match="pip install awscrt"):
         store.transfer_engine("crt")
     assert store.transfer_engine("auto") in ("s5cmd", "boto3")
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_garbage_collector_is_paused_only_while_the_crt_transfers(
+    s3_bucket, tmp_path, enabled_before, monkeypatch,
+) -> None:
+    import gc
+
+    store = open_store(f"s3://{s3_bucket}")
+    for i in range(3):
+        store.put_bytes(f"gc/{i}.txt", b"x" * i)
+    seen = []
+
+    def listing():  # read by the downloader while its transfers run
+        for info in store.list("gc/"):
+            seen.append(gc.isenabled())
+            yield info, tmp_path / info.key
+
+    _no_fallback(monkeypatch)
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        store.download_tree("gc/", listing(), tmp_path, engine="crt")
+        assert gc.isenabled() is enabled_before  # restored as it was
+    finally:
+        gc.enable()
+    assert seen == [False, False, False]
+    assert sorted(p.name for p in (tmp_path / "gc").iterdir()) == ["0.txt", "1.txt", "2.txt"]

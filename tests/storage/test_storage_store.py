@@ -104,6 +104,15 @@ def test_s3_list_pages_through_continuation_tokens(s3_bucket: str, monkeypatch) 
     assert [o.key for o in store.list(start_after="k04", limit=4)] == ["k05", "k06", "k07", "k08"]
     assert [o.key for o in store.list(start_after="k08")] == ["k09", "k10"]
 
+    asked: list[int] = []  # MaxKeys of each LIST request, as sent
+    store.client.meta.events.register("before-call.s3.ListObjectsV2",
+                                      lambda params, **_: asked.append(params["query_string"]["max-keys"]))
+    assert [o.key for o in store.list(first_page=2)] == keys
+    assert asked == [2, 3, 3, 3]  # a short first page, then the usual pages: 2 + 3 + 3 + 3 keys
+    asked.clear()
+    assert [o.key for o in store.list(first_page=2, limit=1)] == ["k00"]
+    assert asked == [1]
+
 
 def test_listing_and_head_agree_on_last_modified_through_the_fast_timestamp_parser(s3_bucket: str) -> None:
     # Listings carry ISO 8601 times ("…T…Z", our fast path); HEAD carries an RFC 1123 header date
