@@ -161,9 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000, help="images to generate (each with a caption)")
     parser.add_argument("--size-kb", type=int, default=100, help="approximate size of each image")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="timed rounds per contender (best, median and the paired ratio are reported)")
-    parser.add_argument("--workers", default="16,64,256",
+    parser.add_argument("--workers", default="16,0",
                         help="parallel transfers: a comma list; every contender runs at each, and is judged at its best "
                              "(0: each tool's own default)")
     parser.add_argument("--server", choices=("moto", "rclone"), default="moto",
