@@ -88,8 +88,9 @@ def _child_pids() -> set[int]:
 @pytest.mark.parametrize("engine", ["crt", "s5cmd", "boto3"])
 def test_prefix_limits_stop_the_transfer_and_leave_nothing(s3_bucket, dataset, tmp_path, engine, monkeypatch) -> None:
     # The listing is vetted while the transfer already runs; two keys per LIST page puts the refusal
-    # pages after the start, with s5cmd copying and boto3 workers downloading.
+    # pages after the start, with s5cmd copying and the CRT or boto3 workers downloading.
     monkeypatch.setattr("trainer.storage.S3Store.page_size", 2)
+    monkeypatch.setattr("trainer.fetch._FIRST_PAGE", 2)  # else the first page would hold the whole dataset
     upload_tree(s3_bucket, "ds", dataset)
     uri = f"s3://{s3_bucket}/ds/"
     before = _child_pids()
