@@ -39,6 +39,10 @@ _CREATORS = 2
 # Files created ahead of their request at most (bounds the pipeline, not the transfers).
 _AHEAD = 256
 _PART_SIZE = 8 * 1024 * 1024  # ranged parts of large objects, as the boto3 path's multipart chunk
+# The CRT buffers parts in memory before writing them, reserving a whole part per request in flight;
+# its default cap scales with its throughput target (2 GiB and up). 1 GiB (128 parts) pulled small files
+# as fast as the default; 256 MiB (32 parts) throttled them to 0.87x (docs/benchmarks.md).
+_MEMORY_LIMIT = 1024 * 1024 * 1024
 
 
 def crt_available() -> bool:
@@ -55,7 +59,7 @@ _clients: dict[tuple[Any, ...], Any] = {}
 
 def _client(session: Any, scheme: str, region: str, workers: int | None) -> Any:
     """One CRT S3 client per (boto3 session, scheme, region, connection cap), kept for the process."""
-    key = (session, scheme, region, workers, os.environ.get("AWS_CA_BUNDLE"))
+    key = (session, scheme, region, workers, os.environ.get("AWS_CA_BUNDLE"), _MEMORY_LIMIT)
     with _lock:
         client = _clients.get(key)
         if client is None:
@@ -89,6 +93,7 @@ def _new_client(session: Any, scheme: str, region: str, workers: int | None) -> 
         tls_connection_options=tls_options,
         signing_config=signing,
         part_size=_PART_SIZE,
+        memory_limit=_MEMORY_LIMIT,
         max_active_connections_override=workers,
         retry_config=S3RetryConfig(max_retries=10),
         connect_timeout_ms=5000,
