@@ -500,10 +500,17 @@ def url_layout(client: Any, bucket: str) -> tuple[str, str, str] | None:
     """(scheme, host[:port], path before the key) of the bucket's object URLs, as botocore builds them.
 
     botocore presigns one probe key, which settles the endpoint, the addressing style and the key
-    quoting the way the client itself would; None when the URL is not of the expected SigV4 form.
+    quoting the way the client itself would; None when the URL is not of the expected SigV4 form, or
+    when there are no credentials to sign with (the operations themselves then say so, as StorageErrors).
     """
-    probe = urllib.parse.urlsplit(client.generate_presigned_url(
-        "get_object", Params={"Bucket": bucket, "Key": _LAYOUT_PROBE}, ExpiresIn=_TRANSFER_URL_EXPIRES_S))
+    from botocore.exceptions import NoCredentialsError
+
+    try:
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": _LAYOUT_PROBE}, ExpiresIn=_TRANSFER_URL_EXPIRES_S)
+    except NoCredentialsError:
+        return None
+    probe = urllib.parse.urlsplit(url)
     quoted = _quote_key(_LAYOUT_PROBE)
     if not probe.path.endswith(quoted) or "X-Amz-Algorithm=AWS4-HMAC-SHA256" not in probe.query:
         return None

@@ -139,3 +139,20 @@ def test_the_garbage_collector_is_paused_only_while_the_crt_transfers(
         gc.enable()
     assert seen == [False, False, False]
     assert sorted(p.name for p in (tmp_path / "gc").iterdir()) == ["0.txt", "1.txt", "2.txt"]
+
+
+def test_without_credentials_a_pull_ends_in_the_clear_storage_error(s3_bucket, tmp_path, monkeypatch) -> None:
+    from trainer.fetch import fetch_dataset
+
+    open_store(f"s3://{s3_bucket}").put_bytes("ds/1_a/x.txt", b"x")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = open_store(f"s3://{s3_bucket}")
+    assert store.session.get_credentials() is None
+    assert store.transfer_engine() != "crt"  # nothing to sign with: not chosen, and no traceback
+    with pytest.raises(StorageError, match="no S3 credentials found"):
+        fetch_dataset(f"s3://{s3_bucket}/ds/", str(tmp_path / "dest"))
+    assert not (tmp_path / "dest").exists()
