@@ -85,7 +85,7 @@ def _new_client(session: Any, scheme: str, region: str, workers: int | None) -> 
         context = TlsContextOptions()
         context.override_default_trust_store_from_path(None, os.environ["AWS_CA_BUNDLE"])
         tls_options = ClientTlsContext(context).new_connection_options()
-    loops = EventLoopGroup()  # one thread per core
+    loops = EventLoopGroup(_event_loop_threads())
     return S3Client(
         bootstrap=ClientBootstrap(loops, DefaultHostResolver(loops)),
         region=region,
@@ -98,6 +98,17 @@ def _new_client(session: Any, scheme: str, region: str, workers: int | None) -> 
         retry_config=S3RetryConfig(max_retries=10),
         connect_timeout_ms=5000,
     )
+
+
+def _event_loop_threads() -> int:
+    """One CRT event-loop thread per core this process may run on (its CPU set), at most 8. The CRT's
+    own default is one per processor of the node, whatever the pod's CPU limit: 96 threads on a 96-core
+    GPU node. Each thread drives many connections; two saturate this 2-core host's server."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 @contextlib.contextmanager
