@@ -196,6 +196,7 @@ def main() -> None:
     server = None
     endpoint = args.endpoint
     scratch = Path(tempfile.mkdtemp(prefix="lathe-bench-pull-"))
+    dest_root = scratch
     try:
         if endpoint is None and args.server == "rclone":
             rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
@@ -217,8 +218,8 @@ def main() -> None:
               f"{len(os.sched_getaffinity(0))}, server on {args.server_cpus or 'any'}, load "
               f"{os.getloadavg()[0]:.1f}, endpoint {endpoint})")
 
-        dest_root = Path(tempfile.mkdtemp(prefix="lathe-bench-pull-dl-", dir=args.dest_root)) if args.dest_root \
-            else scratch
+        if args.dest_root:
+            dest_root = Path(tempfile.mkdtemp(prefix="lathe-bench-pull-dl-", dir=args.dest_root))
         worker_counts = [int(w) for w in args.workers.split(",")]
         contenders = {}
         reference_of: dict[str, str] = {}  # each contender's `s5cmd cp` at the same worker count
@@ -233,8 +234,13 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in contenders}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
         server_pid = server.pid if server is not None else None
+        order = list(contenders)
         for round_ in range(args.rounds):
-            for name, run in contenders.items():
+            # Each round starts one contender later: none is always first after the previous round's
+            # deletions (see --dest-root), or always last.
+            shift = round_ % len(order)
+            for name in order[shift:] + order[:shift]:
+                run = contenders[name]
                 dest = dest_root / f"r{round_}-{len(times[name])}-{name.split()[0]}"
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
@@ -286,8 +292,7 @@ def main() -> None:
         if server is not None:
             stop_process(server)
         shutil.rmtree(scratch, ignore_errors=True)
-        if args.dest_root and "dest_root" in locals():
-            shutil.rmtree(dest_root, ignore_errors=True)
+        shutil.rmtree(dest_root, ignore_errors=True)
 
 
 if __name__ == "__main__":
