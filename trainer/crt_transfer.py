@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
-import gc
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
+
+from trainer.host import cyclic_gc_paused, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -104,30 +104,7 @@ def _event_loop_threads() -> int:
     """One CRT event-loop thread per core this process may run on (its CPU set), at most 8. The CRT's
     own default is one per processor of the node, whatever the pod's CPU limit: 96 threads on a 96-core
     GPU node. Each thread drives many connections; two saturate this 2-core host's server."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while transfers run.
-
-    The CRT's event-loop threads take the GIL for every request's completion callback. The listing's
-    parsing allocates enough to trigger a collection every few hundred keys, and a collection holds the
-    GIL for as long as it takes to traverse the heap, stalling every connection meanwhile: pausing it
-    took a 2,000-image pull from 0.87x to 0.98x of `s5cmd cp` (docs/benchmarks.md). What the transfer
-    leaves is freed by reference counting; the collector runs again as soon as it ends.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+    return max(1, min(usable_cores(), 8))
 
 
 def _create_empty(path: str) -> None:
@@ -182,7 +159,11 @@ class CrtDownloader:
 
         creators = concurrent.futures.ThreadPoolExecutor(_CREATORS, thread_name_prefix="lathe-crt-create")
         pending: collections.deque[tuple[int, concurrent.futures.Future[None]]] = collections.deque()
-        with _collector_paused():
+        # No cyclic collection while transfers run. The CRT's event-loop threads take the GIL for every
+        # request's completion callback; the listing's parsing triggers a collection every few hundred
+        # keys, and one holds the GIL while it walks the heap, stalling every connection meanwhile.
+        # Pausing it took a 2,000-image pull from 0.87x to 0.98x of `s5cmd cp` (docs/benchmarks.md).
+        with cyclic_gc_paused():
             try:
                 for info, dest in items:
                     listed.append((info, dest))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import re
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from trainer.adapter_file import write_hashed
+from trainer.host import cyclic_gc_paused, usable_cores
 
 from . import blas
 from .adapter_layers import AdapterLayer, parse_adapter, reductions_of, resolve_shape, spectra_of, spectrum_of
@@ -180,12 +180,8 @@ def _worker_threads() -> int:
     """Threads that share the work out: one per core. Each task is a few large operations that release
     the GIL (a batch of same-shaped layers, or reading one base weight and its norm); per-layer small
     operations on two threads measured slower than on one, because of the GIL hand-offs between them."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
     limit = int(os.environ.get("LATHE_SHRINK_WORKERS", "0") or 0)
-    return max(1, min(limit or cores, 8))
+    return max(1, min(limit or usable_cores(), 8))
 
 
 def _choose(rule: Rule, layers: list[AdapterLayer], spectra: list[Spectrum], S: Tensor, base: BaseModel | None,
@@ -247,19 +243,6 @@ def _may_vanish(root_sq: float, up: Tensor, down: Tensor, dtype: torch.dtype) ->
     return root_sq / max(up.numel(), down.numel()) <= (2 * tiny) ** 2
 
 
-@contextmanager
-def _cyclic_gc_paused():
-    """A full collection walks every object torch's import left behind (~0.1 s here) and a shrink
-    allocates enough to trigger one; it builds no reference cycles, so the collector waits until the end."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def shrink_file(
     in_path: str,
     out_path: str,
@@ -275,7 +258,9 @@ def shrink_file(
     plot_path: str | None = None,
 ) -> ShrinkReport:
     """Shrink one adapter file; returns the report (also stored in the output's header)."""
-    with _cyclic_gc_paused():
+    # A full collection walks every object torch's import left behind (~0.1 s here) and a shrink
+    # allocates enough to trigger one; it builds no reference cycles, so the collector waits.
+    with cyclic_gc_paused():
         return _shrink_file(in_path, out_path, base=base, rank=rank, method=method, param=param, recipe=recipe,
                             max_rank=max_rank, save_precision=save_precision, device=device, plot_path=plot_path)
 
