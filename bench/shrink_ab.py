@@ -1,7 +1,7 @@
 """Side-by-side A/B of the shrink: an earlier revision's `trainer/` against the working tree's.
 
 Each case runs `shrink_file` in a fresh process (as a CLI call does), alternating the two trees, and
-keeps the best of `--tries`; inputs are `bench/shrink.py`'s generated SDXL-shaped LoRAs (run it once
+keeps the best of `--tries` (and reports the ratio of medians too); inputs are `bench/shrink.py`'s generated SDXL-shaped LoRAs (run it once
 first), with the base-norm cache warm.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/shrink_ab.py --rev HEAD~1 [--tries 4] [--work .lathe/bench-shrink]
@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -58,19 +59,22 @@ def main() -> int:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(before, filter="data")
         trees = {a.rev: before, "working tree": str(REPO)}
-        print(f"| case | {a.rev}: wall s | CPU s | working tree: wall s | CPU s | speed-up |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(f"| case | {a.rev}: wall s | CPU s | working tree: wall s | CPU s | speed-up | median speed-up |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for label, args in cases(work):
             runs: dict[str, list[dict]] = {name: [] for name in trees}
             for _ in range(a.tries):
                 for name, tree in trees.items():
-                    payload = json.dumps({**args, "out": str(work / "ab-out.safetensors")})
+                    target = work / "ab-out.safetensors"
+                    target.unlink(missing_ok=True)  # a run pays for its own output, not for freeing the last one's
+                    payload = json.dumps({**args, "out": str(target)})
                     out = subprocess.run([sys.executable, "-c", CHILD, tree, payload], env=env, check=True,
                                          capture_output=True, text=True).stdout
                     runs[name].append(json.loads(out.strip().splitlines()[-1]))
             old, new = (min(runs[name], key=lambda r: r["wall"]) for name in trees)
+            old_median, new_median = (statistics.median(r["wall"] for r in runs[name]) for name in trees)
             print(f"| {label} | {old['wall']:.2f} | {old['cpu']:.2f} | {new['wall']:.2f} | {new['cpu']:.2f} | "
-                  f"{old['wall'] / new['wall']:.2f}× |", flush=True)
+                  f"{old['wall'] / new['wall']:.2f}× | {old_median / new_median:.2f}× |", flush=True)
     return 0
 
 

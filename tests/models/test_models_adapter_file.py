@@ -156,3 +156,37 @@ def test_hashes_patched_into_the_streamed_file_equal_a_whole_serialisation(tmp_p
     assert header["ss_training_comment"] == metadata["ss_training_comment"]
     loaded = load_file(saved.path)
     assert all(torch.equal(loaded[k], cast[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("layout", ["predicted", "mispredicted"])
+def test_hashes_taken_in_memory_beside_the_write_equal_a_whole_serialisation(tmp_path, monkeypatch, layout):
+    """`write_hashed` hashes the tensors in memory while safetensors writes them, in the order it
+    predicts safetensors lays them out (dtype, then name). Mixed dtypes and names out of dtype order
+    check that prediction; a wrong prediction must be caught by the written header and the hashes
+    taken from disk instead, equal all the same."""
+    import trainer.adapter_file as adapter_file
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "a_fp16.lora_down.weight": torch.randn(8, 70_000, generator=g).half(),
+        "b_fp32.lora_up.weight": torch.randn(3000, 8, generator=g),
+        "c_bf16.alpha": torch.tensor(2.0, dtype=torch.bfloat16),
+        "d_fp64.scale": torch.randn(5, generator=g, dtype=torch.float64),
+        "e_bool.on_input": torch.tensor(True),
+        "f_i64.index": torch.arange(7),
+        "g_fp16.lora_up.weight": torch.randn(40_000, 8, generator=g).half(),
+    }
+    metadata = {"ss_network_dim": "8", "ss_training_comment": "é \" \\"}
+    from_disk = []
+    original = adapter_file._hash_data
+    monkeypatch.setattr(adapter_file, "_hash_data", lambda *a: from_disk.append(1) or original(*a))
+    if layout == "mispredicted":
+        predicted = adapter_file._data_order
+        monkeypatch.setattr(adapter_file, "_data_order", lambda t: predicted(t)[::-1])
+    path = tmp_path / "mixed.safetensors"
+    adapter_file.write_hashed(tensors, path, metadata, file_sha256=False)
+    header = read_metadata(str(path))
+    assert (header["sshs_model_hash"], header["sshs_legacy_hash"]) == sshs_hashes(tensors, metadata)
+    assert from_disk == ([] if layout == "predicted" else [1])
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
