@@ -289,7 +289,8 @@ def main() -> int:
         f"{os.getloadavg()[0]:.1f}; generated SDXL-shaped LoRA, {len(sdxl_layers())} attention/MLP layers, fp16.",
         "",
         "Each rule's I/O floor reads the input and writes that rule's own output (safetensors `load_file` +"
-        f" `save_file`, nothing else). Rows not marked cold keep the fastest of {a.tries} runs, every floor the fastest of {max(a.tries, FLOOR_TRIES)}.",
+        f" `save_file`, nothing else). Rows not marked cold keep the fastest of {a.tries} runs, every floor"
+        f" the fastest of {max(a.tries, FLOOR_TRIES)}.",
         "",
         "| input | rule | wall s | CPU s | peak RSS MiB | MiB out | mean rank | rel. error (all layers) | worst layer "
         "| I/O floor s | × floor |",

@@ -1,8 +1,8 @@
 """Side-by-side A/B of the shrink: an earlier revision's `trainer/` against the working tree's.
 
 Each case runs `shrink_file` in a fresh process (as a CLI call does), alternating the two trees, and
-keeps the best of `--tries` (and reports the ratio of medians too); inputs are `bench/shrink.py`'s generated SDXL-shaped LoRAs (run it once
-first), with the base-norm cache warm.
+keeps the best of `--tries` (and reports the ratio of medians too); inputs are `bench/shrink.py`'s
+generated SDXL-shaped LoRAs (run it once first), with the base-norm cache warm.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/shrink_ab.py --rev HEAD~1 [--tries 4] [--work .lathe/bench-shrink]
 """

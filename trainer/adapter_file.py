@@ -179,11 +179,9 @@ class _MemoryHash:
 
     def legacy_hash(self, window: int) -> str:
         """The legacy hash: LEGACY_LENGTH bytes from `window` in the data section."""
-        digest, position, end = hashlib.sha256(), 0, window + LEGACY_LENGTH
+        digest, position = hashlib.sha256(), 0
         for view in self._views:
-            lo, hi = max(window, position), min(end, position + len(view))
-            if lo < hi:
-                digest.update(view[lo - position : hi - position])
+            digest.update(_legacy_part(view, position, window))
             position += len(view)
         return digest.hexdigest()[:8]
 
@@ -228,11 +226,16 @@ def _hash_data(f, window: int) -> tuple[str, str]:
     while got := f.readinto(buffer):
         chunk = view[:got]
         model.update(chunk)
-        lo, hi = max(window, position), min(window + LEGACY_LENGTH, position + got)
-        if lo < hi:
-            legacy.update(chunk[lo - position : hi - position])
+        legacy.update(_legacy_part(chunk, position, window))
         position += got
     return model.hexdigest(), legacy.hexdigest()[:8]
+
+
+def _legacy_part(chunk: memoryview, position: int, window: int) -> memoryview:
+    """The part of `chunk` (at `position` in the data section) inside the legacy window at `window`;
+    empty when they do not overlap."""
+    lo, hi = max(window, position), min(window + LEGACY_LENGTH, position + len(chunk))
+    return chunk[lo - position : max(lo, hi) - position]
 
 
 def _sha256_of_stream(f):

@@ -162,8 +162,9 @@ def test_hashes_patched_into_the_streamed_file_equal_a_whole_serialisation(tmp_p
 def test_hashes_taken_in_memory_beside_the_write_equal_a_whole_serialisation(tmp_path, monkeypatch, layout):
     """`write_hashed` hashes the tensors in memory while safetensors writes them, in the order it
     predicts safetensors lays them out (dtype, then name). Mixed dtypes and names out of dtype order
-    check that prediction, and the legacy window (64 KiB at 1 MiB) straddles two tensors; a wrong prediction must be caught by the written header and the hashes
-    taken from disk instead, equal all the same."""
+    check that prediction, and the legacy window (64 KiB at 1 MiB) straddles two tensors; a wrong
+    prediction must be caught by the written header and the hashes taken from disk instead, equal all
+    the same."""
     import trainer.adapter_file as adapter_file
 
     g = torch.Generator().manual_seed(5)
