@@ -33,6 +33,7 @@ from service.jobstore import JobStore
 from service.launcher import Launcher
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
+from service.outbox import Outbox, WebhookDispatcher
 from service.phase import effective
 from service.reconciler import Reconciler
 from service.settings import Settings
@@ -61,7 +62,7 @@ class Services:
     metrics: Metrics
     store: JobStore
     reconciler: Reconciler | None = None
-    webhooks: WebhookSender | None = None
+    webhooks: WebhookDispatcher | None = None
     events_poll_s: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -363,8 +364,11 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
     if launcher is None and use_settings_launcher:
         launcher = build_launcher(settings, store)
     metrics_ = Metrics()
-    webhooks = WebhookSender(secret=settings.webhook_secret, max_attempts=settings.webhook_max_attempts,
-                             timeout_s=settings.webhook_timeout_s, allow_private=settings.webhook_allow_private)
+    sender = WebhookSender(secret=settings.webhook_secret, timeout_s=settings.webhook_timeout_s,
+                           allow_private=settings.webhook_allow_private)
+    webhooks = WebhookDispatcher(Outbox(store.root), sender, max_attempts=settings.webhook_max_attempts,
+                                 retry_base_s=settings.webhook_retry_base_s, workers=settings.webhook_workers,
+                                 poll_s=settings.reconcile_interval_s or 2.0, metrics=metrics_)
     jobs = JobService(settings, store, launcher=launcher)
     reconciler = (Reconciler(settings, store, tenants, launcher, metrics=metrics_, webhooks=webhooks)
                   if launcher is not None else None)
@@ -373,8 +377,9 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
                         extra={"launcher": launcher})
 
     def on_startup(app: Litestar) -> None:
-        if reconciler is not None:
+        if reconciler is not None and settings.reconcile_interval_s > 0:
             reconciler.start()
+            webhooks.start()  # delivers where the reconciler runs: API-only replicas stay passive
 
     def on_shutdown(app: Litestar) -> None:
         if reconciler is not None:

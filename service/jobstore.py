@@ -90,7 +90,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     updated_at: float = 0.0
     slot: str | None = None  # slots/<i> held while active
     webhook_url: str | None = None
-    webhooks_sent: list[str] = []  # "<phase>@<attempt>" already delivered (no duplicates after restarts)
+    # "<phase>@<attempt>" already in the webhook outbox (service/outbox.py), so each is queued once.
+    webhooks_queued: list[str] = msgspec.field(default_factory=list, name="webhooks_sent")
     warnings: list[str] = []
     preflight: PreflightReport | None = None
 

@@ -26,6 +26,9 @@ class Metrics:
         self.launch_latency = Histogram(
             "lathe_launch_latency_seconds", "From submit (or a retry decision) to the launcher starting the attempt",
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600), registry=self.registry)
+        self.webhooks = Counter(
+            "lathe_webhooks_total", "Webhook outcomes in this process: delivered and dropped events, failed attempts",
+            ["outcome"], registry=self.registry)
         self.reconcile_seconds = Histogram(
             "lathe_reconcile_duration_seconds", "One pass of the reconciler", registry=self.registry)
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from service.jobstore import CANCEL_KEY, AttemptRecord, JobRecord, JobStore, index_name, job_id_of_index
 from service.launcher import AttemptState, Launcher, LaunchRequest, RunState
 from service.metrics import Metrics
+from service.outbox import WebhookDispatcher
 from service.phase import effective, will_retry
 from service.settings import Settings
 from service.tenants import TenantRegistry
-from service.webhooks import WebhookEvent, WebhookSender
+from service.webhooks import WebhookEvent
 from trainer.failures import Reason, is_retryable, reason_for_exit
 from trainer.spec import decode_spec
 from trainer.status import TERMINAL_PHASES, ErrorInfo, JobStatus
@@ -50,7 +51,7 @@ class _Active:
 
 class Reconciler:
     def __init__(self, settings: Settings, store: JobStore, tenants: TenantRegistry, launcher: Launcher, *,
-                 metrics: Metrics | None = None, webhooks: WebhookSender | None = None,
+                 metrics: Metrics | None = None, webhooks: WebhookDispatcher | None = None,
                  clock: Callable[[], float] = time.time, launch_env: dict[str, str] | None = None) -> None:
         self.settings, self.store, self.tenants, self.launcher = settings, store, tenants, launcher
         self.metrics, self.webhooks, self.clock = metrics, webhooks, clock
@@ -148,6 +149,8 @@ class Reconciler:
         rec, status, now = item.record, item.status, self.clock()
         self._phase_webhook(rec, status)
         if rec.state == "finished" or rec.final_phase is not None:
+            if rec.final_phase is not None:  # queued already, unless a crash came between finishing and queueing
+                self._send(rec, f"job.{rec.final_phase}", rec.final_phase)
             self._release(rec)
             return 0
         if rec.state == "queued":
@@ -302,14 +305,15 @@ class Reconciler:
         if not rec.webhook_url or self.webhooks is None:
             return
         marker = f"{phase}@{rec.attempt}"
-        if marker in rec.webhooks_sent:
+        if marker in rec.webhooks_queued:
             return
-        rec.webhooks_sent.append(marker)
-        self.store.write_record(rec, now=self.clock())  # recorded first: one event per phase, even after a restart
         data = {"id": rec.job_id, "tenant": rec.tenant, "name": rec.name, "phase": phase, "attempt": rec.attempt,
                 "error": {"reason": rec.error.reason, "message": rec.error.message} if rec.error else None}
-        self.webhooks.send(WebhookEvent(url=rec.webhook_url, msg_id=f"{rec.job_id}-{phase}-{rec.attempt}",
-                                        type=event_type, data=data))
+        # In the outbox before it is marked: a crash in between queues it again under the same webhook-id.
+        self.webhooks.enqueue(WebhookEvent(url=rec.webhook_url, msg_id=f"{rec.job_id}-{phase}-{rec.attempt}",
+                                           type=event_type, data=data))
+        rec.webhooks_queued.append(marker)
+        self.store.write_record(rec, now=self.clock())
 
     # -- retention ------------------------------------------------------------------------------
     def expire_old_jobs(self) -> int:

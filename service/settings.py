@@ -86,9 +86,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     webhook_secret: str | None = None
     # Also send a webhook on every phase change (terminal states are always sent).
     webhook_phase_changes: bool = False
-    # Delivery attempts per webhook (exponential backoff from 1 s) and the timeout of each.
+    # Delivery attempts per webhook and the timeout of each (connect, send and response each get it).
     webhook_max_attempts: Annotated[int, Meta(ge=1, le=20)] = 6
     webhook_timeout_s: PositiveFloat = 10.0
+    # Wait after failed attempt n: this × 4^(n-1), at most an hour (5 s, 20 s, 80 s, 320 s, 21 min).
+    webhook_retry_base_s: Annotated[float, Meta(ge=0)] = 5.0
+    # Receiving servers delivered to at once (each drained by one worker at a time).
+    webhook_workers: Annotated[int, Meta(ge=1, le=256)] = 16
     # Send webhooks to loopback/private addresses too (development only: otherwise refused, so
     # a tenant cannot make the service call internal endpoints).
     webhook_allow_private: bool = False

@@ -2,8 +2,8 @@
 
 Headers: `webhook-id` (stable across retries of one event, so receivers deduplicate),
 `webhook-timestamp` (unix seconds) and `webhook-signature: v1,<base64 HMAC-SHA256>` over
-`<id>.<timestamp>.<body>` with the secret's bytes (`whsec_<base64>`). Delivery runs on a background
-thread with exponential backoff; only 2xx counts as delivered.
+`<id>.<timestamp>.<body>` with the secret's bytes (`whsec_<base64>`). Queueing, retries and leases
+live in service/outbox.py; this module makes one attempt.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import logging
-import queue
 import socket
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -24,8 +21,6 @@ from typing import Any
 
 import httpx
 import msgspec
-
-log = logging.getLogger("lathe.webhooks")
 
 
 class WebhookSecretError(ValueError):
@@ -69,70 +64,42 @@ class WebhookEvent:
     type: str  # job.succeeded, job.failed, job.cancelled, job.phase
     data: dict[str, Any]
 
+    def body(self, created_at: float) -> bytes:
+        """The JSON sent, made once when the event is queued so that every attempt sends the same bytes."""
+        return msgspec.json.encode({"type": self.type, "timestamp": _iso(created_at), "data": self.data})
+
 
 class WebhookSender:
-    def __init__(self, *, secret: str | None, max_attempts: int = 6, timeout_s: float = 10.0,
-                 allow_private: bool = False, sleep: Callable[[float], None] = time.sleep,
+    """One delivery attempt: the destination check, the signature, one POST. Retries, ordering and
+    leases are the outbox's (service/outbox.py)."""
+
+    def __init__(self, *, secret: str | None, timeout_s: float = 10.0, allow_private: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         self.key = decode_secret(secret) if secret else None
-        self.max_attempts, self.timeout_s, self.allow_private = max_attempts, timeout_s, allow_private
-        self.sleep, self.clock = sleep, clock
-        self._queue: queue.Queue[WebhookEvent | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self.delivered = 0
-        self.failed = 0
+        self.timeout_s, self.allow_private, self.clock = timeout_s, allow_private, clock
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="lathe-webhooks", daemon=True)
-            self._thread.start()
+    def client(self, connections: int) -> httpx.Client:
+        return httpx.Client(timeout=self.timeout_s, follow_redirects=False,
+                            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
 
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-            self._thread = None
+    def refusal(self, url: str) -> str | None:
+        """Why `url` may not be called now (checked at each attempt: a name can change what it resolves to)."""
+        return None if self.allow_private else destination_problem(url)
 
-    def send(self, event: WebhookEvent) -> None:
-        self.start()
-        self._queue.put(event)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=self.timeout_s, follow_redirects=False) as client:
-            while (event := self._queue.get()) is not None:
-                try:
-                    ok = self.deliver(event, client)
-                except Exception:  # noqa: BLE001 — one bad event must not stop the sender
-                    log.exception("webhook %s to %s crashed", event.msg_id, event.url)
-                    ok = False
-                if ok:
-                    self.delivered += 1
-                else:
-                    self.failed += 1
-
-    def deliver(self, event: WebhookEvent, client: httpx.Client) -> bool:
-        problem = None if self.allow_private else destination_problem(event.url)
-        if problem is not None:
-            log.warning("webhook %s not sent to %s: %s", event.msg_id, event.url, problem)
-            return False
-        body = msgspec.json.encode({"type": event.type, "timestamp": _iso(self.clock()), "data": event.data})
-        delay = 1.0
-        for attempt in range(1, self.max_attempts + 1):
-            ts = int(self.clock())
-            headers = {"content-type": "application/json", "webhook-id": event.msg_id, "webhook-timestamp": str(ts)}
-            if self.key is not None:
-                headers["webhook-signature"] = sign(self.key, event.msg_id, ts, body)
-            try:
-                resp = client.post(event.url, content=body, headers=headers)
-                if 200 <= resp.status_code < 300:
-                    return True
-                log.warning("webhook %s attempt %d: HTTP %d", event.msg_id, attempt, resp.status_code)
-            except httpx.HTTPError as exc:
-                log.warning("webhook %s attempt %d: %s", event.msg_id, attempt, exc)
-            if attempt < self.max_attempts:
-                self.sleep(delay)
-                delay = min(delay * 2, 300.0)
-        return False
+    def post(self, client: httpx.Client, url: str, msg_id: str, body: bytes) -> str | None:
+        """None when the receiver answered 2xx, else what went wrong (for the log and the outbox)."""
+        ts = int(self.clock())
+        headers = {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts)}
+        if self.key is not None:
+            headers["webhook-signature"] = sign(self.key, msg_id, ts, body)
+        try:
+            # The status line is the answer; the body is never read, so a receiver that trickles it
+            # cannot hold the attempt past its connect, write and read timeouts (the outbox's lease).
+            with client.stream("POST", url, content=body, headers=headers) as resp:
+                status = resp.status_code
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+        return None if 200 <= status < 300 else f"HTTP {status}"
 
 
 def _iso(ts: float) -> str:
