@@ -93,6 +93,7 @@ class Entry:
     queued_at: float = 0.0
     has_event: bool = False
     tries: list[int] = field(default_factory=list)
+    last_etag: str = ""  # of the highest try, as listed
 
     def key(self, name: str) -> str:
         return f"{self.endpoint}/{self.msg_id}/{name}"
@@ -132,7 +133,10 @@ class Outbox:
             if name == EVENT_KEY:
                 entry.has_event, entry.queued_at = True, info.last_modified
             elif m := _TRY_RE.match(name):
-                entry.tries.append(int(m.group(1)))
+                n = int(m.group(1))
+                if not entry.tries or n > max(entry.tries):
+                    entry.last_etag = info.etag
+                entry.tries.append(n)
         out: dict[str, list[Entry]] = {}
         for entry in sorted(entries.values(), key=lambda e: (e.queued_at, e.msg_id)):
             entry.tries.sort()
@@ -183,6 +187,9 @@ class WebhookDispatcher:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._client: httpx.Client | None = None
+        # try key → (ETag, content): a try changes once at most (its outcome), so a pass over entries
+        # waiting to retry costs one listing, not one GET per entry.
+        self._tries: dict[str, tuple[str, Try]] = {}
 
     # -- queueing (the reconciler) --------------------------------------------------------------
     def enqueue(self, event: WebhookEvent) -> None:
@@ -234,7 +241,7 @@ class WebhookDispatcher:
 
     def tick(self) -> None:
         """Hands each endpoint with pending entries to a worker, unless one is already on it."""
-        for endpoint, entries in self.outbox.scan().items():
+        for endpoint, entries in self._scan().items():
             with self._lock:
                 if endpoint in self._busy:
                     continue
@@ -243,8 +250,27 @@ class WebhookDispatcher:
 
     def run_pass(self) -> None:
         """One pass in the calling thread, endpoint after endpoint (tests and tools)."""
-        for entries in self.outbox.scan().values():
+        for entries in self._scan().values():
             self.drain(entries)
+
+    def _scan(self) -> dict[str, list[Entry]]:
+        found = self.outbox.scan()
+        listed = {e.key(try_name(e.tries[-1])) for entries in found.values() for e in entries if e.tries}
+        with self._lock:
+            self._tries = {k: v for k, v in self._tries.items() if k in listed}
+        return found
+
+    def _last_try(self, entry: Entry) -> Try:
+        """The entry's highest try (raises NotFound when it is gone)."""
+        key = entry.key(try_name(entry.tries[-1]))
+        cached = self._tries.get(key)
+        if cached is not None and cached[0] == entry.last_etag:
+            return cached[1]
+        # Read after the listing: the content is at least as new as the ETag it is cached under.
+        last = self.outbox.read_try(entry, entry.tries[-1])
+        with self._lock:
+            self._tries[key] = (entry.last_etag, last)
+        return last
 
     def _work(self) -> None:
         while (item := self._todo.get()) is not None:
@@ -273,7 +299,7 @@ class WebhookDispatcher:
         n = entry.tries[-1] if entry.tries else 0
         if n:
             try:
-                last = self.outbox.read_try(entry, n)
+                last = self._last_try(entry)
             except NotFound:
                 return True  # delivered by another replica meanwhile
             if last.ended_at is None and now < last.lease_until:
