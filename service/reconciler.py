@@ -1,7 +1,8 @@
 """The reconciler: moves active jobs forward. Launches queued jobs within the deployment's limit,
 finishes jobs whose trainer reported a terminal state, starts the next attempt after a retryable
 failure, declares attempts lost when their heartbeat stopped and the launcher no longer knows them,
-escalates cancels after the grace period, sends webhooks and expires old jobs.
+escalates cancels after the grace period, queues webhooks (service/outbox.py delivers them) and expires
+old jobs.
 
 Everything it decides is written to job.json; it holds no state between passes, so it can stop and
 start (or run on several replicas: each attempt is claimed with a conditional PUT of

@@ -97,7 +97,7 @@ class WebhookSender:
             # cannot hold the attempt past its connect, write and read timeouts (the outbox's lease).
             with client.stream("POST", url, content=body, headers=headers) as resp:
                 status = resp.status_code
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
         return None if 200 <= status < 300 else f"HTTP {status}"
 
