@@ -2,7 +2,7 @@
 receivers on 127.0.0.1: an event leaves the store only after a 2xx, retries follow the schedule kept in
 the store (so a new process picks them up), an abandoned claim is taken over when its lease runs out,
 two replicas deliver each event once, and a slow receiver does not delay another one, down to two
-tenants' jobs through the API."""
+tenants' jobs through the API; a job that ended without its webhook queued gets it on the next pass."""
 
 from __future__ import annotations
 
@@ -190,3 +190,20 @@ def test_a_slow_tenant_endpoint_does_not_delay_another_tenants_webhook(client_fa
         slow.release()
         wait_for(lambda: slow.ids(204), 10, 0.05, "acme's webhook once its receiver answers")
         assert slow.ids(204) == [f"{a.json()['id']}-succeeded-1"]
+
+
+def test_a_finished_job_whose_webhook_was_never_queued_gets_it_queued(client_factory, bucket):
+    """A reconciler that died between recording a job's end and queueing its webhook: the next pass
+    (the job still holds its slot) queues it, once."""
+    client = client_factory(webhook_allow_private=True, reconcile_interval_s=0)
+    services = client.app.state.services
+    url = "http://127.0.0.1:9/hook"
+    job_id = client.post("/v1/jobs", json={"spec": spec(bucket), "webhook_url": url}, headers=auth()).json()["id"]
+    record = services.store.read_record("acme", job_id)
+    record.state, record.final_phase, record.finished_at = "finished", "succeeded", record.submitted_at
+    services.store.write_record(record)
+    services.reconciler.tick()
+    services.reconciler.tick()
+    [entries] = Outbox(services.store.root).scan().values()
+    assert [e.msg_id for e in entries] == [f"{job_id}-succeeded-0"]
+    assert services.store.read_record("acme", job_id).webhooks_queued == ["succeeded@0"]
