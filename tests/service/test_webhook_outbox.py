@@ -23,10 +23,17 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 @pytest.fixture(params=["s3", "local"])
 def state(request, bucket, tmp_path):
-    """A fresh state root: a prefix of the module's bucket, or a local folder."""
+    """A fresh state root: a prefix of the module's bucket, or a local folder (conditional PUTs and
+    listings differ between the two)."""
     if request.param == "s3":
         return open_store(f"s3://{bucket}/outbox-{uuid.uuid4().hex[:8]}/")
     return LocalStore(tmp_path / "state")
+
+
+@pytest.fixture()
+def s3_state(bucket):
+    """For the tests of timing, which do not depend on the store."""
+    return open_store(f"s3://{bucket}/outbox-{uuid.uuid4().hex[:8]}/")
 
 
 def dispatcher(state, *, max_attempts=6, retry_base_s=0.3, timeout_s=5.0, allow_private=True, workers=4,
@@ -45,12 +52,12 @@ def pending(state) -> list[str]:
     return sorted(info.key.split("/", 1)[1] for info in state.list("webhooks/"))
 
 
-def test_an_event_leaves_the_outbox_only_after_a_2xx(state):
+def test_an_event_leaves_the_outbox_only_after_a_2xx(s3_state):
     with Receiver(statuses=(500, 503, 204)) as hook:
-        d = dispatcher(state, retry_base_s=1.0)  # long enough for the "too early" pass on a loaded machine
+        d = dispatcher(s3_state, retry_base_s=1.0)  # long enough for the "too early" pass on a loaded machine
         ev = event(hook.url)
         d.enqueue(ev)
-        assert [k.rsplit("/", 1)[1] for k in pending(state)] == [EVENT_KEY]
+        assert [k.rsplit("/", 1)[1] for k in pending(s3_state)] == [EVENT_KEY]
         d.run_pass()  # attempt 1: HTTP 500, recorded with its retry time
         entry = d.outbox.scan().popitem()[1][0]
         first = d.outbox.read_try(entry, 1)
@@ -60,41 +67,41 @@ def test_an_event_leaves_the_outbox_only_after_a_2xx(state):
         wait_for(lambda: d.run_pass() or len(hook.calls) == 2, 10, 0.05, "attempt 2")
         assert d.outbox.read_try(entry, 2).error == "HTTP 503"
         assert hook.calls[1].arrived - hook.calls[0].arrived >= 1.0
-        assert pending(state), "removed after a failed attempt"
+        assert pending(s3_state), "removed after a failed attempt"
         wait_for(lambda: d.run_pass() or len(hook.calls) == 3, 15, 0.05, "attempt 3")
         assert hook.calls[2].arrived - hook.calls[1].arrived >= retry_delay_s(2, 1.0) == 4.0
-        assert pending(state) == []
+        assert pending(s3_state) == []
     # The same id and body on every attempt, each signed for its own timestamp.
     assert {c.headers["webhook-id"] for c in hook.calls} == {ev.msg_id}
     assert len({c.body for c in hook.calls}) == 1
     assert all(verify(decode_secret(SECRET), c.headers, c.body) for c in hook.calls)
 
 
-def test_retries_survive_a_restart(state):
+def test_retries_survive_a_restart(s3_state):
     with Receiver(statuses=(500, 204)) as hook:
-        before = dispatcher(state, retry_base_s=1.5)
+        before = dispatcher(s3_state, retry_base_s=1.5)
         before.enqueue(event(hook.url))
         before.run_pass()
         assert len(hook.calls) == 1
-        after = dispatcher(state, retry_base_s=1.5)  # a new process: nothing in memory carries over
+        after = dispatcher(s3_state, retry_base_s=1.5)  # a new process: nothing in memory carries over
         assert after.owner != before.owner
         after.run_pass()
         assert len(hook.calls) == 1, "the retry schedule in the store was not honoured"
-        wait_for(lambda: after.run_pass() or pending(state) == [], 10, 0.05, "the retry after a restart")
+        wait_for(lambda: after.run_pass() or pending(s3_state) == [], 10, 0.05, "the retry after a restart")
         assert [c.status for c in hook.calls] == [500, 204]
         assert hook.calls[1].arrived - hook.calls[0].arrived >= 1.5
 
 
-def test_an_abandoned_claim_is_taken_over_when_its_lease_runs_out(state):
+def test_an_abandoned_claim_is_taken_over_when_its_lease_runs_out(s3_state):
     with Receiver() as hook:
-        d = dispatcher(state)
+        d = dispatcher(s3_state)
         d.enqueue(event(hook.url))
         entry = d.outbox.scan().popitem()[1][0]
         # A replica claims attempt 1 and dies before posting or writing an outcome.
         assert d.outbox.claim(entry, 1, "dead-replica", time.time(), 2.0) is not None
         d.run_pass()
         assert hook.calls == [], "delivered while another replica's lease held"
-        wait_for(lambda: d.run_pass() or pending(state) == [], 10, 0.05, "the takeover")
+        wait_for(lambda: d.run_pass() or pending(s3_state) == [], 10, 0.05, "the takeover")
         assert len(hook.calls) == 1
 
 
