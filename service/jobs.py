@@ -25,7 +25,7 @@ from service.launcher import Launcher
 from service.phase import effective
 from service.preflight import PreflightLimits, run_preflight
 from service.settings import Settings
-from service.tenants import Tenant, UriKind
+from service.tenants import Tenant, UriKind, uri_problem
 from service.webhooks import destination_problem
 from service.wire import (
     AttemptView, FieldProblem, JobCreate, JobList, JobSummary, JobView, OutputView, PreflightReport, UploadCreate,
@@ -106,7 +106,9 @@ class JobService:
         for path, uri, kind in refs:
             if uri is not None and not tenant.allows(kind, uri):
                 allowed = ", ".join(tenant.prefixes(kind))
+                malformed = uri_problem(uri)
                 problems.append(FieldProblem(path=path, message=(
+                    f"{malformed} (the {kind} locations tenant '{tenant.name}' may use: {allowed})" if malformed else
                     f"{uri} is outside the {kind} locations tenant '{tenant.name}' may use ({allowed}); "
                     "copy the data there or ask the operator to allow the prefix")))
         if problems:
