@@ -472,8 +472,8 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
             shrink_items, shrink_report = job.shrink(result, inputs)
             outputs = job.publish(result, shrink_items, shrink_report, inputs)
             reporter.set_outputs(outputs)
+        log.info("job succeeded")  # before finish(), which uploads the log
         reporter.finish("succeeded")
-        log.info("job succeeded")
         return SUCCESS_EXIT
     except JobFailure as failure:
         return _fail(reporter, job, spec, failure)
