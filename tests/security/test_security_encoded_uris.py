@@ -116,22 +116,23 @@ PIECES = st.sampled_from(["acme", "acme-evil", "other", "tenants", "x", "..", ".
 
 
 @FUZZ
-@given(st.sampled_from(["file", "s3"]), st.sampled_from(["tenants/acme/", "tenants/"]),
+@given(st.sampled_from(["file", "path", "s3"]), st.sampled_from(["tenants/acme/", "tenants/"]),
        st.lists(st.lists(PIECES, min_size=1, max_size=3).map("".join), min_size=1, max_size=6), st.booleans())
 @example("file", "tenants/acme/", ["%2e%2e", "acme-evil", "x"], False)
 @example("file", "tenants/acme/", ["..%2facme-evil"], True)
 @example("s3", "tenants/acme/", ["..%2facme-evil"], False)
+@example("path", "tenants/acme/", ["..", "acme-evil"], False)
 def test_no_accepted_uri_resolves_outside_its_prefix(scheme, start, segments, trailing):
     from service.tenants import uri_under
     from trainer.storage import open_store
 
-    root = "file:///srv/state/" if scheme == "file" else "s3://bucket/state/"
+    root = {"file": "file:///srv/state/", "path": "/srv/state/", "s3": "s3://bucket/state/"}[scheme]
     prefix = root + "tenants/acme/"
     uri = root + start + "/".join(segments) + ("/" if trailing else "")
     if not uri_under(uri, prefix):
         return
     store = open_store(uri)
-    if scheme == "file":
+    if scheme in ("file", "path"):
         opened = store.root  # what a LocalStore reads and writes
         assert posixpath.normpath(opened) == opened and (opened + "/").startswith("/srv/state/tenants/acme/"), opened
         assert ".." not in opened.split("/")
