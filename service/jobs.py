@@ -22,10 +22,10 @@ from service.jobstore import (
     LOG_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
 from service.launcher import Launcher
-from service.phase import effective
+from service.phase import close_reported, effective
 from service.preflight import PreflightLimits, run_preflight
 from service.settings import Settings
-from service.tenants import Tenant, UriKind
+from service.tenants import Tenant, UriKind, uri_problem
 from service.webhooks import destination_problem
 from service.wire import (
     AttemptView, FieldProblem, JobCreate, JobList, JobSummary, JobView, OutputView, PreflightReport, UploadCreate,
@@ -106,7 +106,9 @@ class JobService:
         for path, uri, kind in refs:
             if uri is not None and not tenant.allows(kind, uri):
                 allowed = ", ".join(tenant.prefixes(kind))
+                malformed = uri_problem(uri)
                 problems.append(FieldProblem(path=path, message=(
+                    f"{malformed} (the {kind} locations tenant '{tenant.name}' may use: {allowed})" if malformed else
                     f"{uri} is outside the {kind} locations tenant '{tenant.name}' may use ({allowed}); "
                     "copy the data there or ask the operator to allow the prefix")))
         if problems:
@@ -253,13 +255,16 @@ class JobService:
             raise errors.NotFound(f"no job '{job_id}'") from None
 
     def get(self, tenant: Tenant, job_id: str) -> JobView:
-        record = self._record(tenant, job_id)
-        status = self._call(lambda: self.store.read_status(tenant.name, job_id))
+        record, status = self.get_with_status(tenant, job_id)
         return self._view(tenant, record, status)
 
     def get_with_status(self, tenant: Tenant, job_id: str) -> tuple[JobRecord, JobStatus | None]:
+        """job.json with the end its trainer reported already applied (phase.close_reported), and
+        status.json: the one view every read, cancel and delete decides from."""
         record = self._record(tenant, job_id)
-        return record, self._call(lambda: self.store.read_status(tenant.name, job_id))
+        status = self._call(lambda: self.store.read_status(tenant.name, job_id))
+        close_reported(record, status)
+        return record, status
 
     def _view(self, tenant: Tenant, record: JobRecord, status: JobStatus | None, *, presign: bool = True) -> JobView:
         eff = effective(record, status)
@@ -345,6 +350,7 @@ class JobService:
             except NotFound:
                 return None  # deleted meanwhile
             status = self.store.read_status(tenant.name, job_id)
+            close_reported(record, status)
             eff = effective(record, status)
             prog = status.progress if status is not None else None
             return JobSummary(id=job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,
@@ -368,12 +374,28 @@ class JobService:
         return self._view(tenant, record, status)
 
     def delete(self, tenant: Tenant, job_id: str) -> None:
-        record, status = self.get_with_status(tenant, job_id)
-        if effective(record, status).phase not in TERMINAL_PHASES or record.final_phase is None:
+        record = self._record(tenant, job_id)
+        status = self._call(lambda: self.store.read_status(tenant.name, job_id))
+        recorded = record.final_phase is not None
+        close_reported(record, status)  # the view GET shows
+        if record.final_phase is None:
             raise errors.Conflict(f"job {job_id} is not finished; cancel it first (POST /v1/jobs/{job_id}/cancel) "
                                   "and delete it once its phase is cancelled")
+        if not recorded:
+            # Its trainer reported the end; the reconciler, job.json's one writer, has yet to record it
+            # and free the slot. Deleting first would leave it writing the record of a deleted job.
+            self._wait_recorded(tenant, job_id)
         self._call(lambda: self._delete_outputs(tenant, job_id, status))
         self._call(lambda: self.store.delete_job(record))
+
+    def _wait_recorded(self, tenant: Tenant, job_id: str) -> None:
+        """Until job.json holds the job's end (within one reconcile pass); 503 if that takes longer."""
+        deadline = time.monotonic() + 3 * self.settings.reconcile_interval_s + 2.0
+        while self._record(tenant, job_id).final_phase is None:
+            if time.monotonic() > deadline:
+                raise errors.Unavailable(f"job {job_id} has finished, but the service has not recorded its end yet; "
+                                         "retry the delete in a few seconds")
+            time.sleep(0.1)
 
     def _delete_outputs(self, tenant: Tenant, job_id: str, status: JobStatus | None) -> None:
         """Outputs outside the job directory (a custom save.output_uri) go too: each listed output,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.jobstore import JobRecord
-from trainer.failures import is_retryable
+from trainer.failures import exit_code_for, is_retryable
 from trainer.status import TERMINAL_PHASES, ErrorInfo, JobStatus
 
 
@@ -48,6 +48,31 @@ def effective(record: JobRecord, status: JobStatus | None) -> Effective:
             return Effective("queued", status.error, True)
         return Effective(status.phase, status.error, True)
     return Effective(status.phase, None, True)
+
+
+def close_reported(record: JobRecord, status: JobStatus | None) -> bool:
+    """Records in `record` the end its current attempt's trainer reported (a terminal `status.json`):
+    the attempt's end, reason and exit code and, unless another attempt follows, the job's final
+    phase; True when that changed the record. The reconciler writes the result; the API applies it
+    to each record it reads, so what GET shows and what DELETE and cancel decide are one view, the
+    one job.json is about to hold. Times are the trainer's report, so both agree to the digit."""
+    if (record.final_phase is not None or record.state != "launched" or status is None
+            or status.attempt != record.attempt or status.phase not in TERMINAL_PHASES):
+        return False
+    last = record.attempts[-1] if record.attempts else None
+    ended = max(status.updated_at, last.launched_at if last is not None else 0.0)
+    error = status.error
+    if last is not None and last.ended_at is None:
+        last.ended_at, last.reason = ended, error.reason if error else None
+        last.message = error.message if error else None
+        # The trainer exits with the code of the end it reported (trainer/failures.py), so that code is
+        # known before the launcher sees the exit.
+        last.exit_code = exit_code_for(error.reason if error and status.phase != "succeeded" else None)
+    if not will_retry(record, status):
+        record.state, record.final_phase = "finished", status.phase  # type: ignore[assignment]
+        record.error = error if status.phase != "succeeded" else None
+        record.finished_at = ended
+    return True
 
 
 def _retry_cause(record: JobRecord) -> ErrorInfo | None:

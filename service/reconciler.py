@@ -22,7 +22,7 @@ from service.jobstore import CANCEL_KEY, AttemptRecord, JobRecord, JobStore, ind
 from service.launcher import AttemptState, Launcher, LaunchRequest, RunState
 from service.metrics import Metrics
 from service.outbox import WebhookDispatcher
-from service.phase import effective, will_retry
+from service.phase import close_reported, effective
 from service.settings import Settings
 from service.tenants import TenantRegistry
 from service.webhooks import WebhookEvent
@@ -240,12 +240,12 @@ class Reconciler:
 
     # -- attempt outcomes -----------------------------------------------------------------------
     def _attempt_reported(self, rec: JobRecord, status: JobStatus, now: float) -> None:
-        reason = status.error.reason if status.error else None
-        self._close_attempt(rec, reason, None, status.error.message if status.error else None, now)
-        if will_retry(rec, status):
+        # The same transition the API shows before it is written here (phase.close_reported).
+        close_reported(rec, status)
+        if rec.final_phase is None:
             self._requeue(rec, now)
         else:
-            self._finish(rec, status.phase, status.error)
+            self._finished(rec)
 
     def _attempt_ended(self, rec: JobRecord, view: AttemptState, now: float) -> None:
         reason = view.reason or (reason_for_exit(view.exit_code).value if reason_for_exit(view.exit_code) else None)
@@ -284,7 +284,12 @@ class Reconciler:
         rec.state, rec.final_phase = "finished", phase  # type: ignore[assignment]
         rec.error = error if phase != "succeeded" else None
         rec.finished_at = self.clock()
-        self.store.write_record(rec, now=rec.finished_at)
+        self._finished(rec)
+
+    def _finished(self, rec: JobRecord) -> None:
+        """Writes a record whose end is decided, then tells (metrics, log, webhook) and frees its slot."""
+        phase, error = rec.final_phase or "failed", rec.error
+        self.store.write_record(rec, now=self.clock())
         if self.metrics is not None:
             self.metrics.jobs_finished.labels(phase).inc()
         log.info("job %s: %s%s", rec.job_id, phase, f" ({error.reason}: {error.message})" if error else "")

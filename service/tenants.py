@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import posixpath
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
+
+from trainer.uris import parse_uri
 
 TenantName = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
 TokenHash = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
@@ -90,22 +91,25 @@ class Tenant:
 
 def uri_under(uri: str, prefix: str) -> bool:
     """Whether `uri` lies under `prefix` as a folder: `s3://b/acme` covers `s3://b/acme/x` but not
-    `s3://b/acme-evil/x`. URIs with `.`/`..` segments or empty segments are never allowed (they could
-    name something else once normalised by another tool)."""
-    if not uri or not prefix:
+    `s3://b/acme-evil/x`. Both are compared in the canonical form the stores open (`parse_uri`), so
+    what passes here is exactly what the preflight and the trainer read or write; a URI that form
+    refuses (dot segments, encoded dots or separators, empty S3 segments) is never under anything.
+    Relative paths are refused too: the service and the trainer would resolve them differently."""
+    if not uri or not prefix or not uri.startswith(("s3://", "file://", "/")):
         return False
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        scheme, rest = "", uri
-    segments = rest.split("/")
-    if any(seg in (".", "..") for seg in segments) or "\\" in uri or "\x00" in uri:
+    try:
+        return parse_uri(uri).is_under(parse_uri(prefix))
+    except ValueError:
         return False
-    if "//" in rest.rstrip("/"):
-        return False
-    if scheme == "" and posixpath.normpath(uri) != uri.rstrip("/"):
-        return False
-    base = prefix.rstrip("/")
-    return uri.rstrip("/") == base or uri.startswith(base + "/")
+
+
+def uri_problem(uri: str) -> str | None:
+    """Why `uri` names no storage location at all (the canonical form refuses it), or None."""
+    try:
+        parse_uri(uri)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class TenantRegistry:

@@ -55,6 +55,17 @@ def reason_for_exit(code: int | None) -> Reason | None:
     return REASON_BY_EXIT.get(code, Reason.INTERNAL)
 
 
+def exit_code_for(reason: Reason | str | None) -> int:
+    """The code the trainer exits with after reporting an end with `reason` (None: it succeeded);
+    a reason that is none of the trainer's own counts as internal."""
+    if reason is None:
+        return SUCCESS_EXIT
+    try:
+        return EXIT_CODES.get(Reason(reason), EXIT_CODES[Reason.INTERNAL])
+    except ValueError:
+        return EXIT_CODES[Reason.INTERNAL]
+
+
 def is_retryable(reason: Reason | str) -> bool:
     return Reason(reason) in RETRYABLE
 
@@ -69,7 +80,7 @@ class JobFailure(Exception):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.reason, EXIT_CODES[Reason.INTERNAL])
+        return exit_code_for(self.reason)
 
     def __str__(self) -> str:
         return f"{self.reason.value}: {self.message}"

@@ -154,8 +154,11 @@ class StatusReporter:
         self._update(outputs=outputs)
 
     def finish(self, phase: str, *, reason: str | None = None, message: str | None = None) -> None:
-        """The attempt's terminal state; retried through an outage (losing it would misreport the job)."""
+        """The attempt's terminal state; retried through an outage (losing it would misreport the job).
+        The log is uploaded after its last line and before the status: once the service sees the end,
+        the stored log (what it serves for a finished job) is complete."""
         error = ErrorInfo(reason=reason, message=message or "") if reason else None
+        log.info("phase: %s%s", phase, f" ({reason})" if reason else "")
         self._update(phase=phase, error=error)
         self.close()
         if not self.enabled:

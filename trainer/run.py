@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from trainer import STARTED_AT, __version__
-from trainer.failures import EXIT_CODES, JobFailure, Reason
+from trainer.failures import SUCCESS_EXIT, JobFailure, Reason
 from trainer.jobdir import Checkpoints, StatusReporter, with_retries
 from trainer.publish import LocalOutput, Publisher
 from trainer.spec import UNSHRINKABLE_ALGOS, JobSpec, SpecError, decode_spec, encode_spec, spec_hash, warnings_for
@@ -472,9 +472,9 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
             shrink_items, shrink_report = job.shrink(result, inputs)
             outputs = job.publish(result, shrink_items, shrink_report, inputs)
             reporter.set_outputs(outputs)
+        log.info("job succeeded")  # before finish(), which uploads the log
         reporter.finish("succeeded")
-        log.info("job succeeded")
-        return 0
+        return SUCCESS_EXIT
     except JobFailure as failure:
         return _fail(reporter, job, spec, failure)
     except StorageError as exc:
@@ -503,7 +503,7 @@ def _fail(reporter: StatusReporter, job: Job | None, spec: JobSpec | None, failu
                         reason=failure.reason.value, message=failure.message)
     except JobFailure as exc:  # the store stayed unreachable: the exit code still tells the launcher
         log.error("could not write the final status: %s", exc)
-    return EXIT_CODES.get(failure.reason, 1)
+    return failure.exit_code
 
 
 def main(argv: list[str]) -> int:

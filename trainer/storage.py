@@ -47,6 +47,7 @@ import msgspec
 import urllib3
 
 from trainer.failures import EXIT_CODES, Reason
+from trainer.uris import Location, parse_uri  # noqa: F401 (Location: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +105,6 @@ class ObjectInfo(msgspec.Struct, frozen=True):
 # ------------------------------------------------------------------------------------------ URIs
 
 
-def parse_uri(uri: str) -> tuple[str, str, str]:
-    """("s3", bucket, key) for s3:// URIs, ("file", "", absolute_path) for file:// URIs and paths."""
-    if not isinstance(uri, str) or not uri.strip():
-        raise ValueError("storage URI is empty: give s3://bucket/prefix or a local path")
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://") :].partition("/")
-        if len(bucket) < 3 or "/" in bucket:
-            raise ValueError(f"storage URI {uri!r} has no valid bucket name: use s3://bucket/key")
-        return "s3", bucket, key
-    if uri.startswith("file://"):
-        parsed = urllib.parse.urlparse(uri)
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"file URI {uri!r} names a remote host; use file:///absolute/path")
-        return "file", "", os.path.abspath(urllib.parse.unquote(parsed.path))
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise ValueError(f"unsupported storage URI scheme {scheme!r} in {uri!r}: use s3:// or a path")
-    return "file", "", os.path.abspath(os.path.expanduser(uri))
-
-
 def join_key(prefix: str, key: str) -> str:
     """`prefix` and `key` joined with exactly one '/' (an empty prefix leaves the key alone)."""
     if not prefix:
@@ -132,7 +113,8 @@ def join_key(prefix: str, key: str) -> str:
 
 
 def open_store(root_uri: str, *, endpoint_url: str | None = None) -> Store:
-    """A Store rooted at an s3://bucket/prefix, a file:// URI or a local folder path."""
+    """A Store rooted at an s3://bucket/prefix, a file:// URI or a local folder path, as `parse_uri`
+    reads it (the canonical form the service's tenant check compares)."""
     scheme, bucket, key = parse_uri(root_uri)
     if scheme == "s3":
         return S3Store(bucket, key, endpoint_url=endpoint_url)

@@ -63,6 +63,10 @@ def test_whole_job_from_spec_to_metadata(s3_server, job_bucket, tmp_path):
     keys = {o["Key"] for o in s3_client(s3_server).list_objects_v2(Bucket=job_bucket, Prefix="tenants/t1/jobs/j-whole/")["Contents"]}
     assert "tenants/t1/jobs/j-whole/output/tiny-step00000003.safetensors" in keys
     assert "tenants/t1/jobs/j-whole/logs/trainer.log" in keys
+    # the stored log (served for finished jobs) ends with the attempt's end, as the process output does
+    stored = s3_client(s3_server).get_object(Bucket=job_bucket, Key="tenants/t1/jobs/j-whole/logs/trainer.log")
+    last = stored["Body"].read().decode().splitlines()[-2:]
+    assert last[0].endswith("job succeeded") and last[1].endswith("phase: succeeded"), last
     assert any("/logs/tensorboard/" in k for k in keys)
 
 

@@ -57,6 +57,8 @@ def test_a_running_then_finished_job_is_invisible_to_other_tenants(sec_client, s
     job = wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}", headers=auth()).json()).get("finished_at") and j,
                    60, what="finished")
     assert job["phase"] == "succeeded" and job["outputs"], job
+    store = api.app.state.services.store  # and recorded in job.json (the snapshot below must not move)
+    wait_for(lambda: store.read_record("acme", job_id).final_phase, 30, what="the end recorded")
     stored_before = _objects(sec_s3, sec_bucket, job["job_uri"])
 
     for tenant in OTHERS:  # once finished: no logs, no delete, no resume of the stream

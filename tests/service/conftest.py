@@ -190,9 +190,17 @@ def live_server_factory(settings_factory: Callable[..., Any], local_launcher_env
 
 
 def wait_finished(client: Any, job_id: str, tenant: str = "acme", timeout_s: float = 30.0) -> dict:
-    """Until the reconciler recorded the job's end (finished_at), which follows the trainer's report."""
+    """Until the job is finished (finished_at, shown from the trainer's report on) and, where the test
+    holds the app, the reconciler has written that to job.json (metrics, webhooks and the freed slot
+    follow the write)."""
+    services = getattr(getattr(getattr(client, "app", None), "state", None), "services", None)
+
     def check() -> dict | None:
         body = client.get(f"/v1/jobs/{job_id}", headers=auth(tenant)).json()
-        return body if body.get("finished_at") else None
+        if not body.get("finished_at"):
+            return None
+        if services is not None and services.store.read_record(tenant, job_id).final_phase is None:
+            return None
+        return body
 
     return wait_for(check, timeout_s, what=f"job {job_id} to be finished")

@@ -56,7 +56,9 @@ def test_restart_mid_job_keeps_status_and_result(bucket, tokens_file, tmp_path, 
                         60, 0.2, "the job to finish")
         assert done["phase"] == "succeeded" and done["attempt"] == 1, done  # the same attempt, not a retry
         assert done["progress"]["step"] == 16 and done["outputs"][0]["name"] == "last.safetensors"
-        assert done["finished_at"] >= before
+        # job.json's end written by the second service (finished_at is the trainer's own report time)
+        wait_for(lambda: httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers).json()["updated_at"] >= before, 30, 0.2,
+                 "the second service to record the end")
         logs = httpx.get(f"{url}/v1/jobs/{job_id}/logs", headers=headers).text
         assert "step 16/16" in logs
     finally:

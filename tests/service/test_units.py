@@ -54,13 +54,17 @@ def test_a_job_waiting_for_its_retry_shows_why():
 
 
 def test_uri_prefixes_are_folder_boundaries_and_refuse_dot_segments():
-    assert uri_under("s3://b/acme/data/x", "s3://b/acme/")
-    assert uri_under("s3://b/acme", "s3://b/acme/")
-    assert not uri_under("s3://b/acme-evil/x", "s3://b/acme")
-    assert not uri_under("s3://b/acme/../other/x", "s3://b/acme/")
-    assert not uri_under("s3://b/acme//x", "s3://b/acme/")
-    assert not uri_under("s3://other/acme/x", "s3://b/acme/")
+    assert uri_under("s3://bkt/acme/data/x", "s3://bkt/acme/")
+    assert uri_under("s3://bkt/acme", "s3://bkt/acme/")
+    assert not uri_under("s3://bkt/acme-evil/x", "s3://bkt/acme")
+    assert not uri_under("s3://bkt/acme/../other/x", "s3://bkt/acme/")
+    assert not uri_under("s3://bkt/acme//x", "s3://bkt/acme/")
+    assert not uri_under("s3://other/acme/x", "s3://bkt/acme/")
     assert not uri_under("/data/acme/../../etc", "/data/acme/")
+    assert not uri_under("data/acme/x", "data/acme/")  # relative: the trainer would resolve it elsewhere
+    # a file:// URI and a plain path naming one folder are the same location
+    assert uri_under("file:///data/acme/x%20y", "/data/acme/")
+    assert uri_under("/data/acme/x", "file:///data/acme/")
 
 
 def test_tokens_are_hashed_and_map_to_tenants(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -264,9 +265,41 @@ def test_parse_uri() -> None:
     assert parse_uri("s3://bucket") == ("s3", "bucket", "")
     assert parse_uri("file:///data/x%20y") == ("file", "", "/data/x y")
     assert parse_uri("rel/dir")[2] == os.path.abspath("rel/dir")
-    for bad in ["", "s3://", "s3://ab/k", "gs://bucket/x", "file://host/x"]:
+    assert parse_uri("file:///data/50%25") == ("file", "", "/data/50%")
+    assert parse_uri("s3://bucket/50%/x") == ("s3", "bucket", "50%/x")  # S3 keys: nothing decoded
+    assert parse_uri("/data//x/") == ("file", "", "/data/x")
+    for bad in ["", "s3://", "s3://ab/k", "gs://bucket/x", "file://host/x", "s3://b%2fx/k"]:
         with pytest.raises(ValueError):
             parse_uri(bad)
+
+
+@pytest.mark.parametrize("uri, why", [
+    ("file:///state/tenants/b/%2e%2e/a/x", "'.' or '..' segment"),
+    ("file:///state/tenants/b/%2E%2E/a/x", "'.' or '..' segment"),
+    ("file:///state/tenants/b/.%2e/a/x", "'.' or '..' segment"),
+    ("file:///state/tenants/b/%2e/x", "'.' or '..' segment"),
+    ("file:///state/tenants/b/../a/x", "'.' or '..' segment"),
+    ("file:///state/tenants/b/..%2fa/x", "percent-encoded separator"),
+    ("file:///state/tenants/b/..%2Fa/x", "percent-encoded separator"),
+    ("file:///state/tenants/b/..%5ca", "percent-encoded separator"),
+    ("file:///state/tenants/b/%252e%252e/a", "still a percent-encoded"),
+    ("file:///state/tenants/b/x%00", "control character"),
+    ("file:///state/tenants/b/x?/../../a", "query"),
+    ("file:///state/tenants/b/a%5Cb", "percent-encoded separator"),
+    ("file:///state/tenants/b/a%ff", "not UTF-8"),
+    ("file://state/tenants/b", "remote host"),
+    ("s3://bucket/tenants/b/%2e%2e/a/x", "percent-encoded '.'"),
+    ("s3://bucket/tenants/b/%2E%2E/a/x", "percent-encoded '.'"),
+    ("s3://bucket/tenants/b/..%2fa/x", "percent-encoded '.'"),
+    ("s3://bucket/tenants/b/x%5C..", "percent-encoded '.'"),
+    ("s3://bucket/tenants/b/../a/x", "'.' or '..' segment"),
+    ("s3://bucket/tenants/b//x", "empty segment"),
+    ("s3://bucket/tenants/b\\..\\a", "backslash"),
+    ("/state/tenants/b/../a", "'.' or '..' segment"),
+])
+def test_parse_uri_refuses_what_could_name_another_place(uri: str, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        parse_uri(uri)
 
 
 def test_storage_module_does_not_import_torch() -> None:
