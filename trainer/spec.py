@@ -19,6 +19,11 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 from msgspec import Meta, Struct
 
+from trainer.data.layout import spec_problems as dataset_spec_problems
+from trainer.optimizers import adafactor_relative_step, unknown_arg_message
+from trainer.shrink.choice import parse_recipe
+from trainer.shrink.errors import ShrinkError
+
 SPEC_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_TRAIN_STEPS = 1600  # sd-scripts' default when neither steps nor epochs are given
@@ -789,6 +794,17 @@ def check_spec(spec: JobSpec) -> list[Problem]:
     if arch != "sdxl" and isinstance(opt.text_encoder_lr, list) and len(opt.text_encoder_lr) != 1:
         err("optimizer.text_encoder_lr", f"{arch} has one text encoder: give one value")
 
+    # Optimizer arguments: the names each class takes (the trainer builds the optimizer from the same table).
+    for key in opt.args:
+        problem = unknown_arg_message(opt.type, key)
+        if problem is not None:
+            err(f"optimizer.args.{key}", problem)
+    # The polynomial schedule decays to 1e-7 (diffusers' lr_end); Adafactor with relative_step uses its own.
+    if (sch.type == "polynomial" and opt.learning_rate <= 1e-7
+            and not (opt.type == "Adafactor" and adafactor_relative_step(opt.args))):
+        err("optimizer.learning_rate", "scheduler.type 'polynomial' decays to 1e-7: optimizer.learning_rate must be "
+            "above that")
+
     # Optimizers with their own schedule / LR conventions.
     if opt.type in ("Prodigy", "DAdaptAdam") and (opt.unet_lr or opt.learning_rate) < 0.1:
         warn("optimizer.learning_rate", f"{opt.type} adapts the step size: a learning rate around 1.0 is usual")
@@ -826,6 +842,8 @@ def check_spec(spec: JobSpec) -> list[Problem]:
             err("dataset.min_bucket_reso", f"is above the resolution {w}x{h}; lower it")
         if max(w, h) > ds.max_bucket_reso:
             err("dataset.max_bucket_reso", f"is below the resolution {w}x{h}; raise it")
+    for path, message in dataset_spec_problems(ds):  # the dataset layout's own rules, before any listing
+        err(path, message)
     if ds.config_toml is not None and ds.subsets is not None:
         err("dataset.subsets", "give either dataset.config_toml or dataset.subsets, not both")
     if ds.keep_tokens and not any_shuffle:
@@ -861,6 +879,15 @@ def check_spec(spec: JobSpec) -> list[Problem]:
             err("shrink.param", "sv_ratio needs a ratio ≥ 1 (largest / smallest kept singular value)")
         if sh.method in ("sv_fro", "sv_cumulative") and sh.param is not None and sh.param > 1:
             err("shrink.param", f"{sh.method} needs a fraction in (0, 1]")
+        if sh.param is not None and sh.method is None:
+            err("shrink.param", "is only used with shrink.method (sv_ratio, sv_fro or sv_cumulative); set one or remove "
+                "shrink.param")
+        if (sh.rank is None and sh.method is None and sh.recipe
+                and spec.network.algo not in UNSHRINKABLE_ALGOS):
+            try:  # the trainer parses it after training: refuse it now rather than skip the shrink then
+                parse_recipe(sh.recipe)
+            except ShrinkError as exc:
+                err("shrink.recipe", str(exc))
         if sh.rank is None and sh.method is None and not sh.recipe:
             err("shrink.recipe", "give shrink.rank, shrink.method/param or shrink.recipe, or set shrink.enabled = false")
         if spec.network.algo in UNSHRINKABLE_ALGOS:
