@@ -533,23 +533,6 @@ def _is_under(path: str, root: str) -> bool:
     return path == root or path.startswith((root + ".", root + "["))
 
 
-def _struct_inside(tp: Any) -> tuple[type | None, bool]:
-    """(the Struct a field holds, whether it holds a list of them) through Optional and Annotated."""
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    if isinstance(tp, type) and issubclass(tp, Struct):
-        return tp, False
-    if get_origin(tp) is list:
-        item, _ = _struct_inside(get_args(tp)[0])
-        return item, item is not None
-    for arg in get_args(tp):
-        if arg is not type(None):
-            found = _struct_inside(arg)
-            if found[0] is not None:
-                return found
-    return None, False
-
-
 MAX_SPEC_DEPTH = 16  # a real spec nests 4 levels (optimizer.args.<key>[i]); JSON allows ~1000
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_UNSAFE_REPORTED = 20
