@@ -65,8 +65,9 @@ class JobService:
         try:
             spec = spec_from_obj(body.spec)
         except SpecError as exc:
+            shown = "; ".join(f"{p.path}: {p.message}" for p in exc.problems[:3])
             raise errors.InvalidSpec(
-                f"{len(exc.problems)} problem(s) in the spec: {exc}",
+                f"{len(exc.problems)} problem(s) in the spec: {shown}" + ("; …" if len(exc.problems) > 3 else ""),
                 problems=[FieldProblem(path=p.path, message=p.message, severity=p.severity) for p in exc.problems],
             ) from None
         self._check_uris(tenant, spec)

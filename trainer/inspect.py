@@ -33,11 +33,18 @@ def module_algo(suffixes: set[str]) -> str:
 
 
 def summarize(path: str) -> dict:
-    from safetensors import safe_open
+    """The summary of `path`; ValueError naming the file when it is not a complete safetensors file."""
+    from safetensors import SafetensorError, safe_open
 
     from trainer.adapter_file import read_header, zero_tensor_names
 
     header = read_header(path)
+    try:  # safetensors checks the whole header (entries, offsets, the file's length) before any tensor is read
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated or damaged: "
+                         "copy or download it again") from None
     metadata = dict(header.pop("__metadata__", None) or {})
     modules: dict[str, set[str]] = {}
     dtypes: Counter = Counter()
@@ -49,8 +56,6 @@ def summarize(path: str) -> dict:
     algos: Counter = Counter()
     ranks: Counter = Counter()
     alphas: Counter = Counter()
-    with safe_open(path, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, suffixes in modules.items():
         per_prefix[next((p.rstrip("_") for p in PREFIXES if name.startswith(p)), "other")] += 1
         algos[module_algo(suffixes)] += 1

@@ -19,6 +19,11 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 from msgspec import Meta, Struct
 
+from trainer.data.layout import spec_problems as dataset_spec_problems
+from trainer.optimizers import adafactor_relative_step, unknown_arg_message
+from trainer.shrink.choice import parse_recipe
+from trainer.shrink.errors import ShrinkError
+
 SPEC_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_TRAIN_STEPS = 1600  # sd-scripts' default when neither steps nor epochs are given
@@ -399,34 +404,40 @@ def _literal_values(tp: Any) -> list[Any]:
 _PATH_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
 
 
-def _explain_validation(exc: msgspec.ValidationError) -> Problem:
+def _join(parts: list[str]) -> str:
+    return ".".join(parts).replace(".[", "[") or "(root)"
+
+
+def _unknown_field(parts: list[str], name: str) -> Problem:
+    parent = _resolve_path(parts)
+    allowed = _field_names(parent) if isinstance(parent, type) and issubclass(parent, Struct) else []
+    if name in _REFUSED_OPTIONS:
+        return Problem(_join([*parts, name]), f"unknown field: '{name}' {_REFUSED_OPTIONS[name]}")
+    return Problem(_join([*parts, name]), f"unknown field '{name}'; allowed fields here: {', '.join(allowed)}")
+
+
+def _missing_field(parts: list[str], name: str) -> Problem:
+    return Problem(_join([*parts, name]), f"required field '{name}' is missing")
+
+
+def _explain_validation(exc: msgspec.ValidationError, base: list[str] | None = None) -> Problem:
+    """msgspec's error for a value converted at field path `base` (its own path is relative to it)."""
     text = str(exc)
     m = _PATH_RE.search(text)
     raw = m.group("path") if m else ""
     # "[...]" is msgspec's placeholder for a dict key: keep it whole (splitting on "." mangled it).
-    parts = re.findall(r"\[[^\]]*\]|[^.\[]+", raw)
-    path = ".".join(parts).replace(".[", "[") or "(root)"
+    parts = [*(base or []), *re.findall(r"\[[^\]]*\]|[^.\[]+", raw)]
     message = _PATH_RE.sub("", text).strip().rstrip("-").strip()
     unknown = re.match(r"Object contains unknown field `(?P<f>[^`]+)`", message)
     if unknown:
-        name = unknown.group("f")
-        path = f"{path}.{name}" if path != "(root)" else name
-        parent = _resolve_path(parts)
-        allowed = _field_names(parent) if isinstance(parent, type) and issubclass(parent, Struct) else []
-        if name in _REFUSED_OPTIONS:
-            message = f"unknown field: '{name}' {_REFUSED_OPTIONS[name]}"
-        else:
-            message = f"unknown field '{name}'; allowed fields here: {', '.join(allowed)}"
-        return Problem(path, message)
+        return _unknown_field(parts, unknown.group("f"))
     missing = re.match(r"Object missing required field `(?P<f>[^`]+)`", message)
     if missing:
-        name = missing.group("f")
-        path = f"{path}.{name}" if path != "(root)" else name
-        return Problem(path, f"required field '{name}' is missing")
+        return _missing_field(parts, missing.group("f"))
     allowed = _literal_values(_resolve_path(parts)) if parts else []
     if allowed:
         message += f"; allowed values: {', '.join(map(repr, allowed))}"
-    return Problem(path, message)
+    return Problem(_join(parts), message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +445,8 @@ def _explain_validation(exc: msgspec.ValidationError) -> Problem:
 
 
 def spec_from_obj(obj: Any) -> JobSpec:
-    """Validate a decoded JSON/TOML object as a JobSpec (types, ranges, cross-field rules)."""
+    """Validate a decoded JSON/TOML object as a JobSpec (types, ranges, cross-field rules). The
+    SpecError lists every problem found: each bad field, not only the first."""
     if not isinstance(obj, dict):
         raise SpecError([Problem("(root)", "a job spec is an object (JSON) or a table (TOML)")])
     version = obj.get("version")
@@ -444,12 +456,16 @@ def spec_from_obj(obj: Any) -> JobSpec:
         raise SpecError([
             Problem("version", f"unsupported spec version {version!r}; supported versions: {list(SUPPORTED_VERSIONS)}")
         ])
-    unsafe = _first_unsafe_value(obj)
-    if unsafe is not None:
-        raise SpecError([unsafe])
+    clean, unsafe = _without_unsafe_values(obj)
+    bad = [p.path for p in unsafe]
+    problems = unsafe[:MAX_UNSAFE_REPORTED] + [
+        p for p in _struct_problems(clean, JobSpec, []) if not any(_is_under(p.path, u) for u in bad)
+    ]
+    if problems:
+        raise SpecError(problems)
     try:
         spec = msgspec.convert(obj, JobSpec, strict=True)
-    except msgspec.ValidationError as exc:
+    except msgspec.ValidationError as exc:  # a rule the field-by-field pass does not see; never expected
         raise SpecError([_explain_validation(exc)]) from None
     _apply_implied_options(spec)
     errors = [p for p in check_spec(spec) if p.severity == "error"]
@@ -458,32 +474,103 @@ def spec_from_obj(obj: Any) -> JobSpec:
     return spec
 
 
+# One bad value must not hide the next: msgspec stops at the first error, so the object is checked field
+# by field against the Structs' own annotations (each type and bound stays written once, on its field).
+
+
+def _struct_problems(obj: dict[str, Any], struct: type, parts: list[str]) -> list[Problem]:
+    """Every unknown field, missing required field and bad value of `obj` read as `struct`."""
+    out: list[Problem] = []
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    for key, value in obj.items():
+        if key not in fields:
+            out.append(_unknown_field(parts, str(key)))
+        else:
+            out += _value_problems(value, fields[key].type, [*parts, key])
+    out += [_missing_field(parts, f.encode_name) for f in fields.values() if f.required and f.encode_name not in obj]
+    return out
+
+
+def _value_problems(value: Any, tp: Any, parts: list[str]) -> list[Problem]:
+    try:
+        msgspec.convert(value, tp, strict=True)
+        return []
+    except msgspec.ValidationError as exc:
+        first = _explain_validation(exc, parts)
+    if first.path == _join(parts):
+        return [first]  # the value as a whole is wrong (its type, a list's length): nothing finer to say
+    kind, inner = _container_for(tp, value)
+    found: list[Problem] = []
+    if kind == "struct":
+        found = _struct_problems(value, inner, parts)
+    elif kind == "list":
+        found = [p for i, item in enumerate(value) for p in _value_problems(item, inner, [*parts, f"[{i}]"])]
+    elif kind == "dict":
+        found = [p for key, item in value.items() for p in _value_problems(item, inner, [*parts, str(key)])]
+    return found or [first]
+
+
+def _container_for(tp: Any, value: Any) -> tuple[str | None, Any]:
+    """How to look inside `value` read as `tp`: ("struct", S), ("list", item type), ("dict", value
+    type) or (None, None), through Annotated and unions (the arm that fits the value's JSON kind)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, Struct):
+        return ("struct", tp) if isinstance(value, dict) else (None, None)
+    origin = get_origin(tp)
+    if origin is list:
+        return ("list", get_args(tp)[0]) if isinstance(value, list) else (None, None)
+    if origin is dict:
+        return ("dict", get_args(tp)[1]) if isinstance(value, dict) else (None, None)
+    for arm in get_args(tp):  # a union
+        found = _container_for(arm, value)
+        if found[0] is not None:
+            return found
+    return None, None
+
+
+def _is_under(path: str, root: str) -> bool:
+    return path == root or path.startswith((root + ".", root + "["))
+
+
 MAX_SPEC_DEPTH = 16  # a real spec nests 4 levels (optimizer.args.<key>[i]); JSON allows ~1000
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_UNSAFE_REPORTED = 20
 
 
-def _first_unsafe_value(obj: Any) -> Problem | None:
-    """The first value no field can hold, checked before msgspec sees the object: NaN/infinity (JSON
-    as Python reads it and TOML both allow them), integers outside 64 bits (they pass `int` fields but
-    overflow torch.manual_seed and friends in the trainer: an `internal` failure, retried) and
-    nesting deeper than any field (a recursive walk would hit the interpreter's recursion limit: a 500).
+def _without_unsafe_values(obj: Any) -> tuple[Any, list[Problem]]:
+    """A copy of `obj` with every value no field can hold replaced by 0, and a problem for each:
+    NaN/infinity (JSON as Python reads it and TOML both allow them), integers outside 64 bits (they
+    pass `int` fields but overflow torch.manual_seed and friends in the trainer: an `internal`
+    failure, retried) and nesting deeper than any field (msgspec and a recursive walk would hit the
+    interpreter's recursion limit: a 500). The copy lets the field checks look at everything else.
     Iterative on purpose."""
-    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    problems: list[Problem] = []
+    root: list[Any] = [None]
+    stack: list[tuple[Any, str, int, Any, Any]] = [(obj, "", 0, root, 0)]
     while stack:
-        value, path, depth = stack.pop()
+        value, path, depth, parent, slot = stack.pop()
         where = path or "(root)"
+        problem = None
         if depth > MAX_SPEC_DEPTH:
-            return Problem(where, f"nested more than {MAX_SPEC_DEPTH} levels deep; no spec field nests like that")
-        if isinstance(value, float) and not math.isfinite(value):
-            return Problem(where, "must be a finite number (not NaN or infinity)")
-        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
-            return Problem(where, "is out of range: integers must fit in 64 bits (|n| < 9.2e18)")
-        if isinstance(value, dict):
-            stack.extend((item, f"{path}.{key}" if path else str(key), depth + 1)
+            problem = f"nested more than {MAX_SPEC_DEPTH} levels deep; no spec field nests like that"
+        elif isinstance(value, float) and not math.isfinite(value):
+            problem = "must be a finite number (not NaN or infinity)"
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            problem = "is out of range: integers must fit in 64 bits (|n| < 9.2e18)"
+        if problem is not None:
+            problems.append(Problem(where, problem))
+            parent[slot] = 0
+        elif isinstance(value, dict):
+            parent[slot] = copy = dict.fromkeys(value)
+            stack.extend((item, f"{path}.{key}" if path else str(key), depth + 1, copy, key)
                          for key, item in reversed(list(value.items())))
         elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in reversed(list(enumerate(value))))
-    return None
+            parent[slot] = copy = [None] * len(value)
+            stack.extend((item, f"{path}[{i}]", depth + 1, copy, i) for i, item in reversed(list(enumerate(value))))
+        else:
+            parent[slot] = value
+    return root[0], problems
 
 
 def _apply_implied_options(spec: JobSpec) -> None:
@@ -690,6 +777,17 @@ def check_spec(spec: JobSpec) -> list[Problem]:
     if arch != "sdxl" and isinstance(opt.text_encoder_lr, list) and len(opt.text_encoder_lr) != 1:
         err("optimizer.text_encoder_lr", f"{arch} has one text encoder: give one value")
 
+    # Optimizer arguments: the names each class takes (the trainer builds the optimizer from the same table).
+    for key in opt.args:
+        problem = unknown_arg_message(opt.type, key)
+        if problem is not None:
+            err(f"optimizer.args.{key}", problem)
+    # The polynomial schedule decays to 1e-7 (diffusers' lr_end); Adafactor with relative_step uses its own.
+    if (sch.type == "polynomial" and opt.learning_rate <= 1e-7
+            and not (opt.type == "Adafactor" and adafactor_relative_step(opt.args))):
+        err("optimizer.learning_rate", "scheduler.type 'polynomial' decays to 1e-7: optimizer.learning_rate must be "
+            "above that")
+
     # Optimizers with their own schedule / LR conventions.
     if opt.type in ("Prodigy", "DAdaptAdam") and (opt.unet_lr or opt.learning_rate) < 0.1:
         warn("optimizer.learning_rate", f"{opt.type} adapts the step size: a learning rate around 1.0 is usual")
@@ -727,6 +825,8 @@ def check_spec(spec: JobSpec) -> list[Problem]:
             err("dataset.min_bucket_reso", f"is above the resolution {w}x{h}; lower it")
         if max(w, h) > ds.max_bucket_reso:
             err("dataset.max_bucket_reso", f"is below the resolution {w}x{h}; raise it")
+    for path, message in dataset_spec_problems(ds):  # the dataset layout's own rules, before any listing
+        err(path, message)
     if ds.config_toml is not None and ds.subsets is not None:
         err("dataset.subsets", "give either dataset.config_toml or dataset.subsets, not both")
     if ds.keep_tokens and not any_shuffle:
@@ -762,6 +862,15 @@ def check_spec(spec: JobSpec) -> list[Problem]:
             err("shrink.param", "sv_ratio needs a ratio ≥ 1 (largest / smallest kept singular value)")
         if sh.method in ("sv_fro", "sv_cumulative") and sh.param is not None and sh.param > 1:
             err("shrink.param", f"{sh.method} needs a fraction in (0, 1]")
+        if sh.param is not None and sh.method is None:
+            err("shrink.param", "is only used with shrink.method (sv_ratio, sv_fro or sv_cumulative); set one or remove "
+                "shrink.param")
+        if (sh.rank is None and sh.method is None and sh.recipe
+                and spec.network.algo not in UNSHRINKABLE_ALGOS):
+            try:  # the trainer parses it after training: refuse it now rather than skip the shrink then
+                parse_recipe(sh.recipe)
+            except ShrinkError as exc:
+                err("shrink.recipe", str(exc))
         if sh.rank is None and sh.method is None and not sh.recipe:
             err("shrink.recipe", "give shrink.rank, shrink.method/param or shrink.recipe, or set shrink.enabled = false")
         if spec.network.algo in UNSHRINKABLE_ALGOS:

@@ -176,4 +176,4 @@ def test_bad_config_toml_is_named(bi_api, bi_bucket, bi_unchanged, case, text, w
 def test_subset_dir_climbing_out_is_named(bi_api, bi_bucket, bi_unchanged):
     body = {"spec": spec(bi_bucket, **{"dataset.subsets": [{"image_dir": "../../state"}]})}
     problem = check_problem(bi_api.post("/v1/jobs", json=body, headers=auth()), 422, ["../../state"])
-    assert "dataset.subsets" in problem_paths(problem), problem
+    assert "dataset.subsets[0].image_dir" in problem_paths(problem), problem

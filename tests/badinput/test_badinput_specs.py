@@ -99,6 +99,32 @@ SPEC_CASES: list[tuple[str, dict[str, Any], int, str, str]] = [
      "dataset.subsets", "not both"),
     ("constant-scheduler-warmup", {"scheduler.warmup_steps": 10}, 422, "scheduler.warmup_steps", "warmup"),
     ("adafactor-scheduler-adamw", {"scheduler.type": "adafactor"}, 422, "scheduler.type", "Adafactor"),
+    # what the trainer would refuse without a model, refused at submit
+    ("optimizer-arg-unknown", {"optimizer.args": {"decouple": True}}, 422, "optimizer.args.decouple",
+     "not an argument of AdamW"),
+    ("optimizer-arg-of-another-optimizer", {"optimizer.type": "Prodigy", "optimizer.learning_rate": 1.0,
+                                            "optimizer.args": {"amsgrad": True}}, 422, "optimizer.args.amsgrad",
+     "not an argument of Prodigy"),
+    ("optimizer-arg-misspelt", {"optimizer.args": {"weight_decy": 0.01}}, 422, "optimizer.args.weight_decy",
+     "weight_decay"),
+    ("optimizer-arg-fixed", {"optimizer.type": "SGDNesterov", "optimizer.args": {"nesterov": False}}, 422,
+     "optimizer.args.nesterov", "cannot be changed"),
+    ("polynomial-lr-at-its-end", {"scheduler.type": "polynomial", "optimizer.learning_rate": 1e-8}, 422,
+     "optimizer.learning_rate", "decays to 1e-7"),
+    ("shrink-param-without-method", {"shrink.rank": 4, "shrink.param": 0.9}, 422, "shrink.param", "only used with"),
+    ("shrink-recipe-unknown-key", {"shrink.recipe": "frob=1,thr=-3"}, 422, "shrink.recipe", "unknown key 'frob'"),
+    ("shrink-recipe-not-a-number", {"shrink.recipe": "fro_ckpt=x,thr=-3"}, 422, "shrink.recipe", "not a number"),
+    ("shrink-recipe-no-threshold", {"shrink.recipe": "fro_ckpt=1"}, 422, "shrink.recipe", "thr=X"),
+    # a compressed tarball is not listed at submit: the spec's own dataset rules still apply
+    ("config-toml-bad-on-tarball", {"dataset.uri": f"s3://{B}/datasets/d.tar.gz",
+                                    "dataset.config_toml": "[[datasets]]\nbogus = 1\n"}, 422, "dataset.config_toml",
+     "unknown key 'bogus'"),
+    ("config-toml-not-toml-on-tarball", {"dataset.uri": f"s3://{B}/datasets/d.tar.gz",
+                                         "dataset.config_toml": "[[datasets]\n"}, 422, "dataset.config_toml",
+     "not valid TOML"),
+    ("subset-dir-climbs-out-on-tarball", {"dataset.uri": f"s3://{B}/datasets/d.tar.gz",
+                                          "dataset.subsets": [{"image_dir": "../../state"}]}, 422,
+     "dataset.subsets[0].image_dir", "must be a folder inside the dataset"),
     # unsupported architectures and modules
     ("arch-sd3", {"model.arch": "sd3"}, 422, "model.arch", "allowed values: 'sd1', 'sd2', 'sdxl'"),
     ("arch-flux", {"model.arch": "flux"}, 422, "model.arch", "allowed values"),
@@ -168,6 +194,35 @@ def test_bad_spec(bi_api, bi_bucket, bi_unchanged, case, changes, status, field,
             assert _names(problem_paths(problem), field), (field, problem)
         else:
             assert problem["limit"] == field, problem
+
+
+# (id, changes, every field path the one answer must name)
+SEVERAL_PROBLEMS: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("dim-and-learning-rate", {"network.dim": 0, "optimizer.learning_rate": -1},
+     ["network.dim", "optimizer.learning_rate"]),
+    ("two-in-one-section", {"network.dim": 0, "network.alpha": 0}, ["network.dim", "network.alpha"]),
+    ("two-unknown-fields", {"epochs": 3, "network.rank": 8}, ["epochs", "network.rank"]),
+    ("two-subsets", {"dataset.subsets": [{"image_dir": "a", "num_repeats": 0}, {"image_dir": "b", "repeats": 2}]},
+     ["dataset.subsets[0].num_repeats", "dataset.subsets[1].repeats"]),
+    ("two-list-items", {"network.module": "networks.lora", "network.block_dims": [0] + [4] * 23 + [-1]},
+     ["network.block_dims[0]", "network.block_dims[24]"]),
+    ("two-optimizer-args", {"optimizer.args": {"decouple": True, "d_coef": 2}},
+     ["optimizer.args.decouple", "optimizer.args.d_coef"]),
+    ("over-64-bits-and-out-of-range", {"training.seed": 2**64, "training.batch_size": 0},
+     ["training.seed", "training.batch_size"]),
+    ("missing-and-wrong-type", {"model.uri": None, "training.max_train_steps": "3"},
+     ["model.uri", "training.max_train_steps"]),
+]
+
+
+@pytest.mark.parametrize("case, changes, paths", SEVERAL_PROBLEMS, ids=[c[0] for c in SEVERAL_PROBLEMS])
+def test_every_problem_is_reported_in_one_answer(bi_api, bi_bucket, bi_unchanged, case, changes, paths):
+    body = {"spec": spec(bi_bucket, **changes)}
+    for endpoint in ("/v1/jobs", "/v1/jobs:validate"):
+        problem = check_problem(bi_api.post(endpoint, json=body, headers=auth()), 422, paths)
+        got = [p["path"] for p in problem["problems"]]
+        assert sorted(set(got)) == sorted(paths) == sorted(got), (case, got)
+        assert problem["detail"].startswith(f"{len(paths)} problem(s) in the spec"), problem["detail"]
 
 
 def test_a_rejected_submit_leaves_its_idempotency_key_free(bi_api, bi_bucket):

@@ -6,12 +6,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.spec import spec_from_obj
+import msgspec
+
+from trainer.spec import JobSpec, spec_from_obj
 
 def make_spec(**dataset: Any):
     """A checked JobSpec whose dataset section is `dataset` (uri defaults to a placeholder)."""
     dataset.setdefault("uri", "data")
     return spec_from_obj({"version": 1, "model": {"uri": "model"}, "dataset": dataset})
+
+
+def make_unchecked_spec(**dataset: Any):
+    """A JobSpec that skipped the spec check (which refuses what these tests give the layout itself)."""
+    dataset.setdefault("uri", "data")
+    return msgspec.convert({"version": 1, "model": {"uri": "model"}, "dataset": dataset}, JobSpec)
 
 
 # Bucket settings near the tiny dataset's scale (the spec's smallest bucket side is 64 px).

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from data_helpers import list_files, make_spec
+from data_helpers import list_files, make_spec, make_unchecked_spec
 
 from trainer.data.layout import balanced_repeats, discover_layout
 from trainer.failures import JobFailure, Reason
@@ -85,7 +85,7 @@ def test_explicit_subsets_inherit_the_dataset_options(tiny_root):
 
 def test_explicit_subset_outside_the_dataset_is_refused(tiny_root):
     with pytest.raises(JobFailure) as exc:
-        discover_layout(make_spec(subsets=[{"image_dir": "../other"}]), list_files(tiny_root))
+        discover_layout(make_unchecked_spec(subsets=[{"image_dir": "../other"}]), list_files(tiny_root))
     assert exc.value.reason is Reason.SPEC_INVALID and "dataset.subsets[0].image_dir" in exc.value.message
 
 
@@ -162,7 +162,7 @@ def test_sd_scripts_toml_precedence(tiny_root):
 ])
 def test_bad_toml_names_the_key_and_table(toml, needle):
     with pytest.raises(JobFailure) as exc:
-        discover_layout(make_spec(config_toml=toml), ["x/a.png"])
+        discover_layout(make_unchecked_spec(config_toml=toml), ["x/a.png"])
     assert exc.value.reason is Reason.SPEC_INVALID
     assert exc.value.message.startswith("dataset.config_toml: ") and needle in exc.value.message
 

@@ -251,7 +251,8 @@ CROSS_FIELD_ERRORS = [
                                            "max_bucket_reso": 256}), "dataset.min_bucket_reso", "max_bucket_reso"),
     ("max-bucket-below-resolution", dict(dataset={"enable_bucket": True, "resolution": 1024, "max_bucket_reso": 768}),
      "dataset.max_bucket_reso", "raise it"),
-    ("config_toml+subsets", dict(dataset={"config_toml": "[general]", "subsets": [{"image_dir": "1_a"}]}),
+    ("config_toml+subsets", dict(dataset={"config_toml": "[[datasets]]\n[[datasets.subsets]]\nimage_dir = '1_a'\n",
+                                         "subsets": [{"image_dir": "1_a"}]}),
      "dataset.subsets", "not both"),
     ("timesteps", dict(training={"min_timestep": 500, "max_timestep": 400}), "training.min_timestep", "below"),
     ("save_last_n_epochs-alone", dict(save={"save_last_n_epochs": 3}), "save.save_last_n_epochs", "save_every_n_epochs"),
@@ -265,6 +266,24 @@ CROSS_FIELD_ERRORS = [
     ("sample-empty-prompt", dict(sample={"prompts": ["--w 512"]}), "sample.prompts[0]", "empty"),
     ("sample-size", dict(sample={"prompts": ["a cat --w 500"]}), "sample.prompts[0]", "multiples of 8"),
     ("multinode-cpu", dict(resources={"nodes": 2, "gpus": 0}), "resources.nodes", "gpus"),
+    # What the trainer checks without a model, checked here too so that submit refuses it.
+    ("optimizer-arg-unknown", dict(optimizer={"args": {"decouple": True}}), "optimizer.args.decouple",
+     "not an argument of AdamW; it takes: amsgrad, betas"),
+    ("optimizer-arg-of-another-optimizer", dict(optimizer={"type": "Lion", "args": {"eps": 1e-8}}),
+     "optimizer.args.eps", "not an argument of Lion"),
+    ("optimizer-arg-fixed", dict(optimizer={"type": "SGDNesterov", "args": {"nesterov": False}}),
+     "optimizer.args.nesterov", "set by SGDNesterov itself"),
+    ("polynomial-lr-at-its-end", dict(scheduler={"type": "polynomial"}, optimizer={"learning_rate": 1e-8}),
+     "optimizer.learning_rate", "decays to 1e-7"),
+    ("shrink-param-without-method", dict(shrink={"rank": 4, "param": 0.9}), "shrink.param", "only used with"),
+    ("shrink-recipe-unknown-key", dict(shrink={"recipe": "frob=1,thr=-3"}), "shrink.recipe", "unknown key 'frob'"),
+    ("shrink-recipe-no-threshold", dict(shrink={"recipe": "fro_ckpt=1"}), "shrink.recipe", "thr=X"),
+    ("config-toml-not-toml", dict(dataset={"config_toml": "[[datasets]\n"}), "dataset.config_toml", "not valid TOML"),
+    ("config-toml-unknown-key", dict(dataset={"config_toml": "[[datasets]]\nbogus = 1\n[[datasets.subsets]]\n"
+                                                             "image_dir = 'a'\n"}), "dataset.config_toml",
+     "unknown key 'bogus'"),
+    ("subset-dir-climbs-out", dict(dataset={"subsets": [{"image_dir": "../other"}]}),
+     "dataset.subsets[0].image_dir", "must be a folder inside the dataset"),
 ]
 
 
@@ -274,6 +293,64 @@ def test_cross_field_rule(sections: dict[str, Any], path: str, advice: str) -> N
     problems = problems_of(minimal(**sections))
     assert {p.path for p in problems} == {path}, problems
     assert advice in problems[0].message
+
+
+def test_adafactor_with_its_own_schedule_may_take_any_learning_rate_with_polynomial() -> None:
+    decode_spec(json.dumps(minimal(optimizer={"type": "Adafactor", "learning_rate": 0.0},
+                                   scheduler={"type": "polynomial"})))
+    problems = problems_of(minimal(optimizer={"type": "Adafactor", "learning_rate": 0.0,
+                                              "args": {"relative_step": False}}, scheduler={"type": "polynomial"}))
+    assert [p.path for p in problems] == ["optimizer.learning_rate"]
+
+
+def test_every_argument_the_trainer_takes_passes_the_spec_check() -> None:
+    from trainer.optimizers import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == set(spec_module.get_args(spec_module.OptimizerType))
+    for kind, entry in OPTIMIZERS.items():
+        args = {name: 1 for name in entry.user_args}
+        spec = decode_spec(json.dumps(minimal(optimizer={"type": kind, "args": args})))
+        assert set(spec.optimizer.args) == set(entry.args) - set(entry.fixed)
+
+
+def test_a_recipe_is_not_parsed_when_another_rule_or_no_shrink_applies() -> None:
+    for shrink in ({"rank": 4, "recipe": "nonsense"}, {"enabled": False, "recipe": "nonsense"}):
+        decode_spec(json.dumps(minimal(shrink=shrink)))
+    decode_spec(json.dumps(minimal(network={"algo": "ia3"}, shrink={"recipe": "nonsense"})))  # warned: not shrunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Every problem in one answer
+
+
+def test_every_bad_field_is_reported_not_only_the_first() -> None:
+    problems = problems_of(minimal(network={"dim": 0}, optimizer={"learning_rate": -1}))
+    assert [p.path for p in problems] == ["network.dim", "optimizer.learning_rate"], problems
+    assert ">= 1" in problems[0].message and ">= 0.0" in problems[1].message
+
+
+def test_every_problem_at_every_depth_in_one_pass() -> None:
+    obj = minimal(
+        model={"arch": "sd3"},
+        dataset={"resolution": [16, "x"], "subsets": [{"image_dir": "a", "num_repeats": 0}, {"image_dir": "b", "rep": 1}]},
+        network={"dim": 0, "alpha": float("inf"), "block_dims": [2**64, 0]},
+        optimizer={"args": {"eps": float("nan"), "betas": {"a": 1}, "weight_decay": "x" * 5000}},
+        epochs=3,
+    )
+    del obj["model"]["uri"]
+    paths = [p.path for p in problems_of(obj)]
+    assert sorted(paths) == sorted([
+        "network.alpha", "network.block_dims[0]", "optimizer.args.eps",  # values no field can hold
+        "model.arch", "model.uri", "dataset.resolution[0]", "dataset.resolution[1]",
+        "dataset.subsets[0].num_repeats", "dataset.subsets[1].rep", "network.dim", "network.block_dims[1]",
+        "optimizer.args.betas", "optimizer.args.weight_decay", "epochs",
+    ]), paths
+
+
+def test_cross_field_rules_run_once_every_field_is_valid() -> None:
+    """The cross-field rules read a whole JobSpec: with a bad field there is none to read yet."""
+    problems = problems_of(minimal(network={"dim": 0}, precision={"full_fp16": True}))
+    assert [p.path for p in problems] == ["network.dim"]
 
 
 CROSS_FIELD_WARNINGS = [

@@ -456,6 +456,25 @@ def _subsets_from_folders(files: list[str] | None, ds: Any, root: Root, warnings
     return out
 
 
+def spec_problems(ds: Any) -> list[tuple[str, str]]:
+    """(field path, message) for what `dataset.config_toml` and `dataset.subsets[].image_dir` (of a
+    DatasetSpec) get wrong on their own: the checks `discover_layout` starts with, which need no file
+    listing, so the spec check runs them at submit even where the dataset cannot be listed then."""
+    out: list[tuple[str, str]] = []
+    if ds.config_toml is not None:
+        try:
+            _subsets_from_toml(ds.config_toml, ds)
+        except JobFailure as exc:
+            out.append(("dataset.config_toml", exc.message))
+    for i, sub in enumerate(ds.subsets or []):
+        field_name = f"dataset.subsets[{i}].image_dir"
+        try:
+            _clean_dir(sub.image_dir, field_name)
+        except JobFailure as exc:
+            out.append((field_name, exc.message))
+    return [(path, message.removeprefix(f"{path}: ")) for path, message in out]
+
+
 def _subset_from_spec(i: int, sub: Any, ds: Any) -> _SubsetConfig:
     image_dir = _clean_dir(sub.image_dir, f"dataset.subsets[{i}].image_dir")
     local = {name: getattr(sub, name) for name in sub.__struct_fields__}

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from .choice import make_rule
 from .errors import ShrinkError
 
 
@@ -54,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.param is not None and args.method is None:
         print("error: --param is only used with --method", file=sys.stderr)
+        return 2
+    try:  # usage errors exit 2 before torch is imported, as argparse's own do
+        rule = make_rule(args.rank, args.method, args.param, args.recipe, args.max_rank)
+    except ShrinkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rule.recipe is not None and rule.recipe.needs_base and not args.base:
+        print(f"error: recipe '{args.recipe}' compares against the base model: pass --base CHECKPOINT", file=sys.stderr)
         return 2
     from .pipeline import shrink_file  # torch is imported only past argument checks
 

@@ -8,7 +8,6 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -24,12 +23,10 @@ from .adapter_layers import AdapterLayer, parse_adapter, reductions_of, resolve_
 from .base_model import BaseModel
 from .errors import NothingToShrink, ShrinkError
 from .metadata import shrunk_metadata
+from .choice import Recipe, Rule, make_rule
 from .rank_rules import (
     MIN_SV,
-    SD_SCRIPTS_METHODS,
     LayerRefs,
-    Recipe,
-    parse_recipe,
     recipe_scores_many,
     recipe_threshold,
     sd_scripts_ranks,
@@ -41,41 +38,6 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 _DTYPE_NAMES = {v: k for k, v in SAVE_DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class Rule:
-    kind: str  # "rank" | "method" | "recipe"
-    rank: int | None = None
-    method: str | None = None
-    param: float | None = None
-    recipe: Recipe | None = None
-    max_rank: int | None = None
-
-
-def make_rule(
-    rank: int | None, method: str | None, param: float | None, recipe: str | None, max_rank: int | None
-) -> Rule:
-    """Validates the choice of rule: a method wins, then a fixed rank, then the recipe.
-
-    With a method, a given `rank` caps the dynamic rank, as sd-scripts' `--new_rank` does.
-    """
-    if max_rank is not None and max_rank < 1:
-        raise ShrinkError(f"--max-rank must be ≥ 1 (got {max_rank})")
-    if rank is not None and rank < 1:
-        raise ShrinkError(f"--rank must be ≥ 1 (got {rank})")
-    if method is not None:
-        if method not in SD_SCRIPTS_METHODS:
-            raise ShrinkError(f"--method must be one of {', '.join(SD_SCRIPTS_METHODS)} (got '{method}')")
-        if param is None or not param > 0:
-            raise ShrinkError(f"--method {method} needs --param > 0 (got {param})")
-        caps = [c for c in (rank, max_rank) if c is not None]
-        return Rule("method", rank=rank, method=method, param=param, max_rank=min(caps) if caps else None)
-    if param is not None:
-        raise ShrinkError("--param is only used with --method sv_ratio|sv_fro|sv_cumulative")
-    if rank is not None:
-        return Rule("rank", rank=rank, max_rank=max_rank)
-    if recipe:
-        return Rule("recipe", recipe=parse_recipe(recipe), max_rank=max_rank)
-    raise ShrinkError("choose how to pick ranks: --rank N, --method M --param X, or --recipe 'fro_ckpt=1,thr=-3.55'")
 
 
 def detect_arch(names: list[str], metadata: dict[str, str]) -> str:

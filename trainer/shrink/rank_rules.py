@@ -21,16 +21,16 @@ are dropped. σ here are those of the *scaled* delta (alpha/dim applied).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .choice import BASE_SCORE_KEYS, SCORE_KEYS, SD_SCRIPTS_METHODS, Recipe, parse_recipe  # noqa: F401 (re-exported)
 from .errors import ShrinkError
 
 MIN_SV = 1e-6  # sd-scripts' and resize_lora's "this layer is zero" threshold
-SD_SCRIPTS_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 
 # --- sd-scripts -------------------------------------------------------------------------------
@@ -139,62 +139,7 @@ def sd_scripts_ranks(
     return new_rank.tolist()
 
 
-# --- resize_lora recipes ------------------------------------------------------------------------
-
-SCORE_KEYS = ("spn_lora", "spn_ckpt", "subspace", "fro_lora", "fro_ckpt", "params")
-BASE_SCORE_KEYS = frozenset({"spn_ckpt", "fro_ckpt", "subspace"})
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A parsed `-r` recipe of resize_lora, e.g. `fro_ckpt=1,thr=-3.55`."""
-
-    text: str
-    weights: dict[str, float] = field(default_factory=dict)  # normalised to sum 1
-    threshold: float | None = None
-    size_mib: float | None = None
-    rescale: float = 1.0
-
-    @property
-    def needs_base(self) -> bool:
-        return any(abs(self.weights.get(k, 0.0)) > 1e-6 for k in BASE_SCORE_KEYS)
-
-
-def parse_recipe(text: str) -> Recipe:
-    raw = {k: 0.0 for k in SCORE_KEYS}
-    threshold = size = None
-    rescale = 1.0
-    for part in text.split(","):
-        key, _, value_text = part.strip().partition("=")
-        value: float | None = None
-        if value_text:
-            try:
-                value = float(value_text)
-            except ValueError:
-                raise ShrinkError(f"recipe '{text}': '{key}={value_text}' is not a number") from None
-        if key in raw:
-            raw[key] = 1.0 if value is None else value
-        elif value is None:
-            raise ShrinkError(f"recipe '{text}': '{key}' needs a value ('{key}=X')")
-        elif key == "thr":
-            threshold = value
-        elif key == "size":
-            size = value
-        elif key == "rescale":
-            rescale = value
-        else:
-            raise ShrinkError(
-                f"recipe '{text}': unknown key '{key}' (known: {', '.join(SCORE_KEYS)}, thr, size, rescale)"
-            )
-    total = sum(raw.values())
-    if total == 0.0:
-        raise ShrinkError(f"recipe '{text}': give at least one score weight, e.g. 'fro_ckpt=1'")
-    if threshold is None and size is None:
-        raise ShrinkError(f"recipe '{text}': give a threshold 'thr=X' or a target size 'size=MiB'")
-    if rescale <= 0:
-        raise ShrinkError(f"recipe '{text}': rescale must be > 0")
-    weights = {k: v / total for k, v in raw.items()}
-    return Recipe(text=text, weights=weights, threshold=threshold, size_mib=size, rescale=rescale)
+# --- resize_lora recipes (parsed in .choice) ----------------------------------------------------
 
 
 @dataclass

@@ -1,15 +1,16 @@
 """Optimizers by sd-scripts' `--optimizer_type` names, with `--optimizer_args` checked against each class.
 
 `optimizer.args` arrive typed from the spec (sd-scripts parses `key=value` with ast.literal_eval; we get
-the same Python values from JSON/TOML); lists become tuples (`betas`, Adafactor's `eps`). An argument the
-optimizer class does not take is refused up front with the names it does take, instead of a TypeError
-deep inside torch. The Adafactor conventions are sd-scripts': `relative_step` defaults to True, and then
+the same Python values from JSON/TOML); lists become tuples (`betas`, Adafactor's `eps`). Which class each
+name builds and which arguments it takes come from the torch-free table `trainer.optimizers`, which the
+spec check also reads, so an argument the class does not take is refused at submit with the names it
+does take, instead of a TypeError deep inside torch. The Adafactor conventions are sd-scripts': `relative_step` defaults to True, and then
 the optimizer schedules its own LR (the group LRs are dropped and the `adafactor` scheduler is used).
 """
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,14 +18,10 @@ from typing import Any, Callable
 import torch
 
 from trainer.failures import JobFailure, Reason
+from trainer.optimizers import OPTIMIZERS, adafactor_relative_step, unknown_arg_message
 from trainer.spec import OptimizerSpec
 
 log = logging.getLogger("lathe.train")
-
-# Parameters an optimizer class takes that are not user options.
-_NOT_OPTIONS = {"self", "params", "lr"}
-# Options we set ourselves and users may not override (the optimizer's identity depends on them).
-_FIXED: dict[str, dict[str, Any]] = {"SGDNesterov": {"nesterov": True}, "SGDNesterov8bit": {"nesterov": True}}
 
 
 @dataclass
@@ -59,61 +56,33 @@ def _bitsandbytes(kind: str) -> Any:
 
 
 def _optimizer_class(kind: str) -> Callable[..., torch.optim.Optimizer]:
-    if kind == "AdamW":
-        return torch.optim.AdamW
-    if kind in ("SGDNesterov",):
-        return torch.optim.SGD
-    if kind == "Lion":
-        import lion_pytorch
-
-        return lion_pytorch.Lion
-    if kind == "Prodigy":
-        import prodigyopt
-
-        return prodigyopt.Prodigy
-    if kind == "DAdaptAdam":
-        import dadaptation
-
-        return dadaptation.DAdaptAdam
-    if kind == "Adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor
-    if kind == "AdamW8bit":
-        return _bitsandbytes(kind).optim.AdamW8bit
-    if kind == "Lion8bit":
-        return _bitsandbytes(kind).optim.Lion8bit
-    if kind == "SGDNesterov8bit":
-        return _bitsandbytes(kind).optim.SGD8bit
-    raise JobFailure(Reason.SPEC_INVALID, f"optimizer.type '{kind}' is not supported")
-
-
-def accepted_args(cls: Callable[..., Any]) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return [n for n, p in params.items() if n not in _NOT_OPTIONS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    entry = OPTIMIZERS.get(kind)
+    if entry is None:
+        raise JobFailure(Reason.SPEC_INVALID, f"optimizer.type '{kind}' is not supported")
+    if entry.module.startswith("bitsandbytes"):
+        _bitsandbytes(kind)
+    return getattr(importlib.import_module(entry.module), entry.name)
 
 
 def _normalise(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def optimizer_kwargs(kind: str, args: dict[str, Any], cls: Callable[..., Any]) -> dict[str, Any]:
+def optimizer_kwargs(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     """Typed `optimizer.args` → keyword arguments, refusing unknown names with the accepted ones."""
-    allowed = set(accepted_args(cls)) - set(_FIXED.get(kind, {}))
     kwargs: dict[str, Any] = {}
     for key, value in args.items():
-        if key not in allowed:
-            raise JobFailure(Reason.SPEC_INVALID,
-                             f"optimizer.args: '{key}' is not an argument of {kind}; it takes: "
-                             f"{', '.join(sorted(allowed)) or '(none)'}")
+        problem = unknown_arg_message(kind, key)
+        if problem is not None:
+            raise JobFailure(Reason.SPEC_INVALID, f"optimizer.args: {problem}")
         kwargs[key] = _normalise(value)
     if kind.startswith("SGDNesterov") and "momentum" not in kwargs:
         kwargs["momentum"] = 0.9  # sd-scripts: Nesterov needs momentum
     if kind == "Adafactor":
-        kwargs.setdefault("relative_step", True)  # sd-scripts' default
-        if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+        relative_step = adafactor_relative_step(kwargs)
+        if relative_step and kwargs.get("relative_step") is False:
             log.info("Adafactor: warmup_init needs relative_step; setting relative_step = True (as sd-scripts)")
-            kwargs["relative_step"] = True
+        kwargs["relative_step"] = relative_step
     return kwargs
 
 
@@ -121,7 +90,7 @@ def build_optimizer(opt: OptimizerSpec, param_groups: list[dict[str, Any]]) -> B
     """The optimizer for the network's parameter groups (each group carries its own `lr`)."""
     kind = opt.type
     cls = _optimizer_class(kind)
-    kwargs = optimizer_kwargs(kind, dict(opt.args), cls)
+    kwargs = optimizer_kwargs(kind, dict(opt.args))
     groups = [dict(g) for g in param_groups if list(g["params"])]
     if not groups:
         raise JobFailure(Reason.SPEC_INVALID, "the network has no trainable parameters; check network.preset / "
@@ -145,7 +114,7 @@ def build_optimizer(opt: OptimizerSpec, param_groups: list[dict[str, Any]]) -> B
         for g in groups:
             g.pop("lr", None)
         lr = None
-    kwargs_all = {**kwargs, **_FIXED.get(kind, {})}
+    kwargs_all = {**kwargs, **OPTIMIZERS[kind].fixed}
     try:
         optimizer = cls(groups, lr=lr, **kwargs_all)
     except (TypeError, ValueError) as exc:
