@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch is pinned here (the CPU wheel from the local find-links); pyproject asks for torch~=2.13.0 (any build).
+# torch is pinned here (the CPU wheel from the local find-links); pyproject keeps torch>=2.4 (any build).
 TORCH_PIN := torch==2.13.0
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links "$(PIP_FIND_LINKS)",)
 export OMP_NUM_THREADS := 1
