@@ -1,7 +1,7 @@
 """The app factory: routes, auth, error mapping, OpenAPI and the reconciler, wired in one place.
 
 `create_app(settings)` builds everything from a Settings object (tests pass their own). Handlers are
-thin: authenticate, call JobService, return a wire Struct. Every ServiceError becomes an RFC 9457
+thin: take the tenant the auth middleware found, call JobService, return a wire Struct. Every ServiceError becomes an RFC 9457
 problem+json response here and nowhere else.
 """
 
@@ -196,7 +196,8 @@ JobId = Annotated[str, Parameter(description="a job id, e.g. j-20250101t120000-0
                  **_responses(400, 401, 409, 415, 422, 429, 503)})
 def submit_job(
     request: Request, data: JobCreate, tenant: Tenant,
-    idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", min_length=1, max_length=255, required=False)] = None,
+    idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", min_length=1, max_length=255,
+                                                     required=False)] = None,
 ) -> Response[JobView]:
     services = _services(request)
     view, created = services.jobs.submit(tenant, data, idempotency_key)
@@ -214,7 +215,8 @@ def validate_job(request: Request, data: JobCreate, tenant: Tenant) -> Validatio
 @get("/v1/jobs", sync_to_thread=True, summary="List jobs, newest first", responses=_responses(400, 401, 503))
 def list_jobs(
     request: Request, tenant: Tenant,
-    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page", min_length=1, max_length=64)] = None,
+    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page", min_length=1,
+                                            max_length=64)] = None,
     limit: Annotated[int | None, Parameter(ge=1, le=1000, description="page size")] = None,
     status: Annotated[Phase | None, Parameter(description="only jobs in this phase")] = None,
 ) -> JobList:

@@ -61,7 +61,8 @@ class MethodRules:
         allow = allowed_methods(self.litestar_app, path)
         method = scope["method"]
         if method == "OPTIONS" and allow is not None:
-            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", ", ".join(allow).encode())]})
+            headers = [(b"allow", ", ".join(allow).encode())]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
 
