@@ -1,7 +1,7 @@
 """The app factory: routes, auth, error mapping, OpenAPI and the reconciler, wired in one place.
 
 `create_app(settings)` builds everything from a Settings object (tests pass their own). Handlers are
-thin: authenticate, call JobService, return a wire Struct. Every ServiceError becomes an RFC 9457
+thin: take the tenant the auth middleware found, call JobService, return a wire Struct. Every ServiceError becomes an RFC 9457
 problem+json response here and nowhere else.
 """
 
@@ -18,8 +18,10 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, post
+from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, OpenAPIMediaType, Operation, Reference, RequestBody, SecurityScheme
@@ -28,6 +30,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from service import errors
+from service.conformance import JsonRequest, MethodRules
 from service.jobs import JobService
 from service.jobstore import JobStore
 from service.launcher import Launcher
@@ -71,10 +74,10 @@ class Services:
 
 
 def _problem(status: int, type_: str, title: str, detail: str, instance: str | None = None,
-             **extra: Any) -> Response[bytes]:
+             headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
     body = ProblemDetail(type=f"https://lathe.dev/problems/{type_}", title=title, status=status, detail=detail,
                          instance=instance, **{k: v for k, v in extra.items() if k in ("problems", "limit", "preflight")})
-    headers = {"WWW-Authenticate": 'Bearer realm="lathe"'} if status == 401 else {}
+    headers = {**(headers or {}), **({"WWW-Authenticate": 'Bearer realm="lathe"'} if status == 401 else {})}
     return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
@@ -86,10 +89,25 @@ def _http_error(request: Request, exc: HTTPException) -> Response[bytes]:
     detail = exc.detail
     extra = getattr(exc, "extra", None)
     if exc.status_code == 400 and extra:
+        if isinstance(extra, list):
+            extra = [_with_wire_name(request, item) for item in extra]
         detail = f"{detail}: {msgspec.json.encode(extra).decode()}"
     titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Request body too large"}
     return _problem(exc.status_code, "http-" + str(exc.status_code), titles.get(exc.status_code, "HTTP error"),
-                    detail, request.url.path)
+                    detail, request.url.path, headers=exc.headers)
+
+
+def _with_wire_name(request: Request, item: Any) -> Any:
+    """A parameter problem names the header or query key the client sent (`Idempotency-Key`), not the
+    handler's argument (`idempotency_key`)."""
+    if not isinstance(item, dict) or item.get("source") not in ("header", "query", "cookie"):
+        return item
+    try:
+        kwarg = request.route_handler.parsed_fn_signature.parameters[item["key"]].kwarg_definition
+    except (KeyError, AttributeError):
+        return item
+    name = getattr(kwarg, item["source"], None)
+    return {**item, "key": name} if isinstance(name, str) and name else item
 
 
 def _recursion_error(request: Request, exc: RecursionError) -> Response[bytes]:
@@ -109,6 +127,7 @@ def _internal_error(request: Request, exc: Exception) -> Response[bytes]:
 def _responses(*codes: int) -> dict[int, ResponseSpec]:
     text = {400: "Malformed request", 401: "Missing or invalid bearer token", 404: "No such job for this tenant",
             409: "Conflict (idempotency key reused with another body, or the job is not finished)",
+            415: "The body is not sent as application/json (or application/*+json)",
             422: "Invalid spec, URI outside the tenant's prefixes, or failed dataset preflight (field paths)",
             429: "A tenant limit was reached (the `limit` member names it)",
             503: "Object store or launcher unavailable; retry"}
@@ -119,16 +138,24 @@ def _responses(*codes: int) -> dict[int, ResponseSpec]:
 # ------------------------------------------------------------------------------------------ auth
 
 
+class _TenantAuth(AbstractAuthenticationMiddleware):
+    """The bearer token, checked before anything reads the request body: a request without a valid
+    token gets 401 whatever its body holds. OPTIONS is open (service.conformance answers it)."""
+
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        services: Services = connection.app.state.services
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise errors.Unauthorized("send 'Authorization: Bearer <token>' (the CLI reads LATHE_TOKEN)")
+        tenant = services.tenants.authenticate(token.strip())
+        if tenant is None:
+            raise errors.Unauthorized("the bearer token is not valid")
+        return AuthenticationResult(user=tenant, auth=None)
+
+
 def _provide_tenant(request: Request) -> Tenant:
-    services: Services = request.app.state.services
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise errors.Unauthorized("send 'Authorization: Bearer <token>' (the CLI reads LATHE_TOKEN)")
-    tenant = services.tenants.authenticate(token.strip())
-    if tenant is None:
-        raise errors.Unauthorized("the bearer token is not valid")
-    return tenant
+    return request.user
 
 
 def _services(request: Request) -> Services:
@@ -151,8 +178,11 @@ class _SpecBodyOperation(Operation):
 
 
 def _doc_components() -> dict[str, Any]:
-    """JSON schemas of JobCreateDoc and the JobSpec tree, as OpenAPI components."""
-    (_,), components = msgspec.json.schema_components([JobCreateDoc], ref_template="#/components/schemas/{name}")
+    """msgspec's JSON schemas of the request bodies (JobCreateDoc and the JobSpec tree, UploadCreate), as
+    OpenAPI components: msgspec decodes these bodies, so its schemas say exactly what is accepted
+    (`additionalProperties: false` wherever unknown fields are refused)."""
+    _, components = msgspec.json.schema_components([JobCreateDoc, JobCreate, UploadCreate],
+                                                   ref_template="#/components/schemas/{name}")
     return components
 
 
@@ -164,10 +194,11 @@ JobId = Annotated[str, Parameter(description="a job id, e.g. j-20250101t120000-0
 @post("/v1/jobs", sync_to_thread=True, status_code=201, operation_class=_SpecBodyOperation, summary="Submit a job",
       responses={200: ResponseSpec(JobView, description="Replay: the job an earlier request with the same "
                                    "Idempotency-Key and body created", generate_examples=False),
-                 **_responses(400, 401, 409, 422, 429, 503)})
+                 **_responses(400, 401, 409, 415, 422, 429, 503)})
 def submit_job(
     request: Request, data: JobCreate, tenant: Tenant,
-    idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255, required=False)] = None,
+    idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", min_length=1, max_length=255,
+                                                     required=False)] = None,
 ) -> Response[JobView]:
     services = _services(request)
     view, created = services.jobs.submit(tenant, data, idempotency_key)
@@ -177,7 +208,7 @@ def submit_job(
 
 
 @post("/v1/jobs:validate", sync_to_thread=True, status_code=200, operation_class=_SpecBodyOperation, summary="Validate a job without launching",
-      responses=_responses(400, 401, 422, 429, 503))
+      responses=_responses(400, 401, 415, 422, 429, 503))
 def validate_job(request: Request, data: JobCreate, tenant: Tenant) -> ValidationResult:
     return _services(request).jobs.validate(tenant, data)
 
@@ -185,32 +216,34 @@ def validate_job(request: Request, data: JobCreate, tenant: Tenant) -> Validatio
 @get("/v1/jobs", sync_to_thread=True, summary="List jobs, newest first", responses=_responses(400, 401, 503))
 def list_jobs(
     request: Request, tenant: Tenant,
-    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page", max_length=64)] = None,
+    cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page", min_length=1,
+                                            max_length=64)] = None,
     limit: Annotated[int | None, Parameter(ge=1, le=1000, description="page size")] = None,
     status: Annotated[Phase | None, Parameter(description="only jobs in this phase")] = None,
 ) -> JobList:
     return _services(request).jobs.list(tenant, cursor=cursor, limit=limit, phase=status)
 
 
-@get("/v1/jobs/{job_id:str}", sync_to_thread=True, summary="A job: phase, progress, error and results", responses=_responses(401, 404, 503))
+@get("/v1/jobs/{job_id:str}", sync_to_thread=True, summary="A job: phase, progress, error and results",
+     responses=_responses(400, 401, 404, 503))
 def get_job(request: Request, tenant: Tenant, job_id: JobId) -> JobView:
     return _services(request).jobs.get(tenant, job_id)
 
 
 @post("/v1/jobs/{job_id:str}/cancel", sync_to_thread=True, status_code=202, summary="Cancel a job (the trainer checkpoints, then stops)",
-      responses=_responses(401, 404, 503))
+      responses=_responses(400, 401, 404, 503))
 def cancel_job(request: Request, tenant: Tenant, job_id: JobId) -> JobView:
     return _services(request).jobs.cancel(tenant, job_id)
 
 
 @delete("/v1/jobs/{job_id:str}", sync_to_thread=True, status_code=204, summary="Delete a finished job and its outputs",
-        responses=_responses(401, 404, 409, 503))
+        responses=_responses(400, 401, 404, 409, 503))
 def delete_job(request: Request, tenant: Tenant, job_id: JobId) -> None:
     _services(request).jobs.delete(tenant, job_id)
 
 
 @get("/v1/jobs/{job_id:str}/logs", sync_to_thread=True, media_type="text/plain", summary="The last lines of the trainer's log",
-     responses=_responses(401, 404, 503))
+     responses=_responses(400, 401, 404, 503))
 def job_logs(request: Request, tenant: Tenant, job_id: JobId,
              tail: Annotated[int, Parameter(ge=1, le=10000, description="lines")] = 200) -> str:
     return _services(request).jobs.logs(tenant, job_id, tail)
@@ -225,8 +258,9 @@ class JobEvent(msgspec.Struct, kw_only=True):
     error: Any = None
 
 
-@get("/v1/jobs/{job_id:str}/events", summary="Server-Sent Events: phase changes and progress (resume with Last-Event-ID)",
-     responses=_responses(401, 404, 503))
+@get("/v1/jobs/{job_id:str}/events", media_type="text/event-stream",
+     summary="Server-Sent Events: phase changes and progress (resume with Last-Event-ID)",
+     responses=_responses(400, 401, 404, 503))
 async def job_events(
     request: Request, tenant: Tenant, job_id: JobId,
     last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID", max_length=32, required=False)] = None,
@@ -279,7 +313,7 @@ async def _event_stream(jobs: JobService, tenant: Tenant, job_id: str, resume_af
 
 
 @post("/v1/uploads", sync_to_thread=True, status_code=201, summary="Presigned PUT URLs to send a dataset without S3 credentials",
-      responses=_responses(400, 401, 503))
+      responses=_responses(400, 401, 415, 503))
 def create_upload(request: Request, data: UploadCreate, tenant: Tenant) -> UploadGrant:
     return _services(request).jobs.uploads(tenant, data)
 
@@ -314,6 +348,7 @@ def _metrics_middleware(app: Callable) -> Callable:
             await app(scope, receive, send)
             return
         start = time.perf_counter()
+        method = scope["method"]
         status = 500
 
         async def send_with_status(message: Any) -> None:
@@ -328,8 +363,8 @@ def _metrics_middleware(app: Callable) -> Callable:
             handler = scope.get("route_handler")
             route = next(iter(handler.paths)) if handler is not None and handler.paths else "unmatched"
             services: Services = scope["litestar_app"].state.services
-            services.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            services.metrics.request_seconds.labels(scope["method"], route).observe(time.perf_counter() - start)
+            services.metrics.requests.labels(method, route, str(status)).inc()
+            services.metrics.request_seconds.labels(method, route).observe(time.perf_counter() - start)
 
     return middleware
 
@@ -390,6 +425,7 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs,
                                   job_events, create_upload],
         dependencies={"tenant": Provide(_provide_tenant, sync_to_thread=False)},
+        middleware=[DefineMiddleware(_TenantAuth, exclude_http_methods=["OPTIONS"])],
         security=[{"bearer": []}], tags=["jobs"],
     )
     openapi = OpenAPIConfig(
@@ -407,18 +443,22 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         openapi_config=openapi,
         exception_handlers={errors.ServiceError: _service_error, HTTPException: _http_error,
                             RecursionError: _recursion_error, Exception: _internal_error},
-        middleware=[_metrics_middleware],
         on_startup=[on_startup], on_shutdown=[on_shutdown],
         request_max_body_size=settings.max_request_bytes,
+        request_class=JsonRequest,
         debug=debug,
     )
     app.state.services = services
+    # In front of routing: the metrics count every answer (404, 405 and 401 included), and HEAD, OPTIONS
+    # and `Allow` follow one rule for every path.
+    app.asgi_handler = _metrics_middleware(MethodRules(app.asgi_handler, app))
     _publish_doc_schemas(app)
     return app
 
 
 def _publish_doc_schemas(app: Litestar) -> None:
     """Litestar replaces `components.schemas` with the ones it generates, dropping JobCreateDoc and the
-    JobSpec tree our request bodies refer to: build the document once and add them back."""
+    JobSpec tree our request bodies refer to: build the document once and put msgspec's schemas of the
+    request bodies in (they win over litestar's where both name a Struct)."""
     document = app.openapi_schema  # built once and cached: what /schema/openapi.json serves
-    document.components.schemas = {**_doc_components(), **(document.components.schemas or {})}
+    document.components.schemas = {**(document.components.schemas or {}), **_doc_components()}

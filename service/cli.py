@@ -59,7 +59,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from service.dev import DevStack
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stack = DevStack(args.dir, api_port=args.port, s3_port=args.s3_port, seed=not args.no_seed)
+    stack = DevStack(args.dir, api_port=args.port, s3_port=args.s3_port, seed=not args.no_seed, verbose=args.verbose)
     try:
         stack.start()
     except RuntimeError as exc:
@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--s3-port", type=int, default=0)
     p.add_argument("--no-seed", action="store_true", help="skip the tiny model and dataset")
+    p.add_argument("--verbose", action="store_true", help="also log every request to the local S3 server")
 
     p = sub.add_parser("submit", help="submit SPEC.(json|toml); prints the job id")
     p.add_argument("spec")

@@ -34,13 +34,15 @@ def free_port() -> int:
 
 class DevStack:
     def __init__(self, workdir: str | os.PathLike[str] = ".lathe/dev", *, api_port: int = 8000, s3_port: int = 0,
-                 seed: bool = True, token: str | None = None, settings_overrides: dict[str, Any] | None = None) -> None:
+                 seed: bool = True, token: str | None = None, settings_overrides: dict[str, Any] | None = None,
+                 verbose: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
         self.api_port = api_port or free_port()
         self.s3_port = s3_port or free_port()
         self.seed_assets = seed
         self.token = token or "dev-" + secrets.token_urlsafe(18)
         self.settings_overrides = dict(settings_overrides or {})
+        self.verbose = verbose  # the local S3 server's access log (one line per request)
         self.s3_endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.model_uri = f"s3://{DEV_BUCKET}/models/tiny-sd1"
@@ -55,6 +57,9 @@ class DevStack:
         from moto.server import ThreadedMotoServer
 
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # moto's server logs every request through werkzeug's logger: ~20 lines a second while a job runs,
+        # which would bury everything else (the LATHE_URL/LATHE_TOKEN lines `lathe dev` prints first).
+        logging.getLogger("werkzeug").setLevel(logging.INFO if self.verbose else logging.WARNING)
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.s3_port, verbose=False)
         self._moto.start()
         # The service, the trainers it starts and boto3 here all talk to the local server only.

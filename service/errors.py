@@ -34,6 +34,10 @@ class NotFound(ServiceError):
     status, type_, title = 404, "not-found", "Not found"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, type_, title = 415, "unsupported-media-type", "The request body is not sent as JSON"
+
+
 class Conflict(ServiceError):
     status, type_, title = 409, "conflict", "Conflict"
 

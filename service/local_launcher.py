@@ -37,7 +37,7 @@ class LocalLauncher:
         self.local_dir = Path(local_dir).resolve()
         self.command, self.cache_dir, self.env = list(command), str(Path(cache_dir).resolve()), dict(env or {})
         self.kill_after_s, self.python = kill_after_s, python
-        self._children: dict[str, subprocess.Popen[bytes]] = {}  # reaped here; survivors of a restart are not ours
+        self._children: dict[str, subprocess.Popen[bytes]] = {}  # ours until reaped; survivors of a restart are not
         self._lock = threading.Lock()
 
     def run_dir(self, tenant: str, job_id: str, attempt: int) -> Path:
@@ -71,6 +71,10 @@ class LocalLauncher:
             tmp.write_text(f"{proc.pid}\n")
             os.replace(tmp, run / PID_FILE)
             self._children[str(run)] = proc
+        # Reaped as soon as it ends, whether or not anyone asks for its state again (a finished attempt is
+        # not polled any more): without a wait() it would stay a zombie until this process exits.
+        threading.Thread(target=self._reap_when_done, args=(str(run), proc), name=f"lathe-reap-{request.job_id}",
+                         daemon=True).start()
 
     def state(self, tenant: str, job_id: str, attempt: int) -> AttemptState:
         run = self.run_dir(tenant, job_id, attempt)
@@ -162,6 +166,12 @@ class LocalLauncher:
             for key, proc in list(self._children.items()):
                 if proc.poll() is not None:
                     del self._children[key]
+
+    def _reap_when_done(self, key: str, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        with self._lock:
+            if self._children.get(key) is proc:
+                del self._children[key]
 
 
 def _read_int(path: Path) -> int | None:

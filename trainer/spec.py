@@ -25,7 +25,8 @@ from trainer.shrink.choice import parse_recipe
 from trainer.shrink.errors import ShrinkError
 
 SPEC_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SpecVersion = Literal[1]  # an enum in the published JSON schema: only these are accepted
+SUPPORTED_VERSIONS = get_args(SpecVersion)
 DEFAULT_MAX_TRAIN_STEPS = 1600  # sd-scripts' default when neither steps nor epochs are given
 
 Arch = Literal["sd1", "sd2", "sdxl"]
@@ -310,7 +311,7 @@ class LoggingSpec(_Base):
 class JobSpec(_Base):
     """A whole training job. `version` is required so that a future v2 is never misread as v1."""
 
-    version: int
+    version: SpecVersion
     model: ModelSpec
     dataset: DatasetSpec
     name: Annotated[str, Meta(max_length=200)] | None = None

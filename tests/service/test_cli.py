@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.service.conftest import REPO, TOKENS, png, spec
 
 
@@ -68,3 +70,40 @@ def test_serve_with_a_missing_tokens_file_says_so_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "no-such-tokens.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_dev_logs_no_s3_access_lines_unless_verbose(tmp_path, verbose):
+    """The local S3 server of `lathe dev` answers ~20 requests a second while a job runs; one log line
+    each would scroll the LATHE_URL/LATHE_TOKEN lines away. They are logged only with --verbose."""
+    import logging
+
+    import boto3
+
+    from service.cli import build_parser
+    from service.dev import DevStack
+
+    assert build_parser().parse_args(["dev", *(["--verbose"] if verbose else [])]).verbose is verbose
+    access: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            access.append(record.getMessage())
+
+    collect = Collect()
+    logging.getLogger("werkzeug").addHandler(collect)  # the logger moto's server writes its access log to
+    environ = dict(os.environ)  # DevStack points AWS_* at its own S3 server for this process
+    stack = DevStack(tmp_path / "dev", api_port=0, seed=False, verbose=verbose)
+    try:
+        stack.start()
+        s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name="us-east-1")
+        for _ in range(5):
+            s3.list_objects_v2(Bucket="lathe")
+    finally:
+        stack.stop()
+        logging.getLogger("werkzeug").removeHandler(collect)
+        os.environ.clear()
+        os.environ.update(environ)
+    requests = [line for line in access if "HTTP/1.1" in line]
+    assert (len(requests) >= 6) if verbose else (requests == []), access[:5]

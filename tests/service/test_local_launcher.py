@@ -56,3 +56,22 @@ def test_cancel_terms_then_kills_and_a_new_launcher_sees_the_run(tmp_path):
     stubborn.cancel("acme", "j-3", 1)
     state = wait_for(lambda: (s := stubborn.state("acme", "j-3", 1)).state != RunState.RUNNING and s, 20)
     assert state.exit_code == 137 and state.state == RunState.FAILED  # SIGKILL after kill_after_s
+
+
+def _zombie_or_alive(pid: int) -> str | None:
+    """The process state letter from /proc (Z for a zombie), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[-1].split()[0].decode()
+    except FileNotFoundError:
+        return None
+
+
+def test_a_finished_attempt_is_reaped_without_being_polled(tmp_path):
+    local = launcher(tmp_path, "print('done')")
+    local.submit(request("j-4"))
+    pid = int((local.run_dir("acme", "j-4", 1) / "pid").read_text())
+    # Nobody asks for the attempt's state: the launcher reaps its process by itself.
+    wait_for(lambda: (local.run_dir("acme", "j-4", 1) / "exit").exists(), 20)
+    wait_for(lambda: _zombie_or_alive(pid) is None, 10, what=f"pid {pid} reaped (state {_zombie_or_alive(pid)})")
+    assert local.state("acme", "j-4", 1).state == RunState.SUCCEEDED
