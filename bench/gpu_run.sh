@@ -34,7 +34,7 @@ run)
     case "${2:-}" in
     issues)
         timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/shrink/test_exact_svd.py 2>&1 | tail -5 || true
-        # Issue 5: the client on a pod's cores, the S3 server on others (as on a cluster node). One round of
+        # Dataset pull: the client on a pod's cores, the S3 server on others (as on a cluster node). One round of
         # the three contenders took 9 s here with the client on 2 cores (boto3 alone 5.8 s), so engine s5cmd
         # only: 3 rounds ≈ 12 s.
         for pin in "0-1 2-15" "0-3 4-15"; do
@@ -43,7 +43,7 @@ run)
                 --rounds "${PULL_ROUNDS:-3}" --workers 32 --client-cpus "$1" --server-cpus "$2" \
                 --json "$out/pull-client$1.json" || true
         done
-        # Issue 4: with all of the node's cores (this run generates the inputs: 22 s), then on 2 pinned
+        # Shrink: with all of the node's cores (this run generates the inputs: 22 s), then on 2 pinned
         # cores (the target's setting). About 45 s each for rank 64 alone.
         work=$(mktemp -d)
         timeout 100 python3 bench/shrink.py --work "$work" --threads 1 --tries 1 --ranks 64 --skip-reference \

@@ -1,4 +1,4 @@
-"""Benchmark of `trainer.shrink` on a generated SDXL-shaped LoRA (issue 4).
+"""Benchmark of `trainer.shrink` on a generated SDXL-shaped LoRA.
 
 Generates (once, into --work) a LoRA on every attention/MLP layer of the SDXL UNet (722 layers, SGM
 naming, realistic shapes, fp16) at ranks 64 and 32, and a base "checkpoint" holding just those layers'

@@ -1,4 +1,4 @@
-"""Time from process start to the first training step (issue 5), cold and warm model cache.
+"""Time from process start to the first training step, cold and warm model cache.
 
 Seeds a tiny SD1.5 pipeline and a tiny dataset into a local S3 server, then runs the real trainer
 (`python -m trainer run s3://…/spec.json`) on the same job spec several times with one node-local model

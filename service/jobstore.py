@@ -1,4 +1,4 @@
-"""The service's state in the object store, in design.md's layout (the store is the only state).
+"""The service's state in the object store (the store is the only state).
 
     <root>/tenants/<tenant>/
       jobs/<job_id>/spec.json, job.json, status.json (trainer), cancel, logs/, output/

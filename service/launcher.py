@@ -1,6 +1,6 @@
 """The Launcher protocol: how the service starts, watches and stops one attempt of a job.
 
-Launchers are interchangeable (design.md): the local one runs `python -m trainer run` as a
+Launchers are interchangeable: the local one runs `python -m trainer run` as a
 subprocess, the Kubernetes one creates a batch/v1 Job. Nothing else in the service knows which runs.
 """
 

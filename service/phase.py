@@ -23,7 +23,7 @@ class Effective:
 
 
 def will_retry(record: JobRecord, status: JobStatus) -> bool:
-    """A failed attempt that another attempt may fix (design.md's retryable reasons, attempts left,
+    """A failed attempt that another attempt may fix (trainer/failures.py's retryable reasons, attempts left,
     no cancel requested)."""
     return (
         status.phase == "failed"

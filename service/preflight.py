@@ -181,7 +181,7 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
                 try:
                     with archive.open(member) as fh:
                         return fh.read(n)
-                except _MEMBER_ERRORS as exc:  # a damaged member: the problem names it (was a 500)
+                except _MEMBER_ERRORS as exc:  # a damaged member: the problem names it
                     raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
         else:
             tar = tarfile.open(fileobj=reader, mode="r:")
@@ -211,7 +211,7 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
             OSError) as exc:
         # Besides the plain "not an archive": a zip version or method zipfile cannot read, a name flagged
         # UTF-8 that is not (UnicodeDecodeError), an empty member name (IndexError), an offset before the
-        # start of the file (OSError from _RangeFile.seek) — each was a 500.
+        # start of the file (OSError from _RangeFile.seek).
         problems.append(FieldProblem(path=field, message=f"{uri} is not a readable archive: {exc}"))
         return None
     escaping = _escaping(names)

@@ -33,7 +33,7 @@ class SettingsError(ValueError):
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Root of the service's state (the system of record), e.g. s3://lathe-state/ or s3://bucket/lathe/.
-    # Every tenant's jobs live under <state_uri>/tenants/<tenant>/ (design.md's layout).
+    # Every tenant's jobs live under <state_uri>/tenants/<tenant>/.
     state_uri: Annotated[str, Meta(min_length=1)]
     # Tenants, token hashes, allowed URI prefixes and limits (JSON or TOML; format in docs/api.md).
     tokens_file: str | None = None

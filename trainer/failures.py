@@ -1,4 +1,4 @@
-"""Failure reasons and trainer exit codes (design.md), torch-free.
+"""Failure reasons and trainer exit codes, torch-free.
 
 One exit code per reason lets Kubernetes' podFailurePolicy tell retryable failures (preempted,
 storage_error, internal) from final ones (spec_invalid, dataset_invalid, model_invalid, nan_loss,

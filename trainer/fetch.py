@@ -405,13 +405,13 @@ def extract_archive(
             IndexError) as e:
         # RuntimeError: encrypted zip members; NotImplementedError: unsupported compression or zip version;
         # ValueError (UnicodeDecodeError): a name flagged UTF-8 that is not; IndexError: an empty member name
-        # (zipfile's is_dir). The last two were uncaught: an `internal` failure, retried (found by fuzzing).
+        # (zipfile's is_dir). All are the archive's fault: final, not retried.
         raise JobFailure(Reason.DATASET_INVALID, f"{where} is damaged or unsupported: {e}") from e
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise  # the local disk's trouble (full, I/O error), not the archive's
         # A damaged zip directory can put a member's offset before the file's start: zipfile then seeks
-        # to a negative position (EINVAL). Was an `internal` failure, retried (found by fuzzing).
+        # to a negative position (EINVAL): the archive's fault, not the disk's.
         raise JobFailure(Reason.DATASET_INVALID, f"{where} is damaged: a member lies outside the file ({e})") from e
     return budget.bytes
 

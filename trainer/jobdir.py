@@ -1,4 +1,4 @@
-"""The job directory on object storage: status heartbeat, cancel marker, checkpoints (design.md layout).
+"""The job directory on object storage: status heartbeat, cancel marker, checkpoints.
 
 `python -m trainer run <dir>/spec.json` keeps everything about the job in `<dir>/`. This module is the
 trainer's only writer there besides publishing; it tolerates a flaky store during training (a missed

@@ -1,7 +1,7 @@
 """Publishing a run's outputs: files first, `metadata.json` last as the commit marker.
 
 A reader that sees `output/metadata.json` may trust every file it lists (name, size, sha256). A failed
-run removes what it already uploaded unless the spec asks to keep it (practice.md, "Tracking runs").
+run removes what it already uploaded unless the spec asks to keep it.
 """
 
 from __future__ import annotations

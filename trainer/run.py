@@ -1,6 +1,6 @@
 """`python -m trainer run SPEC_URI`: one attempt of a job, end to end.
 
-Phases (design.md): preparing (fetch model + dataset, build caches) → training → shrinking → uploading →
+Phases: preparing (fetch model + dataset, build caches) → training → shrinking → uploading →
 succeeded, or failed with a machine-readable reason and the matching exit code (trainer/failures.py).
 The folder holding the spec is the job directory: status.json, cancel, checkpoints/ and logs/ live there.
 Resumes from the newest valid checkpoint, so a preempted or killed attempt loses at most the steps since.
@@ -430,7 +430,7 @@ def _package_versions() -> dict[str, str]:
 
 
 def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None = None) -> int:
-    """One attempt; returns the exit code for its outcome (design.md's table)."""
+    """One attempt; returns the exit code for its outcome (trainer/failures.py's table)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     attempt = int(os.environ.get("LATHE_JOB_ATTEMPT", "1"))

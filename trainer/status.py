@@ -1,4 +1,4 @@
-"""`status.json`: what the trainer reports about one job (design.md), torch-free.
+"""`status.json`: what the trainer reports about one job, torch-free.
 
 The trainer writes it (phase changes, progress, heartbeat, its own terminal state, outputs); the
 service reads it and merges it with `job.json` (the phases only the service decides: queued,

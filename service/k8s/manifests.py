@@ -1,7 +1,7 @@
 """Pure builders: (LaunchRequest, KubernetesSettings) → the batch/v1 Job and headless Service of one attempt.
 
 No I/O here, so a whole object can be checked against the official schemas and compared in tests.
-Shapes follow design.md "Kubernetes":
+Shapes:
 - one Job per attempt, named `<job_id>-a<attempt>`, non-root, read-only root FS, no API token;
 - 1 process: `python -m trainer run <spec_uri>`; several GPUs or nodes: `accelerate launch`, one
   process per GPU;

@@ -3,7 +3,7 @@
 It speaks the trainer's contract with the service and nothing else: reads spec.json from the job
 directory, writes status.json through the trainer's own StatusReporter (same revisions, heartbeat,
 phases), honours the `cancel` marker and SIGTERM, publishes an output file and exits with
-design.md's exit codes. It trains nothing, so the service's tests run in seconds. Behaviour comes
+the trainer's exit codes (trainer/failures.py). It trains nothing, so the service's tests run in seconds. Behaviour comes
 from the spec's `name` (one of BEHAVIOURS) and FAKE_STEP_S (seconds per step).
 """
 

@@ -593,8 +593,8 @@ def _dataset_params(get, where: str, problems: list[str]) -> DatasetParams:
             no_upscale=bool(get("bucket_no_upscale")),
         )
     except (TypeError, ValueError):
-        # A wrong type, already reported by _check_table: int("abc") here was an uncaught ValueError,
-        # i.e. a 500 from the preflight and an `internal` failure in the trainer (found by fuzzing).
+        # A wrong type, already reported by _check_table: int("abc") raises here too, and must end as
+        # a dataset problem, not an internal error.
         problems.append(f"{where}: the bucket settings must be integers and booleans")
         return DatasetParams(BucketParams())
     if bp.enable_bucket:

@@ -1,4 +1,4 @@
-"""Exact SVD rank reduction of LoRA / LyCORIS adapters (issue 4): pure functions + a thin CLI.
+"""Exact SVD rank reduction of LoRA / LyCORIS adapters: pure functions + a thin CLI.
 
 `shrink_file(...)` is the job phase API; `python -m trainer shrink …` (trainer.shrink.cli) the tool.
 Importing this package stays light (no torch) so the CLI can parse arguments before loading torch.

@@ -4,7 +4,7 @@ setup (precision, attention, checkpointing, caches, optimizer, scheduler, resume
 bucketed batches → saves (every N epochs/steps, keep last N, final) → result. sd-scripts'
 train_network.py is the reference for every choice a user can see (loss, weighting, names, metadata).
 
-Two rules keep multi-process runs right (../shared/docs/notes.md):
+Two rules keep multi-process runs right:
 - UNet, text encoders and network live in ONE module (`DiffusionModel`) whose forward computes the
   noise prediction; that module is what accelerate wraps in DDP, so gradients of every adapter
   parameter are all-reduced. Calling the UNet directly would silently skip the sync.
