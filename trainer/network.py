@@ -172,12 +172,18 @@ class AdapterNetwork(nn.Module):
         return groups
 
     def state_dict_for_save(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The adapter file's tensors: each module's state dict in the layout readers apply as trained
+        (`trainer.adapter_layout`), in `dtype`."""
+        from trainer.adapter_layout import to_file
+
         out = {}
-        for key, value in self.state_dict().items():
-            value = value.detach().to("cpu")
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            out[key] = value.contiguous()
+        with torch.no_grad():
+            for name, module in self.named_children():
+                own = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+                for suffix, value in to_file(module, own).items():
+                    if dtype is not None and value.is_floating_point():
+                        value = value.to(dtype)
+                    out[f"{name}.{suffix}"] = value.contiguous()
         return out
 
     def load_weights(self, path: str) -> None:
@@ -200,9 +206,11 @@ class AdapterNetwork(nn.Module):
         missing = sorted(set(own) - set(by_module))
         if missing:
             log.warning("network weights %s: %d modules start fresh (e.g. %s)", path, len(missing), missing[:3])
+        from trainer.adapter_layout import from_file
+
         for name, sd in by_module.items():
             try:
-                _load_module(own[name], sd)
+                _load_module(own[name], from_file(own[name], sd))
             except (RuntimeError, KeyError, ValueError) as e:
                 raise JobFailure(Reason.SPEC_INVALID, f"network weights {path}: module {name} does not fit this "
                                  f"network's algo/dim ({e}); use the same network settings it was trained with") from e

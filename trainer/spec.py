@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 from msgspec import Meta, Struct
 
+from trainer.loaders import loader_gaps
+
 SPEC_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_TRAIN_STEPS = 1600  # sd-scripts' default when neither steps nor epochs are given
@@ -685,6 +687,8 @@ def check_spec(spec: JobSpec) -> list[Problem]:
         warn("network.use_tucker", f"has no effect with algo '{net.algo}'")
     if net.algo == "lokr" and net.factor == 0:
         err("network.factor", "must be -1 (balanced) or a positive factor")
+    for path, message in loader_gaps(net):  # tools that will not load the files (docs/spec.md, loaders)
+        warn(path, message)
     if arch == "sdxl" and isinstance(opt.text_encoder_lr, list) and len(opt.text_encoder_lr) not in (1, 2):
         err("optimizer.text_encoder_lr", "SDXL takes one value or two ([te1, te2])")
     if arch != "sdxl" and isinstance(opt.text_encoder_lr, list) and len(opt.text_encoder_lr) != 1:
