@@ -25,10 +25,10 @@ SOURCES = {
 CONV_PRESETS = frozenset({"full", "unet-convblock-only"})
 
 
-
 def _diffusers_refuses(keys: str) -> str:
-    return (f"refuses the file on its {keys} keys (its kohya conversion takes `lora_down`/`lora_up`/`alpha` only and "
-            "raises \"have not been correctly renamed\" on the rest)")
+    # Its SD/SDXL loader converts `lora_down`/`lora_up`/`alpha` (and `dora_scale`) keys only and raises
+    # "The following keys have not been correctly renamed" on any other.
+    return f"refuses the whole file on its {keys} keys"
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ ROWS: tuple[Row, ...] = (
         loads_note="ComfyUI `weight_adapter/glora.py`, A1111 `network_glora.py`"),
     Row("boft", "network.algo", _algo("boft"),
         gaps={"diffusers": _diffusers_refuses("`oft_blocks`"),
-              "A1111/Forge": "reads 3-D `oft_blocks` (sd-scripts' OFT) or `oft_diag` only; BOFT's blocks are 4-D"},
+              "A1111/Forge": "reads `oft_blocks` as sd-scripts' 3-D OFT blocks; BOFT's are 4-D butterfly stages, "
+                             "which it does not apply as trained"},
         loads_note="ComfyUI `weight_adapter/boft.py` (4-D `oft_blocks`)"),
     Row("diag-oft", "network.algo", _algo("diag-oft"),
         gaps={"diffusers": _diffusers_refuses("`oft_blocks`"),
