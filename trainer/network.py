@@ -215,6 +215,25 @@ class AdapterNetwork(nn.Module):
                 raise JobFailure(Reason.SPEC_INVALID, f"network weights {path}: module {name} does not fit this "
                                  f"network's algo/dim ({e}); use the same network settings it was trained with") from e
 
+    def load_training_weights(self, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load a checkpoint's `state_dict()` (the training form) back. Returns (parameters not restored,
+        unexpected keys). LyCORIS' DyLoRA saves its rank blocks as whole `lora_up`/`lora_down` matrices
+        and ignores them on load, so its modules are split back here."""
+        from lycoris.modules.dylora import DyLoraModule
+
+        dylora = {name: m for name, m in self.named_children() if isinstance(m, DyLoraModule)}
+        missing, unexpected = self.load_state_dict(
+            {k: v for k, v in weights.items() if k.partition(".")[0] not in dylora}, strict=False)
+        params = dict(self.named_parameters())
+        missing = [k for k in missing if k in params and k.partition(".")[0] not in dylora]
+        for name, module in dylora.items():
+            own = {k.partition(".")[2]: v for k, v in weights.items() if k.partition(".")[0] == name}
+            if {"lora_up.weight", "lora_down.weight", "alpha"} <= set(own):
+                _load_module(module, own)
+            else:
+                missing += [f"{name}.{k}" for k, _ in module.named_parameters()]
+        return missing, list(unexpected)
+
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float, device) -> tuple[int, float, float]:
         """Scale modules whose weight delta norm exceeds `max_norm` (sd-scripts' scale_weight_norms).

@@ -288,3 +288,19 @@ def test_the_loader_table_knows_which_presets_have_3x3_convs():
     from trainer.network import PRESETS
 
     assert CONV_PRESETS == {name for name, preset in PRESETS.items() if preset.conv}
+
+
+@pytest.mark.parametrize("case", ["dylora", "full", "lokr-scalar", "lokr-tucker-both", "loha-tucker"])
+def test_resuming_from_a_checkpoint_restores_the_trained_modules(parts_for, network_spec, tmp_path, case):
+    """A resumable checkpoint holds the network's `state_dict()`; loading it into a fresh network (as a
+    resumed job does, hooked in) gives every layer its trained change again. DyLoRA needs its own split."""
+    parts, spec = parts_for("sd1"), network_spec(**CASES[case])
+    with _trained(spec, parts, text_encoder=False) as (network, bare):
+        checkpoint = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        saved = _saved(network, tmp_path / f"{case}.safetensors")
+    again = build_network(spec, parts, train_unet=True, train_text_encoder=False)
+    if spec.algo == "dylora":
+        _full_rank(again)
+    with _hooked(again):
+        assert again.load_training_weights(checkpoint) == ([], [])
+        _check_layers(again, bare, saved)
