@@ -290,7 +290,7 @@ def test_the_loader_table_knows_which_presets_have_3x3_convs():
     assert CONV_PRESETS == {name for name, preset in PRESETS.items() if preset.conv}
 
 
-@pytest.mark.parametrize("case", ["dylora", "full", "lokr-scalar", "lokr-tucker-both", "loha-tucker"])
+@pytest.mark.parametrize("case", ["dylora", "full", "lokr-scalar", "lokr-tucker-both"])
 def test_resuming_from_a_checkpoint_restores_the_trained_modules(parts_for, network_spec, tmp_path, case):
     """A resumable checkpoint holds the network's `state_dict()`; loading it into a fresh network (as a
     resumed job does, hooked in) gives every layer its trained change again. DyLoRA needs its own split."""
