@@ -2,7 +2,7 @@
 
 Torch-free (the service runs it at submit and `:validate`). Each row is one algo or option Lathe
 trains; a tool listed in `gaps` does not apply such a file as it was trained, for the reason given,
-read from that tool's loader code (cited in `sources`). docs/spec.md shows `markdown_table()`.
+read from that tool's loader code (cited in `SOURCES`). docs/spec.md shows `markdown_table()`.
 """
 
 from __future__ import annotations
