@@ -1,7 +1,7 @@
 """Where a module's saved tensors differ from its training form, so that the readers apply what was trained.
 
 Readers (ComfyUI, A1111/Forge, diffusers, sd-scripts) apply a LoRA-style file as up·down·alpha/rank. Two
-LyCORIS modules train something they would not reproduce from LyCORIS' own state dict:
+LyCORIS modules' own state dicts would not be applied as trained:
 - DyLoRA scales its blocks by alpha/(blocks in use), not alpha/rank: at full rank its change is
   block_size times what a reader applies. The file's alpha is alpha·block_size, so the reader's
   up·down·(alpha·block_size)/rank is the trained change at every whole number of blocks (the first
@@ -9,11 +9,11 @@ LyCORIS modules train something they would not reproduce from LyCORIS' own state
   own DyLoRA files read at full rank.
 - LoKr's Tucker form on 3x3 convolutions (`lokr_t2`, `lokr_w2_a`, `lokr_w2_b`) is rebuilt by ComfyUI
   with an einsum whose non-contiguous result its `torch.kron` cannot view: the layer is left unpatched.
-  The file holds the rebuilt `lokr_w2` instead (the same product LyCORIS forms in training); with a
-  full `lokr_w1` too, readers apply scale 1, so alpha/rank is folded into `lokr_w2`.
-`from_file` is the inverse, for continuing from a file (`network.weights`); the Tucker factors come
-back from the full `lokr_w2` by a truncated higher-order SVD, exact because the product has mode
-ranks of at most the network's rank.
+  The file holds such a layer in LoKr's plain conv layout instead, the core folded into the input side:
+  `lokr_w2_a` (out × rank) and `lokr_w2_b` (rank × in·k·k), whose product readers form with a matrix
+  multiply. It is the same w2 at the same rank, so the file keeps its size and alpha/rank its meaning.
+`from_file` is the inverse, for continuing from a file (`network.weights`): the Tucker factors come back
+from w2 by a truncated higher-order SVD, exact because w2's first two mode ranks are at most the rank.
 """
 
 from __future__ import annotations
@@ -41,14 +41,10 @@ def to_file(module: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.T
     if kind == "dylora":
         return dict(sd, alpha=sd["alpha"] * module.block_size)
     if kind == "lokr-tucker":
-        from lycoris.functional.general import rebuild_tucker
-
-        w2 = rebuild_tucker(sd["lokr_t2"], sd["lokr_w2_a"], sd["lokr_w2_b"])
-        if module.use_w1:
-            w2 = w2 * module.scale
+        # w2[p, r, …] = Σ_i a[i, p] · (Σ_j t2[i, j, …] · b[j, r]): a LoKr conv w2 = w2_a · w2_b of the same rank.
+        right = torch.einsum("i j ..., j r -> i r ...", sd["lokr_t2"], sd["lokr_w2_b"])
         out = {k: v for k, v in sd.items() if k not in TUCKER_KEYS}
-        out["lokr_w2"] = w2.contiguous()
-        return out
+        return out | {"lokr_w2_a": sd["lokr_w2_a"].T.contiguous(), "lokr_w2_b": right.flatten(1).contiguous()}
     return sd
 
 
@@ -57,13 +53,11 @@ def from_file(module: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch
     kind = _kind(module)
     if kind == "dylora" and "alpha" in sd:
         return dict(sd, alpha=sd["alpha"] / module.block_size)
-    if kind == "lokr-tucker" and "lokr_w2" in sd:
-        w2 = sd["lokr_w2"].float()
-        if module.use_w1:
-            w2 = w2 / module.scale
+    if kind == "lokr-tucker" and "lokr_t2" not in sd and "lokr_w2_a" in sd:
+        out_size, in_size = module.lokr_w2_a.shape[1], module.lokr_w2_b.shape[1]
+        w2 = (sd["lokr_w2_a"].double() @ sd["lokr_w2_b"].double()).reshape(out_size, in_size, *module.lokr_t2.shape[2:])
         t2, w2_a, w2_b = _tucker_factors(w2, module.lora_dim)
-        out = {k: v for k, v in sd.items() if k != "lokr_w2"}
-        return out | {"lokr_t2": t2, "lokr_w2_a": w2_a, "lokr_w2_b": w2_b}
+        return sd | {"lokr_t2": t2, "lokr_w2_a": w2_a, "lokr_w2_b": w2_b}
     return sd
 
 
@@ -75,7 +69,8 @@ def _tucker_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
         u = torch.linalg.svd(unfolded.double(), full_matrices=False)[0][:, :rank]
         return torch.nn.functional.pad(u, (0, rank - u.shape[1]))  # zero columns where the mode is smaller
 
+    w = w.double()
     u_out = basis(w.flatten(1))
     u_in = basis(w.transpose(0, 1).flatten(1))
-    core = torch.einsum("p r ..., p i, r j -> i j ...", w.double(), u_out, u_in)
+    core = torch.einsum("p r ..., p i, r j -> i j ...", w, u_out, u_in)
     return core.float().contiguous(), u_out.T.float().contiguous(), u_in.T.float().contiguous()

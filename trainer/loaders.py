@@ -68,7 +68,7 @@ ROWS: tuple[Row, ...] = (
     Row("lokr (factor, decompose_both, use_tucker, use_scalar)", "network.algo", _algo("lokr"),
         gaps={"diffusers": _diffusers_refuses("`lokr_*`")},
         loads_note="kron(w1, w2)·alpha/rank (scale 1 when both halves are full); Lathe writes Tucker 3x3 conv "
-                   "layers with a full `lokr_w2`, which ComfyUI's `torch.kron` cannot take from its own Tucker rebuild"),
+                   "layers as plain `lokr_w2_a`·`lokr_w2_b` (ComfyUI's `torch.kron` cannot take its own Tucker rebuild)"),
     Row("full", "network.algo", _algo("full"),
         gaps={"diffusers": _diffusers_refuses("`diff`, `diff_b`")},
         loads_note="ΔW = `diff`, Δb = `diff_b` (ComfyUI `comfy/lora.py`, A1111 `network_full.py`)"),

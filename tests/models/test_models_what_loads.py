@@ -220,8 +220,10 @@ def test_trained_change_is_what_the_saved_file_applies(parts_for, network_spec, 
             _full_rank(network)
         saved = _saved(network, tmp_path / f"{case}.safetensors")
         if spec.algo == "lokr" and spec.use_tucker:
-            assert not any(k.endswith(".lokr_t2") for k in saved)  # ComfyUI cannot rebuild these (trainer.adapter_layout)
-            assert any(v.dim() == 4 and k.endswith(".lokr_w2") for k, v in saved.items())
+            # ComfyUI cannot kron its own Tucker rebuild (trainer.adapter_layout): plain factored conv halves instead
+            assert not any(k.endswith(".lokr_t2") for k in saved)
+            tucker_convs = [n for n, m in network.named_children() if m.tucker and not m.use_w2]
+            assert tucker_convs and all(saved[f"{n}.lokr_w2_b"].shape[0] == spec.dim for n in tucker_convs)
         assert _check_layers(network, bare, saved) > 10
 
 
