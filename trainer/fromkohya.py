@@ -576,7 +576,9 @@ def _map_network_module(conv: Conversion, flags: dict[str, Any]) -> str | None:
         return "lycoris.kohya"
     if name == "networks.dylora":
         conv.note("--network_module", "networks.dylora is trained as lycoris.kohya algo=dylora (network_args "
-                  "'unit' becomes network.block_size); the file layout differs from sd-scripts' DyLoRA")
+                  "'unit' becomes network.block_size); its file reads like sd-scripts' DyLoRA (LoRA keys, the full "
+                  "rank as trained), but training scales the blocks in use by alpha/(blocks in use) where sd-scripts "
+                  "uses alpha/dim·√(dim/(rank + unit))")
         conv.set("network.module", "lycoris.kohya")
         conv.set("network.algo", "dylora")
         return "lycoris.kohya"

@@ -172,12 +172,18 @@ class AdapterNetwork(nn.Module):
         return groups
 
     def state_dict_for_save(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The adapter file's tensors: each module's state dict in the layout readers apply as trained
+        (`trainer.adapter_layout`), in `dtype`."""
+        from trainer.adapter_layout import to_file
+
         out = {}
-        for key, value in self.state_dict().items():
-            value = value.detach().to("cpu")
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            out[key] = value.contiguous()
+        with torch.no_grad():
+            for name, module in self.named_children():
+                own = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+                for suffix, value in to_file(module, own).items():
+                    if dtype is not None and value.is_floating_point():
+                        value = value.to(dtype)
+                    out[f"{name}.{suffix}"] = value.contiguous()
         return out
 
     def load_weights(self, path: str) -> None:
@@ -200,12 +206,33 @@ class AdapterNetwork(nn.Module):
         missing = sorted(set(own) - set(by_module))
         if missing:
             log.warning("network weights %s: %d modules start fresh (e.g. %s)", path, len(missing), missing[:3])
+        from trainer.adapter_layout import from_file
+
         for name, sd in by_module.items():
             try:
-                _load_module(own[name], sd)
+                _load_module(own[name], from_file(own[name], sd))
             except (RuntimeError, KeyError, ValueError) as e:
                 raise JobFailure(Reason.SPEC_INVALID, f"network weights {path}: module {name} does not fit this "
                                  f"network's algo/dim ({e}); use the same network settings it was trained with") from e
+
+    def load_training_weights(self, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load a checkpoint's `state_dict()` (the training form) back. Returns (parameters not restored,
+        unexpected keys). LyCORIS' DyLoRA saves its rank blocks as whole `lora_up`/`lora_down` matrices
+        and ignores them on load, so its modules are split back here."""
+        from lycoris.modules.dylora import DyLoraModule
+
+        dylora = {name: m for name, m in self.named_children() if isinstance(m, DyLoraModule)}
+        missing, unexpected = self.load_state_dict(
+            {k: v for k, v in weights.items() if k.partition(".")[0] not in dylora}, strict=False)
+        params = dict(self.named_parameters())
+        missing = [k for k in missing if k in params and k.partition(".")[0] not in dylora]
+        for name, module in dylora.items():
+            own = {k.partition(".")[2]: v for k, v in weights.items() if k.partition(".")[0] == name}
+            if {"lora_up.weight", "lora_down.weight", "alpha"} <= set(own):
+                _load_module(module, own)
+            else:
+                missing += [f"{name}.{k}" for k, _ in module.named_parameters()]
+        return missing, list(unexpected)
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float, device) -> tuple[int, float, float]:

@@ -20,6 +20,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from trainer.data.layout import spec_problems as dataset_spec_problems
+from trainer.loaders import loader_gaps
 from trainer.optimizers import adafactor_relative_step, unknown_arg_message
 from trainer.shrink.choice import parse_recipe
 from trainer.shrink.errors import ShrinkError
@@ -773,6 +774,8 @@ def check_spec(spec: JobSpec) -> list[Problem]:
         warn("network.use_tucker", f"has no effect with algo '{net.algo}'")
     if net.algo == "lokr" and net.factor == 0:
         err("network.factor", "must be -1 (balanced) or a positive factor")
+    for path, message in loader_gaps(net):  # tools that will not load the files (docs/spec.md, loaders)
+        warn(path, message)
     if arch == "sdxl" and isinstance(opt.text_encoder_lr, list) and len(opt.text_encoder_lr) not in (1, 2):
         err("optimizer.text_encoder_lr", "SDXL takes one value or two ([te1, te2])")
     if arch != "sdxl" and isinstance(opt.text_encoder_lr, list) and len(opt.text_encoder_lr) != 1:

@@ -167,3 +167,17 @@ def test_the_tenant_max_runtime_is_filled_into_the_stored_spec(api, s3, bucket):
 def test_importing_the_app_does_not_import_torch():
     code = "import sys, service.app, service.cli, service.local_launcher; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_files_a_tool_will_not_load_are_warned_at_validate_and_submit(api, bucket):
+    """The loader-support table's gaps reach the client: an IA3 job names ComfyUI (no IA3 loader) and diffusers."""
+    doc = spec(bucket, **{"network.algo": "ia3"})
+    r = api.post("/v1/jobs:validate", json={"spec": doc}, headers=auth())
+    assert r.status_code == 200, r.text
+    gaps = [w["message"] for w in r.json()["warnings"] if w["path"] == "network.algo"]
+    assert len(gaps) == 1 and "ComfyUI" in gaps[0] and "diffusers" in gaps[0] and "loads in A1111/Forge" in gaps[0]
+    job = api.post("/v1/jobs", json={"spec": doc}, headers=auth())
+    assert job.status_code == 201, job.text
+    assert any(w.startswith("network.algo: ") and "ComfyUI" in w for w in job.json()["warnings"])
+    plain = api.post("/v1/jobs:validate", json={"spec": spec(bucket)}, headers=auth()).json()
+    assert not [w for w in plain["warnings"] if w["path"] == "network.algo"]

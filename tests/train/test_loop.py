@@ -71,11 +71,14 @@ def test_same_seed_same_losses_and_tensorboard_events(tiny_models, tiny_data, tm
     assert te_lr[0] == pytest.approx(5e-4 * 2 / 3)
 
 
-def test_resume_gives_the_same_weights_as_training_straight(tiny_models, tiny_data, tmp_path) -> None:
-    """4 steps with gradient accumulation 2 and a linear schedule, vs 2 + stop/checkpoint + resume 2."""
+@pytest.mark.parametrize("network", [{"dropout": None, "rank_dropout": 0.1},
+                                     {"algo": "dylora", "dim": 8, "block_size": 4}], ids=["lora", "dylora"])
+def test_resume_gives_the_same_weights_as_training_straight(tiny_models, tiny_data, tmp_path, network) -> None:
+    """4 steps with gradient accumulation 2 and a linear schedule, vs 2 + stop/checkpoint + resume 2
+    (DyLoRA: its checkpointed rank blocks are split back, and its random block counts replay)."""
     spec = make_spec(tiny_models["sd1"], tiny_data, training={"max_train_steps": 4, "seed": 3,
                                                                 "gradient_accumulation_steps": 2},
-                     scheduler={"type": "linear"}, network={"dropout": None, "rank_dropout": 0.1})
+                     scheduler={"type": "linear"}, network=network)
     straight, net_straight, _ = train(spec, tmp_path / "straight", seed=3)
 
     states: list[tuple[str, int]] = []

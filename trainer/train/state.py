@@ -93,8 +93,8 @@ def load_training_state(state_dir: str, *, network: torch.nn.Module, optimizer: 
     """Restore weights, optimizer, scheduler and this rank's RNG; returns where to continue."""
     progress = read_progress(state_dir)
     weights = torch.load(os.path.join(state_dir, NETWORK_FILE), map_location="cpu", weights_only=True)
-    missing, unexpected = network.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if k in dict(network.named_parameters())]:
+    missing, unexpected = network.load_training_weights(weights)
+    if unexpected or missing:
         raise JobFailure(Reason.INTERNAL, f"checkpoint {state_dir} does not match the network "
                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); was the spec changed?")
     optimizer.load_state_dict(torch.load(os.path.join(state_dir, OPTIMIZER_FILE), map_location="cpu", weights_only=False))
