@@ -201,8 +201,8 @@ def test_service_monitor_scrapes_the_service(helm: str) -> None:
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--set", "trainer.podRetries=lots"], "/trainer/podRetries"),
-    (["--set", "trainr.podRetries=1"], "additional properties 'trainr' not allowed"),
+    (["--set", "trainer.startTimeoutSeconds=lots"], "/trainer/startTimeoutSeconds"),
+    (["--set", "trainr.startTimeoutSeconds=1"], "additional properties 'trainr' not allowed"),
     (["--set", "trainer.scratchSize=big"], "/trainer/scratchSize"),
     (["--set", "config.stateRoot=/data"], "/config/stateRoot"),
     (["--set", "trainer.modelCache.pvc=a", "--set", "trainer.modelCache.hostPath=/b"], "set hostPath or pvc, not both"),

@@ -60,7 +60,7 @@ def test_single_gpu_job_as_a_whole() -> None:
     assert spec["podFailurePolicy"] == {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                               "values": list(FINAL_EXIT_CODES)}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
     pod = _pod(job)
     assert pod["restartPolicy"] == "Never"
@@ -119,6 +119,7 @@ def test_trainer_environment() -> None:
         "MPLCONFIGDIR": "/scratch/.config/matplotlib",
         "NCCL_DEBUG": "WARN",
         "OMP_NUM_THREADS": "8",  # 16 CPUs shared by 2 processes
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "585",  # torchrun's SIGTERM → SIGKILL: the grace period (600) less 15 s
         "PYTHONUNBUFFERED": "1",
         "TMPDIR": "/scratch",
         "XDG_CACHE_HOME": "/scratch/.cache",
@@ -179,7 +180,7 @@ def test_multi_node_job_is_indexed_with_headless_service() -> None:
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
     assert job["spec"]["backoffLimit"] == 0  # no per-index retry: a lone restarted rank hangs the others
-    assert "podFailurePolicy" not in job["spec"]  # disruptions end the attempt, too
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["action"] == "FailJob"  # disruptions end the attempt, too
     assert job["spec"]["activeDeadlineSeconds"] == 172_800
     pod = _pod(job)
     assert pod["subdomain"] == name

@@ -95,7 +95,7 @@ def test_missing_secret_waits_then_fails() -> None:
     missing = 'secret "lathe-s3" not found'
     assert state_of(job(), [pod(waiting="CreateContainerConfigError", waiting_message=missing)]).state is RunState.PENDING
     s = state_of(job(), [pod(waiting="CreateContainerConfigError", waiting_message=missing, created_s_ago=700)])
-    assert (s.state, s.reason) == (RunState.FAILED, "internal") and missing in s.message
+    assert (s.state, s.reason, s.holds_resources) == (RunState.FAILED, "config_error", True) and missing in s.message
 
 
 def test_running_needs_every_rank() -> None:
