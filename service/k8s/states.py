@@ -95,7 +95,9 @@ def attempt_state(
         return AttemptState(state=RunState.RUNNING, message=f"{len(running)}/{expected} pods running")
     message = _pending_message(current, expected)
     started = job.status.start_time if job.status else None
-    if start_timeout_s is not None and started is not None and (now - started).total_seconds() > start_timeout_s:
+    never_ran = not any(_ran(p) for p in pods)
+    if (start_timeout_s is not None and started is not None and never_ran
+            and (now - started).total_seconds() > start_timeout_s):
         unschedulable = message.startswith("unschedulable")
         reason = Reason.UNSCHEDULABLE if unschedulable or not current else Reason.LOST
         return AttemptState(state=RunState.FAILED, reason=reason.value, holds_resources=True, message=_clip(
@@ -262,6 +264,12 @@ def _lost(pod: k8s.V1Pod, now: dt.datetime) -> bool:
     """Deleted, not terminal, and its grace period long over: the kubelet that should confirm is gone."""
     gone_at = pod.metadata.deletion_timestamp
     return gone_at is not None and not _terminal(pod) and (now - gone_at).total_seconds() > LOST_AFTER_GRACE_S
+
+
+def _ran(pod: k8s.V1Pod) -> bool:
+    """A container of the pod started at some point (it was scheduled, pulled and configured)."""
+    return any(cs.state is not None and (cs.state.running is not None or cs.state.terminated is not None)
+               for cs in (pod.status.container_statuses if pod.status else None) or [])
 
 
 def _serving(pod: k8s.V1Pod) -> bool:

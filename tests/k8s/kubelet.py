@@ -272,10 +272,11 @@ class Kubelet:
             api.collect()
 
     def run_until_settled(self, passes: int = 10) -> None:
-        """Alternate kubelet and Job controller passes (what a cluster does continuously)."""
+        """Alternate Job controller and kubelet passes (what a cluster does continuously)."""
         for _ in range(passes):
-            self.step()
             self.api.sync_jobs()
+            self.step()
+        self.api.sync_jobs()
 
     # -- scheduling -----------------------------------------------------------------------------
     def _schedule(self, pod: dict[str, Any]) -> None:
