@@ -158,6 +158,8 @@ class Reconciler:
             return self._advance_queued(rec, running, now)
         current = status if status is not None and status.attempt == rec.attempt else None
         if current is not None and current.phase in TERMINAL_PHASES:
+            if will_retry(rec, current) and self._settled_elsewhere(rec, now):
+                return 0
             self._attempt_reported(rec, current, now)
             return 0
         view = self.launcher.state(rec.tenant, rec.job_id, rec.attempt)
@@ -187,6 +189,19 @@ class Reconciler:
                 self.store.write_record(rec, now=now)
             self._check_deadline(rec, now)
         return 0
+
+    def _settled_elsewhere(self, rec: JobRecord, now: float) -> bool:
+        """A retryable report (the trainer answers SIGTERM with `preempted`) may hide why it got the
+        SIGTERM: the launcher may know a final cause (the runtime limit). True when that decided the
+        attempt, or when the attempt is still stopping and the decision waits for the next pass."""
+        view = self.launcher.state(rec.tenant, rec.job_id, rec.attempt)
+        if view.state is RunState.RUNNING:
+            return True  # e.g. the other ranks still terminating: decide once they stopped
+        if view.state is RunState.FAILED and view.reason is not None and not _retryable(view.reason):
+            self._attempt_failed(rec, view.reason, f"attempt {rec.attempt}: {view.message or view.reason}",
+                                 view.exit_code, now)
+            return True
+        return False
 
     def _advance_queued(self, rec: JobRecord, running: int, now: float) -> int:
         if rec.cancel_requested_at is not None:
@@ -356,3 +371,10 @@ class Reconciler:
                 self.store.delete_job(rec)
                 removed += 1
         return removed
+
+
+def _retryable(reason: str) -> bool:
+    try:
+        return is_retryable(reason)
+    except ValueError:
+        return False
