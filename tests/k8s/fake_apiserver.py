@@ -109,6 +109,7 @@ class FakeApiServer:
         self.forced: set[str] = set()  # uids of pods deleted with grace 0 by PodGC
         self._kueue_saved: dict[str, Any] = {}
         self._forbidden: set[tuple[str, str]] = set()
+        self.authorized: list[tuple[str, str]] = []  # (verb, resource) of every request, for RBAC checks
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
         self._rv = itertools.count(1000)
@@ -301,6 +302,7 @@ class FakeApiServer:
             return 200, self._delete(resource, ns, name, policy)
 
     def _authorize(self, verb: str, resource: str, ns: str) -> None:
+        self.authorized.append((verb, resource))
         group = RESOURCES[resource.split("/")[0]][2]
         granted = self.role is None or any(
             group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
