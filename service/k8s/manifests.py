@@ -110,6 +110,8 @@ def trainer_command(request: LaunchRequest, settings: KubernetesSettings) -> lis
     if not uses_accelerate(res.gpus, res.nodes):
         return ["python", "-m", *run]
     command = [
+        # accelerate launch exits 1 whatever the trainer's code: `trainer launch` passes the code on.
+        "python", "-m", "trainer", "launch", "--",
         "accelerate", "launch",
         "--multi_gpu",
         "--num_processes", str(res.gpus * res.nodes),

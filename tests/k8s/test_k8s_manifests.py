@@ -157,6 +157,7 @@ def test_eight_gpus_one_node_uses_accelerate_without_rendezvous_service() -> Non
     assert len(objects) == 1
     container = _pod(SERIALIZE(objects[0]))["containers"][0]
     assert container["command"] == [
+        "python", "-m", "trainer", "launch", "--",
         "accelerate", "launch", "--multi_gpu", "--num_processes", "8", "--num_machines", "1",
         "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29500",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "run", SPEC_URI,
