@@ -8,8 +8,10 @@ It is NOT a Kubernetes API server and does not pretend to be one beyond this lis
   Job (completions/parallelism 1, backoffLimit 6, completionMode, suspend, the controller-uid selector
   and template labels); 409 AlreadyExists; 404 for an unknown namespace; 400 when the body's namespace
   differs from the path's; 422 Invalid when the object fails the official JSON schema of
-  `kube_version` (strict: unknown fields rejected) or one of the Job/Service rules of the real
-  validation that the launcher depends on (listed in `_semantic_errors`).
+  `kube_version` or one of the Job/Service rules of the real validation that the launcher depends on
+  (listed in `_semantic_errors`). Unknown fields follow `?fieldValidation=` as the real server does
+  (1.27+): Warn (the default) drops them and answers a `Warning: 299` header, Ignore drops them,
+  Strict answers 400 "strict decoding error: unknown field".
 - RBAC: deny by default when `role` is given (the `rules` of a Role, e.g. the rendered chart's): a
   request no rule grants answers 403 Forbidden with the real message shape; `forbid(verb, resource)`
   denies one more. Without `role` everything is allowed.
@@ -109,7 +111,8 @@ class FakeApiServer:
         self.forced: set[str] = set()  # uids of pods deleted with grace 0 by PodGC
         self._kueue_saved: dict[str, Any] = {}
         self._forbidden: set[tuple[str, str]] = set()
-        self.authorized: list[tuple[str, str]] = []  # (verb, resource) of every request, for RBAC checks
+        self.authorized: list[tuple[str, str]] = []
+        self.warnings: list[str] = []  # Warning headers of the request being answered  # (verb, resource) of every request, for RBAC checks
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
         self._rv = itertools.count(1000)
@@ -289,7 +292,10 @@ class FakeApiServer:
                 raise ApiError(404, "NotFound", f'namespaces "{ns}" not found',
                                {"name": ns, "kind": "namespaces"})
             if verb == "create":
-                return 201, self._create(resource, ns, json.loads(body or b"{}"))
+                mode = query.get("fieldValidation", "Warn")
+                if mode not in ("Ignore", "Warn", "Strict"):
+                    raise ApiError(400, "BadRequest", f'fieldValidation must be one of Ignore, Warn, Strict; got "{mode}"')
+                return 201, self._create(resource, ns, json.loads(body or b"{}"), mode)
             if verb == "list":
                 return 200, self._list(resource, ns, query.get("labelSelector", ""))
             assert name is not None
@@ -321,7 +327,7 @@ class FakeApiServer:
                            {"name": name, "group": group, "kind": resource})
         return obj
 
-    def _create(self, resource: str, ns: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def _create(self, resource: str, ns: str, obj: dict[str, Any], field_validation: str = "Warn") -> dict[str, Any]:
         if resource not in CREATABLE:
             raise ApiError(405, "MethodNotAllowed", f"creating {resource} is not supported by this stand-in")
         meta = obj.setdefault("metadata", {})
@@ -334,10 +340,15 @@ class FakeApiServer:
         if not name:
             raise ApiError(422, "Invalid", f'{qualified} "" is invalid: metadata.name: Required value: name or generateName is required')
         try:
-            kubernetes_validate.validate(obj, self.kube_version, strict=True)
+            kubernetes_validate.validate(obj, self.kube_version, strict=False)
         except SchemaError as exc:
             path = ".".join(str(p) for p in exc.path)
             raise ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {path}: {exc.message}') from None
+        for unknown in self._drop_unknown_fields(obj):
+            if field_validation == "Strict":
+                raise ApiError(400, "BadRequest", f'strict decoding error: unknown field "{unknown}"')
+            if field_validation == "Warn":
+                self.warnings.append(f'unknown field "{unknown}"')
         problems = _semantic_errors(resource, obj)
         if problems:
             raise ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {"; ".join(problems)}',
@@ -352,6 +363,24 @@ class FakeApiServer:
         obj.setdefault("status", {})
         self.objects[(resource, ns, name)] = obj
         return copy.deepcopy(obj)
+
+    def _drop_unknown_fields(self, obj: dict[str, Any]) -> list[str]:
+        """Remove the fields the schema does not know (what decoding into the Go types does); their paths."""
+        dropped = []
+        for _ in range(100):
+            try:
+                kubernetes_validate.validate(obj, self.kube_version, strict=True)
+                return dropped
+            except SchemaError as exc:
+                names = re.findall(r"'([^']+)' (?:was|were) unexpected", exc.message) or \
+                    re.findall(r"'([^']+)'", exc.message.split("(")[-1])
+                parent: Any = obj
+                for part in exc.path:
+                    parent = parent[part]
+                for field in names:
+                    parent.pop(field, None)
+                    dropped.append(".".join([*(str(p) for p in exc.path), field]))
+        return dropped
 
     def _list(self, resource: str, ns: str, selector: str) -> dict[str, Any]:
         match = parse_selector(selector)
@@ -602,10 +631,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        try:
-            code, payload = self.api.handle(self.command, self.path, body)
-        except ApiError as exc:
-            code, payload = exc.code, exc.status()
+        with self.api._lock:  # one request at a time: its Warning headers are its own
+            self.api.warnings = []
+            try:
+                code, payload = self.api.handle(self.command, self.path, body)
+            except ApiError as exc:
+                code, payload = exc.code, exc.status()
+            warnings = list(self.api.warnings)
         if isinstance(payload, str):  # pod logs are text/plain
             data, ctype = payload.encode(), "text/plain"
         else:
@@ -613,6 +645,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for text in warnings:
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+            self.send_header("Warning", f'299 - "{escaped}"')  # RFC 7234 quoted-string
         self.end_headers()
         self.wfile.write(data)
 

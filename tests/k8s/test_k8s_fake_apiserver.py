@@ -59,15 +59,27 @@ def test_invalid_objects_are_422(batch: k8s.BatchV1Api, job: dict, fragment: str
     assert info.value.status == 422 and fragment in info.value.body
 
 
-def test_unknown_fields_are_422(api: FakeApiServer) -> None:
+@pytest.mark.parametrize(("query", "code", "warning"), [
+    ("", 201, '299 - "unknown field \\"spec.bogus\\""'),  # Warn, the server's default
+    ("?fieldValidation=Ignore", 201, None),
+    ("?fieldValidation=Strict", 400, None),
+])
+def test_unknown_fields_follow_field_validation(api: FakeApiServer, query: str, code: int, warning: str | None) -> None:
     # The client refuses unknown fields itself, so send the JSON as any other client could.
-    body = {**_job("x"), "spec": {**_job("x")["spec"], "bogus": 1}}
-    request = urllib.request.Request(f"{api.url}/apis/batch/v1/namespaces/lathe/jobs", method="POST",
+    body = {**_job(f"x{code}{len(query)}"), "spec": {**_job("x")["spec"], "bogus": 1}}
+    request = urllib.request.Request(f"{api.url}/apis/batch/v1/namespaces/lathe/jobs{query}", method="POST",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(request, timeout=10)
-    status = json.loads(info.value.read())
-    assert (info.value.code, status["reason"]) == (422, "Invalid") and "'bogus' was unexpected" in status["message"]
+    try:
+        response = urllib.request.urlopen(request, timeout=10)
+    except urllib.error.HTTPError as exc:
+        response = exc
+    payload = json.loads(response.read())
+    assert response.status == code
+    if code == 400:
+        assert payload["message"] == 'strict decoding error: unknown field "spec.bogus"'
+        return
+    assert "bogus" not in payload["spec"]  # dropped, as decoding into the Go types does
+    assert response.headers.get("Warning") == warning
 
 
 def test_jobs_orphan_their_pods_unless_told_otherwise(api: FakeApiServer, batch: k8s.BatchV1Api) -> None:
