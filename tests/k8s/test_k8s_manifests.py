@@ -19,7 +19,7 @@ SHAPES = {
     "1gpu": {"gpus": 1},
     "8gpu": {"gpus": 8, "cpu": "64", "memory": "480Gi", "shm_size": "64Gi", "gpu_type": "NVIDIA-H100-80GB-HBM3"},
     "4x8gpu": {"gpus": 8, "nodes": 4, "max_runtime_s": 172_800},
-    "cpu": {"gpus": 0, "cpu": "4", "memory": "8Gi"},
+    "cpu": {"gpus": 0, "cpu": "4", "memory": "8Gi", "shm_size": "1Gi"},  # shm counts toward memory
 }
 
 
