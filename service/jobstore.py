@@ -62,6 +62,7 @@ def job_id_of_index(name: str) -> str:
 class AttemptRecord(msgspec.Struct, kw_only=True):
     attempt: int
     launched_at: float
+    started_at: float | None = None  # first seen running by the launcher (the runtime limit counts from here)
     ended_at: float | None = None
     reason: str | None = None
     exit_code: int | None = None

@@ -36,6 +36,9 @@ class AttemptState(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None     # a trainer.failures.Reason value when known (oom, preempted, …)
     message: str | None = None
     exit_code: int | None = None
+    # The attempt is over for the service, but what runs it still holds resources (a pod that cannot
+    # start, one on a lost node): the service must cancel it before anything else.
+    holds_resources: bool = False
 
 
 @runtime_checkable

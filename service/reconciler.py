@@ -8,6 +8,10 @@ Everything it decides is written to job.json; it holds no state between passes, 
 start (or run on several replicas: each attempt is claimed with a conditional PUT of
 `attempts/<n>` before the launcher is called, so one replica launches it) without losing jobs.
 Active jobs are found through the tenants' `slots/`, so a pass costs O(active jobs), not O(all jobs).
+
+One owner per attempt: the service alone retries. A superseded attempt is cancelled when the next is
+queued, and attempt n+1 is launched only once the launcher no longer sees attempt n running or
+pending, so two trainers never write into one job folder.
 """
 
 from __future__ import annotations
@@ -158,6 +162,8 @@ class Reconciler:
             return self._advance_queued(rec, running, now)
         current = status if status is not None and status.attempt == rec.attempt else None
         if current is not None and current.phase in TERMINAL_PHASES:
+            if will_retry(rec, current) and self._settled_elsewhere(rec, now):
+                return 0
             self._attempt_reported(rec, current, now)
             return 0
         view = self.launcher.state(rec.tenant, rec.job_id, rec.attempt)
@@ -165,6 +171,8 @@ class Reconciler:
             self._advance_cancel(rec, view, now)
             return 0
         if view.state in (RunState.SUCCEEDED, RunState.FAILED):
+            if view.holds_resources:  # e.g. a pod that can never start: free its GPUs and quota now
+                self._stop_attempt(rec)
             # Exited without a terminal status.json for this attempt (or it landed just now: look again).
             again = self.store.read_status(rec.tenant, rec.job_id)
             if again is not None and again.attempt == rec.attempt and again.phase in TERMINAL_PHASES:
@@ -179,8 +187,25 @@ class Reconciler:
                     f"attempt {rec.attempt}: no heartbeat for {now - beat:.0f} s and the launcher no longer knows "
                     "the trainer (node lost or process killed)"), None, now)
         else:
+            last = rec.attempts[-1] if rec.attempts else None
+            if view.state == RunState.RUNNING and last is not None and last.started_at is None:
+                last.started_at = now
+                self.store.write_record(rec, now=now)
             self._check_deadline(rec, now)
         return 0
+
+    def _settled_elsewhere(self, rec: JobRecord, now: float) -> bool:
+        """A retryable report (the trainer answers SIGTERM with `preempted`) may hide why it got the
+        SIGTERM: the launcher may know a final cause (the runtime limit). True when that decided the
+        attempt, or when the attempt is still stopping and the decision waits for the next pass."""
+        view = self.launcher.state(rec.tenant, rec.job_id, rec.attempt)
+        if view.state is RunState.RUNNING:
+            return True  # e.g. the other ranks still terminating: decide once they stopped
+        if view.state is RunState.FAILED and view.reason is not None and not _retryable(view.reason):
+            self._attempt_failed(rec, view.reason, f"attempt {rec.attempt}: {view.message or view.reason}",
+                                 view.exit_code, now)
+            return True
+        return False
 
     def _advance_queued(self, rec: JobRecord, running: int, now: float) -> int:
         if rec.cancel_requested_at is not None:
@@ -191,6 +216,14 @@ class Reconciler:
         limit = self.settings.max_running_jobs
         if limit and running >= limit:
             return 0
+        if rec.attempt >= 1:
+            previous = self.launcher.state(rec.tenant, rec.job_id, rec.attempt)
+            if previous.state in (RunState.RUNNING, RunState.PENDING):
+                # Still stopping (checkpoint on SIGTERM, pods terminating): never two trainers at once.
+                log.info("job %s: attempt %d waits for attempt %d to stop (%s)", rec.job_id, rec.attempt + 1,
+                         rec.attempt, previous.message)
+                self._stop_attempt(rec)
+                return 0
         spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes("spec.json"), format="json")
         attempt = rec.attempt + 1
         rec.attempt, rec.state = attempt, "launched"
@@ -231,8 +264,9 @@ class Reconciler:
         except NotFound:
             return
         limit = spec.resources.max_runtime_s
-        started = rec.attempts[-1].launched_at if rec.attempts else rec.submitted_at
-        if limit and now - started > limit:
+        # From the attempt's start, not its launch: time queued (Kueue, scheduling) does not count.
+        started = rec.attempts[-1].started_at if rec.attempts else None
+        if limit and started is not None and now - started > limit:
             self.launcher.cancel(rec.tenant, rec.job_id, rec.attempt)
             self._close_attempt(rec, Reason.DEADLINE_EXCEEDED.value, None, f"ran over {limit} s", now)
             self._finish(rec, "failed", ErrorInfo(reason=Reason.DEADLINE_EXCEEDED.value, message=(
@@ -273,7 +307,15 @@ class Reconciler:
             last = rec.attempts[-1]
             last.ended_at, last.reason, last.exit_code, last.message = now, reason, exit_code, message
 
+    def _stop_attempt(self, rec: JobRecord) -> None:
+        """Cancel the current attempt (idempotent); a launcher error is retried on the next pass."""
+        try:
+            self.launcher.cancel(rec.tenant, rec.job_id, rec.attempt)
+        except Exception as exc:  # noqa: BLE001 — the launcher's own error types vary
+            log.warning("job %s attempt %d: cancel failed, will retry: %s", rec.job_id, rec.attempt, exc)
+
     def _requeue(self, rec: JobRecord, now: float) -> None:
+        self._stop_attempt(rec)  # superseded: e.g. a pod the Job or Kueue would start again
         rec.state = "queued"
         rec.not_before = now + retry_backoff_s(rec.attempt, self.settings.retry_backoff_s)
         self.store.write_record(rec, now=now)
@@ -339,3 +381,10 @@ class Reconciler:
                 self.store.delete_job(rec)
                 removed += 1
         return removed
+
+
+def _retryable(reason: str) -> bool:
+    try:
+        return is_retryable(reason)
+    except ValueError:
+        return False

@@ -24,6 +24,9 @@ class Reason(str, enum.Enum):
     IMAGE_PULL_ERROR = "image_pull_error"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     LOST = "lost"
+    UNSCHEDULABLE = "unschedulable"  # admitted but never started within the start timeout
+    SCRATCH_FULL = "scratch_full"  # the kubelet evicted the pod: its scratch outgrew the emptyDir limit
+    CONFIG_ERROR = "config_error"  # the pod cannot start: a Secret / volume it names is missing
 
 
 EXIT_CODES: dict[Reason, int] = {

@@ -512,4 +512,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--work-dir", help="local scratch folder (default: LATHE_WORK_DIR or a temp folder)")
     parser.add_argument("--cache-dir", help="node-local model cache (default: LATHE_CACHE_DIR or ~/.cache/lathe)")
     args = parser.parse_args(argv)
-    return run_job(args.spec, work_dir=args.work_dir, cache_dir=args.cache_dir)
+    code = run_job(args.spec, work_dir=args.work_dir, cache_dir=args.cache_dir)
+    from trainer.launch import record_exit
+
+    record_exit(code)
+    return code

@@ -689,6 +689,16 @@ _LYCORIS_ONLY_DEFAULTS: dict[str, Any] = {
 }
 
 
+_QUANTITY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str) -> int:
+    """A memory quantity of resources.memory / shm_size (digits and an optional unit) in bytes."""
+    digits = quantity.rstrip("KMGTi")
+    return int(digits) * _QUANTITY_UNITS[quantity[len(digits):]]
+
+
 def check_spec(spec: JobSpec) -> list[Problem]:
     """Incompatible combinations (errors) and questionable ones (warnings), with what to do."""
     out: list[Problem] = []
@@ -902,6 +912,12 @@ def check_spec(spec: JobSpec) -> list[Problem]:
     # Resources.
     if spec.resources.nodes > 1 and spec.resources.gpus < 1:
         err("resources.nodes", "multi-node training needs resources.gpus ≥ 1 per node")
+    res = spec.resources
+    if res.memory is not None and _bytes(res.shm_size) >= _bytes(res.memory):
+        # /dev/shm is a memory-backed emptyDir: what it holds counts toward the pod's memory limit.
+        err("resources.shm_size", f"{res.shm_size} is not below resources.memory ({res.memory}); shared memory "
+            "counts toward the memory limit, so a full /dev/shm would OOM-kill the trainer: lower shm_size "
+            "or raise memory")
     if prec.torch_compile and spec.resources.gpus < 1:
         warn("precision.torch_compile", "on CPU the first steps compile for many minutes (inductor builds C++), and "
              "again for each bucket shape; it is meant for GPUs (set resources.gpus, or turn it off)")

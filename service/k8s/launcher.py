@@ -104,6 +104,9 @@ class KubernetesLauncher:
                 self._call(f"create Service {ns}/{name}", self._core.create_namespaced_service, ns, service)
             except KubernetesApiError as exc:
                 if exc.status != 409:
+                    # Without its Service the ranks cannot meet: the Job must not stay behind, running
+                    # pods (and holding GPUs) that no one watches.
+                    self.cancel(request.tenant, request.job_id, request.attempt)
                     raise
 
     def cancel(self, tenant: str, job_id: str, attempt: int) -> None:
@@ -130,7 +133,8 @@ class KubernetesLauncher:
         if job is not None and not _same_attempt(job, tenant, job_id, attempt):
             job = None  # another tenant's object is never shown
         pods = self._list_pods(tenant, job_id, attempt) if job is not None else []
-        view = states.attempt_state(job, pods, now=self._now(), image_pull_timeout_s=self.settings.image_pull_timeout_s)
+        view = states.attempt_state(job, pods, now=self._now(), image_pull_timeout_s=self.settings.image_pull_timeout_s,
+                                    start_timeout_s=self.settings.start_timeout_s)
         if self._status_reader is not None:
             view = states.merge_status(view, self._status_reader(tenant, job_id), attempt)
         return view

@@ -6,10 +6,12 @@ Shapes:
 - 1 process: `python -m trainer run <spec_uri>`; several GPUs or nodes: `accelerate launch`, one
   process per GPU;
 - nodes > 1: an Indexed Job (index = machine rank) and a headless Service giving rank 0 a stable DNS
-  name; backoffLimit 0, because a lone restarted rank would hang the others — the service starts the
-  next attempt, which resumes from the newest checkpoint;
-- single node: a podFailurePolicy that ignores disruptions (the pod comes back and resumes) and
-  fails the Job at once on the trainer's final exit codes.
+  name;
+- every shape: backoffLimit 0 and a podFailurePolicy that fails the Job on the trainer's final exit
+  codes and on disruptions. The service alone retries (attempt n+1, resuming from the newest
+  checkpoint, after attempt n's Job is gone): a Job that replaced its own pods would run a second
+  trainer beside the service's next attempt, and a lone restarted rank would hang the others.
+  FailJob rules also leave the pod and exit code in the Job's condition message, which outlives pods.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def trainer_command(request: LaunchRequest, settings: KubernetesSettings) -> lis
     if not uses_accelerate(res.gpus, res.nodes):
         return ["python", "-m", *run]
     command = [
+        # accelerate launch exits 1 whatever the trainer's code: `trainer launch` passes the code on.
+        "python", "-m", "trainer", "launch", "--",
         "accelerate", "launch",
         "--multi_gpu",
         "--num_processes", str(res.gpus * res.nodes),
@@ -166,6 +170,10 @@ def trainer_env(request: LaunchRequest, settings: KubernetesSettings) -> list[k8
         values["LATHE_STATE_ROOT"] = settings.state_root
     if res.nodes > 1:
         values["LATHE_NUM_MACHINES"] = str(res.nodes)
+    if uses_accelerate(res.gpus, res.nodes):
+        # torchrun SIGKILLs its workers this long after it got SIGTERM (30 s by default): leave them the
+        # pod's grace period, less a margin for torchrun's own exit, to write their checkpoint.
+        values["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(max(1, settings.termination_grace_s - 15))
     env = [k8s.V1EnvVar(name=k, value=v) for k, v in sorted(values.items())]
     if res.nodes > 1:
         env.append(k8s.V1EnvVar(
@@ -293,6 +301,7 @@ def build_pod_template(request: LaunchRequest, settings: KubernetesSettings) -> 
 
 def _pod_failure_policy() -> k8s.V1PodFailurePolicy:
     # First match wins: a final exit code fails the Job even if the pod was also being disrupted.
+    # A disruption also fails it (not Ignore): the service starts the next attempt, not the Job.
     return k8s.V1PodFailurePolicy(rules=[
         k8s.V1PodFailurePolicyRule(
             action="FailJob",
@@ -300,7 +309,7 @@ def _pod_failure_policy() -> k8s.V1PodFailurePolicy:
                 container_name=CONTAINER, operator="In", values=list(FINAL_EXIT_CODES)),
         ),
         k8s.V1PodFailurePolicyRule(
-            action="Ignore",  # preemption, eviction, node drain: the pod comes back and resumes
+            action="FailJob",  # preemption, eviction, node drain: the service retries
             on_pod_conditions=[k8s.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")],
         ),
     ])
@@ -320,9 +329,8 @@ def build_job(request: LaunchRequest, settings: KubernetesSettings) -> k8s.V1Job
         completions=res.nodes,
         parallelism=res.nodes,
         completion_mode="Indexed" if multi_node else "NonIndexed",
-        # Multi-node: any failure ends the attempt (no per-index retry, it would hang the others).
-        backoff_limit=0 if multi_node else settings.pod_retries,
-        pod_failure_policy=None if multi_node else _pod_failure_policy(),
+        backoff_limit=0,  # one owner of retries: the service
+        pod_failure_policy=_pod_failure_policy(),
         active_deadline_seconds=deadline,
         ttl_seconds_after_finished=settings.ttl_seconds_after_finished,
         suspend=True if settings.kueue_queue else None,  # Kueue admits (unsuspends) it when quota allows

@@ -85,9 +85,10 @@ class KubernetesSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unkno
     termination_grace_s: Annotated[int, Meta(ge=30, le=3600)] = 300
     # Applied when a spec sets no `resources.max_runtime_s` (None: no deadline).
     default_max_runtime_s: Annotated[int, Meta(ge=60)] | None = None
-    # Retries of a failed pod inside one attempt (Job backoffLimit, single node only). 0: a failure
-    # ends the attempt and the service decides on the next one; disruptions never count.
-    pod_retries: Annotated[int, Meta(ge=0, le=10)] = 0
+    # An admitted attempt (Job started, i.e. unsuspended) whose pods are not all running this long
+    # after fails as `unschedulable` and is deleted (its pods may hold GPUs or quota). Covers pods no
+    # node fits and pods that admission refused to create. None: wait forever.
+    start_timeout_s: Annotated[int, Meta(ge=60)] | None = 3600
     # An image pull that keeps failing this long after the pod was created fails the attempt.
     image_pull_timeout_s: Annotated[int, Meta(ge=30)] = 600
     run_as_user: UnixId = 1000

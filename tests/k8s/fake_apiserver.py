@@ -8,23 +8,32 @@ It is NOT a Kubernetes API server and does not pretend to be one beyond this lis
   Job (completions/parallelism 1, backoffLimit 6, completionMode, suspend, the controller-uid selector
   and template labels); 409 AlreadyExists; 404 for an unknown namespace; 400 when the body's namespace
   differs from the path's; 422 Invalid when the object fails the official JSON schema of
-  `kube_version` (strict: unknown fields rejected) or one of the Job/Service rules of the real
-  validation that the launcher depends on (listed in `_semantic_errors`).
-- RBAC: `forbid(verb, resource)` answers 403 Forbidden with the real message shape.
+  `kube_version` or one of the Job/Service rules of the real validation that the launcher depends on
+  (listed in `_semantic_errors`). Unknown fields follow `?fieldValidation=` as the real server does
+  (1.27+): Warn (the default) drops them and answers a `Warning: 299` header, Ignore drops them,
+  Strict answers 400 "strict decoding error: unknown field".
+- RBAC: deny by default when `role` is given (the `rules` of a Role, e.g. the rendered chart's): a
+  request no rule grants answers 403 Forbidden with the real message shape; `forbid(verb, resource)`
+  denies one more. Without `role` everything is allowed.
 - List: equality- and set-based label selectors (`a=b`, `a!=b`, `a`, `!a`, `a in (x,y)`, `a notin (x)`).
 - Delete: propagationPolicy from DeleteOptions or the query (Jobs default to Orphan, as in batch/v1).
   Foreground keeps the Job, with deletionTimestamp and the `foregroundDeletion` finalizer, until its
   dependents are gone; Background removes the Job and has the "garbage collector" delete dependents;
-  Orphan strips their ownerReferences. Pods terminate gracefully: they keep a deletionTimestamp until
-  `finish_terminations()` (what the kubelet would confirm).
+  Orphan strips their ownerReferences. Pods terminate gracefully: a pod bound to a node gets
+  deletionTimestamp = now + its grace period and stays until the kubelet reports it terminal and its
+  finalizers are gone (an unbound pod goes at once, finalizers permitting).
 - Logs: `container` must name a container (400 otherwise), a pod whose container has not started
   answers 400 "is waiting to start", `tailLines` is honoured.
 - Faults: `fail_next(method, path_regex, status, times)` answers the next matching requests with that
   status (for the 5xx retry tests).
-Not modelled: watches, PATCH/PUT, the scheduler and kubelet. A minimal Job controller runs only when a
-test calls `sync_jobs()` (it creates the pods the real controller would, with the Indexed Job's
-completion-index annotation, label, hostname and JOB_COMPLETION_INDEX env var); tests then set pod and
-Job status by hand, as the kubelet and Job controller would.
+Controllers run when a test calls them (no background loop, so tests are deterministic):
+`sync_jobs()` is one pass of the Job and TTL controllers (controllers.py says what they follow in the
+real sources); `preempt`, `evict`, `taint_evict` and `gc_pod` are the disrupting controllers; `admit`
+and `kueue_preempt` are Kueue. The kubelet (scheduling one node, running containers through a
+pluggable runtime, graceful termination, evictions, a lost node) is `kubelet.Kubelet`;
+`finish_terminations()` is the short form of "the kubelet confirmed every terminating pod".
+The clock is `now` (replaceable) plus `advance(seconds)`.
+Not modelled: watches, PATCH/PUT, Events beyond the FailedCreate list in `events`.
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import kubernetes_validate
+from controllers import (INDEX_ANNOTATION, TRACKING_FINALIZER, JobController, add_disruption, is_terminal,
+                         kueue_admit, kueue_preempt, ts)
+from kubelet import terminate_pod
 from kubernetes_validate.utils import ValidationError as SchemaError
 
 RESOURCES = {
@@ -60,7 +72,6 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what generateName suffixes use
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
 class ApiError(Exception):
@@ -83,15 +94,25 @@ class _Fault:
 
 class FakeApiServer:
     def __init__(self, namespaces: tuple[str, ...] = ("lathe",), kube_version: str = "1.33.0",
-                 user: str = "system:serviceaccount:lathe:lathe") -> None:
+                 user: str = "system:serviceaccount:lathe:lathe", role: list[dict[str, Any]] | None = None) -> None:
         self.namespaces = set(namespaces)
         self.kube_version = kube_version
         self.user = user
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (resource, ns, name) → object
         self.logs: dict[tuple[str, str], str] = {}  # (ns, pod) → log text
         self.requests: list[tuple[str, str]] = []  # (method, path?query) in order
-        self.now = lambda: dt.datetime.now(dt.timezone.utc)
+        self._offset = 0.0
+        self.now = lambda: dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self._offset)
+        self.role = role  # RBAC rules; None: allow everything
+        self.events: list[dict[str, Any]] = []  # Events the controllers record (FailedCreate)
+        self.refuse_pods: str | None = None  # an admission webhook's / quota's refusal of pod creation
+        self.jobs = JobController(self)
+        self.lost_nodes: set[str] = set()  # nodes whose kubelet stopped answering
+        self.forced: set[str] = set()  # uids of pods deleted with grace 0 by PodGC
+        self._kueue_saved: dict[str, Any] = {}
         self._forbidden: set[tuple[str, str]] = set()
+        self.authorized: list[tuple[str, str]] = []
+        self.warnings: list[str] = []  # Warning headers of the request being answered  # (verb, resource) of every request, for RBAC checks
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
         self._rv = itertools.count(1000)
@@ -119,6 +140,10 @@ class FakeApiServer:
 
     # -- test controls ------------------------------------------------------------------------
 
+    def advance(self, seconds: float) -> None:
+        """Move the clock the controllers and the API server read forward."""
+        self._offset += seconds
+
     def forbid(self, verb: str, resource: str) -> None:
         self._forbidden.add((verb, resource))
 
@@ -140,46 +165,106 @@ class FakeApiServer:
                     if r == "pods" and s == ns and o["metadata"].get("labels", {}).get("job-name") == job]
 
     def set_status(self, resource: str, ns: str, name: str, status: dict[str, Any]) -> None:
-        """What the kubelet (pods) or the Job controller (jobs) would write to the status subresource."""
+        """What the kubelet (pods) or the Job controller (jobs) would write to the status subresource.
+        As the real validation (1.31+), a Job cannot get `Failed` without `FailureTarget` nor `Complete`
+        without `SuccessCriteriaMet`."""
+        true = {c["type"] for c in status.get("conditions", []) if c.get("status") == "True"}
+        for final, interim in (("Failed", "FailureTarget"), ("Complete", "SuccessCriteriaMet")):
+            if resource == "jobs" and final in true and interim not in true:
+                raise ValueError(f"status.conditions: Invalid value: cannot set {final}=True condition "
+                                 f"without the {interim}=True condition")
         with self._lock:
             obj = self.objects[(resource, ns, name)]
             obj["status"] = status
-            obj["metadata"]["resourceVersion"] = str(next(self._rv))
+            self.bump(obj)
+
+    def bump(self, obj: dict[str, Any]) -> None:
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
 
     def set_log(self, ns: str, pod: str, text: str) -> None:
         self.logs[(ns, pod)] = text
 
-    def admit(self, ns: str, job: str) -> None:
-        """What Kueue does when a queued Job fits the quota: unsuspend it."""
+    def admit(self, ns: str, job: str, node_selector: dict[str, str] | None = None,
+              tolerations: list[dict[str, Any]] | None = None) -> None:
+        """What Kueue does when a queued Job fits the quota: merge the flavor's scheduling, unsuspend."""
         with self._lock:
-            self.objects[("jobs", ns, job)]["spec"]["suspend"] = False
+            kueue_admit(self.objects[("jobs", ns, job)], self._kueue_saved, node_selector, tolerations)
+
+    def kueue_preempt(self, ns: str, job: str) -> None:
+        """Kueue evicts the Job's workload (preemption by a higher-priority one): it is suspended again."""
+        with self._lock:
+            kueue_preempt(self.objects[("jobs", ns, job)], self._kueue_saved)
+
+    def preempt(self, ns: str, pod: str, reason: str = "PreemptionByScheduler") -> None:
+        """A disrupting controller: DisruptionTarget with `reason`, then a graceful delete."""
+        with self._lock:
+            obj = self._existing("pods", ns, pod)
+            add_disruption(obj, reason, self.now())
+            self.delete_pod(obj)
+
+    def evict(self, ns: str, pod: str) -> None:
+        """The Eviction API (node drain)."""
+        self.preempt(ns, pod, "EvictionByEvictionAPI")
+
+    def taint_evict(self, ns: str, pod: str) -> None:
+        """The taint-eviction controller, once a NoExecute taint (node unreachable) outlasts the toleration."""
+        self.preempt(ns, pod, "DeletionByTaintManager")
+
+    def gc_pod(self, ns: str, pod: str) -> None:
+        """PodGC for a pod whose node is gone: DisruptionTarget, phase Failed, then a forced delete."""
+        with self._lock:
+            obj = self._existing("pods", ns, pod)
+            add_disruption(obj, "DeletionByPodGC", self.now())
+            if not is_terminal(obj):
+                obj["status"]["phase"] = "Failed"
+            obj["metadata"].setdefault("deletionTimestamp", ts(self.now()))
+            obj["metadata"]["deletionGracePeriodSeconds"] = 0
+            self.forced.add(obj["metadata"]["uid"])
+            self.sync_jobs()
+
+    def delete_pod(self, pod: dict[str, Any]) -> None:
+        """Graceful deletion: deletionTimestamp = now + grace for a bound pod; an unbound one goes at once."""
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
+        grace = 0 if not pod["spec"].get("nodeName") or is_terminal(pod) else \
+            pod["spec"].get("terminationGracePeriodSeconds", 30)
+        meta["deletionTimestamp"] = ts(self.now() + dt.timedelta(seconds=grace))
+        meta["deletionGracePeriodSeconds"] = grace
+        self.bump(pod)
+
+    def delete_object(self, resource: str, ns: str, name: str, policy: str) -> None:
+        with self._lock:
+            self._delete(resource, ns, name, policy)
+
+    def collect(self) -> None:
+        """Pods whose deletion is confirmed (terminal, unbound, or forced) and that hold no finalizer go."""
+        for key, obj in list(self.objects.items()):
+            meta = obj["metadata"]
+            if key[0] != "pods" or not meta.get("deletionTimestamp") or meta.get("finalizers"):
+                continue
+            if is_terminal(obj) or not obj["spec"].get("nodeName") or meta["uid"] in self.forced:
+                del self.objects[key]
+        self._finish_foreground()
 
     def sync_jobs(self) -> None:
-        """One pass of a minimal Job controller: create the missing pods of every running Job."""
+        """One pass of the Job controller (and the TTL controller) over every Job; see controllers.py."""
         with self._lock:
-            for (resource, ns, name), job in list(self.objects.items()):
-                if resource != "jobs" or job["spec"].get("suspend") or job["metadata"].get("deletionTimestamp"):
-                    continue
-                if any(c.get("status") == "True" and c["type"] in ("Complete", "Failed")
-                       for c in job.get("status", {}).get("conditions", [])):
-                    continue
-                indexed = job["spec"].get("completionMode") == "Indexed"
-                pods = self.pods_of(ns, name)
-                have = {p["metadata"].get("annotations", {}).get(INDEX_ANNOTATION, "0") for p in pods}
-                for index in range(job["spec"]["completions"] if indexed else 1):
-                    if str(index) not in have:
-                        self._create_pod(ns, job, index if indexed else None)
-                active = sum(1 for p in self.pods_of(ns, name)
-                             if p.get("status", {}).get("phase") in ("Pending", "Running", None))
-                job.setdefault("status", {})["active"] = active
+            self.jobs.sync()
+            self.collect()
 
-    def finish_terminations(self) -> None:
-        """Pods with a deletionTimestamp go away (the kubelet confirmed); then foreground owners follow."""
+    def finish_terminations(self, exit_code: int = 143) -> None:
+        """The kubelet confirms every terminating pod (its containers exited with `exit_code` on SIGTERM):
+        the pod becomes terminal, the Job controller counts it and drops its finalizer, it goes away.
+        Pods on a lost node (`lost_nodes`) stay Terminating, as they do on a real cluster."""
         with self._lock:
             for key, obj in list(self.objects.items()):
-                if key[0] == "pods" and obj["metadata"].get("deletionTimestamp"):
-                    del self.objects[key]
-            self._finish_foreground()
+                if key[0] != "pods" or not obj["metadata"].get("deletionTimestamp") or is_terminal(obj):
+                    continue
+                if obj["spec"].get("nodeName") in self.lost_nodes:
+                    continue
+                terminate_pod(obj, exit_code, self.now())
+            self.sync_jobs()
 
     # -- request handling ---------------------------------------------------------------------
 
@@ -207,7 +292,10 @@ class FakeApiServer:
                 raise ApiError(404, "NotFound", f'namespaces "{ns}" not found',
                                {"name": ns, "kind": "namespaces"})
             if verb == "create":
-                return 201, self._create(resource, ns, json.loads(body or b"{}"))
+                mode = query.get("fieldValidation", "Warn")
+                if mode not in ("Ignore", "Warn", "Strict"):
+                    raise ApiError(400, "BadRequest", f'fieldValidation must be one of Ignore, Warn, Strict; got "{mode}"')
+                return 201, self._create(resource, ns, json.loads(body or b"{}"), mode)
             if verb == "list":
                 return 200, self._list(resource, ns, query.get("labelSelector", ""))
             assert name is not None
@@ -220,8 +308,12 @@ class FakeApiServer:
             return 200, self._delete(resource, ns, name, policy)
 
     def _authorize(self, verb: str, resource: str, ns: str) -> None:
-        if (verb, resource) in self._forbidden:
-            group = RESOURCES[resource.split("/")[0]][2]
+        self.authorized.append((verb, resource))
+        group = RESOURCES[resource.split("/")[0]][2]
+        granted = self.role is None or any(
+            group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
+            and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])) for rule in self.role)
+        if (verb, resource) in self._forbidden or not granted:
             raise ApiError(403, "Forbidden",
                            f'{resource}{"." + group if group else ""} is forbidden: User "{self.user}" cannot {verb} '
                            f'resource "{resource}" in API group "{group}" in the namespace "{ns}"',
@@ -235,7 +327,7 @@ class FakeApiServer:
                            {"name": name, "group": group, "kind": resource})
         return obj
 
-    def _create(self, resource: str, ns: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def _create(self, resource: str, ns: str, obj: dict[str, Any], field_validation: str = "Warn") -> dict[str, Any]:
         if resource not in CREATABLE:
             raise ApiError(405, "MethodNotAllowed", f"creating {resource} is not supported by this stand-in")
         meta = obj.setdefault("metadata", {})
@@ -248,10 +340,15 @@ class FakeApiServer:
         if not name:
             raise ApiError(422, "Invalid", f'{qualified} "" is invalid: metadata.name: Required value: name or generateName is required')
         try:
-            kubernetes_validate.validate(obj, self.kube_version, strict=True)
+            kubernetes_validate.validate(obj, self.kube_version, strict=False)
         except SchemaError as exc:
             path = ".".join(str(p) for p in exc.path)
             raise ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {path}: {exc.message}') from None
+        for unknown in self._drop_unknown_fields(obj):
+            if field_validation == "Strict":
+                raise ApiError(400, "BadRequest", f'strict decoding error: unknown field "{unknown}"')
+            if field_validation == "Warn":
+                self.warnings.append(f'unknown field "{unknown}"')
         problems = _semantic_errors(resource, obj)
         if problems:
             raise ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {"; ".join(problems)}',
@@ -260,12 +357,30 @@ class FakeApiServer:
             raise ApiError(409, "AlreadyExists", f'{resource}{"." + group if group else ""} "{name}" already exists',
                            {"name": name, "group": group, "kind": resource})
         meta.update(namespace=ns, uid=str(uuid.uuid4()), resourceVersion=str(next(self._rv)),
-                    creationTimestamp=_ts(self.now()), generation=1)
+                    creationTimestamp=ts(self.now()), generation=1)
         if resource == "jobs":
             _default_job(obj)
         obj.setdefault("status", {})
         self.objects[(resource, ns, name)] = obj
         return copy.deepcopy(obj)
+
+    def _drop_unknown_fields(self, obj: dict[str, Any]) -> list[str]:
+        """Remove the fields the schema does not know (what decoding into the Go types does); their paths."""
+        dropped = []
+        for _ in range(100):
+            try:
+                kubernetes_validate.validate(obj, self.kube_version, strict=True)
+                return dropped
+            except SchemaError as exc:
+                names = re.findall(r"'([^']+)' (?:was|were) unexpected", exc.message) or \
+                    re.findall(r"'([^']+)'", exc.message.split("(")[-1])
+                parent: Any = obj
+                for part in exc.path:
+                    parent = parent[part]
+                for field in names:
+                    parent.pop(field, None)
+                    dropped.append(".".join([*(str(p) for p in exc.path), field]))
+        return dropped
 
     def _list(self, resource: str, ns: str, selector: str) -> dict[str, Any]:
         match = parse_selector(selector)
@@ -301,8 +416,9 @@ class FakeApiServer:
         uid = obj["metadata"]["uid"]
         meta = obj["metadata"]
         if resource == "pods":
-            meta.setdefault("deletionTimestamp", _ts(self.now()))  # graceful: gone once the kubelet confirms
-            return copy.deepcopy(obj)
+            self.delete_pod(obj)  # graceful: gone once the kubelet confirms and the finalizers are off
+            self.collect()
+            return copy.deepcopy(self.objects.get((resource, ns, name), obj))
         if policy == "Orphan":
             for dep in self._dependents(uid):
                 dep["metadata"]["ownerReferences"] = [
@@ -312,7 +428,7 @@ class FakeApiServer:
         for dep in self._dependents(uid):
             self._delete_dependent(dep)
         if policy == "Foreground" and self._dependents(uid):
-            meta.setdefault("deletionTimestamp", _ts(self.now()))
+            meta.setdefault("deletionTimestamp", ts(self.now()))
             meta["finalizers"] = sorted(set(meta.get("finalizers", [])) | {"foregroundDeletion"})
             return copy.deepcopy(obj)
         del self.objects[(resource, ns, name)]
@@ -325,7 +441,7 @@ class FakeApiServer:
     def _delete_dependent(self, obj: dict[str, Any]) -> None:
         key = next(k for k, v in self.objects.items() if v is obj)
         if key[0] == "pods":
-            obj["metadata"].setdefault("deletionTimestamp", _ts(self.now()))
+            self.delete_pod(obj)
         else:
             del self.objects[key]
 
@@ -335,13 +451,19 @@ class FakeApiServer:
             if "foregroundDeletion" in meta.get("finalizers", []) and not self._dependents(meta["uid"]):
                 del self.objects[key]
 
-    def _create_pod(self, ns: str, job: dict[str, Any], index: int | None) -> None:
+    def create_job_pod(self, ns: str, job: dict[str, Any], index: int | None) -> None:
+        """What the Job controller's pod create does (indexed_job_utils.go for the index fields)."""
         jname = job["metadata"]["name"]
         template = copy.deepcopy(job["spec"]["template"])
         meta = template.get("metadata", {})
         base = f"{jname}-{index}-" if index is not None else f"{jname}-"
         suffix = "".join(_SUFFIX_ALPHABET[(next(self._suffix) * 7 + i) % len(_SUFFIX_ALPHABET)] for i in range(5))
         name = base[:58] + suffix  # generateName keeps at most 58 characters of the prefix
+        if self.refuse_pods is not None:  # admission refused it: the Job only gets an Event
+            self.events.append({"type": "Warning", "reason": "FailedCreate", "involvedObject": {
+                "kind": "Job", "name": jname, "namespace": ns},
+                "message": f'Error creating: pods "{base}" is forbidden: {self.refuse_pods}'})
+            return
         labels = dict(meta.get("labels", {}))
         annotations = dict(meta.get("annotations", {}))
         spec = template["spec"]
@@ -356,8 +478,8 @@ class FakeApiServer:
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": name, "generateName": base, "namespace": ns, "uid": str(uuid.uuid4()),
-                "resourceVersion": str(next(self._rv)), "creationTimestamp": _ts(self.now()),
-                "labels": labels, "annotations": annotations,
+                "resourceVersion": str(next(self._rv)), "creationTimestamp": ts(self.now()),
+                "labels": labels, "annotations": annotations, "finalizers": [TRACKING_FINALIZER],
                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": jname,
                                      "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}],
             },
@@ -375,6 +497,9 @@ def _default_job(job: dict[str, Any]) -> None:
     spec.setdefault("backoffLimit", 6)
     spec.setdefault("completionMode", "NonIndexed")
     spec.setdefault("suspend", False)
+    # JobPodReplacementPolicy (on by default since 1.29): only Failed pods are replaced when a pod
+    # failure policy is set, else terminating ones too.
+    spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
     uid, name = job["metadata"]["uid"], job["metadata"]["name"]
     generated = {"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": name,
                  "controller-uid": uid, "job-name": name}
@@ -499,10 +624,6 @@ def _success(resource: str, name: str, uid: str) -> dict[str, Any]:
             "details": {"name": name, "kind": resource, "uid": uid}}
 
 
-def _ts(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class _Handler(BaseHTTPRequestHandler):
     api: FakeApiServer
     protocol_version = "HTTP/1.1"
@@ -510,10 +631,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        try:
-            code, payload = self.api.handle(self.command, self.path, body)
-        except ApiError as exc:
-            code, payload = exc.code, exc.status()
+        with self.api._lock:  # one request at a time: its Warning headers are its own
+            self.api.warnings = []
+            try:
+                code, payload = self.api.handle(self.command, self.path, body)
+            except ApiError as exc:
+                code, payload = exc.code, exc.status()
+            warnings = list(self.api.warnings)
         if isinstance(payload, str):  # pod logs are text/plain
             data, ctype = payload.encode(), "text/plain"
         else:
@@ -521,6 +645,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for text in warnings:
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+            self.send_header("Warning", f'299 - "{escaped}"')  # RFC 7234 quoted-string
         self.end_headers()
         self.wfile.write(data)
 

@@ -48,3 +48,16 @@ def full_settings(**overrides: Any) -> KubernetesSettings:
     )
     values.update(overrides)
     return KubernetesSettings(**values)
+
+
+S3_SECRET = {"lathe-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}}
+
+
+def gpu_node(api: Any, runtime: Any, **overrides: Any) -> Any:
+    """A kubelet for one GPU node that fits `full_settings()` (pool label, GPU taint, the S3 Secret)."""
+    from kubelet import Kubelet
+
+    values: dict[str, Any] = dict(labels={"lathe.dev/pool": "gpu"}, capacity={"nvidia.com/gpu": 8},
+                                  taints=[{"key": "nvidia.com/gpu", "effect": "NoSchedule"}], secrets=S3_SECRET)
+    values.update(overrides)
+    return Kubelet(api, runtime, **values)

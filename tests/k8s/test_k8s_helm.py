@@ -11,10 +11,14 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from k8s_helpers import KUBE_VERSIONS, REPO, make_request
+from fake_apiserver import RESOURCES, FakeApiServer
+from k8s_helpers import KUBE_VERSIONS, REPO, full_settings, gpu_node, make_request
+from kubelet import Script, SimulatedRuntime
+from kubernetes import client as k8s
 from kubernetes.client import ApiClient
 
 from service.k8s import manifests
+from service.k8s.launcher import KubernetesLauncher
 from service.k8s.settings import KubernetesSettings
 
 CHART = REPO / "helm" / "lathe"
@@ -141,15 +145,27 @@ def test_example_values_give_jobs_that_validate(helm: str) -> None:
 
 
 def test_role_grants_exactly_what_the_launcher_uses(helm: str) -> None:
+    """The launcher's whole repertoire (submit twice, a Service that exists, state, logs, cancel twice)
+    against the stand-in with the rendered Role as its RBAC, deny by default: a missing grant fails a
+    call, an extra one shows up as unused."""
     objects = render(helm)
     (role,) = by_kind(objects, "Role")
-    grants = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert grants == {
-        ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-        ("", "pods"): {"get", "list", "watch"},
-        ("", "pods/log"): {"get"},
-        ("", "services"): {"create", "get", "list", "delete"},
-    }
+    grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+              for v in rule["verbs"]}
+    with FakeApiServer(role=role["rules"]) as api:
+        launcher = KubernetesLauncher(full_settings(), k8s.ApiClient(k8s.Configuration(host=api.url)),
+                                      sleep=lambda s: None, request_timeout_s=10)
+        request = make_request({"gpus": 2, "nodes": 2})
+        launcher.submit(request)
+        launcher.submit(request)  # 409 on both: the Job is read back, the Service is accepted
+        gpu_node(api, SimulatedRuntime(Script(steps=None))).run_until_settled(2)
+        assert launcher.state("acme", request.job_id, 1).state.value == "running"
+        assert launcher.logs("acme", request.job_id, 1).count("==> pod ") == 2
+        launcher.cancel("acme", request.job_id, 1)
+        api.finish_terminations()
+        launcher.cancel("acme", request.job_id, 1)
+        used = {(RESOURCES[r.split("/")[0]][2], r, verb) for verb, r in api.authorized}
+    assert used == grants
     (binding,) = by_kind(objects, "RoleBinding")
     (account,) = by_kind(objects, "ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -201,8 +217,8 @@ def test_service_monitor_scrapes_the_service(helm: str) -> None:
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--set", "trainer.podRetries=lots"], "/trainer/podRetries"),
-    (["--set", "trainr.podRetries=1"], "additional properties 'trainr' not allowed"),
+    (["--set", "trainer.startTimeoutSeconds=lots"], "/trainer/startTimeoutSeconds"),
+    (["--set", "trainr.startTimeoutSeconds=1"], "additional properties 'trainr' not allowed"),
     (["--set", "trainer.scratchSize=big"], "/trainer/scratchSize"),
     (["--set", "config.stateRoot=/data"], "/config/stateRoot"),
     (["--set", "trainer.modelCache.pvc=a", "--set", "trainer.modelCache.hostPath=/b"], "set hostPath or pvc, not both"),

@@ -19,7 +19,7 @@ SHAPES = {
     "1gpu": {"gpus": 1},
     "8gpu": {"gpus": 8, "cpu": "64", "memory": "480Gi", "shm_size": "64Gi", "gpu_type": "NVIDIA-H100-80GB-HBM3"},
     "4x8gpu": {"gpus": 8, "nodes": 4, "max_runtime_s": 172_800},
-    "cpu": {"gpus": 0, "cpu": "4", "memory": "8Gi"},
+    "cpu": {"gpus": 0, "cpu": "4", "memory": "8Gi", "shm_size": "1Gi"},  # shm counts toward memory
 }
 
 
@@ -60,7 +60,7 @@ def test_single_gpu_job_as_a_whole() -> None:
     assert spec["podFailurePolicy"] == {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                               "values": list(FINAL_EXIT_CODES)}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
     pod = _pod(job)
     assert pod["restartPolicy"] == "Never"
@@ -119,6 +119,7 @@ def test_trainer_environment() -> None:
         "MPLCONFIGDIR": "/scratch/.config/matplotlib",
         "NCCL_DEBUG": "WARN",
         "OMP_NUM_THREADS": "8",  # 16 CPUs shared by 2 processes
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "585",  # torchrun's SIGTERM → SIGKILL: the grace period (600) less 15 s
         "PYTHONUNBUFFERED": "1",
         "TMPDIR": "/scratch",
         "XDG_CACHE_HOME": "/scratch/.cache",
@@ -156,6 +157,7 @@ def test_eight_gpus_one_node_uses_accelerate_without_rendezvous_service() -> Non
     assert len(objects) == 1
     container = _pod(SERIALIZE(objects[0]))["containers"][0]
     assert container["command"] == [
+        "python", "-m", "trainer", "launch", "--",
         "accelerate", "launch", "--multi_gpu", "--num_processes", "8", "--num_machines", "1",
         "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29500",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "run", SPEC_URI,
@@ -179,7 +181,7 @@ def test_multi_node_job_is_indexed_with_headless_service() -> None:
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
     assert job["spec"]["backoffLimit"] == 0  # no per-index retry: a lone restarted rank hangs the others
-    assert "podFailurePolicy" not in job["spec"]  # disruptions end the attempt, too
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["action"] == "FailJob"  # disruptions end the attempt, too
     assert job["spec"]["activeDeadlineSeconds"] == 172_800
     pod = _pod(job)
     assert pod["subdomain"] == name

@@ -61,6 +61,8 @@ def test_two_nodes_two_gpus_give_each_index_its_rank(api: FakeApiServer, launche
     for index, pod in enumerate(pods):
         argv = command_line(pod, "trainer", secrets={"lathe-s3": {
             "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}})
+        assert argv[:5] == ["python", "-m", "trainer", "launch", "--"]  # passes the trainer's exit code on
+        argv = argv[5:]
         assert argv == [
             "accelerate", "launch", "--multi_gpu",
             "--num_processes", "4", "--num_machines", "2", "--machine_rank", str(index),

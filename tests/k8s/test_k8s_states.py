@@ -95,7 +95,7 @@ def test_missing_secret_waits_then_fails() -> None:
     missing = 'secret "lathe-s3" not found'
     assert state_of(job(), [pod(waiting="CreateContainerConfigError", waiting_message=missing)]).state is RunState.PENDING
     s = state_of(job(), [pod(waiting="CreateContainerConfigError", waiting_message=missing, created_s_ago=700)])
-    assert (s.state, s.reason) == (RunState.FAILED, "internal") and missing in s.message
+    assert (s.state, s.reason, s.holds_resources) == (RunState.FAILED, "config_error", True) and missing in s.message
 
 
 def test_running_needs_every_rank() -> None:
@@ -203,3 +203,37 @@ def test_merge_when_the_job_is_gone() -> None:
     assert merge_status(gone, {"phase": "training", "attempt": 1}, 1) == gone
     running = AttemptState(state=RunState.RUNNING)
     assert merge_status(running, {"phase": "succeeded"}, 1) == running  # the Job will say Complete soon
+
+
+def test_evidence_comes_from_the_newest_pod_of_each_rank() -> None:
+    # An earlier pod of the same index (OOM) must not outrank the cause of the attempt's end.
+    old = pod("old", phase="Failed", created_s_ago=300, terminated={"exitCode": 137, "reason": "OOMKilled"})
+    new = pod("new", phase="Failed", created_s_ago=30, terminated={"exitCode": 21, "reason": "Error"})
+    s = state_of(job(conditions=[FAILED]), [old, new])
+    assert (s.reason, s.exit_code) == ("storage_error", 21) and "pod new" in s.message
+
+
+def test_failjob_message_is_evidence_when_the_pods_are_gone() -> None:
+    exit_rule = {"type": "Failed", "reason": "PodFailurePolicy", "message": (
+        "Container trainer for pod lathe/j-1-a1-0-abcde failed with exit code 12 matching FailJob rule at index 0")}
+    s = state_of(job(conditions=[exit_rule]), [])
+    assert (s.state, s.reason, s.exit_code) == (RunState.FAILED, "model_invalid", 12)
+    disrupted = {"type": "Failed", "reason": "PodFailurePolicy", "message": (
+        "Pod lathe/j-1-a1-1-fghij has condition DisruptionTarget matching FailJob rule at index 1")}
+    assert state_of(job(conditions=[disrupted]), []).reason == "preempted"
+
+
+def test_failure_target_is_not_final_while_pods_terminate() -> None:
+    target = {"type": "FailureTarget", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}
+    terminating = _model({"metadata": {"name": "p0", "deletionTimestamp": "2026-11-23T11:59:30Z",
+                                       "creationTimestamp": "2026-11-23T11:00:00Z"},
+                          "spec": {"containers": [{"name": "trainer"}]}, "status": {"phase": "Running"}}, "V1Pod")
+    s = state_of(job(conditions=[target]), [terminating])
+    assert s.state is RunState.RUNNING and s.message.startswith("stopping: 1 pod(s) still terminating")
+
+
+def test_storage_eviction_is_its_own_reason() -> None:
+    evicted = pod(phase="Failed", reason="Evicted", terminated={"exitCode": 137})
+    evicted.status.message = 'Usage of EmptyDir volume "scratch" exceeds the limit "50Gi". '
+    s = state_of(job(conditions=[FAILED]), [evicted])
+    assert s.reason == "scratch_full" and "LATHE_K8S_SCRATCH_SIZE" in s.message

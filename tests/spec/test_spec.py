@@ -23,6 +23,7 @@ from trainer.spec import (
     decode_spec,
     encode_spec,
     load_spec_file,
+    spec_from_obj,
     total_steps,
     warmup_steps,
     warnings_for,
@@ -473,3 +474,11 @@ def test_torch_compile_without_a_gpu_is_a_warning() -> None:
     assert [p.path for p in warnings_for(on_cpu)] == ["precision.torch_compile"]
     on_gpu = decode_spec(json.dumps(minimal(precision={"torch_compile": True}, resources={"gpus": 1})))
     assert not [p for p in warnings_for(on_gpu) if p.path == "precision.torch_compile"]
+
+
+def test_shared_memory_must_fit_in_the_memory_limit() -> None:
+    base = {"version": 1, "model": {"uri": "s3://m/sd15"}, "dataset": {"uri": "s3://d/cats"}}
+    with pytest.raises(SpecError, match=r"resources.shm_size: 16Gi is not below resources.memory \(16Gi\)"):
+        spec_from_obj({**base, "resources": {"memory": "16Gi"}})
+    assert spec_from_obj({**base, "resources": {"memory": "17179869185", "shm_size": "16Gi"}})  # a byte more
+    assert spec_from_obj({**base, "resources": {"memory": "8Gi", "shm_size": "2Gi"}})

@@ -401,6 +401,12 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
         t = torch.tensor([flag if is_main else 0.0], device=device, dtype=torch.float32)
         return float(acc.reduce(t, reduction="sum").item())
 
+    def any_rank(flag: float) -> float:
+        """The largest value among all ranks: a SIGTERM to any rank's pod stops every rank."""
+        if world == 1:
+            return flag
+        return float(acc.gather(torch.tensor([flag], device=device, dtype=torch.float32)).max().item())
+
     def micro_batch(refs: list[Any], epoch: int, index: int) -> Any:
         rng = random.Random(f"lathe-batch:{seed}:{epoch}:{rank}:{index}")
         return dataset.load_batch(refs, epoch=epoch, rng=rng, with_pixels=cache is None)
@@ -469,7 +475,7 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
                         save("step", saving.step_file_name(save_spec.output_name, step), epoch)
                     reason = hooks.should_stop() if hooks.should_stop else None
                     codes = {"cancelled": 1.0, "preempted": 2.0}
-                    code = agreed(codes.get(reason or "", 0.0))
+                    code = any_rank(codes.get(reason or "", 0.0))
                     stop = {1.0: "cancelled", 2.0: "preempted"}.get(code)
                     due = bool(hooks.checkpoint_due(step)) if hooks.checkpoint_due else False
                     if (agreed(float(due)) or stop) and step < total:
