@@ -26,7 +26,7 @@ from service.jobstore import CANCEL_KEY, AttemptRecord, JobRecord, JobStore, ind
 from service.launcher import AttemptState, Launcher, LaunchRequest, RunState
 from service.metrics import Metrics
 from service.outbox import WebhookDispatcher
-from service.phase import close_reported, effective
+from service.phase import close_reported, effective, will_retry
 from service.settings import Settings
 from service.tenants import TenantRegistry
 from service.webhooks import WebhookEvent
