@@ -71,8 +71,8 @@ def run_preflight(spec: JobSpec, limits: PreflightLimits = PreflightLimits(),
             "compressed tar archives are not inspected before launch (that would mean downloading them); "
             "the trainer checks the dataset when it starts. Use a folder or a .zip/.tar to get the report now"))]
         return report
-    train = _open_source(uri, "dataset.uri", opener, limits, problems)
-    reg = _open_source(spec.dataset.reg_uri, "dataset.reg_uri", opener, limits, problems) if spec.dataset.reg_uri else None
+    train = open_source(uri, "dataset.uri", opener, limits, problems)
+    reg = open_source(spec.dataset.reg_uri, "dataset.reg_uri", opener, limits, problems) if spec.dataset.reg_uri else None
     if train is None or (spec.dataset.reg_uri and reg is None):
         report.problems = problems
         return report
@@ -110,7 +110,7 @@ def run_preflight(spec: JobSpec, limits: PreflightLimits = PreflightLimits(),
 # ------------------------------------------------------------------------------------- listing
 
 
-def _open_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
+def open_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
                  problems: list[FieldProblem]) -> _Source | None:
     try:
         parse_uri(uri)
