@@ -26,6 +26,7 @@ from service.imageheader import UnreadableImage, image_size
 from service.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
 from trainer.data.buckets import plan_buckets
 from trainer.data.layout import DatasetLayout, balanced_repeats, discover_layout
+from trainer.data.report import size_guidance
 from trainer.failures import JobFailure, Reason
 from trainer.spec import JobSpec, total_steps
 from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
@@ -387,6 +388,11 @@ def _plan(spec: JobSpec, layout: DatasetLayout, sizes: dict[tuple[str, str], tup
         return
     report.total_steps = total_steps(spec, report.steps_per_epoch)
     report.epochs = math.ceil(report.total_steps / report.steps_per_epoch)
+    # The guides' size figures (the report's rule); the preflight knows no subject, so only what is
+    # outside both the character and the style range is named.
+    train_steps = layout.image_steps_per_epoch
+    warnings += [FieldProblem(path="dataset", severity="warning", message=m) for m in size_guidance(
+        sum(len(s.images) for s in layout.subsets if not s.is_reg), train_steps, train_steps * report.epochs, None)]
     if small:
         w, h = spec.dataset.resolution_wh
         warnings.append(FieldProblem(path="dataset.resolution", severity="warning", message=(
