@@ -31,9 +31,11 @@ R = TypeVar("R")
 @dataclass(frozen=True)
 class ReportLimits:
     preflight: PreflightLimits = PreflightLimits()
-    caption_bytes: int = 64 * 1024
-    hash_images: int = 2000
-    hash_bytes: int = 32 * 1024 * 1024
+    caption_bytes: int = 64 * 1024  # per caption file (the rest of a longer one is not read)
+    captions_total_bytes: int = 64 * 1024 * 1024
+    hash_images: int = 1000
+    hash_bytes: int = 16 * 1024 * 1024  # per image
+    hash_total_bytes: int = 1024 * 1024 * 1024
 
 
 def dataset_spec(req: DatasetReportRequest) -> DatasetSpec:
@@ -58,7 +60,8 @@ def run_report(req: DatasetReportRequest, limits: ReportLimits = ReportLimits(),
     ds = dataset_spec(req)
     images = [n for n in source.names if n.lower().endswith(IMAGE_EXTENSIONS)]
     ext = req.caption_extension.lower()
-    caption_files = [n for n in source.names if ext and n.lower().endswith(ext)]
+    all_captions = [n for n in source.names if ext and n.lower().endswith(ext)]
+    caption_files = _within_budget(all_captions, source.sizes, limits.caption_bytes, limits.captions_total_bytes)
     pool_map = _mapper(source.parallel, limits.preflight.workers)
 
     def size_of(path: str) -> tuple[int, int] | None:
@@ -78,8 +81,13 @@ def run_report(req: DatasetReportRequest, limits: ReportLimits = ReportLimits(),
         sizes = dict(zip(images, pool_map(size_of, images)))
         captions = {p: t for p, t in zip(caption_files, pool_map(caption_of, caption_files)) if t is not None}
         hashes, not_hashed = (_hashes(images, sizes, source, limits, pool_map) if req.duplicates else (None, None))
-        return build_report(ds, source.names, sizes, captions=captions, hashes=hashes, not_hashed=not_hashed,
-                            subject=req.subject, epochs=req.epochs)
+        report = build_report(ds, source.names, sizes, captions=captions, hashes=hashes, not_hashed=not_hashed,
+                              subject=req.subject, epochs=req.epochs)
+        if len(caption_files) < len(all_captions):
+            report.warnings.append(
+                f"only {len(caption_files)} of {len(all_captions)} caption files were read (the report reads "
+                f"{limits.captions_total_bytes // 2**20} MiB of captions at most): tag_frequency is partial")
+        return report
     except JobFailure as exc:
         raise errors.PreflightFailed(exc.message, problems=[FieldProblem(path="uri", message=exc.message)]) from None
     except StorageError as exc:
@@ -89,7 +97,8 @@ def run_report(req: DatasetReportRequest, limits: ReportLimits = ReportLimits(),
 def _hashes(images: list[str], sizes: dict[str, tuple[int, int] | None], source, limits: ReportLimits,
             pool_map) -> tuple[dict[str, int], list[str]]:
     readable = [p for p in images if sizes.get(p) is not None]
-    chosen = [p for p in readable if source.sizes.get(p, 0) <= limits.hash_bytes][:limits.hash_images]
+    small = [p for p in readable if source.sizes.get(p, 0) <= limits.hash_bytes]
+    chosen = _within_budget(small, source.sizes, limits.hash_bytes, limits.hash_total_bytes)[:limits.hash_images]
     picked = set(chosen)
     not_hashed = [p for p in readable if p not in picked]
 
@@ -106,6 +115,17 @@ def _hashes(images: list[str], sizes: dict[str, tuple[int, int] | None], source,
         else:
             hashes[path] = value
     return hashes, not_hashed
+
+
+def _within_budget(names: list[str], sizes: dict[str, int], each: int, total: int) -> list[str]:
+    """The first names whose reads (each at most `each` bytes) fit in `total` bytes."""
+    out, used = [], 0
+    for name in names:
+        used += min(sizes.get(name, 0), each)
+        if used > total:
+            break
+        out.append(name)
+    return out
 
 
 def _mapper(parallel: bool, workers: int) -> Callable[[Callable[[T], R], Iterable[T]], list[R]]:

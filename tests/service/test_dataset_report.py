@@ -111,3 +111,15 @@ def test_report_needs_a_token_and_is_in_the_openapi_document(api, bucket):
     doc = api.get("/schema/openapi.json").json()
     assert "/v1/datasets:report" in doc["paths"] and "/v1/datasets/report" in doc["paths"]
     assert "DatasetReportRequest" in doc["components"]["schemas"]
+
+
+def test_report_reads_are_bounded(s3, bucket):
+    """Past the byte budgets the duplicate check names what it skipped and tag counts say they are partial."""
+    from service.datareport import ReportLimits, run_report
+    from service.wire import DatasetReportRequest
+
+    uri = make_dataset(s3, bucket)
+    limits = ReportLimits(hash_images=3, captions_total_bytes=30)
+    r = run_report(DatasetReportRequest(uri=uri, caption_extension=".txt"), limits)
+    assert r.hashed == 3 and len(r.not_hashed) == 5
+    assert any("caption files were read" in w and "partial" in w for w in r.warnings)
