@@ -131,3 +131,41 @@ def test_folders_that_are_not_taggers_fail_naming_the_file(tmp_path, break_it, w
 def test_threshold_out_of_range_is_named():
     assert TaggerOptions(general_threshold=1.5).problems() == [
         ("general_threshold", "must be a probability between 0 and 1, got 1.5")]
+
+
+def test_tag_a_bare_dataset_on_s3_into_a_new_version(tmp_path, s3_server, s3_bucket):
+    """20 generated images without captions → 20 caption files (trigger first, thresholds respected,
+    '_' replaced), written under another prefix; the source keeps no caption file."""
+    import io
+
+    import boto3
+
+    from trainer.captioning import main as tag_main
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    model = build_tagger(tmp_path / "tagger")
+    for f in model.iterdir():
+        s3.put_object(Bucket=s3_bucket, Key=f"models/wd14/{f.name}", Body=f.read_bytes())
+    pics = images()
+    for i, im in enumerate(pics):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        s3.put_object(Bucket=s3_bucket, Key=f"data/bare/5_hero/{i:02d}.png", Body=buf.getvalue())
+    src, dest = f"s3://{s3_bucket}/data/bare", f"s3://{s3_bucket}/data/tagged"
+    rc = tag_main([f"s3://{s3_bucket}/models/wd14", src, dest, "--general-threshold", "0.5",
+                   "--character-threshold", "0.3", "--trigger", "hrx", "--batch-size", "6"])
+    assert rc == 0
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="data/")["Contents"]}
+    assert not any(k.startswith("data/bare/") and k.endswith(".txt") for k in listed)
+    scores = Tagger.load(model).scores(pics)
+    for i in range(20):
+        caption = s3.get_object(Bucket=s3_bucket, Key=f"data/tagged/5_hero/{i:02d}.txt")["Body"].read().decode()
+        tags = caption.split(", ")
+        assert tags[0] == "hrx" and not any("_" in t and len(t) > 3 for t in tags)
+        chosen = {n for (n, c), p in zip(ROWS, scores[i]) if (c == "0" and p >= 0.5) or (c == "4" and p >= 0.3)}
+        assert set(tags[1:]) == {(n.replace("_", " ") if len(n) > 3 else n) for n in chosen}
+        assert f"data/tagged/5_hero/{i:02d}.png" in listed
+    # a model folder that is not a tagger fails naming the file; an out-of-range threshold names the option
+    s3.put_object(Bucket=s3_bucket, Key="models/nottagger/model.onnx", Body=b"x")
+    assert tag_main([f"s3://{s3_bucket}/models/nottagger", src, dest + "2"]) == 12  # model_invalid
+    assert tag_main([f"s3://{s3_bucket}/models/wd14", src, dest + "3", "--thresh", "1.5"]) == 10  # spec_invalid
