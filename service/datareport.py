@@ -73,7 +73,7 @@ def run_report(req: DatasetReportRequest, limits: ReportLimits = ReportLimits(),
 
     def caption_of(path: str) -> str | None:
         try:
-            return source.read(path, limits.caption_bytes).decode("utf-8", errors="replace")
+            return source.read(path, limits.caption_bytes).decode("utf-8-sig", errors="replace")
         except UnreadableImage:  # a damaged archive member: counted as no caption
             return None
 

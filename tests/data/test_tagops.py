@@ -56,3 +56,16 @@ def test_size_guidance_names_only_what_is_outside_the_ranges():
         "style); a rough figure, not a rule"]
     assert size_guidance(120, 400, None, None) == []  # inside the style range
     assert "more than" in size_guidance(400, 400, None, None)[0]
+
+
+def test_report_reads_captions_as_the_trainer_does():
+    from trainer.data.report import build_report
+    from trainer.spec import DatasetSpec
+
+    files = ["2_cat/a.png", "2_cat/a.txt", "2_cat/b.png", "2_cat/b.txt", "2_cat/c.png"]
+    ds = DatasetSpec(uri="s3://b/d", caption_extension=".txt")
+    sizes = {f: (64, 64) for f in files if f.endswith(".png")}
+    r = build_report(ds, files, sizes, captions={"2_cat/a.txt": " Tabby, cat \nsecond line", "2_cat/b.txt": "\n"})
+    assert r.tag_frequency == {"2_cat": {"tabby": 1, "cat": 3}}  # b (empty) and c (none) count "cat"
+    assert r.without_caption == ["2_cat/b.png", "2_cat/c.png"] and r.concepts[0].without_caption == 2
+    assert r.image_steps_per_epoch == 6 and r.buckets[0].images == 3

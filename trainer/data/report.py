@@ -38,7 +38,7 @@ class ImageInfo(msgspec.Struct, kw_only=True):
     height: int | None = None
     aspect: float | None = None  # width / height
     bucket: list[int] | None = None  # [w, h] at the dataset's resolution and bucket settings
-    caption: str | None = None  # caption file path, None when the image has none
+    caption: str | None = None  # caption file path; None when the image has none (or an empty one, when read)
 
 
 class ConceptInfo(msgspec.Struct, kw_only=True):
@@ -100,6 +100,7 @@ def build_report(ds, files: list[str], sizes: Mapping[str, Size | None], *,
     freq: dict[str, dict[str, int]] = {}
     for sub in layout.subsets:
         texts: list[str] = []
+        missing = 0
         for im in sub.images:
             info = ImageInfo(path=im.path, caption=im.caption_path)
             size = sizes.get(im.path)
@@ -111,16 +112,22 @@ def build_report(ds, files: list[str], sizes: Mapping[str, Size | None], *,
                 info.aspect = round(size[0] / size[1], 3)
                 info.bucket = [bucket[0], bucket[1]]
                 bucket_counts[bucket] = bucket_counts.get(bucket, 0) + 1
+            if captions is not None and (im.caption_path is None or im.caption_path in captions):
+                # As the trainer reads it: the first line, stripped; an empty file counts as none. A
+                # caption file the caller did not read (over its budget) is left out of the counts.
+                text = captions[im.caption_path] if im.caption_path else ""
+                first = (text.splitlines() or [""])[0].strip()
+                if not first:
+                    info.caption = None
+                texts.append(first or sub.class_tokens or "")
+            missing += info.caption is None
             images.append(info)
-            if captions is not None:
-                text = captions.get(im.caption_path) if im.caption_path else None
-                texts.append(text.split("\n")[0] if text is not None else (sub.class_tokens or ""))
         if captions is not None:
             freq.setdefault(sub.name, {}).update(tag_frequency(texts))
         concepts.append(ConceptInfo(
             name=sub.name, image_dir=sub.image_dir, repeats=sub.num_repeats, images=len(sub.images),
             image_steps=len(sub.images) * sub.num_repeats, class_tokens=sub.class_tokens,
-            without_caption=sum(1 for im in sub.images if im.caption_path is None)))
+            without_caption=missing))
 
     per_epoch = layout.image_steps_per_epoch
     report = DatasetReport(
