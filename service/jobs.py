@@ -142,7 +142,8 @@ class JobService:
             path = where.rstrip("`")
             unknown = re.match(r"Object contains unknown field `(.+)`", message)
             if unknown:
-                path, message = unknown.group(1), f"unknown field; allowed: {', '.join(DatasetReportRequest.__struct_fields__)}"
+                allowed = ", ".join(DatasetReportRequest.__struct_fields__)
+                path, message = unknown.group(1), f"unknown field; allowed: {allowed}"
             elif path == "subject":
                 message += "; use 'character' or 'style'"
             raise errors.InvalidSpec(f"invalid dataset report request: {path or 'body'}: {message}",

@@ -112,7 +112,7 @@ def run_preflight(spec: JobSpec, limits: PreflightLimits = PreflightLimits(),
 
 
 def open_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
-                 problems: list[FieldProblem]) -> _Source | None:
+                problems: list[FieldProblem]) -> _Source | None:
     try:
         parse_uri(uri)
     except ValueError as exc:
