@@ -43,7 +43,8 @@ from service.settings import Settings
 from service.tenants import Tenant, TenantRegistry
 from service.webhooks import WebhookSender
 from service.wire import (
-    Health, JobCreate, JobCreateDoc, JobList, JobView, ProblemDetail, UploadCreate, UploadGrant, ValidationResult,
+    DatasetReport, DatasetReportRequest, Health, JobCreate, JobCreateDoc, JobList, JobView, ProblemDetail, UploadCreate,
+    UploadGrant, ValidationResult,
 )
 from trainer.status import TERMINAL_PHASES, Phase
 from trainer.storage import StorageError, open_store
@@ -181,7 +182,7 @@ def _doc_components() -> dict[str, Any]:
     """msgspec's JSON schemas of the request bodies (JobCreateDoc and the JobSpec tree, UploadCreate), as
     OpenAPI components: msgspec decodes these bodies, so its schemas say exactly what is accepted
     (`additionalProperties: false` wherever unknown fields are refused)."""
-    _, components = msgspec.json.schema_components([JobCreateDoc, JobCreate, UploadCreate],
+    _, components = msgspec.json.schema_components([JobCreateDoc, JobCreate, UploadCreate, DatasetReportRequest],
                                                    ref_template="#/components/schemas/{name}")
     return components
 
@@ -211,6 +212,44 @@ def submit_job(
       responses=_responses(400, 401, 415, 422, 429, 503))
 def validate_job(request: Request, data: JobCreate, tenant: Tenant) -> ValidationResult:
     return _services(request).jobs.validate(tenant, data)
+
+
+@dataclass
+class _ReportBodyOperation(Operation):
+    """Documents the body of POST /v1/datasets:report (decoded by the service so that a bad field is a
+    422 naming it)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True, description="The dataset URI and the settings a training job would read it with",
+            content={"application/json": OpenAPIMediaType(
+                schema=Reference(ref="#/components/schemas/DatasetReportRequest"))},
+        )
+
+
+@post("/v1/datasets:report", sync_to_thread=True, status_code=200, operation_class=_ReportBodyOperation,
+      summary="Report what a dataset holds: concepts, sizes and buckets, tags, uncaptioned images, duplicates",
+      responses=_responses(400, 401, 415, 422, 503))
+def dataset_report_post(request: Request, data: dict[str, Any], tenant: Tenant) -> DatasetReport:
+    return _services(request).jobs.dataset_report(tenant, data)
+
+
+@get("/v1/datasets/report", sync_to_thread=True,
+     summary="The dataset report for a URI (query: the body fields of POST /v1/datasets:report)",
+     responses=_responses(400, 401, 422, 503))
+def dataset_report_get(
+    request: Request, tenant: Tenant,
+    uri: Annotated[str, Parameter(description="the dataset: a folder or a .zip/.tar", max_length=2048)],
+    resolution: Annotated[int | None, Parameter(description="square training resolution")] = None,
+    caption_extension: Annotated[str | None, Parameter(max_length=64)] = None,
+    enable_bucket: bool | None = None,
+    subject: Annotated[str | None, Parameter(description="character or style", max_length=16)] = None,
+    epochs: int | None = None,
+    duplicates: bool | None = None,
+) -> DatasetReport:
+    query = {"uri": uri, "resolution": resolution, "caption_extension": caption_extension,
+             "enable_bucket": enable_bucket, "subject": subject, "epochs": epochs, "duplicates": duplicates}
+    return _services(request).jobs.dataset_report(tenant, {k: v for k, v in query.items() if v is not None})
 
 
 @get("/v1/jobs", sync_to_thread=True, summary="List jobs, newest first", responses=_responses(400, 401, 503))
@@ -423,7 +462,7 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
 
     api = Router(
         path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs,
-                                  job_events, create_upload],
+                                  job_events, create_upload, dataset_report_post, dataset_report_get],
         dependencies={"tenant": Provide(_provide_tenant, sync_to_thread=False)},
         middleware=[DefineMiddleware(_TenantAuth, exclude_http_methods=["OPTIONS"])],
         security=[{"bearer": []}], tags=["jobs"],

@@ -96,6 +96,9 @@ class Client:
     def validate(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._check(self.http.post("/v1/jobs:validate", json={"spec": spec})).json()
 
+    def dataset_report(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._check(self.http.post("/v1/datasets:report", json=request)).json()
+
     def get(self, job_id: str) -> dict[str, Any]:
         return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
 

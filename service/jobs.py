@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from service import errors
+from service.datareport import ReportLimits, run_report
 from service.jobstore import (
     LOG_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
@@ -28,8 +29,8 @@ from service.settings import Settings
 from service.tenants import Tenant, UriKind, uri_problem
 from service.webhooks import destination_problem
 from service.wire import (
-    AttemptView, FieldProblem, JobCreate, JobList, JobSummary, JobView, OutputView, PreflightReport, UploadCreate,
-    UploadGrant, UploadTarget, ValidationResult,
+    AttemptView, DatasetReport, DatasetReportRequest, FieldProblem, JobCreate, JobList, JobSummary, JobView,
+    OutputView, PreflightReport, UploadCreate, UploadGrant, UploadTarget, ValidationResult,
 )
 from trainer.spec import JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
 from trainer.status import TERMINAL_PHASES, JobStatus, Progress
@@ -54,6 +55,7 @@ class JobService:
         limits = PreflightLimits(settings.preflight_max_files, settings.preflight_workers,
                                  settings.preflight_header_bytes, settings.max_image_pixels)
         self._preflight = preflight or (lambda spec: run_preflight(spec, limits, self._open_cached))
+        self._report_limits = ReportLimits(limits)
         self._stores: dict[str, Store] = {}
         self._stores_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="lathe-read")
@@ -130,6 +132,30 @@ class JobService:
             spec = msgspec.structs.replace(
                 spec, resources=msgspec.structs.replace(res, max_runtime_s=limits.max_runtime_s))
         return spec
+
+    def dataset_report(self, tenant: Tenant, body: dict[str, Any]) -> DatasetReport:
+        """The dataset report of POST /v1/datasets:report (`body`) or GET /v1/datasets/report (the query)."""
+        try:
+            req = msgspec.convert(body, DatasetReportRequest, strict=False)
+        except msgspec.ValidationError as exc:
+            message, _, where = str(exc).partition(" - at `$.")
+            path = where.rstrip("`")
+            unknown = re.match(r"Object contains unknown field `(.+)`", message)
+            if unknown:
+                allowed = ", ".join(DatasetReportRequest.__struct_fields__)
+                path, message = unknown.group(1), f"unknown field; allowed: {allowed}"
+            elif path == "subject":
+                message += "; use 'character' or 'style'"
+            raise errors.InvalidSpec(f"invalid dataset report request: {path or 'body'}: {message}",
+                                     problems=[FieldProblem(path=path or "body", message=message)]) from None
+        if not tenant.allows("dataset", req.uri):
+            malformed = uri_problem(req.uri)
+            allowed = ", ".join(tenant.prefixes("dataset"))
+            raise errors.Forbidden("the dataset URI is outside the tenant's allowed prefixes", problems=[FieldProblem(
+                path="uri", message=(f"{malformed} (the dataset locations tenant '{tenant.name}' may use: {allowed})"
+                                     if malformed else f"{req.uri} is outside the dataset locations tenant "
+                                     f"'{tenant.name}' may use ({allowed})"))])
+        return run_report(req, self._report_limits, self._open_cached)
 
     def validate(self, tenant: Tenant, body: JobCreate) -> ValidationResult:
         spec, report, warnings = self.check(tenant, body)

@@ -26,6 +26,7 @@ from service.imageheader import UnreadableImage, image_size
 from service.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
 from trainer.data.buckets import plan_buckets
 from trainer.data.layout import DatasetLayout, balanced_repeats, discover_layout
+from trainer.data.report import size_guidance
 from trainer.failures import JobFailure, Reason
 from trainer.spec import JobSpec, total_steps
 from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
@@ -71,8 +72,8 @@ def run_preflight(spec: JobSpec, limits: PreflightLimits = PreflightLimits(),
             "compressed tar archives are not inspected before launch (that would mean downloading them); "
             "the trainer checks the dataset when it starts. Use a folder or a .zip/.tar to get the report now"))]
         return report
-    train = _open_source(uri, "dataset.uri", opener, limits, problems)
-    reg = _open_source(spec.dataset.reg_uri, "dataset.reg_uri", opener, limits, problems) if spec.dataset.reg_uri else None
+    train = open_source(uri, "dataset.uri", opener, limits, problems)
+    reg = open_source(spec.dataset.reg_uri, "dataset.reg_uri", opener, limits, problems) if spec.dataset.reg_uri else None
     if train is None or (spec.dataset.reg_uri and reg is None):
         report.problems = problems
         return report
@@ -110,8 +111,8 @@ def run_preflight(spec: JobSpec, limits: PreflightLimits = PreflightLimits(),
 # ------------------------------------------------------------------------------------- listing
 
 
-def _open_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
-                 problems: list[FieldProblem]) -> _Source | None:
+def open_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
+                problems: list[FieldProblem]) -> _Source | None:
     try:
         parse_uri(uri)
     except ValueError as exc:
@@ -387,6 +388,11 @@ def _plan(spec: JobSpec, layout: DatasetLayout, sizes: dict[tuple[str, str], tup
         return
     report.total_steps = total_steps(spec, report.steps_per_epoch)
     report.epochs = math.ceil(report.total_steps / report.steps_per_epoch)
+    # The guides' size figures (the report's rule); the preflight knows no subject, so only what is
+    # outside both the character and the style range is named.
+    train_steps = layout.image_steps_per_epoch
+    warnings += [FieldProblem(path="dataset", severity="warning", message=m) for m in size_guidance(
+        sum(len(s.images) for s in layout.subsets if not s.is_reg), train_steps, train_steps * report.epochs, None)]
     if small:
         w, h = spec.dataset.resolution_wh
         warnings.append(FieldProblem(path="dataset.resolution", severity="warning", message=(

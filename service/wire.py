@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from trainer.spec import JobSpec
+from trainer.data.report import DatasetReport  # noqa: F401 (re-exported: the report's wire form)
+from trainer.spec import JobSpec, Reso, ShortText, Uri
 from trainer.status import ErrorInfo, Phase, Progress
 
 # ------------------------------------------------------------------------------------------ input
@@ -25,6 +26,23 @@ class JobCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Called on terminal states (and phase changes when the deployment enables them), signed per
     # the Standard Webhooks spec.
     webhook_url: Annotated[str, Meta(max_length=2048, pattern=r"^https?://")] | None = None
+
+
+class DatasetReportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of POST /v1/datasets:report (and the query of GET /v1/datasets/report): a dataset and the
+    settings a training job would read it with (the spec's `dataset.*` names and defaults)."""
+
+    uri: Uri  # folder of `<repeats>_<concept>` subfolders, or a .zip/.tar archive of one
+    resolution: Reso | Annotated[list[Reso], Meta(min_length=2, max_length=2)] = 512
+    caption_extension: ShortText = ".caption"
+    enable_bucket: bool = False
+    min_bucket_reso: Reso = 256
+    max_bucket_reso: Reso = 1024
+    bucket_reso_steps: Annotated[int, Meta(ge=8, le=256)] = 64
+    bucket_no_upscale: bool = False
+    subject: Literal["character", "style"] | None = None  # picks the guides' size figures to warn with
+    epochs: Annotated[int, Meta(ge=1, le=100000)] | None = None  # for the total image-steps
+    duplicates: bool = True  # decode images for the near-duplicate check (bounded; see docs/api.md)
 
 
 class JobCreateDoc(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

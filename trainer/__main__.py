@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("trainer.models.tiny", "write a tiny random SD1.5/SD2/SDXL pipeline (offline)"),
     "tiny-dataset": ("trainer.tinydata", "write a tiny generated dataset in sd-scripts folder layout"),
     "from-kohya": ("trainer.fromkohya", "convert an sd-scripts command line or config into a JobSpec"),
+    "tag": ("trainer.captioning", "tag a dataset's images with a WD14-format ONNX tagger into a new version"),
 }
 
 

@@ -116,6 +116,9 @@ def test_validate_reports_counts_buckets_steps_and_warnings(api, s3, bucket):
     warned = {w["path"] for w in result["warnings"]}
     assert "dataset.resolution" in warned
     assert any("orphan.txt" in w["message"] for w in result["warnings"])
+    # the guides' size figures: 6 images, 10 image-steps per epoch, 30 in all are below every range
+    guidance = [w["message"] for w in result["warnings"] if "guides suggest" in w["message"]]
+    assert len(guidance) == 3 and "6 training images: fewer" in guidance[0] and "30 image-steps in total" in guidance[2]
     assert api.get("/v1/jobs", headers=auth()).json()["items"] == []  # validate launches nothing
 
 
