@@ -6,9 +6,10 @@ runs as one `docker run --rm` container built from that pod's spec, nothing else
   as the kubelet does), `workingDir`;
 - env: `value`, downward-API `fieldRef`, `secretKeyRef` from the Secrets given to this kubelet (a
   missing, non-optional key is `CreateContainerConfigError`, as on a node);
-- volumes: an emptyDir is a tmpfs (`medium: Memory` at /dev/shm sets the shm size), mode 0777, or
-  2777 with group `fsGroup`, as the kubelet makes it; hostPath is a bind mount; other volume kinds
-  are refused (`CreateContainerConfigError`), so a manifest that needs one fails loudly here;
+- volumes: an emptyDir is a fresh folder of this machine, bind-mounted, mode 0777, or 2777 with
+  group `fsGroup`, as the kubelet makes it (`medium: Memory` at /dev/shm sets the shm size; elsewhere
+  it is on disk here); hostPath is a bind mount; other volume kinds are refused
+  (`CreateContainerConfigError`), so a manifest that needs one fails loudly here;
 - securityContext (pod and container): runAsUser/runAsGroup, fsGroup and supplementalGroups as extra
   groups, runAsNonRoot (checked against the image's USER when no runAsUser is set),
   readOnlyRootFilesystem, capabilities, allowPrivilegeEscalation, privileged, seccomp Unconfined;
@@ -94,7 +95,8 @@ def _dns_names(api: FakeApiServer, ns: str) -> list[str]:
 
 
 def docker_run_argv(pod: dict[str, Any], container: str, *, secrets: dict[str, dict[str, str]], env_file: Path,
-                    name: str, labels: dict[str, str], hosts: list[str], image_user: str | None) -> list[str]:
+                    volume_root: Path, name: str, labels: dict[str, str], hosts: list[str],
+                    image_user: str | None) -> list[str]:
     """`docker run` arguments for one container of `pod`, from its spec alone (PodConfigError if unsupported)."""
     spec = pod["spec"]
     c = next((c for c in spec["containers"] if c["name"] == container), None)
@@ -159,11 +161,13 @@ def docker_run_argv(pod: dict[str, Any], container: str, *, secrets: dict[str, d
             if path == "/dev/shm" and empty.get("medium") == "Memory":
                 argv += ["--shm-size", str(_quantity_bytes(size)) if size else "64m"]
                 continue
-            options = ["ro" if read_only else "rw", "exec", "nosuid", "nodev", "uid=0",
-                       f"gid={fs_group if fs_group is not None else 0}", "mode=2777" if fs_group is not None else "mode=0777"]
-            if size:
-                options.append(f"size={_quantity_bytes(size)}")
-            argv += ["--tmpfs", f"{path}:{','.join(options)}"]
+            # What the kubelet does: a fresh folder of the node, bind-mounted (Docker's own tmpfs mounts
+            # would take the mode of the image's folder at that path, which Kubernetes never does).
+            folder = volume_root / mount["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chown(folder, 0, fs_group if fs_group is not None else 0)
+            folder.chmod(0o2777 if fs_group is not None else 0o777)
+            argv += ["-v", f"{folder}:{path}:{'ro' if read_only else 'rw'}"]
         elif "hostPath" in volume:
             argv += ["-v", f"{volume['hostPath']['path']}:{path}:{'ro' if read_only else 'rw'}"]
         else:
@@ -300,7 +304,8 @@ class ContainerKubelet:
         env_file = self.workdir / f"{name}.env"
         log_path = self.workdir / f"{name}.log"
         try:
-            argv = docker_run_argv(pod, container, secrets=self.secrets, env_file=env_file, name=docker_name,
+            argv = docker_run_argv(pod, container, secrets=self.secrets, env_file=env_file,
+                                   volume_root=self.workdir / "volumes" / name, name=docker_name,
                                    labels={self.label[0]: self.label[1]}, hosts=_dns_names(self.api, self.ns),
                                    image_user=self._image_user(image))
         except PodConfigError as exc:

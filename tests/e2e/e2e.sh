@@ -6,7 +6,7 @@ set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/../.."
 . tests/e2e/engine.sh
-PY=$(realpath -m "${PY:-.venv/bin/python}")
+PY=$(realpath -ms "${PY:-.venv/bin/python}")
 LIMIT_S=${LATHE_E2E_TIMEOUT_S:-900}
 
 cleanup() {
@@ -29,8 +29,9 @@ for image in lathe-service:local lathe-trainer:local-cpu; do
 done
 volumes_before=$(docker volume ls -q | sort)
 started=$(date +%s)
+# Its own basetemp: the logs of every pod and of the service stay there after a failure.
 LATHE_E2E=1 timeout --kill-after=30 "$LIMIT_S" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=0 \
-  -o timeout=600 tests/e2e "$@" || { rc=$?; [ $rc = 124 ] && say "timed out after $LIMIT_S s"; exit $rc; }
+  --basetemp "$E2E_STATE/pytest" tests/e2e "$@" || { rc=$?; [ $rc = 124 ] && say "timed out after $LIMIT_S s"; exit $rc; }
 left=$(docker ps -aq --filter label=lathe-e2e)
 [ -z "$left" ] || die "containers left after the run: $left"
 [ "$(docker volume ls -q | sort)" = "$volumes_before" ] || die "the run left Docker volumes behind"

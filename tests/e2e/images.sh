@@ -17,8 +17,8 @@ cd "$(dirname "$0")/../.."
 
 DEBIAN_RELEASE=${LATHE_STANDIN_RELEASE:-bookworm}
 CA_BUNDLE=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
-PY=$(realpath -m "${PY:-.venv/bin/python}")
-export STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
+PY=$(realpath -ms "${PY:-.venv/bin/python}")
+export BUILDAH_ISOLATION=chroot
 WORK=""
 
 cleanup() {
@@ -89,10 +89,9 @@ build() {  # target tag [extra buildah args…]
   shift 2
   started=$(date +%s)
   say "building target $target → $tag"
-  timeout 1200 buildah bud --network host --layers=false --target "$target" -t "localhost/$tag" "$@" . \
+  # Committed straight into the Docker engine (no second copy in buildah's storage).
+  timeout 1500 buildah bud --network host --layers=false --target "$target" -t "docker-daemon:$tag" "$@" . \
     >"$WORK/build-$target.log" 2>&1 || { tail -40 "$WORK/build-$target.log" >&2; die "building $target failed (log above)"; }
-  timeout 600 buildah push -q "localhost/$tag" "docker-daemon:$tag" >&2 || die "handing $tag to the Docker engine failed"
-  buildah rmi "localhost/$tag" >/dev/null  # dockerd has it now; vfs would keep a second full copy
   say "$tag built in $(( $(date +%s) - started )) s, $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MiB", $1/1048576}')"
 }
 
@@ -111,9 +110,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/lathe-images.XXXXXX")
 BASE=$(standin_debian)
 UV=$(standin_uv)
 WHEELS=$(torch_wheels)
-# Old builds of the project's images in dockerd would only take disk: the tags move to the new ones.
 build service lathe-service:local --build-arg PYTHON_IMAGE="$BASE" --build-arg UV_IMAGE="$UV"
 build trainer lathe-trainer:local-cpu --build-arg PYTHON_IMAGE="$BASE" --build-arg UV_IMAGE="$UV" \
   --build-arg CUDA_IMAGE="$BASE" --build-arg TORCH_FIND_LINKS=/wheels -v "$WHEELS:/wheels:ro"
+# The previous builds, untagged now, would only take disk.
 docker image prune -f >/dev/null || true
 say "images ready: lathe-service:local, lathe-trainer:local-cpu"

@@ -33,7 +33,8 @@ def _pods(resources: dict, **settings: object) -> tuple[FakeApiServer, list[dict
 
 
 def _argv(pod: dict, tmp_path: Path, secrets: dict = SECRETS, hosts: list[str] | None = None) -> list[str]:
-    return docker_run_argv(pod, "trainer", secrets=secrets, env_file=tmp_path / "env", name="c", labels={"k": "v"},
+    return docker_run_argv(pod, "trainer", secrets=secrets, env_file=tmp_path / "env", volume_root=tmp_path / "vol",
+                           name="c", labels={"k": "v"},
                            hosts=hosts or [], image_user="1000:1000")
 
 
@@ -47,9 +48,11 @@ def test_a_single_node_pod_becomes_a_locked_down_container(tmp_path: Path) -> No
     assert argv[argv.index("--group-add") + 1] == "1000"  # fsGroup
     assert "--read-only" in argv and argv[argv.index("--cap-drop") + 1] == "ALL"
     assert argv[argv.index("--security-opt") + 1] == "no-new-privileges"
-    tmpfs = {argv[i + 1].split(":")[0]: argv[i + 1].split(":")[1] for i, a in enumerate(argv) if a == "--tmpfs"}
-    assert set(tmpfs) == {"/scratch", "/cache/models"}
-    assert "gid=1000" in tmpfs["/scratch"] and "mode=2777" in tmpfs["/scratch"] and "size=53687091200" in tmpfs["/scratch"]
+    mounts = dict(argv[i + 1].split(":")[1::-1] for i, a in enumerate(argv) if a == "-v")  # mount path → folder
+    assert set(mounts) == {"/scratch", "/cache/models"}
+    for folder in mounts.values():  # an emptyDir: a fresh folder, group fsGroup, writable by all, setgid
+        stat = Path(folder).stat()
+        assert (stat.st_gid, stat.st_mode & 0o7777) == (1000, 0o2777) and not any(Path(folder).iterdir())
     assert argv[argv.index("--shm-size") + 1] == str(16 << 30)
     assert argv[-6:] == ["--entrypoint", "python", "lathe-trainer:local-cpu", "-m", "trainer", "run", SPEC_URI][-6:]
     assert argv[argv.index("--entrypoint") + 1] == "python"
@@ -79,8 +82,8 @@ def test_what_a_node_would_refuse_is_refused(tmp_path: Path) -> None:
     root = {**pod, "spec": {**pod["spec"], "securityContext": {"runAsNonRoot": True}}}
     root["spec"]["containers"] = [{**root["spec"]["containers"][0], "securityContext": {}}]
     with pytest.raises(PodConfigError, match="runAsNonRoot"):
-        docker_run_argv(root, "trainer", secrets=SECRETS, env_file=tmp_path / "env", name="c", labels={}, hosts=[],
-                        image_user="root")
+        docker_run_argv(root, "trainer", secrets=SECRETS, env_file=tmp_path / "env", volume_root=tmp_path / "vol",
+                        name="c", labels={}, hosts=[], image_user="root")
     pvc = {**pod, "spec": {**pod["spec"], "volumes": [*pod["spec"]["volumes"][:-1],
                                                       {"name": "model-cache", "persistentVolumeClaim": {"claimName": "x"}}]}}
     with pytest.raises(PodConfigError, match="persistentVolumeClaim volumes are not supported"):

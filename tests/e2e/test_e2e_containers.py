@@ -49,8 +49,9 @@ def stack(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             yield st
         finally:
             st.stop()
-    left = docker("ps", "-aq", "--filter", f"label={LABEL_KEY}={run_id}", check=False).stdout.split()
-    assert not left, f"containers of the run left behind: {left}"
+    # `--rm` containers are removed by the engine just after they exit.
+    wait_until(lambda: not docker("ps", "-aq", "--filter", f"label={LABEL_KEY}={run_id}", check=False).stdout.split(),
+               120, "the run's containers to be removed")
 
 
 def _pod(stack: Stack, job: str, index: int | None = None) -> dict:
@@ -93,12 +94,12 @@ def test_a_job_runs_in_the_trainer_image_to_checked_outputs(stack: Stack, tmp_pa
     assert job is not None and _condition(job, "Complete"), job and job.get("status")
     pod = _pod(stack, f"{job_id}-a1")
     assert pod["status"]["phase"] == "Succeeded" and _terminated(pod)["exitCode"] == 0
-    # The container was the pod spec's: image, user, read-only root, no capabilities, emptyDirs as tmpfs.
+    # The container was the pod spec's: image, user, read-only root, no capabilities, the emptyDirs.
     argv = stack.kubelet.argv[pod["metadata"]["name"]]
     assert TRAINER_IMAGE in argv and "--read-only" in argv
     assert argv[argv.index("--user") + 1] == "1000:1000" and argv[argv.index("--cap-drop") + 1] == "ALL"
-    tmpfs = [argv[i + 1].split(":")[0] for i, a in enumerate(argv) if a == "--tmpfs"]
-    assert sorted(tmpfs) == ["/cache/models", "/scratch"], tmpfs
+    mounts = [argv[i + 1].split(":")[1] for i, a in enumerate(argv) if a == "-v"]
+    assert sorted(mounts) == ["/cache/models", "/scratch"], mounts
 
     out = tmp_path / "pulled"
     out.mkdir(mode=0o777)
