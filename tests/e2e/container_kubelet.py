@@ -193,6 +193,7 @@ class _Run:
     log_path: Path
     proc: subprocess.Popen[bytes]
     created_at: str
+    created_wall: float = field(default_factory=time.time)  # `docker run` was called (for start-up figures)
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None

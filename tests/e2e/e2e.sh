@@ -28,6 +28,8 @@ for image in lathe-service:local lathe-trainer:local-cpu; do
   docker image inspect "$image" >/dev/null 2>&1 || die "image $image is missing: run make images"
 done
 volumes_before=$(docker volume ls -q | sort)
+export LATHE_E2E_FIGURES="$E2E_STATE/figures.json"
+rm -f "$LATHE_E2E_FIGURES"
 started=$(date +%s)
 # Its own basetemp: the logs of every pod and of the service stay there after a failure.
 LATHE_E2E=1 timeout --kill-after=30 "$LIMIT_S" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=0 \
@@ -35,4 +37,4 @@ LATHE_E2E=1 timeout --kill-after=30 "$LIMIT_S" "$PY" -m pytest -q -p no:cachepro
 left=$(docker ps -aq --filter label=lathe-e2e)
 [ -z "$left" ] || die "containers left after the run: $left"
 [ "$(docker volume ls -q | sort)" = "$volumes_before" ] || die "the run left Docker volumes behind"
-say "passed in $(( $(date +%s) - started )) s"
+say "passed in $(( $(date +%s) - started )) s; figures: $(tr -d '\n' < "$LATHE_E2E_FIGURES" 2>/dev/null)"

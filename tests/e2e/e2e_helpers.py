@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class Stack:
     service_name: str = ""
     service_log: Path | None = None
     _service: subprocess.Popen[bytes] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
     # -- the service container ------------------------------------------------------------------
     def start_service(self, extra_env: dict[str, str] | None = None) -> None:
@@ -152,7 +151,7 @@ class Stack:
                 return False
 
         wait_until(ready, 120, "the service container to answer /readyz")
-        self.timings["service start to ready (s)"] = time.monotonic() - started
+        record_figure("service container start to /readyz (s)", round(time.monotonic() - started, 1))
 
     def service_tail(self, n: int = 60) -> str:
         if self.service_log is None or not self.service_log.exists():
@@ -234,6 +233,30 @@ class Stack:
 
     def read_json(self, key: str) -> dict[str, Any]:
         return json.loads(self.s3().get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+
+def record_figure(name: str, value: object) -> None:
+    """Measured figures of the run (docs/deploy.md), collected in $LATHE_E2E_FIGURES when set."""
+    target = os.environ.get("LATHE_E2E_FIGURES")
+    if not target:
+        return
+    path = Path(target)
+    figures = json.loads(path.read_text()) if path.exists() else {}
+    figures[name] = value
+    path.write_text(json.dumps(figures, indent=2))
+
+
+def seconds_until(log: str, pattern: str, since: float) -> float | None:
+    """Seconds from `since` (epoch) to the first trainer log line matching `pattern` (its timestamp)."""
+    import datetime as dt
+    import re
+
+    for line in log.splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+        if m and re.search(pattern, line):
+            when = dt.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc).timestamp()
+            return round(when + int(m[2]) / 1000 - since, 1)
+    return None
 
 
 def sha256(path: Path) -> str:

@@ -24,7 +24,10 @@ if os.environ.get("LATHE_E2E") != "1":
                 allow_module_level=True)
 
 from container_kubelet import ContainerKubelet, docker, wait_until  # noqa: E402
-from e2e_helpers import LABEL_KEY, NAMESPACE, SECRET, TRAINER_IMAGE, Stack, make_spec, require_images, seed_assets, sha256  # noqa: E402
+from e2e_helpers import (  # noqa: E402
+    LABEL_KEY, NAMESPACE, SECRET, SERVICE_IMAGE, TRAINER_IMAGE, Stack, make_spec, record_figure, require_images,
+    seconds_until, seed_assets, sha256,
+)
 from fake_apiserver import FakeApiServer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
@@ -70,6 +73,11 @@ def _condition(job: dict, kind: str) -> dict | None:
     return next((c for c in job.get("status", {}).get("conditions", []) if c["type"] == kind and c["status"] == "True"), None)
 
 
+def _wait_condition(stack: Stack, job: str, kind: str) -> dict:
+    return wait_until(lambda: _condition(stack.api.get("jobs", NAMESPACE, job) or {}, kind), 120,
+                      f"Job {job} to be {kind}")
+
+
 def _check_outputs(stack: Stack, job_id: str, steps: int, pulled: Path | None = None) -> dict:
     prefix = stack.job_prefix(job_id) + "output/"
     meta = stack.read_json(prefix + "metadata.json")
@@ -90,8 +98,8 @@ def test_a_job_runs_in_the_trainer_image_to_checked_outputs(stack: Stack, tmp_pa
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 420)
     assert view["phase"] == "succeeded", view
 
-    job = stack.api.get("jobs", NAMESPACE, f"{job_id}-a1")
-    assert job is not None and _condition(job, "Complete"), job and job.get("status")
+    # The trainer reports success before its process ends; the Job completes when the container exits.
+    _wait_condition(stack, f"{job_id}-a1", "Complete")
     pod = _pod(stack, f"{job_id}-a1")
     assert pod["status"]["phase"] == "Succeeded" and _terminated(pod)["exitCode"] == 0
     # The container was the pod spec's: image, user, read-only root, no capabilities, the emptyDirs.
@@ -101,6 +109,12 @@ def test_a_job_runs_in_the_trainer_image_to_checked_outputs(stack: Stack, tmp_pa
     mounts = [argv[i + 1].split(":")[1] for i, a in enumerate(argv) if a == "-v"]
     assert sorted(mounts) == ["/cache/models", "/scratch"], mounts
 
+    run = stack.kubelet.runs[pod["metadata"]["name"]]
+    record_figure("trainer container start to first training step (s)",
+                  seconds_until(run.log_text(), r"lathe\.train: training: ", run.created_wall))
+    record_figure("trainer container start to job succeeded (s)",
+                  seconds_until(run.log_text(), r"job succeeded", run.created_wall))
+
     out = tmp_path / "pulled"
     out.mkdir(mode=0o777)
     out.chmod(0o777)  # written by UID 1000 in the CLI container
@@ -108,6 +122,12 @@ def test_a_job_runs_in_the_trainer_image_to_checked_outputs(stack: Stack, tmp_pa
     meta = _check_outputs(stack, job_id, 6, pulled=out)
     assert {"e2e-ok.safetensors"} <= {o["name"] for o in meta["outputs"]}
     assert "loading the model" in stack.lathe("logs", job_id)  # the pod log, read through the API stand-in
+
+
+def test_the_service_image_has_no_torch(stack: Stack) -> None:
+    probe = docker("run", "--rm", "--label", f"{LABEL_KEY}={stack.run_id}", "--network", "none", "--entrypoint",
+                   "python", SERVICE_IMAGE, "-c", "import torch", check=False)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr, probe.stderr
 
 
 def test_a_killed_trainer_resumes_from_its_checkpoint_in_the_next_attempt(stack: Stack) -> None:
@@ -126,7 +146,7 @@ def test_a_killed_trainer_resumes_from_its_checkpoint_in_the_next_attempt(stack:
     killed = _pod(stack, f"{job_id}-a1")
     assert killed["status"]["phase"] == "Failed", killed["status"]
     assert _terminated(killed)["exitCode"] == 137 and _terminated(killed)["reason"] == "Error"
-    assert _condition(stack.api.get("jobs", NAMESPACE, f"{job_id}-a1"), "Failed")
+    _wait_condition(stack, f"{job_id}-a1", "Failed")
     log = stack.kubelet.runs[_pod(stack, f"{job_id}-a2")["metadata"]["name"]].log_text()
     resumed = re.search(r"resuming from checkpoint at step (\d+)", log)
     assert resumed and 0 < int(resumed[1]) < steps, log[-3000:]
@@ -142,8 +162,11 @@ def test_a_cancelled_job_stops_its_container_and_publishes_nothing(stack: Stack)
     stack.lathe("cancel", job_id)
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 240)
     assert view["phase"] == "cancelled", view
-    # Foreground deletion: the pod got SIGTERM, its container ended, then the Job went away.
-    wait_until(lambda: stack.api.get("jobs", NAMESPACE, f"{job_id}-a1") is None, 120, "the cancelled Job to be deleted")
+    # The trainer saw the cancel marker, checkpointed and exited 22, a final code: podFailurePolicy
+    # fails the Job at once (the launcher deletes it only when a trainer ignores the marker).
+    failed = _wait_condition(stack, f"{job_id}-a1", "Failed")
+    assert failed["reason"] == "PodFailurePolicy", failed
+    assert _terminated(_pod(stack, f"{job_id}-a1"))["exitCode"] == 22
     assert stack.kubelet.runs[pod].proc.poll() is not None
     outputs = stack.keys(stack.job_prefix(job_id) + "output/")
     assert not [k for k in outputs if k.endswith((".safetensors", "metadata.json"))], outputs
@@ -154,8 +177,8 @@ def test_two_nodes_train_over_gloo_as_an_indexed_job(stack: Stack) -> None:
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 480)
     assert view["phase"] == "succeeded", view
     name = f"{job_id}-a1"
-    job = stack.api.get("jobs", NAMESPACE, name)
-    assert job["spec"]["completionMode"] == "Indexed" and _condition(job, "Complete")
+    _wait_condition(stack, name, "Complete")
+    assert stack.api.get("jobs", NAMESPACE, name)["spec"]["completionMode"] == "Indexed"
     assert stack.api.get("services", NAMESPACE, name) is not None
     rank0 = f"{name}-0.{name}.{NAMESPACE}.svc"
     for index in (0, 1):
