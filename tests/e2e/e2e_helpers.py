@@ -212,10 +212,14 @@ class Stack:
         if self.kubelet.errors:
             raise AssertionError(f"the container kubelet failed: {self.kubelet.errors[-3:]}")
 
+    def explain(self, view: dict[str, Any]) -> str:
+        """Why a job ended as it did: its phase and error, then the service's and every pod's log tail."""
+        return f"job {view['id']} {view['phase']}: {view.get('error')}\n{self.diagnostics()}"
+
     def diagnostics(self) -> str:
         parts = [f"--- service log\n{self.service_tail(40)}"]
-        for pod, run in self.kubelet.runs.items():
-            parts.append(f"--- pod {pod} (exit {run.proc.poll()})\n{run.log_text()[-3000:]}")
+        for pod, run in list(self.kubelet.runs.items())[-3:]:
+            parts.append(f"--- pod {pod} (exit {run.proc.poll()}, log {run.log_path})\n{run.log_text()[-3000:]}")
         return "\n".join(parts)
 
     # -- the object store -------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def _check_outputs(stack: Stack, job_id: str, steps: int, pulled: Path | None = 
 def test_a_job_runs_in_the_trainer_image_to_checked_outputs(stack: Stack, tmp_path: Path) -> None:
     job_id = stack.submit(make_spec(stack.bucket, "e2e-ok", 6))
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 420)
-    assert view["phase"] == "succeeded", view
+    assert view["phase"] == "succeeded", stack.explain(view)
 
     # The trainer reports success before its process ends; the Job completes when the container exits.
     _wait_condition(stack, f"{job_id}-a1", "Complete")
@@ -141,7 +141,7 @@ def test_a_killed_trainer_resumes_from_its_checkpoint_in_the_next_attempt(stack:
     docker("kill", stack.kubelet.container_of(pod["metadata"]["name"]))  # SIGKILL, as a node loss or OOM would
 
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 480)
-    assert view["phase"] == "succeeded", view
+    assert view["phase"] == "succeeded", stack.explain(view)
     assert [a["attempt"] for a in view["attempts"]] == [1, 2], view["attempts"]
     killed = _pod(stack, f"{job_id}-a1")
     assert killed["status"]["phase"] == "Failed", killed["status"]
@@ -161,7 +161,7 @@ def test_a_cancelled_job_stops_its_container_and_publishes_nothing(stack: Stack)
     pod = _pod(stack, f"{job_id}-a1")["metadata"]["name"]
     stack.lathe("cancel", job_id)
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 240)
-    assert view["phase"] == "cancelled", view
+    assert view["phase"] == "cancelled", stack.explain(view)
     # The trainer saw the cancel marker, checkpointed and exited 22, a final code: podFailurePolicy
     # fails the Job at once (the launcher deletes it only when a trainer ignores the marker).
     failed = _wait_condition(stack, f"{job_id}-a1", "Failed")
@@ -175,7 +175,7 @@ def test_a_cancelled_job_stops_its_container_and_publishes_nothing(stack: Stack)
 def test_two_nodes_train_over_gloo_as_an_indexed_job(stack: Stack) -> None:
     job_id = stack.submit(make_spec(stack.bucket, "e2e-2nodes", 4, resources={"gpus": 1, "nodes": 2}))
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 480)
-    assert view["phase"] == "succeeded", view
+    assert view["phase"] == "succeeded", stack.explain(view)
     name = f"{job_id}-a1"
     _wait_condition(stack, name, "Complete")
     assert stack.api.get("jobs", NAMESPACE, name)["spec"]["completionMode"] == "Indexed"
