@@ -14,7 +14,7 @@ ensure_packages() {
   local missing=()
   command -v dockerd >/dev/null || missing+=(docker.io)
   command -v buildah >/dev/null || missing+=(buildah)
-  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v debootstrap >/dev/null || missing+=(debootstrap debian-archive-keyring)
   [ ${#missing[@]} -eq 0 ] && return 0
   [ "$(id -u)" = 0 ] || die "needs ${missing[*]} (Debian packages) and root to install them; run as root or install them first"
   command -v apt-get >/dev/null || die "needs ${missing[*]}; this is not a Debian-like system (no apt-get)"
