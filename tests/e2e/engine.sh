@@ -77,6 +77,7 @@ engine_down() {
   for i in $(seq 1 30); do kill -0 "$_ENGINE_PID" 2>/dev/null || break; sleep 1; done
   kill -KILL "$_ENGINE_PID" 2>/dev/null || true
   wait "$_ENGINE_PID" 2>/dev/null || true
+  umount "$E2E_STATE/exec/netns/default" 2>/dev/null || true  # dockerd's own network namespace
   _ENGINE_PID=""
   say "private dockerd stopped"
 }
