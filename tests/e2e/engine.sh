@@ -14,14 +14,15 @@ ensure_packages() {
   local missing=()
   command -v dockerd >/dev/null || missing+=(docker.io)
   command -v buildah >/dev/null || missing+=(buildah)
+  [ -x /usr/lib/podman/netavark ] || missing+=(netavark)  # buildah's network backend
   command -v debootstrap >/dev/null || missing+=(debootstrap debian-archive-keyring)
   [ ${#missing[@]} -eq 0 ] && return 0
   [ "$(id -u)" = 0 ] || die "needs ${missing[*]} (Debian packages) and root to install them; run as root or install them first"
   command -v apt-get >/dev/null || die "needs ${missing[*]}; this is not a Debian-like system (no apt-get)"
   say "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y --no-install-recommends "${missing[@]}" >&2 \
+  DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y "${missing[@]}" >&2 \
     || { timeout 300 apt-get update >&2 && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y \
-           --no-install-recommends "${missing[@]}" >&2; } \
+           "${missing[@]}" >&2; } \
     || die "apt-get install ${missing[*]} failed"
 }
 
