@@ -1,6 +1,6 @@
 # Sourced by images.sh and e2e.sh: the container engine and image builder the e2e run needs.
 #   engine_up    install docker.io/buildah/debootstrap if missing, then use the running Docker engine
-#                or start a private dockerd (vfs storage, own socket and data root) for this run
+#                or start a private dockerd (overlay2, else vfs; own data root, default socket) for this run
 #   engine_down  stop that private dockerd, if this run started it
 # Both fail with a message that says what is missing; nothing here is skipped silently.
 
