@@ -199,7 +199,6 @@ class _Run:
     exit_code: int | None = None
     stopping: bool = False
     reported: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def log_text(self) -> str:
         try:
