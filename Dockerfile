@@ -11,7 +11,6 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
 ARG TORCH_VERSION=2.13.0
-ARG TRAINER_PYTHON=3.11
 
 FROM ${UV_IMAGE} AS uv
 
@@ -48,34 +47,38 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
 # ---- trainer: one job per pod, one process per GPU ---------------------------------------------
 FROM ${CUDA_IMAGE} AS trainer
 ARG TORCH_VERSION
-ARG TRAINER_PYTHON
 # Optional: another torch build, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 # for nodes whose driver predates CUDA 13.
 ARG TORCH_INDEX_URL=
+# Optional: a folder of torch wheels mounted into the build (`make images` mounts a CPU wheel here).
+ARG TORCH_FIND_LINKS=
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    UV_PYTHON_INSTALL_DIR=/opt/python \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HOME=/scratch \
     LATHE_CACHE_DIR=/cache/models \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Python comes from the base's own packages (Ubuntu 24.04: 3.12), never downloaded by uv at build time.
+# Ubuntu 24.04 ships a user `ubuntu` with UID/GID 1000: the pods' 1000 is `lathe` here.
 # Debian package versions follow the pinned base image (hadolint's DL3008 asks for per-package pins).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
  && rm -rf /var/lib/apt/lists/* \
+ && if getent passwd 1000 >/dev/null; then userdel "$(getent passwd 1000 | cut -d: -f1)"; fi \
+ && if getent group 1000 >/dev/null; then groupdel "$(getent group 1000 | cut -d: -f1)"; fi \
  && groupadd --gid 1000 lathe \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /scratch --shell /usr/sbin/nologin lathe \
  && mkdir -p /scratch /cache/models \
  && chown 1000:1000 /scratch /cache/models
 COPY --from=uv /uv /usr/local/bin/uv
 RUN --mount=from=build,source=/dist,target=/dist \
-    uv python install "${TRAINER_PYTHON}" \
- && uv venv --python "${TRAINER_PYTHON}" /opt/venv \
+    uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv \
  && uv pip install --no-cache --compile-bytecode --python /opt/venv/bin/python \
       ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
+      ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} \
       "torch==${TORCH_VERSION}" "lathe[trainer] @ file://$(ls /dist/lathe-*.whl)" \
  && rm /usr/local/bin/uv
 USER 1000:1000

@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export LYCORIS_KERNEL_BACKEND := torch
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean images e2e
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+
+# Both Dockerfile targets into the local Docker engine (stand-in bases, CPU torch): tests/e2e/images.sh.
+images: install
+	bash tests/e2e/images.sh
+
+# The service and trainer images run a job chain as Kubernetes would (root, Docker): tests/e2e/e2e.sh.
+e2e: images
+	bash tests/e2e/e2e.sh
 
 demo: install
 	$(PY) -m service.demo

@@ -89,8 +89,14 @@ def test_base_images_are_pinned_and_match_python() -> None:
         assert re.search(r":[\w.-]*\d", image) and not image.endswith(":latest"), f"{name}: unpinned {image}"
     service_python = re.match(r"python:(\d+\.\d+\.\d+)", _base(stages["service"], args))
     assert service_python is not None and Version(service_python[1]) in requires
-    assert Version(args["TRAINER_PYTHON"] + ".0") in requires
     assert "nvidia/cuda:" in _base(stages["trainer"], args) and "runtime" in _base(stages["trainer"], args)
+    # The trainer's Python is the base's own (Ubuntu 24.04: 3.12), from its apt; nothing downloads one.
+    ubuntu = re.search(r"ubuntu(\d+)\.(\d+)$", _base(stages["trainer"], args))
+    assert ubuntu is not None and (int(ubuntu[1]), int(ubuntu[2])) >= (24, 4)  # Python ≥ 3.12, in requires-python
+    assert Version("3.12.0") in requires
+    trainer = _run_lines(stages["trainer"])
+    assert "python3-venv" in trainer and "--python /usr/bin/python3" in trainer
+    assert "uv python install" not in trainer and "--no-python-downloads" in trainer
 
 
 def test_trainer_path_has_the_commands_the_job_runs() -> None:
