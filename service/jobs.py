@@ -59,7 +59,7 @@ class JobService:
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="lathe-read")
 
     # -- checks ---------------------------------------------------------------------------------
-    def check(self, tenant: Tenant, body: JobCreate) -> tuple[JobSpec, PreflightReport, list[FieldProblem]]:
+    def check(self, tenant: Tenant, body: JobCreate) -> tuple[JobSpec, PreflightReport | None, list[FieldProblem]]:
         """Spec, tenant URIs and limits, then the dataset preflight. Returns the spec as it will run
         (with the tenant's max runtime filled in), the report and the warnings."""
         try:
@@ -72,6 +72,9 @@ class JobService:
         self._check_uris(tenant, spec)
         self._check_webhook(body.webhook_url)
         spec = self._apply_limits(tenant, spec)
+        if spec.dataset is None:  # a post-training job: no dataset to inspect
+            warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
+            return spec, None, warnings
         report = self._preflight(spec)
         errors_ = [p for p in report.problems if p.severity == "error"]
         if errors_:
@@ -98,11 +101,19 @@ class JobService:
             ("model.uri", spec.model.uri, "model"),
             ("model.vae", spec.model.vae, "model"),
             ("network.weights", spec.network.weights, "model"),
-            ("dataset.uri", spec.dataset.uri, "dataset"),
-            ("dataset.reg_uri", spec.dataset.reg_uri, "dataset"),
+            ("dataset.uri", spec.dataset.uri if spec.dataset else None, "dataset"),
+            ("dataset.reg_uri", spec.dataset.reg_uri if spec.dataset else None, "dataset"),
             ("save.output_uri", spec.save.output_uri, "output"),
         ]
+        # An adapter to merge is a model the tenant may read, or one of its own jobs' outputs.
+        adapters = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
         problems = []
+        for path, uri in adapters:
+            if not (tenant.allows("model", uri) or tenant.allows("output", uri)):
+                allowed = ", ".join(tenant.prefixes("model") + tenant.prefixes("output"))
+                problems.append(FieldProblem(path=path, message=(
+                    f"{uri} is outside the model and output locations tenant '{tenant.name}' may read ({allowed}); "
+                    "copy the adapter there or ask the operator to allow the prefix")))
         for path, uri, kind in refs:
             if uri is not None and not tenant.allows(kind, uri):
                 allowed = ", ".join(tenant.prefixes(kind))
@@ -166,6 +177,7 @@ class JobService:
                     "wait for one to finish or cancel one", limit="max_concurrent_jobs")
             record = JobRecord(
                 job_id=job_id, tenant=tenant.name, submitted_at=submitted_at, spec_hash=spec_hash(spec), name=spec.name,
+                kind=spec.kind,
                 idempotency_key_sha256=key_hash, max_attempts=spec.resources.max_attempts, slot=slot,
                 webhook_url=body.webhook_url, warnings=[f"{w.path}: {w.message}" for w in warnings], preflight=report,
             )
@@ -274,7 +286,7 @@ class JobService:
                                           url=url))
         warnings = list(record.warnings) + (list(status.warnings) if status is not None else [])
         return JobView(
-            id=record.job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,
+            id=record.job_id, name=record.name, kind=record.kind, phase=eff.phase, submitted_at=record.submitted_at,
             updated_at=max(record.updated_at, status.updated_at if status else 0.0), finished_at=record.finished_at,
             attempt=record.attempt, max_attempts=record.max_attempts,
             attempts=[AttemptView(attempt=a.attempt, launched_at=a.launched_at, ended_at=a.ended_at, reason=a.reason,
@@ -347,7 +359,7 @@ class JobService:
             status = self.store.read_status(tenant.name, job_id)
             eff = effective(record, status)
             prog = status.progress if status is not None else None
-            return JobSummary(id=job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,
+            return JobSummary(id=job_id, name=record.name, kind=record.kind, phase=eff.phase, submitted_at=record.submitted_at,
                               updated_at=max(record.updated_at, status.updated_at if status else 0.0),
                               attempt=record.attempt, step=prog.step if prog else 0,
                               total_steps=prog.total_steps if prog else 0, error=eff.error)

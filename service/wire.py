@@ -122,6 +122,7 @@ class AttemptView(msgspec.Struct, kw_only=True):
 class JobView(msgspec.Struct, kw_only=True):
     id: str
     name: str | None = None
+    kind: str = "train"  # the spec's `kind`: train, merge
     phase: Phase
     submitted_at: float
     updated_at: float
@@ -144,6 +145,7 @@ class JobView(msgspec.Struct, kw_only=True):
 class JobSummary(msgspec.Struct, kw_only=True):
     id: str
     name: str | None = None
+    kind: str = "train"
     phase: Phase
     submitted_at: float
     updated_at: float

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.adapter_file import SAVE_DTYPES, modelspec_metadata
 from trainer.failures import JobFailure, Reason
-from trainer.shrink.adapter_layers import materialize, parse_adapter, resolve_shape
+from trainer.shrink.adapter_layers import REFUSED_HINTS, materialize, parse_adapter, resolve_shape
 from trainer.shrink.base_model import BaseModel
 from trainer.shrink.errors import ShrinkError
 
@@ -111,6 +111,10 @@ def _apply_adapter(base: BaseModel, weights: _Weights, item: MergeInput, arch: s
         tensors = load_file(item.path)
     except Exception as exc:  # noqa: BLE001 — any unreadable file is the same failure for the user
         raise JobFailure(Reason.ADAPTER_MISMATCH, f"{source}: not a safetensors adapter file ({exc})") from None
+    for key in tensors:
+        name, _, suffix = key.partition(".")
+        if suffix in REFUSED_HINTS:
+            raise mismatch(source, name, f"{REFUSED_HINTS[suffix]}; such layers are not merged")
     try:
         parsed = parse_adapter(tensors, source=source)
     except ShrinkError as exc:

@@ -463,6 +463,13 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
             reporter.warn(f"{w.path}: {w.message}")
         job = Job(ctx, spec, reporter)
         log.info("job %s attempt %d (rank %d/%d)", job_store.root_uri, attempt, rank, world)
+        if spec.kind == "merge":
+            from trainer.merge_job import run_merge
+
+            reporter.set_outputs(run_merge(job, lambda uri: _resolve_input(uri, spec_uri)))
+            reporter.finish("succeeded")
+            log.info("job succeeded")
+            return 0
         inputs = job.prepare()
         if ctx.stop_signal or reporter.cancel_requested:
             raise JobFailure(Reason.CANCELLED if reporter.cancel_requested else Reason.PREEMPTED,

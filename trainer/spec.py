@@ -302,12 +302,32 @@ class LoggingSpec(_Base):
     debug: bool = False
 
 
+JobKind = Literal["train", "merge"]
+MAX_MERGE_RATIO = 10.0  # sd-scripts' merge takes any ratio, negative ones too; beyond ±10 is a typo
+
+
+class MergeAdapterSpec(_Base):
+    uri: Uri  # an adapter file (.safetensors), e.g. a finished job's output
+    ratio: Annotated[float, Meta(ge=-MAX_MERGE_RATIO, le=MAX_MERGE_RATIO)] = 1.0
+
+
+class MergeSpec(_Base):
+    """kind = "merge": fold adapters into `model.uri`, giving a checkpoint in the base's own form."""
+
+    adapters: Annotated[list[MergeAdapterSpec], Meta(min_length=1, max_length=16)]
+    save_precision: Precision | None = None  # single-file output: None keeps the base's dtypes
+
+
 class JobSpec(_Base):
-    """A whole training job. `version` is required so that a future v2 is never misread as v1."""
+    """A whole job. `version` is required so that a future v2 is never misread as v1. `kind` says
+    what the job does: "train" (the default) trains an adapter on `dataset`; "merge" needs no
+    dataset and reads the `merge` section."""
 
     version: int
     model: ModelSpec
-    dataset: DatasetSpec
+    kind: JobKind = "train"
+    dataset: DatasetSpec | None = None  # required for kind "train"
+    merge: MergeSpec | None = None  # required for kind "merge"
     name: Annotated[str, Meta(max_length=200)] | None = None
     network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     optimizer: OptimizerSpec = msgspec.field(default_factory=OptimizerSpec)
@@ -610,6 +630,10 @@ def check_spec(spec: JobSpec) -> list[Problem]:
     def warn(path: str, msg: str) -> None:
         out.append(Problem(path, msg, "warning"))
 
+    kind_problems = check_kind(spec)
+    if kind_problems or spec.kind != "train":
+        return kind_problems
+
     ds, net, opt, sch, tr, prec, sv, sh, arch = (
         spec.dataset, spec.network, spec.optimizer, spec.scheduler, spec.training, spec.precision,
         spec.save, spec.shrink, spec.model.arch,
@@ -793,6 +817,23 @@ def check_spec(spec: JobSpec) -> list[Problem]:
         warn("precision.torch_compile", "on CPU the first steps compile for many minutes (inductor builds C++), and "
              "again for each bucket shape; it is meant for GPUs (set resources.gpus, or turn it off)")
     return out
+
+
+def check_kind(spec: JobSpec) -> list[Problem]:
+    """The sections each job kind needs; the training checks run only for kind "train"."""
+    if spec.kind == "train":
+        if spec.dataset is None:
+            return [Problem("dataset", "is missing: kind \"train\" needs dataset.uri (a folder or archive of "
+                            "images), or set kind to \"merge\"")]
+        if spec.merge is not None:
+            return [Problem("merge", "only for kind \"merge\"; remove it or set kind = \"merge\"")]
+        return []
+    problems = []
+    if spec.merge is None:
+        problems.append(Problem("merge", "required for kind \"merge\": give merge.adapters = [{uri, ratio}, …]"))
+    if spec.dataset is not None:
+        problems.append(Problem("dataset", f"a \"{spec.kind}\" job reads no dataset; remove this section"))
+    return problems
 
 
 def warnings_for(spec: JobSpec) -> list[Problem]:

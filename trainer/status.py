@@ -12,10 +12,10 @@ from typing import Literal
 import msgspec
 
 Phase = Literal[
-    "queued", "preparing", "training", "shrinking", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "uploading", "succeeded", "failed", "cancelled"
 ]
 PHASES: tuple[str, ...] = (
-    "queued", "preparing", "training", "shrinking", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "uploading", "succeeded", "failed", "cancelled"
 )
 TERMINAL_PHASES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 

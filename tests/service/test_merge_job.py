@@ -1,0 +1,84 @@
+"""A `kind = "merge"` job through the API with the REAL trainer: it succeeds with a checkpoint whose
+weights moved by the adapter, shows its kind, and an adapter of another model fails it with
+`adapter_mismatch`; a ratio out of range is a 422 at submit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service.conftest import REPO, auth, wait_finished
+
+pytestmark = pytest.mark.slow
+
+
+def _assets(tmp: Path) -> tuple[Path, Path, Path]:
+    """The tiny SD1 single file, a LoRA on two of its attention layers, and one naming layers it lacks."""
+    folder = tmp / "tiny-sd1"
+    subprocess.run([sys.executable, "-m", "trainer", "tiny-model", "--arch", "sd1", "--single-file", str(folder)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    single = next(folder.glob("*.safetensors"))
+    code = f"""
+import torch
+from safetensors.torch import save_file
+from trainer.shrink.base_model import BaseModel
+base = BaseModel({str(single)!r})
+names = sorted(n for n in base._index if n.startswith("lora_unet_down_blocks") and n.endswith("attn1_to_q"))[:2]
+g = torch.Generator().manual_seed(0)
+def lora(prefix_names):
+    out = {{}}
+    for n in prefix_names:
+        o, i = base.shape(n) if base.has(n) else (8, 8)
+        out[n + ".lora_down.weight"] = torch.randn(2, i, generator=g)
+        out[n + ".lora_up.weight"] = torch.randn(o, 2, generator=g)
+        out[n + ".alpha"] = torch.tensor(1.0)
+    return out
+save_file(lora(names), {str(tmp / "good.safetensors")!r})
+save_file(lora(["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q_not_here"]), {str(tmp / "bad.safetensors")!r})
+print(json.dumps(names))
+"""
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=REPO, check=True, capture_output=True,
+                         text=True, timeout=300)
+    assert len(json.loads(out.stdout)) == 2
+    return single, tmp / "good.safetensors", tmp / "bad.safetensors"
+
+
+def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bucket, s3, tmp_path):
+    single, good, bad = _assets(tmp_path)
+    for path, key in ((single, "models/tiny-merge/base.safetensors"), (good, "models/adapters/good.safetensors"),
+                      (bad, "models/adapters/bad.safetensors")):
+        s3.upload_file(str(path), bucket, key)
+    client = client_factory(trainer_command=None, heartbeat_timeout_s=120, max_running_jobs=2)
+
+    def body(adapter: str, ratio: float) -> dict:
+        return {"spec": {
+            "version": 1, "kind": "merge", "name": f"merge-{adapter}",
+            "model": {"uri": f"s3://{bucket}/models/tiny-merge/base.safetensors", "arch": "sd1"},
+            "merge": {"adapters": [{"uri": f"s3://{bucket}/models/adapters/{adapter}.safetensors", "ratio": ratio}]},
+            "save": {"output_name": "merged"},
+            "resources": {"gpus": 0, "max_attempts": 1},
+        }}
+
+    r = client.post("/v1/jobs", json=body("good", 11.0), headers=auth())
+    assert r.status_code == 422 and "merge.adapters[0].ratio" in r.text, r.text
+
+    good_id = client.post("/v1/jobs", json=body("good", -0.5), headers=auth()).json()["id"]
+    bad_id = client.post("/v1/jobs", json=body("bad", 1.0), headers=auth()).json()["id"]
+    job = wait_finished(client, good_id, timeout_s=300)
+    logs = client.get(f"/v1/jobs/{good_id}/logs", params={"tail": 60}, headers=auth()).text
+    assert job["phase"] == "succeeded" and job["kind"] == "merge", (job, logs)
+    names = {o["name"]: o for o in job["outputs"]}
+    assert {"merged.safetensors", "spec.json", "metadata.json"} <= set(names), names
+    meta = json.loads(s3.get_object(Bucket=bucket, Key=names["metadata.json"]["uri"].split(f"{bucket}/", 1)[1])["Body"].read())
+    assert meta["kind"] == "merge" and meta["merge"]["layers"] == 2 and meta["merge"]["changed_tensors"] == 2
+    assert meta["merge"]["adapters"][0]["ratio"] == -0.5
+
+    failed = wait_finished(client, bad_id, timeout_s=300)
+    assert failed["phase"] == "failed" and failed["error"]["reason"] == "adapter_mismatch", failed
+    assert "bad.safetensors" in failed["error"]["message"] and "not_here" in failed["error"]["message"]
+    listed = {j["id"]: j for j in client.get("/v1/jobs", headers=auth()).json()["items"]}
+    assert listed[good_id]["kind"] == "merge"
