@@ -101,6 +101,42 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def merge_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
+    """The `kind = "merge"` spec `lathe merge` submits. An adapter is a URI or a finished job's id (its
+    final adapter), optionally with `:RATIO` (default 1)."""
+    adapters = []
+    for item in args.adapters:
+        ref, ratio = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep:
+            try:
+                ref, ratio = head, float(tail)
+            except ValueError:
+                pass
+        if not ref.startswith(("s3://", "/", ".")) and "://" not in ref:
+            job = client.get(ref)
+            finals = [o for o in job.get("outputs") or [] if o.get("kind") == "adapter"]
+            if job.get("phase") != "succeeded" or not finals:
+                raise SystemExit(f"error: job {ref} is {job.get('phase')}, with no final adapter to merge")
+            ref = finals[0]["uri"]
+        adapters.append({"uri": ref, "ratio": ratio})
+    spec: dict[str, Any] = {"version": 1, "kind": "merge", "model": {"uri": args.model, "arch": args.arch},
+                            "merge": {"adapters": adapters}, "resources": {"gpus": args.gpus}}
+    if args.save_precision:
+        spec["merge"]["save_precision"] = args.save_precision
+    if args.output_name:
+        spec["save"] = {"output_name": args.output_name}
+    if args.name:
+        spec["name"] = args.name
+    return spec
+
+
+def cmd_merge(args: argparse.Namespace, client: Client) -> int:
+    job = client.submit(merge_spec(args, client), webhook_url=args.webhook)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
 def _print_validation(result: dict[str, Any]) -> None:
     pre = result.get("preflight") or {}
     print(f"ok: {pre.get('images', 0)} images, {pre.get('steps_per_epoch', 0)} steps/epoch, "
@@ -197,7 +233,7 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
         return 0
     for item in page["items"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(item["submitted_at"]))
-        print(f"{item['id']}  {item['phase']:<10} {when}  {item.get('step', 0)}/{item.get('total_steps', 0)}  "
+        print(f"{item['id']}  {item.get('kind', 'train'):<6} {item['phase']:<10} {when}  {item.get('step', 0)}/{item.get('total_steps', 0)}  "
               f"{item.get('name') or ''}")
     if page.get("next_cursor"):
         _err(f"more: lathe list --cursor {page['next_cursor']}")
@@ -246,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     p.add_argument("--webhook", help="URL called on terminal states (Standard Webhooks signature)")
     p.add_argument("--validate", action="store_true", help="only validate and preflight; launch nothing")
+    p = sub.add_parser("merge", help="merge adapters into a base model (a merge job); prints the job id")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[:RATIO]",
+                   help="adapter URI or finished job id, ratio in -10…10 (default 1)")
+    p.add_argument("--model", required=True, help="base model URI (single file or diffusers folder)")
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("--output-name", help="name of the merged checkpoint (default: last)")
+    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--name")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
+    p.add_argument("--webhook")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="a job's phase and progress")
     p.add_argument("id")
     p.add_argument("--watch", action="store_true", help="follow with a progress bar until the job ends")
@@ -260,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="delete a finished job and its outputs")
     p.add_argument("id")
     p = sub.add_parser("list", help="jobs, newest first")
-    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "uploading", *TERMINAL])
+    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "merging", "uploading",
+                                        *TERMINAL])
     p.add_argument("--limit", type=int)
     p.add_argument("--cursor")
     p.add_argument("--json", action="store_true")
@@ -273,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                    "delete": cmd_delete, "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload}
 
 

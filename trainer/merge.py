@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,3 +271,33 @@ def _write_folder(base: Path, out: Path, changed: dict[Path, dict[str, torch.Ten
         save_file(tensors, str(target), metadata=meta)
     description = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **parts}
     (out / MERGE_JSON).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trainer merge", description=__doc__.splitlines()[0])
+    parser.add_argument("base", help="base model: single-file .safetensors or diffusers folder")
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:RATIO]", help="adapter files, ratio default 1")
+    parser.add_argument("-o", "--out", required=True, help="output file (single-file base) or folder (diffusers base)")
+    parser.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    parser.add_argument("--v-parameterization", action="store_true")
+    parser.add_argument("--save-precision", choices=sorted(SAVE_DTYPES))
+    parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    inputs = []
+    for item in args.adapters:
+        path, sep, ratio = item.rpartition(":")
+        try:
+            inputs.append(MergeInput(path, float(ratio)) if sep else MergeInput(item, 1.0))
+        except ValueError:
+            inputs.append(MergeInput(item, 1.0))
+    try:
+        report = merge_checkpoint(args.base, inputs, args.out, arch=args.arch, v_parameterization=args.v_parameterization,
+                                  save_precision=args.save_precision, title=args.title)
+    except JobFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps({"output": report.output, "form": report.form, "layers": report.layers,
+                      "changed_tensors": report.changed_tensors, "seconds": round(report.seconds, 2)}))
+    return 0

@@ -82,3 +82,26 @@ def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bu
     assert "bad.safetensors" in failed["error"]["message"] and "not_here" in failed["error"]["message"]
     listed = {j["id"]: j for j in client.get("/v1/jobs", headers=auth()).json()["items"]}
     assert listed[good_id]["kind"] == "merge"
+
+
+def test_lathe_merge_builds_the_merge_spec_from_uris_and_job_ids():
+    from service.cli import build_parser, merge_spec
+
+    class Jobs:  # the two answers `lathe merge` reads: a finished job and a running one
+        def get(self, job_id):
+            if job_id == "j-done":
+                return {"phase": "succeeded", "outputs": [
+                    {"kind": "adapter_epoch", "uri": "s3://b/out/last-000001.safetensors"},
+                    {"kind": "adapter", "uri": "s3://b/out/last.safetensors"}]}
+            return {"phase": "training", "outputs": []}
+
+    args = build_parser().parse_args(["merge", "s3://b/x.safetensors:0.5", "j-done:-1.25", "s3://b/y.safetensors",
+                                      "--model", "s3://b/base.safetensors", "--arch", "sdxl", "--output-name", "m"])
+    spec = merge_spec(args, Jobs())
+    assert spec["kind"] == "merge" and spec["model"] == {"uri": "s3://b/base.safetensors", "arch": "sdxl"}
+    assert spec["merge"]["adapters"] == [{"uri": "s3://b/x.safetensors", "ratio": 0.5},
+                                         {"uri": "s3://b/out/last.safetensors", "ratio": -1.25},
+                                         {"uri": "s3://b/y.safetensors", "ratio": 1.0}]
+    assert spec["save"] == {"output_name": "m"}
+    with pytest.raises(SystemExit, match="j-run is training"):
+        merge_spec(build_parser().parse_args(["merge", "j-run", "--model", "s3://b/base"]), Jobs())
