@@ -28,6 +28,7 @@ def run_merge(job: Job, resolve) -> list[OutputFile]:
     """`resolve(uri)` turns a spec URI into what the fetchers take (relative local paths)."""
     from trainer.fetch import ensure_model, fetch_model
     from trainer.merge import MergeInput, merge_checkpoint
+    from trainer.provenance import base_model_sha256
     from trainer.run import _git_commit, _package_versions
 
     spec, ctx = job.spec, job.ctx
@@ -75,6 +76,7 @@ def run_merge(job: Job, resolve) -> list[OutputFile]:
         "attempt": ctx.attempt,
         "spec": msgspec.to_builtins(spec),
         "spec_sha256": spec_hash(spec),
+        "base_model_sha256": base_model_sha256(base.path, str(ctx.cache_dir)),
         "merge": {"form": report.form, "layers": report.layers, "changed_tensors": report.changed_tensors,
                   **report.parts},
         "timings_s": job.timings,

@@ -222,3 +222,27 @@ def test_a_file_that_is_not_an_adapter_and_a_ratio_out_of_range_are_refused(tiny
     with pytest.raises(JobFailure) as exc:
         merge_checkpoint(single, [MergeInput(single, 10.5)], str(tmp_path / "o.safetensors"), arch="sd1")
     assert exc.value.reason == Reason.SPEC_INVALID and "10.5" in exc.value.message
+
+
+def test_zero_tensor_check_counts_weights_and_warns_above_five_percent(tmp_path):
+    from trainer.adapter_file import zero_tensor_check
+
+    tensors = {}
+    for i in range(20):
+        tensors[f"lora_unet_l{i}.lora_down.weight"] = torch.randn(2, 8)
+        tensors[f"lora_unet_l{i}.lora_up.weight"] = torch.randn(8, 2)
+        tensors[f"lora_unet_l{i}.alpha"] = torch.tensor(0.0)  # scalars never count, zero or not
+    path = tmp_path / "a.safetensors"
+    tensors["lora_unet_l3.lora_up.weight"] = torch.zeros(8, 2)
+    tensors["lora_unet_l7.lora_up.weight"] = torch.zeros(8, 2, dtype=torch.float32)
+    save_adapter(tensors, str(path), metadata={}, dtype="fp16")
+    check = zero_tensor_check(str(path))
+    assert check.tensors == 40 and check.zero == ["lora_unet_l3.lora_up.weight", "lora_unet_l7.lora_up.weight"]
+    assert check.warning("a.safetensors") is None  # 2 of 40 = 5 %: not above the threshold
+    tensors["lora_unet_l9.lora_down.weight"] = torch.full((2, 8), 1e-9)  # underflows to 0 in fp16
+    save_adapter(tensors, str(path), metadata={}, dtype="fp16")
+    check = zero_tensor_check(str(path))
+    message = check.warning("a.safetensors")
+    assert len(check.zero) == 3 and message is not None
+    assert "3 of 40" in message and "lora_unet_l9" in message and "fp16" in message
+    assert check.summary() == {"tensors": 40, "zero": 3, "zero_names": check.zero}
