@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from service import errors
+from service.adapterheader import adapter_problems, read_header
 from service.jobstore import (
     LOG_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
@@ -70,6 +71,7 @@ class JobService:
                 problems=[FieldProblem(path=p.path, message=p.message, severity=p.severity) for p in exc.problems],
             ) from None
         self._check_uris(tenant, spec)
+        self._check_adapter_headers(spec)
         self._check_webhook(body.webhook_url)
         spec = self._apply_limits(tenant, spec)
         if spec.dataset is None:  # a post-training job: no dataset to inspect
@@ -84,6 +86,23 @@ class JobService:
             )
         warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
         return spec, report, warnings + report.warnings
+
+    def _check_adapter_headers(self, spec: JobSpec) -> None:
+        """A merge's adapters, by their safetensors headers (ranged GETs): not an adapter, or one of
+        another architecture, is a 422 now instead of a failed job later."""
+        if spec.merge is None:
+            return
+        problems = []
+        for i, adapter in enumerate(spec.merge.adapters):
+            scheme, bucket, key = parse_uri(adapter.uri)
+            if scheme != "s3":
+                continue  # a trainer-local path: the trainer checks it
+            store = self._open_cached(f"s3://{bucket}/")
+            header = self._call(lambda: read_header(store, key))
+            problems += adapter_problems(f"merge.adapters[{i}].uri", adapter.uri, header, spec.model.arch)
+        if problems:
+            raise errors.InvalidSpec(f"{len(problems)} adapter(s) cannot be merged into this model: "
+                                     + "; ".join(f"{p.path}: {p.message}" for p in problems), problems=problems)
 
     def _check_webhook(self, url: str | None) -> None:
         """Refuse at submit what the sender would refuse at the job's end (a private destination), so

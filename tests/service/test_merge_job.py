@@ -16,6 +16,11 @@ from tests.service.conftest import REPO, auth, wait_finished
 pytestmark = pytest.mark.slow
 
 
+def _header_only(header: dict) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + b"\0" * 4
+
+
 def _assets(tmp: Path) -> tuple[Path, Path, Path]:
     """The tiny SD1 single file, a LoRA on two of its attention layers, and one naming layers it lacks."""
     folder = tmp / "tiny-sd1"
@@ -38,7 +43,7 @@ def lora(prefix_names):
         out[n + ".alpha"] = torch.tensor(1.0)
     return out
 save_file(lora(names), {str(tmp / "good.safetensors")!r})
-save_file(lora(["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q_not_here"]), {str(tmp / "bad.safetensors")!r})
+save_file(lora(["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_not_here"]), {str(tmp / "bad.safetensors")!r})
 print(json.dumps(names))
 """
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=REPO, check=True, capture_output=True,
@@ -50,7 +55,7 @@ print(json.dumps(names))
 def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bucket, s3, tmp_path):
     single, good, bad = _assets(tmp_path)
     for path, key in ((single, "models/tiny-merge/base.safetensors"), (good, "models/adapters/good.safetensors"),
-                      (bad, "models/adapters/bad.safetensors")):
+                      (bad, "models/adapters/bad.safetensors"), (single, "models/adapters/ckpt.safetensors")):
         s3.upload_file(str(path), bucket, key)
     client = client_factory(trainer_command=None, heartbeat_timeout_s=120, max_running_jobs=2)
 
@@ -65,6 +70,15 @@ def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bu
 
     r = client.post("/v1/jobs", json=body("good", 11.0), headers=auth())
     assert r.status_code == 422 and "merge.adapters[0].ratio" in r.text, r.text
+    # What the adapter's header tells (two ranged GETs) is refused at submit: a checkpoint is no adapter,
+    # an SDXL adapter does not go into an SD1 base, a missing object is named.
+    s3.put_object(Bucket=bucket, Key="models/adapters/xl.safetensors", Body=_header_only({
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": {"dtype": "F32", "shape": [1, 1],
+                                                                         "data_offsets": [0, 4]}}))
+    for name, words in (("ckpt", "not an sd-scripts/LyCORIS adapter"), ("xl", "adapter for SDXL"),
+                        ("absent", "no such object")):
+        r = client.post("/v1/jobs", json=body(name, 1.0), headers=auth())
+        assert r.status_code == 422 and words in r.text and "merge.adapters[0].uri" in r.text, r.text
 
     good_id = client.post("/v1/jobs", json=body("good", -0.5), headers=auth()).json()["id"]
     bad_id = client.post("/v1/jobs", json=body("bad", 1.0), headers=auth()).json()["id"]
