@@ -64,5 +64,5 @@ def adapter_problems(field: str, uri: str, header: dict | str, arch: str) -> lis
     if found is not None and found != wanted:
         return [FieldProblem(path=field, message=(
             f"{uri} is an adapter for {found.upper()} (its layer names say so) but model.arch is {arch!r}; "
-            "merge it into a base of its own architecture"))]
+            "use a base model of its own architecture"))]
     return []

@@ -101,6 +101,37 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _adapter_uri(ref: str, client: Client) -> str:
+    """A URI as it is; a job id stands for that finished job's final adapter."""
+    if ref.startswith(("s3://", "/", ".")) or "://" in ref:
+        return ref
+    job = client.get(ref)
+    finals = [o for o in job.get("outputs") or [] if o.get("kind") == "adapter"]
+    if job.get("phase") != "succeeded" or not finals:
+        raise SystemExit(f"error: job {ref} is {job.get('phase')}, with no final adapter")
+    return finals[0]["uri"]
+
+
+def shrink_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
+    """The `kind = "shrink"` spec `lathe shrink` submits (the rank rules of the spec's `shrink` section)."""
+    shrink: dict[str, Any] = {"adapter": _adapter_uri(args.adapter, client), "plot": not args.no_plot}
+    for field in ("rank", "method", "param", "recipe", "max_rank", "save_precision"):
+        value = getattr(args, field)
+        if value is not None:
+            shrink[field] = value
+    spec: dict[str, Any] = {"version": 1, "kind": "shrink", "model": {"uri": args.model, "arch": args.arch},
+                            "shrink": shrink, "resources": {"gpus": args.gpus}}
+    if args.output_name:
+        spec["save"] = {"output_name": args.output_name}
+    return spec
+
+
+def cmd_shrink(args: argparse.Namespace, client: Client) -> int:
+    job = client.submit(shrink_spec(args, client), webhook_url=args.webhook)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
 def merge_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
     """The `kind = "merge"` spec `lathe merge` submits. An adapter is a URI or a finished job's id (its
     final adapter), optionally with `:RATIO` (default 1)."""
@@ -113,13 +144,7 @@ def merge_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
                 ref, ratio = head, float(tail)
             except ValueError:
                 pass
-        if not ref.startswith(("s3://", "/", ".")) and "://" not in ref:
-            job = client.get(ref)
-            finals = [o for o in job.get("outputs") or [] if o.get("kind") == "adapter"]
-            if job.get("phase") != "succeeded" or not finals:
-                raise SystemExit(f"error: job {ref} is {job.get('phase')}, with no final adapter to merge")
-            ref = finals[0]["uri"]
-        adapters.append({"uri": ref, "ratio": ratio})
+        adapters.append({"uri": _adapter_uri(ref, client), "ratio": ratio})
     spec: dict[str, Any] = {"version": 1, "kind": "merge", "model": {"uri": args.model, "arch": args.arch},
                             "merge": {"adapters": adapters}, "resources": {"gpus": args.gpus}}
     if args.save_precision:
@@ -293,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
     p.add_argument("--webhook")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("shrink", help="reduce an adapter's rank (a shrink job); prints the job id")
+    p.add_argument("adapter", help="adapter URI or finished job id")
+    p.add_argument("--model", required=True, help="the base model it was trained on (URI)")
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("--rank", type=int, help="fixed rank (--new_rank)")
+    p.add_argument("--method", choices=["sv_ratio", "sv_fro", "sv_cumulative"], help="--dynamic_method")
+    p.add_argument("--param", type=float, help="--dynamic_param")
+    p.add_argument("--recipe", help="resize_lora recipe (the default when no rank/method: fro_ckpt=1,thr=-3.55)")
+    p.add_argument("--max-rank", type=int, dest="max_rank")
+    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--output-name")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
+    p.add_argument("--webhook")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="a job's phase and progress")
     p.add_argument("id")
     p.add_argument("--watch", action="store_true", help="follow with a progress bar until the job ends")
@@ -321,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                    "delete": cmd_delete, "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload}
 
 

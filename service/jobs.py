@@ -88,20 +88,21 @@ class JobService:
         return spec, report, warnings + report.warnings
 
     def _check_adapter_headers(self, spec: JobSpec) -> None:
-        """A merge's adapters, by their safetensors headers (ranged GETs): not an adapter, or one of
-        another architecture, is a 422 now instead of a failed job later."""
-        if spec.merge is None:
-            return
+        """The adapters of a merge or shrink job, by their safetensors headers (ranged GETs): not an
+        adapter, or one of another architecture, is a 422 now instead of a failed job later."""
+        refs = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
+        if spec.shrink.adapter is not None:
+            refs.append(("shrink.adapter", spec.shrink.adapter))
         problems = []
-        for i, adapter in enumerate(spec.merge.adapters):
-            scheme, bucket, key = parse_uri(adapter.uri)
+        for field, uri in refs:
+            scheme, bucket, key = parse_uri(uri)
             if scheme != "s3":
                 continue  # a trainer-local path: the trainer checks it
             store = self._open_cached(f"s3://{bucket}/")
             header = self._call(lambda: read_header(store, key))
-            problems += adapter_problems(f"merge.adapters[{i}].uri", adapter.uri, header, spec.model.arch)
+            problems += adapter_problems(field, uri, header, spec.model.arch)
         if problems:
-            raise errors.InvalidSpec(f"{len(problems)} adapter(s) cannot be merged into this model: "
+            raise errors.InvalidSpec(f"{len(problems)} adapter(s) do not fit this model: "
                                      + "; ".join(f"{p.path}: {p.message}" for p in problems), problems=problems)
 
     def _check_webhook(self, url: str | None) -> None:
@@ -126,6 +127,8 @@ class JobService:
         ]
         # An adapter to merge is a model the tenant may read, or one of its own jobs' outputs.
         adapters = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
+        if spec.shrink.adapter is not None:
+            adapters.append(("shrink.adapter", spec.shrink.adapter))
         problems = []
         for path, uri in adapters:
             if not (tenant.allows("model", uri) or tenant.allows("output", uri)):

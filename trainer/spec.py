@@ -271,6 +271,7 @@ class ShrinkSpec(_Base):
     max_rank: PositiveInt | None = None
     save_precision: Precision | None = None
     plot: bool = True
+    adapter: Uri | None = None  # kind = "shrink" only: the adapter file to reduce (s3:// or a local path)
 
 
 class SampleSpec(_Base):
@@ -302,7 +303,7 @@ class LoggingSpec(_Base):
     debug: bool = False
 
 
-JobKind = Literal["train", "merge"]
+JobKind = Literal["train", "merge", "shrink"]
 MAX_MERGE_RATIO = 10.0  # sd-scripts' merge takes any ratio, negative ones too; beyond ±10 is a typo
 
 
@@ -321,7 +322,7 @@ class MergeSpec(_Base):
 class JobSpec(_Base):
     """A whole job. `version` is required so that a future v2 is never misread as v1. `kind` says
     what the job does: "train" (the default) trains an adapter on `dataset`; "merge" needs no
-    dataset and reads the `merge` section."""
+    dataset and reads the `merge` section; "shrink" reduces `shrink.adapter` against `model.uri`."""
 
     version: int
     model: ModelSpec
@@ -821,18 +822,23 @@ def check_spec(spec: JobSpec) -> list[Problem]:
 
 def check_kind(spec: JobSpec) -> list[Problem]:
     """The sections each job kind needs; the training checks run only for kind "train"."""
+    problems = []
     if spec.kind == "train":
         if spec.dataset is None:
-            return [Problem("dataset", "is missing: kind \"train\" needs dataset.uri (a folder or archive of "
-                            "images), or set kind to \"merge\"")]
-        if spec.merge is not None:
-            return [Problem("merge", "only for kind \"merge\"; remove it or set kind = \"merge\"")]
-        return []
-    problems = []
-    if spec.merge is None:
-        problems.append(Problem("merge", "required for kind \"merge\": give merge.adapters = [{uri, ratio}, …]"))
-    if spec.dataset is not None:
+            problems.append(Problem("dataset", "is missing: kind \"train\" needs dataset.uri (a folder or archive of "
+                                    "images), or set kind to \"merge\" or \"shrink\""))
+    elif spec.dataset is not None:
         problems.append(Problem("dataset", f"a \"{spec.kind}\" job reads no dataset; remove this section"))
+    if spec.kind == "merge" and spec.merge is None:
+        problems.append(Problem("merge", "required for kind \"merge\": give merge.adapters = [{uri, ratio}, …]"))
+    if spec.kind != "merge" and spec.merge is not None:
+        problems.append(Problem("merge", "only for kind \"merge\"; remove it or set kind = \"merge\""))
+    if spec.kind == "shrink" and spec.shrink.adapter is None:
+        problems.append(Problem("shrink.adapter", "required for kind \"shrink\": the URI of the adapter file to reduce"))
+    if spec.kind != "shrink" and spec.shrink.adapter is not None:
+        problems.append(Problem("shrink.adapter", "only for kind \"shrink\" (a training job shrinks its own adapter)"))
+    if spec.kind == "shrink" and not spec.shrink.enabled:
+        problems.append(Problem("shrink.enabled", "a \"shrink\" job with shrink.enabled = false would do nothing"))
     return problems
 
 

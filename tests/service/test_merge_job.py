@@ -99,7 +99,7 @@ def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bu
 
 
 def test_lathe_merge_builds_the_merge_spec_from_uris_and_job_ids():
-    from service.cli import build_parser, merge_spec
+    from service.cli import build_parser, merge_spec, shrink_spec
 
     class Jobs:  # the two answers `lathe merge` reads: a finished job and a running one
         def get(self, job_id):
@@ -119,3 +119,34 @@ def test_lathe_merge_builds_the_merge_spec_from_uris_and_job_ids():
     assert spec["save"] == {"output_name": "m"}
     with pytest.raises(SystemExit, match="j-run is training"):
         merge_spec(build_parser().parse_args(["merge", "j-run", "--model", "s3://b/base"]), Jobs())
+    args = build_parser().parse_args(["shrink", "j-done", "--model", "s3://b/base", "--rank", "8", "--no-plot"])
+    assert shrink_spec(args, Jobs()) == {
+        "version": 1, "kind": "shrink", "model": {"uri": "s3://b/base", "arch": "sd1"}, "resources": {"gpus": 1},
+        "shrink": {"adapter": "s3://b/out/last.safetensors", "plot": False, "rank": 8}}
+
+
+def test_shrink_job_reduces_an_adapter_and_refuses_a_checkpoint(client_factory, bucket, s3, tmp_path):
+    single, good, _ = _assets(tmp_path)
+    s3.upload_file(str(single), bucket, "models/tiny-shrink/base.safetensors")
+    s3.upload_file(str(good), bucket, "models/adapters/to-shrink.safetensors")
+    client = client_factory(trainer_command=None, heartbeat_timeout_s=120, max_running_jobs=1)
+
+    def body(adapter_key: str) -> dict:
+        return {"spec": {
+            "version": 1, "kind": "shrink", "model": {"uri": f"s3://{bucket}/models/tiny-shrink/base.safetensors"},
+            "shrink": {"adapter": f"s3://{bucket}/{adapter_key}", "rank": 1, "plot": False},
+            "save": {"output_name": "small"}, "resources": {"gpus": 0, "max_attempts": 1},
+        }}
+
+    r = client.post("/v1/jobs", json=body("models/tiny-shrink/base.safetensors"), headers=auth())
+    assert r.status_code == 422 and "shrink.adapter" in r.text and "not an sd-scripts/LyCORIS adapter" in r.text
+    job_id = client.post("/v1/jobs", json=body("models/adapters/to-shrink.safetensors"), headers=auth()).json()["id"]
+    job = wait_finished(client, job_id, timeout_s=300)
+    logs = client.get(f"/v1/jobs/{job_id}/logs", params={"tail": 60}, headers=auth()).text
+    assert job["phase"] == "succeeded" and job["kind"] == "shrink", (job, logs)
+    names = {o["name"]: o for o in job["outputs"]}
+    assert {"small-shrunk.safetensors", "spec.json", "metadata.json"} <= set(names), names
+    meta = json.loads(s3.get_object(Bucket=bucket, Key=names["metadata.json"]["uri"].split(f"{bucket}/", 1)[1])["Body"].read())
+    report = meta["shrink_report"]
+    assert report["input"] == f"s3://{bucket}/models/adapters/to-shrink.safetensors" and report["output"] == "small-shrunk.safetensors"
+    assert {row["new_rank"] for row in report["layers"]} == {1} and str(tmp_path) not in json.dumps(meta)
