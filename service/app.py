@@ -28,6 +28,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from service import errors
+from service.jobdiff import JobDiff
 from service.jobs import JobService
 from service.jobstore import JobStore
 from service.launcher import Launcher
@@ -216,6 +217,13 @@ def job_logs(request: Request, tenant: Tenant, job_id: JobId,
     return _services(request).jobs.logs(tenant, job_id, tail)
 
 
+@get("/v1/jobs/{job_id:str}/diff/{other_id:str}", sync_to_thread=True,
+     summary="What differs between two jobs: spec fields, dataset files, model, versions, final loss",
+     responses=_responses(401, 404, 503))
+def diff_jobs(request: Request, tenant: Tenant, job_id: JobId, other_id: JobId) -> JobDiff:
+    return _services(request).jobs.diff(tenant, job_id, other_id)
+
+
 class JobEvent(msgspec.Struct, kw_only=True):
     id: str
     phase: str
@@ -387,7 +395,7 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         webhooks.stop()
 
     api = Router(
-        path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs,
+        path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs, diff_jobs,
                                   job_events, create_upload],
         dependencies={"tenant": Provide(_provide_tenant, sync_to_thread=False)},
         security=[{"bearer": []}], tags=["jobs"],

@@ -132,6 +132,31 @@ def cmd_shrink(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def format_diff(diff: dict[str, Any]) -> list[str]:
+    """`lathe diff`'s lines: one per spec field, dataset file, model, version and loss that differ."""
+    lines = [f"--- {diff['a']}", f"+++ {diff['b']}"]
+    for section in ("spec", "model", "versions"):
+        for change in diff.get(section) or []:
+            lines.append(f"{section}: {change['path']}: {json.dumps(change['a'])} -> {json.dumps(change['b'])}")
+    for change in diff.get("dataset") or []:
+        mark = {"added": "+", "removed": "-", "changed": "~"}[change["change"]]
+        lines.append(f"dataset: {mark} {change['key']}")
+    if diff.get("final_loss"):
+        lines.append(f"final loss: {diff['final_loss']['a']} -> {diff['final_loss']['b']}")
+    if not diff.get("complete", True):
+        lines.append("(a job has no metadata.json yet: only the specs were compared)")
+    return lines
+
+
+def cmd_diff(args: argparse.Namespace, client: Client) -> int:
+    diff = client.diff(args.a, args.b)
+    if args.json:
+        _print_json(diff)
+    else:
+        print("\n".join(format_diff(diff)))
+    return 0
+
+
 def merge_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
     """The `kind = "merge"` spec `lathe merge` submits. An adapter is a URI or a finished job's id (its
     final adapter), optionally with `:RATIO` (default 1)."""
@@ -333,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
     p.add_argument("--webhook")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("diff", help="what differs between two jobs: spec, dataset files, model, versions, loss")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="a job's phase and progress")
     p.add_argument("id")
     p.add_argument("--watch", action="store_true", help="follow with a progress bar until the job ends")
@@ -361,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "diff": cmd_diff, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                    "delete": cmd_delete, "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload}
 
 

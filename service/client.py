@@ -109,6 +109,9 @@ class Client:
     def delete(self, job_id: str) -> None:
         self._check(self.http.delete(f"/v1/jobs/{job_id}"))
 
+    def diff(self, a: str, b: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{a}/diff/{b}")).json()
+
     def logs(self, job_id: str, tail: int = 200) -> str:
         return self._check(self.http.get(f"/v1/jobs/{job_id}/logs", params={"tail": tail})).text
 

@@ -7,6 +7,7 @@ Raises only service.errors; the app maps them to problem+json. All state goes to
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -19,8 +20,9 @@ import msgspec
 
 from service import errors
 from service.adapterheader import adapter_problems, read_header
+from service.jobdiff import JobDiff, diff_jobs
 from service.jobstore import (
-    LOG_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
+    LOG_KEY, SPEC_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
 from service.launcher import Launcher
 from service.phase import effective
@@ -427,6 +429,29 @@ class JobService:
                     pass
 
     # -- logs -----------------------------------------------------------------------------------
+    def diff(self, tenant: Tenant, a: str, b: str) -> JobDiff:
+        """Spec fields, dataset files, model, versions and final loss that differ between two jobs."""
+        return diff_jobs(a, b, self._stored(tenant, a), self._stored(tenant, b))
+
+    def _stored(self, tenant: Tenant, job_id: str) -> dict[str, Any]:
+        """spec.json, and metadata.json / dataset-manifest.json when the job published them."""
+        _, status = self.get_with_status(tenant, job_id)
+        spec = json.loads(self._call(lambda: self.store.job_dir(tenant.name, job_id).get_bytes(SPEC_KEY)))
+        docs: dict[str, Any] = {"spec": spec, "metadata": None, "manifest": None}
+        outputs = {o.name: o.uri for o in (status.outputs if status else [])}
+        folder = next(iter(outputs.values()), "").rsplit("/", 1)[0]
+        for field, name in (("metadata", "metadata.json"), ("manifest", "dataset-manifest.json")):
+            uri = outputs.get(name) or (f"{folder}/{name}" if folder else None)
+            if uri is None or not tenant.allows("output", uri):
+                continue
+            scheme, bucket, key = parse_uri(uri)
+            store = self._open_cached(f"s3://{bucket}/") if scheme == "s3" else self._opener(uri.rsplit("/", 1)[0])
+            try:
+                docs[field] = json.loads(self._call(lambda: store.get_bytes(key if scheme == "s3" else name)))
+            except (errors.NotFound, ValueError):
+                pass
+        return docs
+
     def logs(self, tenant: Tenant, job_id: str, tail: int) -> str:
         """The last `tail` lines: the launcher's (fresh) while the job is active, else the log the
         trainer uploaded to logs/trainer.log, else whatever the launcher still has."""
