@@ -47,3 +47,10 @@ def test_diff_endpoint_and_cli_lines_on_two_jobs(client_factory, bucket):
     assert lines[:3] == [f"--- {ids[0]}", f"+++ {ids[1]}", "spec: training.max_train_steps: 3 -> 4"]
     assert client.get(f"/v1/jobs/{ids[0]}/diff/j-nope", headers=auth()).status_code == 404
     assert client.get(f"/v1/jobs/{ids[0]}/diff/{ids[1]}", headers=auth("other")).status_code == 404
+
+
+def test_openapi_names_the_diff_route_the_job_kinds_phases_and_failure_reasons(client_factory):
+    doc = client_factory().get("/schema/openapi.json").json()
+    assert "/v1/jobs/{job_id}/diff/{other_id}" in doc["paths"]
+    text = str(doc)
+    assert "adapter_mismatch" in text and "'merging'" in text and "'shrink'" in text and "'merge'" in text
