@@ -224,6 +224,18 @@ def diff_jobs(request: Request, tenant: Tenant, job_id: JobId, other_id: JobId) 
     return _services(request).jobs.diff(tenant, job_id, other_id)
 
 
+class RerunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    force: bool = False  # run even when the dataset changed since the job ran
+
+
+@post("/v1/jobs/{job_id:str}/rerun", sync_to_thread=True, status_code=201,
+      summary="Submit a job's spec again against the same inputs (refused when its dataset changed)",
+      responses=_responses(401, 404, 409, 422, 429, 503))
+def rerun_job(request: Request, tenant: Tenant, job_id: JobId, data: RerunRequest) -> Response[JobView]:
+    view, _ = _services(request).jobs.rerun(tenant, job_id, data.force)
+    return Response(view, status_code=201, headers={"Location": f"/v1/jobs/{view.id}"})
+
+
 class JobEvent(msgspec.Struct, kw_only=True):
     id: str
     phase: str
@@ -395,7 +407,7 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         webhooks.stop()
 
     api = Router(
-        path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs, diff_jobs,
+        path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs, diff_jobs, rerun_job,
                                   job_events, create_upload],
         dependencies={"tenant": Provide(_provide_tenant, sync_to_thread=False)},
         security=[{"bearer": []}], tags=["jobs"],

@@ -148,6 +148,12 @@ def format_diff(diff: dict[str, Any]) -> list[str]:
     return lines
 
 
+def cmd_rerun(args: argparse.Namespace, client: Client) -> int:
+    job = client.rerun(args.id, force=args.force)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
 def cmd_diff(args: argparse.Namespace, client: Client) -> int:
     diff = client.diff(args.a, args.b)
     if args.json:
@@ -358,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
     p.add_argument("--webhook")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("rerun", help="submit a job's spec again on the same inputs (refused if its dataset changed)")
+    p.add_argument("id")
+    p.add_argument("--force", action="store_true", help="run even when the dataset changed")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("diff", help="what differs between two jobs: spec, dataset files, model, versions, loss")
     p.add_argument("a")
     p.add_argument("b")
@@ -390,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "diff": cmd_diff, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "diff": cmd_diff, "rerun": cmd_rerun, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                    "delete": cmd_delete, "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload}
 
 

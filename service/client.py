@@ -109,6 +109,9 @@ class Client:
     def delete(self, job_id: str) -> None:
         self._check(self.http.delete(f"/v1/jobs/{job_id}"))
 
+    def rerun(self, job_id: str, *, force: bool = False) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/rerun", json={"force": force})).json()
+
     def diff(self, a: str, b: str) -> dict[str, Any]:
         return self._check(self.http.get(f"/v1/jobs/{a}/diff/{b}")).json()
 

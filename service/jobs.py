@@ -125,6 +125,7 @@ class JobService:
             ("network.weights", spec.network.weights, "model"),
             ("dataset.uri", spec.dataset.uri if spec.dataset else None, "dataset"),
             ("dataset.reg_uri", spec.dataset.reg_uri if spec.dataset else None, "dataset"),
+            ("dataset.expect_manifest", spec.dataset.expect_manifest if spec.dataset else None, "output"),
             ("save.output_uri", spec.save.output_uri, "output"),
         ]
         # An adapter to merge is a model the tenant may read, or one of its own jobs' outputs.
@@ -433,6 +434,58 @@ class JobService:
         """Spec fields, dataset files, model, versions and final loss that differ between two jobs."""
         return diff_jobs(a, b, self._stored(tenant, a), self._stored(tenant, b))
 
+    def rerun(self, tenant: Tenant, job_id: str, force: bool) -> tuple[JobView, bool]:
+        """Submit job `job_id`'s spec again against the same inputs. Its dataset is compared now by key,
+        size and ETag with its dataset-manifest.json (409 naming the differences); the new job carries
+        the manifest as dataset.expect_manifest so the trainer compares the bytes (sha256). `force`
+        skips both comparisons."""
+        old = self._stored(tenant, job_id)
+        spec = old["spec"]
+        manifest, manifest_uri = old["manifest"], old.get("manifest_uri")
+        if spec.get("dataset") is not None:
+            spec["dataset"].pop("expect_manifest", None)
+            if manifest is not None and not force:
+                changes = self._listing_changes(manifest)
+                if changes:
+                    raise errors.DatasetChanged(
+                        f"{len(changes)} dataset file(s) differ from job {job_id}: " + "; ".join(changes[:10])
+                        + " (lathe rerun --force runs anyway)",
+                        problems=[FieldProblem(path="dataset.uri", message=c) for c in changes[:100]])
+                spec["dataset"]["expect_manifest"] = manifest_uri
+        record = self._record(tenant, job_id)
+        return self.submit(tenant, JobCreate(spec=spec, webhook_url=record.webhook_url), None)
+
+    def _listing_changes(self, manifest: dict) -> list[str]:
+        """'<key>: added|removed|changed (size/ETag)' between a manifest and the store's listing now."""
+        changes = []
+        for dataset in manifest.get("datasets", []):
+            scheme, bucket, key = parse_uri(dataset["uri"])
+            if scheme != "s3":
+                continue  # trainer-local data: the trainer compares the bytes
+            store = self._open_cached(f"s3://{bucket}/")
+            if "archive" in dataset:
+                old = dataset["archive"]
+                try:
+                    info = self._call(lambda: store.head(old["key"]))
+                except errors.NotFound:
+                    changes.append(f"{old['key']}: removed")
+                    continue
+                if (info.size, info.etag) != (old["size"], old["etag"]):
+                    changes.append(f"{old['key']}: changed (size {old['size']} → {info.size}, ETag {old['etag']} → {info.etag})")
+                continue
+            folder = key if not key or key.endswith("/") else key + "/"
+            now = {o.key: o for o in self._call(lambda: list(store.list(folder)))}
+            before = {f["key"]: f for f in dataset.get("files", [])}
+            for name in sorted(set(now) | set(before)):
+                if name not in now:
+                    changes.append(f"{name}: removed")
+                elif name not in before:
+                    changes.append(f"{name}: added")
+                elif (now[name].size, now[name].etag) != (before[name]["size"], before[name]["etag"]):
+                    changes.append(f"{name}: changed (size {before[name]['size']} → {now[name].size}, "
+                                   f"ETag {before[name]['etag']} → {now[name].etag})")
+        return changes
+
     def _stored(self, tenant: Tenant, job_id: str) -> dict[str, Any]:
         """spec.json, and metadata.json / dataset-manifest.json when the job published them."""
         _, status = self.get_with_status(tenant, job_id)
@@ -448,6 +501,7 @@ class JobService:
             store = self._open_cached(f"s3://{bucket}/") if scheme == "s3" else self._opener(uri.rsplit("/", 1)[0])
             try:
                 docs[field] = json.loads(self._call(lambda: store.get_bytes(key if scheme == "s3" else name)))
+                docs[f"{field}_uri"] = uri
             except (errors.NotFound, ValueError):
                 pass
         return docs

@@ -72,6 +72,22 @@ def dataset_entry(field: str, uri: str, local_root: str, sources: dict) -> dict:
     return entry
 
 
+def manifest_changes(expected: dict, entries: list[dict]) -> list[str]:
+    """Files whose bytes differ from an earlier manifest: '<key>: added|removed|changed', by sha256."""
+    def by_key(datasets: list[dict]) -> dict[str, str]:
+        out = {}
+        for d in datasets:
+            if "archive" in d:
+                out[d["archive"]["key"]] = d["archive"]["sha256"]
+            for f in d.get("files", []):
+                out[f["key"]] = f["sha256"]
+        return out
+
+    old, new = by_key(expected.get("datasets", [])), by_key(entries)
+    return [f"{k}: {'added' if k not in old else 'removed' if k not in new else 'changed'}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def manifest_bytes(entries: list[dict]) -> bytes:
     """The manifest document, canonical (sorted keys) so equal inputs give equal hashes."""
     return (json.dumps({"version": 1, "datasets": entries}, sort_keys=True, indent=1) + "\n").encode()

@@ -174,11 +174,30 @@ class Job:
         entries = [dataset_entry("dataset.uri", ds.uri, data_root, data_sources)]
         if reg_root is not None and ds.reg_uri:
             entries.append(dataset_entry("dataset.reg_uri", ds.reg_uri, reg_root, reg_sources))
+        if ds.expect_manifest:
+            self._check_rerun(ds.expect_manifest, entries)
         body = manifest_bytes(entries)
         self.manifest_path = self.out_dir / MANIFEST_NAME
         self.manifest_path.write_bytes(body)
         self.manifest_sha256 = hashlib.sha256(body).hexdigest()
         self.timings["provenance_s"] = time.monotonic() - t0
+
+    def _check_rerun(self, uri: str, entries: list[dict]) -> None:
+        import json
+
+        from trainer.provenance import manifest_changes
+
+        parent, name = uri.rsplit("/", 1)
+        store = open_store(parent if "://" in uri else _resolve_input(parent, self.ctx.spec_uri))
+        try:
+            expected = json.loads(with_retries(lambda: store.get_bytes(name), what="reading the expected manifest"))
+        except NotFound:
+            raise JobFailure(Reason.SPEC_INVALID, f"dataset.expect_manifest: {uri} does not exist") from None
+        changes = manifest_changes(expected, entries)
+        if changes:
+            shown = "; ".join(changes[:10]) + (f"; and {len(changes) - 10} more" if len(changes) > 10 else "")
+            raise JobFailure(Reason.DATASET_CHANGED, f"the dataset differs from the job this one reruns ({shown}); "
+                             "rerun with --force to train on the data as it is now")
 
     def train(self, inputs: dict[str, Any]) -> Any:
         log.info("loading the model")  # torch and the diffusion stack are imported first: the slow part of a start

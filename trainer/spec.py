@@ -131,6 +131,9 @@ class DatasetSpec(_Base):
     prior_loss_weight: Annotated[float, Meta(ge=0.0)] = 1.0
     max_data_loader_n_workers: NonNegInt = 8
     persistent_data_loader_workers: bool = False
+    # A rerun (`lathe rerun`): the dataset-manifest.json of the job it repeats; the trainer fails with
+    # dataset_changed when a file's bytes (sha256) differ from it.
+    expect_manifest: Uri | None = None
 
     @property
     def resolution_wh(self) -> tuple[int, int]:

@@ -176,3 +176,23 @@ def test_spec_invalid_exit_code(s3_server, job_bucket, tmp_path):
     assert code == 10
     status = _status(s3_server, job_bucket, "j-badspec")
     assert status["error"]["reason"] == "spec_invalid" and "network.algo" in status["error"]["message"]
+
+
+def test_rerun_on_changed_bytes_fails_dataset_changed_naming_the_file(s3_server, job_bucket, tmp_path):
+    client = s3_client(s3_server)
+    listing = client.list_objects_v2(Bucket=job_bucket, Prefix="datasets/tiny/")["Contents"]
+    files = [{"key": o["Key"], "size": o["Size"], "etag": o["ETag"].strip('"'), "sha256": "0" * 64} for o in listing]
+    real = {o["Key"]: hashlib.sha256(client.get_object(Bucket=job_bucket, Key=o["Key"])["Body"].read()).hexdigest()
+            for o in listing}
+    for entry in files[1:]:
+        entry["sha256"] = real[entry["key"]]  # only the first file's bytes "changed" since the earlier job
+    key = "tenants/t1/jobs/j-earlier/output/dataset-manifest.json"
+    client.put_object(Bucket=job_bucket, Key=key, Body=json.dumps({"version": 1, "datasets": [
+        {"field": "dataset.uri", "uri": f"s3://{job_bucket}/datasets/tiny", "files": files}]}).encode())
+    spec = make_spec(job_bucket, **{"dataset.expect_manifest": f"s3://{job_bucket}/{key}"})
+    uri = put_spec(s3_server, job_bucket, "j-rerun", spec)
+    code, out = finish(start_trainer(uri, trainer_env(s3_server, tmp_path / "cache"), tmp_path / "w"))
+    assert code == 15, out[-3000:]
+    status = _status(s3_server, job_bucket, "j-rerun")
+    assert status["error"]["reason"] == "dataset_changed"
+    assert f"{files[0]['key']}: changed" in status["error"]["message"] and files[1]["key"] not in status["error"]["message"]

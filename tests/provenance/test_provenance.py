@@ -68,3 +68,15 @@ def test_dataset_manifest_of_a_folder_and_of_an_archive(tmp_path):
                                 {"name": "10_cat/a.txt", "size": 5, "sha256": _sha(b"a cat")}]
     body = manifest_bytes([entry])
     assert json.loads(body)["datasets"][0]["members"] and manifest_bytes([entry]) == body
+
+
+def test_manifest_changes_name_added_removed_and_changed_files():
+    from trainer.provenance import manifest_changes
+
+    def files(**sha):
+        return [{"field": "dataset.uri", "uri": "u", "files": [{"key": k, "size": 1, "etag": None, "sha256": v}
+                                                             for k, v in sha.items()]}]
+
+    expected = {"version": 1, "datasets": files(a="1", b="2", c="3")}
+    assert manifest_changes(expected, files(a="1", b="2", c="3")) == []
+    assert manifest_changes(expected, files(a="1", b="9", d="4")) == ["b: changed", "c: removed", "d: added"]

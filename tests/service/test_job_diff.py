@@ -54,3 +54,35 @@ def test_openapi_names_the_diff_route_the_job_kinds_phases_and_failure_reasons(c
     assert "/v1/jobs/{job_id}/diff/{other_id}" in doc["paths"]
     text = str(doc)
     assert "adapter_mismatch" in text and "'merging'" in text and "'shrink'" in text and "'merge'" in text
+
+
+def test_rerun_refuses_a_changed_dataset_naming_the_file_and_force_runs_anyway(client_factory, bucket, s3):
+    import json
+
+    from tests.service.conftest import png, upload_tiny_dataset
+
+    data_uri = upload_tiny_dataset(s3, bucket, prefix="datasets/rerun")
+    client = client_factory()
+    first = client.post("/v1/jobs", json={"spec": spec(bucket, **{"dataset.uri": data_uri})}, headers=auth()).json()
+    done = wait_phase(client, first["id"], {"succeeded", "failed"})
+    # The manifest the real trainer publishes (the fake one does not): keys, sizes and ETags as listed now.
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="datasets/rerun/")["Contents"]
+    manifest = {"version": 1, "datasets": [{"field": "dataset.uri", "uri": data_uri, "files": [
+        {"key": o["Key"], "size": o["Size"], "etag": o["ETag"].strip('"'), "sha256": "0" * 64} for o in listing]}]}
+    out_key = done["outputs"][0]["uri"].split(f"{bucket}/", 1)[1].rsplit("/", 1)[0] + "/dataset-manifest.json"
+    s3.put_object(Bucket=bucket, Key=out_key, Body=json.dumps(manifest).encode())
+
+    r = client.post(f"/v1/jobs/{first['id']}/rerun", json={}, headers=auth())
+    assert r.status_code == 201, r.text
+    rerun_spec = json.loads(s3.get_object(Bucket=bucket, Key=r.json()["spec_uri"].split(f"{bucket}/", 1)[1])["Body"].read())
+    assert rerun_spec["dataset"]["expect_manifest"] == f"s3://{bucket}/{out_key}"  # the trainer compares sha256
+
+    changed = listing[0]["Key"]
+    s3.put_object(Bucket=bucket, Key=changed, Body=png(9, 9))
+    r = client.post(f"/v1/jobs/{first['id']}/rerun", json={}, headers=auth())
+    assert r.status_code == 409 and r.json()["type"].endswith("dataset-changed"), r.text
+    assert changed in r.text and "changed" in r.text
+    r = client.post(f"/v1/jobs/{first['id']}/rerun", json={"force": True}, headers=auth())
+    assert r.status_code == 201, r.text
+    forced = json.loads(s3.get_object(Bucket=bucket, Key=r.json()["spec_uri"].split(f"{bucket}/", 1)[1])["Body"].read())
+    assert forced["dataset"]["expect_manifest"] is None
