@@ -102,7 +102,10 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
 
 
 def _adapter_uri(ref: str, client: Client) -> str:
-    """A URI as it is; a job id stands for that finished job's final adapter."""
+    """A URI as it is; a local file is uploaded first (POST /v1/uploads, kind adapter); a job id stands
+    for that finished job's final adapter."""
+    if os.path.isfile(ref):
+        return client.upload_adapter(ref)
     if ref.startswith(("s3://", "/", ".")) or "://" in ref:
         return ref
     job = client.get(ref)
@@ -350,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("shrink", help="reduce an adapter's rank (a shrink job); prints the job id")
-    p.add_argument("adapter", help="adapter URI or finished job id")
+    p.add_argument("adapter", help="adapter URI, local .safetensors file (uploaded first) or finished job id")
     p.add_argument("--model", required=True, help="the base model it was trained on (URI)")
     p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--rank", type=int, help="fixed rank (--new_rank)")

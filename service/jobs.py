@@ -537,7 +537,9 @@ class JobService:
             raise errors.BadRequest(f"files: at most {self.settings.upload_max_files} per request; send several requests")
         if not self.store.root.root_uri.startswith("s3://"):
             raise errors.BadRequest("uploads need an s3:// state root (LATHE_STATE_URI); copy the files directly")
-        prefix = f"tenants/{tenant.name}/datasets/{body.dataset}/"
+        prefix = f"tenants/{tenant.name}/{'adapters' if body.kind == 'adapter' else 'datasets'}/{body.dataset}/"
+        if body.kind == "adapter" and (len(body.files) != 1 or not body.files[0].path.endswith(".safetensors")):
+            raise errors.BadRequest("files: an adapter upload is one .safetensors file")
         targets = []
         for i, f in enumerate(body.files):
             parts = f.path.split("/")

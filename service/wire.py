@@ -45,10 +45,12 @@ class UploadFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class UploadCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Body of POST /v1/uploads: a dataset name and the files to send."""
+    """Body of POST /v1/uploads: a dataset (or adapter) name and the files to send."""
 
     dataset: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     files: Annotated[list[UploadFile], Meta(min_length=1)]
+    # "adapter": an adapter file for a merge or shrink job, stored under tenants/<t>/adapters/<name>/
+    kind: Literal["dataset", "adapter"] = "dataset"
 
 
 # ----------------------------------------------------------------------------------------- output

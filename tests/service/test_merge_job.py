@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.service.conftest import REPO, auth, wait_finished
@@ -128,8 +129,18 @@ def test_lathe_merge_builds_the_merge_spec_from_uris_and_job_ids():
 def test_shrink_job_reduces_an_adapter_and_refuses_a_checkpoint(client_factory, bucket, s3, tmp_path):
     single, good, _ = _assets(tmp_path)
     s3.upload_file(str(single), bucket, "models/tiny-shrink/base.safetensors")
-    s3.upload_file(str(good), bucket, "models/adapters/to-shrink.safetensors")
     client = client_factory(trainer_command=None, heartbeat_timeout_s=120, max_running_jobs=1)
+    # The adapter arrives as `lathe shrink FILE` sends it: POST /v1/uploads (kind adapter), then a presigned PUT.
+    r = client.post("/v1/uploads", json={"dataset": "mine", "kind": "adapter", "files": [{"path": "a.txt"}]},
+                    headers=auth())
+    assert r.status_code == 400 and ".safetensors" in r.text
+    r = client.post("/v1/uploads", json={"dataset": "mine", "kind": "adapter", "files": [{"path": "good.safetensors"}]},
+                    headers=auth())
+    assert r.status_code == 201, r.text
+    (target,) = r.json()["files"]
+    assert httpx.put(target["url"], content=good.read_bytes(), headers=target["headers"]).status_code == 200
+    adapter_key = target["uri"].split(f"{bucket}/", 1)[1]
+    assert "/adapters/mine/" in adapter_key
 
     def body(adapter_key: str) -> dict:
         return {"spec": {
@@ -140,7 +151,9 @@ def test_shrink_job_reduces_an_adapter_and_refuses_a_checkpoint(client_factory, 
 
     r = client.post("/v1/jobs", json=body("models/tiny-shrink/base.safetensors"), headers=auth())
     assert r.status_code == 422 and "shrink.adapter" in r.text and "not an sd-scripts/LyCORIS adapter" in r.text
-    job_id = client.post("/v1/jobs", json=body("models/adapters/to-shrink.safetensors"), headers=auth()).json()["id"]
+    r = client.post("/v1/jobs", json=body(adapter_key), headers=auth())
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
     job = wait_finished(client, job_id, timeout_s=300)
     logs = client.get(f"/v1/jobs/{job_id}/logs", params={"tail": 60}, headers=auth()).text
     assert job["phase"] == "succeeded" and job["kind"] == "shrink", (job, logs)
@@ -148,5 +161,5 @@ def test_shrink_job_reduces_an_adapter_and_refuses_a_checkpoint(client_factory, 
     assert {"small-shrunk.safetensors", "spec.json", "metadata.json"} <= set(names), names
     meta = json.loads(s3.get_object(Bucket=bucket, Key=names["metadata.json"]["uri"].split(f"{bucket}/", 1)[1])["Body"].read())
     report = meta["shrink_report"]
-    assert report["input"] == f"s3://{bucket}/models/adapters/to-shrink.safetensors" and report["output"] == "small-shrunk.safetensors"
+    assert report["input"] == target["uri"] and report["output"] == "small-shrunk.safetensors"
     assert {row["new_rank"] for row in report["layers"]} == {1} and str(tmp_path) not in json.dumps(meta)
