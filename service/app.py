@@ -230,7 +230,7 @@ class RerunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 @post("/v1/jobs/{job_id:str}/rerun", sync_to_thread=True, status_code=201,
       summary="Submit a job's spec again against the same inputs (refused when its dataset changed)",
-      responses=_responses(401, 404, 409, 422, 429, 503))
+      responses=_responses(400, 401, 404, 409, 422, 429, 503))
 def rerun_job(request: Request, tenant: Tenant, job_id: JobId, data: RerunRequest) -> Response[JobView]:
     view, _ = _services(request).jobs.rerun(tenant, job_id, data.force)
     return Response(view, status_code=201, headers={"Location": f"/v1/jobs/{view.id}"})
