@@ -122,6 +122,23 @@ def _randomised_adapter(parts, options: dict, path) -> object:
     return reference
 
 
+def _predict(parts) -> torch.Tensor:
+    from trainer.models.load import encode_prompts
+
+    g = torch.Generator().manual_seed(11)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    ids = []
+    for tok in parts.tokenizers:
+        body = tok("a photo of a cat", add_special_tokens=False).input_ids
+        ids.append(torch.tensor([[[tok.bos_token_id, *body, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(body))]]))
+    with torch.no_grad():
+        states, pooled = encode_prompts(parts, ids, clip_skip=None, max_token_length=None)
+        extra = {}
+        if parts.arch == "sdxl":
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        return parts.unet(latents, torch.tensor([500]), states, **extra).sample
+
+
 def _paths(parts) -> dict[int, tuple[int, str]]:
     roots = [parts.unet, *parts.text_encoders]
     return {id(m): (i, name) for i, root in enumerate(roots) for name, m in root.named_modules()}
@@ -200,6 +217,18 @@ def test_merge_diffusers_folder_gives_a_folder_with_its_description(tiny, tmp_pa
     assert all(len(a["sha256"]) == 64 for a in description["adapters"])
     merged = load_model(_Model(str(out), arch), weight_dtype=torch.float32)
     assert _check_layers(net_a, parts, merged, 0.5) == len(net_a.loras())
+    # The whole model: text encoders + UNet of the merged folder predict what the base predicts with the
+    # adapter hooked in at the same ratio (same latents, timestep and prompt).
+    for lyco in net_a.loras():
+        lyco.multiplier = 0.5
+    net_a.apply_to()
+    try:
+        want = _predict(parts)
+    finally:
+        net_a.restore()
+    got = _predict(merged)
+    assert not torch.allclose(_predict(parts), want, atol=1e-3)  # the adapter changes the prediction
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), (got - want).abs().max()
 
 
 def test_an_adapter_of_another_architecture_is_an_adapter_mismatch(tiny, tmp_path):
