@@ -209,7 +209,7 @@ def merge_checkpoint(base_path: str, adapters: list[MergeInput], out_path: str, 
         parts["base"]["sha256"] = _sha256(base_dir)
     changed = weights.by_file()
     if base_dir.is_dir():
-        _write_folder(base_dir, Path(out_path), changed, weights, dtype, parts)
+        _write_folder(base_dir, Path(out_path), changed, weights, None, parts)  # a folder keeps the base's dtypes
         form = "diffusers"
     else:
         meta = checkpoint_metadata(arch, v_parameterization, title, parts)
