@@ -31,6 +31,7 @@ from litestar.response.sse import ServerSentEventMessage
 
 from service import errors
 from service.conformance import JsonRequest, MethodRules
+from service.jobdiff import JobDiff
 from service.jobs import JobService
 from service.jobstore import JobStore
 from service.launcher import Launcher
@@ -288,6 +289,25 @@ def job_logs(request: Request, tenant: Tenant, job_id: JobId,
     return _services(request).jobs.logs(tenant, job_id, tail)
 
 
+@get("/v1/jobs/{job_id:str}/diff/{other_id:str}", sync_to_thread=True,
+     summary="What differs between two jobs: spec fields, dataset files, model, versions, final loss",
+     responses=_responses(401, 404, 503))
+def diff_jobs(request: Request, tenant: Tenant, job_id: JobId, other_id: JobId) -> JobDiff:
+    return _services(request).jobs.diff(tenant, job_id, other_id)
+
+
+class RerunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    force: bool = False  # run even when the dataset changed since the job ran
+
+
+@post("/v1/jobs/{job_id:str}/rerun", sync_to_thread=True, status_code=201,
+      summary="Submit a job's spec again against the same inputs (refused when its dataset changed)",
+      responses=_responses(400, 401, 404, 409, 422, 429, 503))
+def rerun_job(request: Request, tenant: Tenant, job_id: JobId, data: RerunRequest) -> Response[JobView]:
+    view, _ = _services(request).jobs.rerun(tenant, job_id, data.force)
+    return Response(view, status_code=201, headers={"Location": f"/v1/jobs/{view.id}"})
+
+
 class JobEvent(msgspec.Struct, kw_only=True):
     id: str
     phase: str
@@ -462,7 +482,8 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
 
     api = Router(
         path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs,
-                                  job_events, create_upload, dataset_report_post, dataset_report_get],
+                                  diff_jobs, rerun_job, job_events, create_upload, dataset_report_post,
+                                  dataset_report_get],
         dependencies={"tenant": Provide(_provide_tenant, sync_to_thread=False)},
         middleware=[DefineMiddleware(_TenantAuth, exclude_http_methods=["OPTIONS"])],
         security=[{"bearer": []}], tags=["jobs"],

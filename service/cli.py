@@ -102,6 +102,101 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _adapter_uri(ref: str, client: Client) -> str:
+    """A URI as it is; a local file is uploaded first (POST /v1/uploads, kind adapter); a job id stands
+    for that finished job's final adapter."""
+    if os.path.isfile(ref):
+        return client.upload_adapter(ref)
+    if ref.startswith(("s3://", "/", ".")) or "://" in ref:
+        return ref
+    job = client.get(ref)
+    finals = [o for o in job.get("outputs") or [] if o.get("kind") == "adapter"]
+    if job.get("phase") != "succeeded" or not finals:
+        raise SystemExit(f"error: job {ref} is {job.get('phase')}, with no final adapter")
+    return finals[0]["uri"]
+
+
+def shrink_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
+    """The `kind = "shrink"` spec `lathe shrink` submits (the rank rules of the spec's `shrink` section)."""
+    shrink: dict[str, Any] = {"adapter": _adapter_uri(args.adapter, client), "plot": not args.no_plot}
+    for field in ("rank", "method", "param", "recipe", "max_rank", "save_precision"):
+        value = getattr(args, field)
+        if value is not None:
+            shrink[field] = value
+    spec: dict[str, Any] = {"version": 1, "kind": "shrink", "model": {"uri": args.model, "arch": args.arch},
+                            "shrink": shrink, "resources": {"gpus": args.gpus}}
+    if args.output_name:
+        spec["save"] = {"output_name": args.output_name}
+    return spec
+
+
+def cmd_shrink(args: argparse.Namespace, client: Client) -> int:
+    job = client.submit(shrink_spec(args, client), webhook_url=args.webhook)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
+def format_diff(diff: dict[str, Any]) -> list[str]:
+    """`lathe diff`'s lines: one per spec field, dataset file, model, version and loss that differ."""
+    lines = [f"--- {diff['a']}", f"+++ {diff['b']}"]
+    for section in ("spec", "model", "versions"):
+        for change in diff.get(section) or []:
+            lines.append(f"{section}: {change['path']}: {json.dumps(change['a'])} -> {json.dumps(change['b'])}")
+    for change in diff.get("dataset") or []:
+        mark = {"added": "+", "removed": "-", "changed": "~"}[change["change"]]
+        lines.append(f"dataset: {mark} {change['key']}")
+    if diff.get("final_loss"):
+        lines.append(f"final loss: {diff['final_loss']['a']} -> {diff['final_loss']['b']}")
+    if not diff.get("complete", True):
+        lines.append("(a job has no metadata.json yet: only the specs were compared)")
+    return lines
+
+
+def cmd_rerun(args: argparse.Namespace, client: Client) -> int:
+    job = client.rerun(args.id, force=args.force)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace, client: Client) -> int:
+    diff = client.diff(args.a, args.b)
+    if args.json:
+        _print_json(diff)
+    else:
+        print("\n".join(format_diff(diff)))
+    return 0
+
+
+def merge_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
+    """The `kind = "merge"` spec `lathe merge` submits. An adapter is a URI or a finished job's id (its
+    final adapter), optionally with `:RATIO` (default 1)."""
+    adapters = []
+    for item in args.adapters:
+        ref, ratio = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep:
+            try:
+                ref, ratio = head, float(tail)
+            except ValueError:
+                pass
+        adapters.append({"uri": _adapter_uri(ref, client), "ratio": ratio})
+    spec: dict[str, Any] = {"version": 1, "kind": "merge", "model": {"uri": args.model, "arch": args.arch},
+                            "merge": {"adapters": adapters}, "resources": {"gpus": args.gpus}}
+    if args.save_precision:
+        spec["merge"]["save_precision"] = args.save_precision
+    if args.output_name:
+        spec["save"] = {"output_name": args.output_name}
+    if args.name:
+        spec["name"] = args.name
+    return spec
+
+
+def cmd_merge(args: argparse.Namespace, client: Client) -> int:
+    job = client.submit(merge_spec(args, client), webhook_url=args.webhook)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
 def _print_validation(result: dict[str, Any]) -> None:
     pre = result.get("preflight") or {}
     print(f"ok: {pre.get('images', 0)} images, {pre.get('steps_per_epoch', 0)} steps/epoch, "
@@ -198,7 +293,7 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
         return 0
     for item in page["items"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(item["submitted_at"]))
-        print(f"{item['id']}  {item['phase']:<10} {when}  {item.get('step', 0)}/{item.get('total_steps', 0)}  "
+        print(f"{item['id']}  {item.get('kind', 'train'):<6} {item['phase']:<10} {when}  {item.get('step', 0)}/{item.get('total_steps', 0)}  "
               f"{item.get('name') or ''}")
     if page.get("next_cursor"):
         _err(f"more: lathe list --cursor {page['next_cursor']}")
@@ -330,6 +425,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     p.add_argument("--webhook", help="URL called on terminal states (Standard Webhooks signature)")
     p.add_argument("--validate", action="store_true", help="only validate and preflight; launch nothing")
+    p = sub.add_parser("merge", help="merge adapters into a base model (a merge job); prints the job id")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[:RATIO]",
+                   help="adapter URI or finished job id, ratio in -10…10 (default 1)")
+    p.add_argument("--model", required=True, help="base model URI (single file or diffusers folder)")
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("--output-name", help="name of the merged checkpoint (default: last)")
+    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--name")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
+    p.add_argument("--webhook")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("shrink", help="reduce an adapter's rank (a shrink job); prints the job id")
+    p.add_argument("adapter", help="adapter URI, local .safetensors file (uploaded first) or finished job id")
+    p.add_argument("--model", required=True, help="the base model it was trained on (URI)")
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("--rank", type=int, help="fixed rank (--new_rank)")
+    p.add_argument("--method", choices=["sv_ratio", "sv_fro", "sv_cumulative"], help="--dynamic_method")
+    p.add_argument("--param", type=float, help="--dynamic_param")
+    p.add_argument("--recipe", help="resize_lora recipe (the default when no rank/method: fro_ckpt=1,thr=-3.55)")
+    p.add_argument("--max-rank", type=int, dest="max_rank")
+    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--output-name")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
+    p.add_argument("--webhook")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("rerun", help="submit a job's spec again on the same inputs (refused if its dataset changed)")
+    p.add_argument("id")
+    p.add_argument("--force", action="store_true", help="run even when the dataset changed")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("diff", help="what differs between two jobs: spec, dataset files, model, versions, loss")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="a job's phase and progress")
     p.add_argument("id")
     p.add_argument("--watch", action="store_true", help="follow with a progress bar until the job ends")
@@ -344,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="delete a finished job and its outputs")
     p.add_argument("id")
     p = sub.add_parser("list", help="jobs, newest first")
-    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "uploading", *TERMINAL])
+    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "merging", "uploading",
+                                        *TERMINAL])
     p.add_argument("--limit", type=int)
     p.add_argument("--cursor")
     p.add_argument("--json", action="store_true")
@@ -384,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-                   "delete": cmd_delete, "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload,
-                   "dataset": cmd_dataset_report}
+CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "diff": cmd_diff, "rerun": cmd_rerun,
+                   "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "delete": cmd_delete,
+                   "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload, "dataset": cmd_dataset_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,12 @@ class Client:
     def delete(self, job_id: str) -> None:
         self._check(self.http.delete(f"/v1/jobs/{job_id}"))
 
+    def rerun(self, job_id: str, *, force: bool = False) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/rerun", json={"force": force})).json()
+
+    def diff(self, a: str, b: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{a}/diff/{b}")).json()
+
     def logs(self, job_id: str, tail: int = 200) -> str:
         return self._check(self.http.get(f"/v1/jobs/{job_id}/logs", params={"tail": tail})).text
 
@@ -160,6 +166,17 @@ class Client:
                 raise ApiError(0, {"title": "checksum mismatch", "detail": f"{out['name']} does not match its sha256"})
             written.append(target)
         return written
+
+    def upload_adapter(self, path: str) -> str:
+        """Send one adapter file through a presigned PUT; returns its URI (for merge/shrink jobs)."""
+        file = Path(path)
+        stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in file.stem)[:80] or "adapter"
+        body = {"dataset": stem, "kind": "adapter", "files": [{"path": file.name}]}
+        (target,) = self._check(self.http.post("/v1/uploads", json=body)).json()["files"]
+        resp = httpx.put(target["url"], content=file.read_bytes(), headers=target.get("headers") or {}, timeout=300)
+        if resp.status_code >= 300:
+            raise ApiError(resp.status_code, {"title": "upload failed", "detail": f"{path}: {resp.text[:300]}"})
+        return target["uri"]
 
     def upload(self, folder: str, dataset: str) -> dict[str, Any]:
         """Send every file under `folder` through presigned PUT URLs; returns the grant (dataset_uri)."""

@@ -42,6 +42,12 @@ class Conflict(ServiceError):
     status, type_, title = 409, "conflict", "Conflict"
 
 
+class DatasetChanged(ServiceError):
+    """A rerun whose dataset no longer matches the job it repeats (keys, sizes, ETags)."""
+
+    status, type_, title = 409, "dataset-changed", "The dataset changed since the job ran"
+
+
 class InvalidSpec(ServiceError):
     """The spec or the dataset preflight failed; `problems` carry field paths."""
 

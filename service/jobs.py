@@ -7,6 +7,7 @@ Raises only service.errors; the app maps them to problem+json. All state goes to
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -19,8 +20,10 @@ import msgspec
 
 from service import errors
 from service.datareport import ReportLimits, run_report
+from service.adapterheader import adapter_problems, read_header
+from service.jobdiff import JobDiff, diff_jobs
 from service.jobstore import (
-    LOG_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
+    LOG_KEY, SPEC_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
 from service.launcher import Launcher
 from service.phase import close_reported, effective
@@ -61,7 +64,7 @@ class JobService:
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="lathe-read")
 
     # -- checks ---------------------------------------------------------------------------------
-    def check(self, tenant: Tenant, body: JobCreate) -> tuple[JobSpec, PreflightReport, list[FieldProblem]]:
+    def check(self, tenant: Tenant, body: JobCreate) -> tuple[JobSpec, PreflightReport | None, list[FieldProblem]]:
         """Spec, tenant URIs and limits, then the dataset preflight. Returns the spec as it will run
         (with the tenant's max runtime filled in), the report and the warnings."""
         try:
@@ -73,8 +76,12 @@ class JobService:
                 problems=[FieldProblem(path=p.path, message=p.message, severity=p.severity) for p in exc.problems],
             ) from None
         self._check_uris(tenant, spec)
+        self._check_adapter_headers(spec)
         self._check_webhook(body.webhook_url)
         spec = self._apply_limits(tenant, spec)
+        if spec.dataset is None:  # a post-training job: no dataset to inspect
+            warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
+            return spec, None, warnings
         report = self._preflight(spec)
         errors_ = [p for p in report.problems if p.severity == "error"]
         if errors_:
@@ -84,6 +91,24 @@ class JobService:
             )
         warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
         return spec, report, warnings + report.warnings
+
+    def _check_adapter_headers(self, spec: JobSpec) -> None:
+        """The adapters of a merge or shrink job, by their safetensors headers (ranged GETs): not an
+        adapter, or one of another architecture, is a 422 now instead of a failed job later."""
+        refs = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
+        if spec.shrink.adapter is not None:
+            refs.append(("shrink.adapter", spec.shrink.adapter))
+        problems = []
+        for field, uri in refs:
+            scheme, bucket, key = parse_uri(uri)
+            if scheme != "s3":
+                continue  # a trainer-local path: the trainer checks it
+            store = self._open_cached(f"s3://{bucket}/")
+            header = self._call(lambda: read_header(store, key))
+            problems += adapter_problems(field, uri, header, spec.model.arch)
+        if problems:
+            raise errors.InvalidSpec(f"{len(problems)} adapter(s) do not fit this model: "
+                                     + "; ".join(f"{p.path}: {p.message}" for p in problems), problems=problems)
 
     def _check_webhook(self, url: str | None) -> None:
         """Refuse at submit what the sender would refuse at the job's end (a private destination), so
@@ -101,11 +126,22 @@ class JobService:
             ("model.uri", spec.model.uri, "model"),
             ("model.vae", spec.model.vae, "model"),
             ("network.weights", spec.network.weights, "model"),
-            ("dataset.uri", spec.dataset.uri, "dataset"),
-            ("dataset.reg_uri", spec.dataset.reg_uri, "dataset"),
+            ("dataset.uri", spec.dataset.uri if spec.dataset else None, "dataset"),
+            ("dataset.reg_uri", spec.dataset.reg_uri if spec.dataset else None, "dataset"),
+            ("dataset.expect_manifest", spec.dataset.expect_manifest if spec.dataset else None, "output"),
             ("save.output_uri", spec.save.output_uri, "output"),
         ]
+        # An adapter to merge is a model the tenant may read, or one of its own jobs' outputs.
+        adapters = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
+        if spec.shrink.adapter is not None:
+            adapters.append(("shrink.adapter", spec.shrink.adapter))
         problems = []
+        for path, uri in adapters:
+            if not (tenant.allows("model", uri) or tenant.allows("output", uri)):
+                allowed = ", ".join(tenant.prefixes("model") + tenant.prefixes("output"))
+                problems.append(FieldProblem(path=path, message=(
+                    f"{uri} is outside the model and output locations tenant '{tenant.name}' may read ({allowed}); "
+                    "copy the adapter there or ask the operator to allow the prefix")))
         for path, uri, kind in refs:
             if uri is not None and not tenant.allows(kind, uri):
                 allowed = ", ".join(tenant.prefixes(kind))
@@ -195,6 +231,7 @@ class JobService:
                     "wait for one to finish or cancel one", limit="max_concurrent_jobs")
             record = JobRecord(
                 job_id=job_id, tenant=tenant.name, submitted_at=submitted_at, spec_hash=spec_hash(spec), name=spec.name,
+                kind=spec.kind,
                 idempotency_key_sha256=key_hash, max_attempts=spec.resources.max_attempts, slot=slot,
                 webhook_url=body.webhook_url, warnings=[f"{w.path}: {w.message}" for w in warnings], preflight=report,
             )
@@ -306,7 +343,7 @@ class JobService:
                                           url=url))
         warnings = list(record.warnings) + (list(status.warnings) if status is not None else [])
         return JobView(
-            id=record.job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,
+            id=record.job_id, name=record.name, kind=record.kind, phase=eff.phase, submitted_at=record.submitted_at,
             updated_at=max(record.updated_at, status.updated_at if status else 0.0), finished_at=record.finished_at,
             attempt=record.attempt, max_attempts=record.max_attempts,
             attempts=[AttemptView(attempt=a.attempt, launched_at=a.launched_at, ended_at=a.ended_at, reason=a.reason,
@@ -380,7 +417,7 @@ class JobService:
             close_reported(record, status)
             eff = effective(record, status)
             prog = status.progress if status is not None else None
-            return JobSummary(id=job_id, name=record.name, phase=eff.phase, submitted_at=record.submitted_at,
+            return JobSummary(id=job_id, name=record.name, kind=record.kind, phase=eff.phase, submitted_at=record.submitted_at,
                               updated_at=max(record.updated_at, status.updated_at if status else 0.0),
                               attempt=record.attempt, step=prog.step if prog else 0,
                               total_steps=prog.total_steps if prog else 0, error=eff.error)
@@ -442,6 +479,82 @@ class JobService:
                     pass
 
     # -- logs -----------------------------------------------------------------------------------
+    def diff(self, tenant: Tenant, a: str, b: str) -> JobDiff:
+        """Spec fields, dataset files, model, versions and final loss that differ between two jobs."""
+        return diff_jobs(a, b, self._stored(tenant, a), self._stored(tenant, b))
+
+    def rerun(self, tenant: Tenant, job_id: str, force: bool) -> tuple[JobView, bool]:
+        """Submit job `job_id`'s spec again against the same inputs. Its dataset is compared now by key,
+        size and ETag with its dataset-manifest.json (409 naming the differences); the new job carries
+        the manifest as dataset.expect_manifest so the trainer compares the bytes (sha256). `force`
+        skips both comparisons."""
+        old = self._stored(tenant, job_id)
+        spec = old["spec"]
+        manifest, manifest_uri = old["manifest"], old.get("manifest_uri")
+        if spec.get("dataset") is not None:
+            spec["dataset"].pop("expect_manifest", None)
+            if manifest is not None and not force:
+                changes = self._listing_changes(manifest)
+                if changes:
+                    raise errors.DatasetChanged(
+                        f"{len(changes)} dataset file(s) differ from job {job_id}: " + "; ".join(changes[:10])
+                        + " (lathe rerun --force runs anyway)",
+                        problems=[FieldProblem(path="dataset.uri", message=c) for c in changes[:100]])
+                spec["dataset"]["expect_manifest"] = manifest_uri
+        record = self._record(tenant, job_id)
+        return self.submit(tenant, JobCreate(spec=spec, webhook_url=record.webhook_url), None)
+
+    def _listing_changes(self, manifest: dict) -> list[str]:
+        """'<key>: added|removed|changed (size/ETag)' between a manifest and the store's listing now."""
+        changes = []
+        for dataset in manifest.get("datasets", []):
+            scheme, bucket, key = parse_uri(dataset["uri"])
+            if scheme != "s3":
+                continue  # trainer-local data: the trainer compares the bytes
+            store = self._open_cached(f"s3://{bucket}/")
+            if "archive" in dataset:
+                old = dataset["archive"]
+                try:
+                    info = self._call(lambda: store.head(old["key"]))
+                except errors.NotFound:
+                    changes.append(f"{old['key']}: removed")
+                    continue
+                if (info.size, info.etag) != (old["size"], old["etag"]):
+                    changes.append(f"{old['key']}: changed (size {old['size']} → {info.size}, ETag {old['etag']} → {info.etag})")
+                continue
+            folder = key if not key or key.endswith("/") else key + "/"
+            now = {o.key: o for o in self._call(lambda: list(store.list(folder)))}
+            before = {f["key"]: f for f in dataset.get("files", [])}
+            for name in sorted(set(now) | set(before)):
+                if name not in now:
+                    changes.append(f"{name}: removed")
+                elif name not in before:
+                    changes.append(f"{name}: added")
+                elif (now[name].size, now[name].etag) != (before[name]["size"], before[name]["etag"]):
+                    changes.append(f"{name}: changed (size {before[name]['size']} → {now[name].size}, "
+                                   f"ETag {before[name]['etag']} → {now[name].etag})")
+        return changes
+
+    def _stored(self, tenant: Tenant, job_id: str) -> dict[str, Any]:
+        """spec.json, and metadata.json / dataset-manifest.json when the job published them."""
+        _, status = self.get_with_status(tenant, job_id)
+        spec = json.loads(self._call(lambda: self.store.job_dir(tenant.name, job_id).get_bytes(SPEC_KEY)))
+        docs: dict[str, Any] = {"spec": spec, "metadata": None, "manifest": None}
+        outputs = {o.name: o.uri for o in (status.outputs if status else [])}
+        folder = next(iter(outputs.values()), "").rsplit("/", 1)[0]
+        for field, name in (("metadata", "metadata.json"), ("manifest", "dataset-manifest.json")):
+            uri = outputs.get(name) or (f"{folder}/{name}" if folder else None)
+            if uri is None or not tenant.allows("output", uri):
+                continue
+            scheme, bucket, key = parse_uri(uri)
+            store = self._open_cached(f"s3://{bucket}/") if scheme == "s3" else self._opener(uri.rsplit("/", 1)[0])
+            try:
+                docs[field] = json.loads(self._call(lambda: store.get_bytes(key if scheme == "s3" else name)))
+                docs[f"{field}_uri"] = uri
+            except (errors.NotFound, ValueError):
+                pass
+        return docs
+
     def logs(self, tenant: Tenant, job_id: str, tail: int) -> str:
         """The last `tail` lines: the launcher's (fresh) while the job is active, else the log the
         trainer uploaded to logs/trainer.log, else whatever the launcher still has."""
@@ -473,7 +586,9 @@ class JobService:
             raise errors.BadRequest(f"files: at most {self.settings.upload_max_files} per request; send several requests")
         if not self.store.root.root_uri.startswith("s3://"):
             raise errors.BadRequest("uploads need an s3:// state root (LATHE_STATE_URI); copy the files directly")
-        prefix = f"tenants/{tenant.name}/datasets/{body.dataset}/"
+        prefix = f"tenants/{tenant.name}/{'adapters' if body.kind == 'adapter' else 'datasets'}/{body.dataset}/"
+        if body.kind == "adapter" and (len(body.files) != 1 or not body.files[0].path.endswith(".safetensors")):
+            raise errors.BadRequest("files: an adapter upload is one .safetensors file")
         targets = []
         for i, f in enumerate(body.files):
             parts = f.path.split("/")

@@ -77,6 +77,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     submitted_at: float
     spec_hash: str
     name: str | None = None
+    kind: str = "train"  # the spec's job kind (records written before kinds existed are training jobs)
     idempotency_key_sha256: str | None = None
     max_attempts: int = 1
     # queued (never launched or waiting for the next attempt), launched, or finished (final_phase set).

@@ -63,10 +63,12 @@ class UploadFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class UploadCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Body of POST /v1/uploads: a dataset name and the files to send."""
+    """Body of POST /v1/uploads: a dataset (or adapter) name and the files to send."""
 
     dataset: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     files: Annotated[list[UploadFile], Meta(min_length=1)]
+    # "adapter": an adapter file for a merge or shrink job, stored under tenants/<t>/adapters/<name>/
+    kind: Literal["dataset", "adapter"] = "dataset"
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -140,6 +142,7 @@ class AttemptView(msgspec.Struct, kw_only=True):
 class JobView(msgspec.Struct, kw_only=True):
     id: str
     name: str | None = None
+    kind: str = "train"  # the spec's `kind`: train, merge
     phase: Phase
     submitted_at: float
     updated_at: float
@@ -162,6 +165,7 @@ class JobView(msgspec.Struct, kw_only=True):
 class JobSummary(msgspec.Struct, kw_only=True):
     id: str
     name: str | None = None
+    kind: str = "train"
     phase: Phase
     submitted_at: float
     updated_at: float

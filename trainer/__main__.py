@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("trainer.run", "run a job: python -m trainer run SPEC (local path or s3:// URI of spec.json)"),
     "launch": ("trainer.launch", "run `accelerate launch … -m trainer run` and exit with the trainer's code"),
     "shrink": ("trainer.shrink.cli", "SVD rank reduction of an adapter file"),
+    "merge": ("trainer.merge", "merge adapters into a base checkpoint (single file or diffusers folder)"),
     "inspect": ("trainer.inspect", "metadata and key summary of an adapter file, as JSON"),
     "tiny-model": ("trainer.models.tiny", "write a tiny random SD1.5/SD2/SDXL pipeline (offline)"),
     "tiny-dataset": ("trainer.tinydata", "write a tiny generated dataset in sd-scripts folder layout"),

@@ -253,6 +253,43 @@ def zero_tensor_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k for k, v in tensors.items() if v.numel() > 1 and not torch.any(v != 0))
 
 
+ZERO_WARN_FRACTION = 0.05  # more all-zero weight tensors than this is a job warning
+
+
+@dataclass
+class ZeroCheck:
+    """sd-scripts' check_lora_weights.py for one saved adapter: its all-zero weight tensors."""
+
+    tensors: int  # weight tensors scanned (alpha and other scalars excluded)
+    zero: list[str]  # keys of the all-zero ones
+
+    def warning(self, name: str) -> str | None:
+        if not self.tensors or len(self.zero) / self.tensors <= ZERO_WARN_FRACTION:
+            return None
+        layers = sorted({key.split(".", 1)[0] for key in self.zero})
+        shown = ", ".join(layers[:10]) + (f" and {len(layers) - 10} more" if len(layers) > 10 else "")
+        return (f"{name}: {len(self.zero)} of {self.tensors} weight tensors are all zeros ({shown}); fp16 underflow "
+                "(try bf16 or fp32 saves, a higher learning rate) or layers that were not trained (learning rate 0)")
+
+    def summary(self) -> dict:
+        return {"tensors": self.tensors, "zero": len(self.zero), "zero_names": self.zero[:50]}
+
+
+def zero_tensor_check(path: str) -> ZeroCheck:
+    from safetensors import safe_open
+
+    tensors, zero = 0, []
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            value = fh.get_tensor(key)
+            if value.numel() <= 1:
+                continue
+            tensors += 1
+            if not torch.any(value != 0):
+                zero.append(key)
+    return ZeroCheck(tensors, sorted(zero))
+
+
 def save_adapter(tensors: dict[str, torch.Tensor], path: str, *, metadata: dict[str, str], dtype) -> SavedAdapter:
     """Write `tensors` (cast to `dtype`: torch dtype or fp32/fp16/bf16) with `metadata` plus the
     sshs hashes; atomic (temporary file + rename)."""

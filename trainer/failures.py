@@ -2,7 +2,7 @@
 
 One exit code per reason lets Kubernetes' podFailurePolicy tell retryable failures (preempted,
 storage_error, internal) from final ones (spec_invalid, dataset_invalid, model_invalid, nan_loss,
-cancelled) without reading any log.
+adapter_mismatch, dataset_changed, cancelled) without reading any log.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ class Reason(str, enum.Enum):
     DATASET_INVALID = "dataset_invalid"
     MODEL_INVALID = "model_invalid"
     NAN_LOSS = "nan_loss"
+    ADAPTER_MISMATCH = "adapter_mismatch"  # an adapter does not fit its base (architecture, layer shapes)
+    DATASET_CHANGED = "dataset_changed"  # a rerun's dataset bytes differ from the job it repeats
     PREEMPTED = "preempted"
     STORAGE_ERROR = "storage_error"
     CANCELLED = "cancelled"
@@ -35,6 +37,8 @@ EXIT_CODES: dict[Reason, int] = {
     Reason.DATASET_INVALID: 11,
     Reason.MODEL_INVALID: 12,
     Reason.NAN_LOSS: 13,
+    Reason.ADAPTER_MISMATCH: 14,
+    Reason.DATASET_CHANGED: 15,
     Reason.PREEMPTED: 20,
     Reason.STORAGE_ERROR: 21,
     Reason.CANCELLED: 22,

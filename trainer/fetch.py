@@ -36,6 +36,7 @@ from typing import IO
 import msgspec
 
 from trainer.failures import JobFailure, Reason
+from trainer.jobdir import sha256_file
 from trainer.storage import NotFound, ObjectInfo, S3Store, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
@@ -221,12 +222,16 @@ def fetch_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
     engine: str | None = None,
+    sources: dict | None = None,
 ) -> str:
     """Local folder holding the dataset `uri`; local folders are checked and returned as they are.
 
     `dest_dir` is replaced by the download (nothing appears there until everything passed the
-    checks). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`).
+    checks). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`). `sources`, when
+    given, is filled with what the store said about the objects read (the dataset manifest's input):
+    `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size, etag, sha256}.
     """
+    sources = {} if sources is None else sources
     limits = _Limits(max_bytes, max_files, max_pixels)
     scheme, bucket, key = parse_uri(uri)
     is_archive = key.lower().endswith(ARCHIVE_SUFFIXES)
@@ -243,6 +248,8 @@ def fetch_dataset(
                 f"dataset {uri} is a file but not an archive; give a folder or a "
                 f"{'/'.join(ARCHIVE_SUFFIXES)} file",
             )
+        sources["archive"] = {"key": os.path.basename(key), "size": os.path.getsize(key), "etag": None,
+                              "sha256": sha256_file(key)}
         with _staging(dest_dir) as staging:
             extract_archive(key, staging, limits=limits, where=f"dataset archive {uri}")
             check_images(staging, max_pixels, where=f"dataset archive {uri}", member=True)
@@ -264,6 +271,7 @@ def fetch_dataset(
             archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
             try:
                 store.download_file(key, archive)
+                sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
                 extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
             finally:
                 if os.path.exists(archive):
@@ -274,10 +282,14 @@ def fetch_dataset(
     folder = key if not key or key.endswith("/") else key + "/"
     with _staging(dest_dir) as staging:
         # The listing is vetted as it is read, while the transfer runs: a refusal stops both.
-        store.download_tree(
-            folder, ((info, os.path.join(staging, rel)) for rel, info in _vetted_listing(store, folder, uri, limits)),
-            staging, workers=workers, engine=engine,
-        )
+        objects = sources.setdefault("objects", {})
+
+        def listed() -> Iterator[tuple[ObjectInfo, str]]:
+            for rel, info in _vetted_listing(store, folder, uri, limits):
+                objects[rel] = (info.key, info.size, info.etag)
+                yield info, os.path.join(staging, rel)
+
+        store.download_tree(folder, listed(), staging, workers=workers, engine=engine)
         check_images(staging, max_pixels, where=f"dataset {uri}")
     return dest_dir
 

@@ -131,6 +131,10 @@ class Job:
         self._last_epoch: int | None = None
         self.parts: Any = None
         self.model_downloaded = True
+        self.zero_checks: dict[str, dict] = {}  # adapter file name → its zero-tensor check
+        self.base_model_sha256: str | None = None
+        self.manifest_path: Path | None = None
+        self.manifest_sha256: str | None = None
 
     # -- phases ------------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
@@ -146,11 +150,54 @@ class Job:
         vae_path = fetch_model(_resolve_input(spec.model.vae, ctx.spec_uri), cache) if spec.model.vae else None
         weights_path = (fetch_model(_resolve_input(spec.network.weights, ctx.spec_uri), cache)
                         if spec.network.weights else None)
-        data_root = fetch_dataset(_resolve_input(spec.dataset.uri, ctx.spec_uri), str(ctx.work_dir / "dataset"))
-        reg_root = (fetch_dataset(_resolve_input(spec.dataset.reg_uri, ctx.spec_uri), str(ctx.work_dir / "reg"))
+        data_sources: dict = {}
+        reg_sources: dict = {}
+        data_root = fetch_dataset(_resolve_input(spec.dataset.uri, ctx.spec_uri), str(ctx.work_dir / "dataset"),
+                                  sources=data_sources)
+        reg_root = (fetch_dataset(_resolve_input(spec.dataset.reg_uri, ctx.spec_uri), str(ctx.work_dir / "reg"),
+                                  sources=reg_sources)
                     if spec.dataset.reg_uri else None)
         self.timings["fetch_s"] = time.monotonic() - t0
+        self._record_provenance(model_path, data_root, data_sources, reg_root, reg_sources)
         return {"model": model_path, "vae": vae_path, "weights": weights_path, "data": data_root, "reg": reg_root}
+
+    def _record_provenance(self, model_path: str, data_root: str, data_sources: dict, reg_root: str | None,
+                           reg_sources: dict) -> None:
+        """The base model's sha256 and the dataset manifest (trainer/provenance.py), for metadata.json."""
+        from trainer.provenance import MANIFEST_NAME, base_model_sha256, dataset_entry, manifest_bytes
+
+        if not self.ctx.is_main:
+            return  # rank 0 alone publishes
+        t0 = time.monotonic()
+        ds = self.spec.dataset
+        self.base_model_sha256 = base_model_sha256(model_path, str(self.ctx.cache_dir))
+        entries = [dataset_entry("dataset.uri", ds.uri, data_root, data_sources)]
+        if reg_root is not None and ds.reg_uri:
+            entries.append(dataset_entry("dataset.reg_uri", ds.reg_uri, reg_root, reg_sources))
+        if ds.expect_manifest:
+            self._check_rerun(ds.expect_manifest, entries)
+        body = manifest_bytes(entries)
+        self.manifest_path = self.out_dir / MANIFEST_NAME
+        self.manifest_path.write_bytes(body)
+        self.manifest_sha256 = hashlib.sha256(body).hexdigest()
+        self.timings["provenance_s"] = time.monotonic() - t0
+
+    def _check_rerun(self, uri: str, entries: list[dict]) -> None:
+        import json
+
+        from trainer.provenance import manifest_changes
+
+        parent, name = uri.rsplit("/", 1)
+        store = open_store(parent if "://" in uri else _resolve_input(parent, self.ctx.spec_uri))
+        try:
+            expected = json.loads(with_retries(lambda: store.get_bytes(name), what="reading the expected manifest"))
+        except NotFound:
+            raise JobFailure(Reason.SPEC_INVALID, f"dataset.expect_manifest: {uri} does not exist") from None
+        changes = manifest_changes(expected, entries)
+        if changes:
+            shown = "; ".join(changes[:10]) + (f"; and {len(changes) - 10} more" if len(changes) > 10 else "")
+            raise JobFailure(Reason.DATASET_CHANGED, f"the dataset differs from the job this one reruns ({shown}); "
+                             "rerun with --force to train on the data as it is now")
 
     def train(self, inputs: dict[str, Any]) -> Any:
         log.info("loading the model")  # torch and the diffusion stack are imported first: the slow part of a start
@@ -248,7 +295,9 @@ class Job:
                                  rank=sh.rank, method=sh.method, param=sh.param,
                                  recipe=None if not uses_base else sh.recipe, max_rank=sh.max_rank,
                                  save_precision=sh.save_precision or self.spec.save.save_precision,
-                                 device="cuda" if _cuda() else "cpu", plot_path=plot_path)
+                                 device="cuda" if _cuda() else "cpu", plot_path=plot_path,
+                                 report_names={"input": f"{name}.safetensors", "output": os.path.basename(out_path),
+                                               "base": self.spec.model.uri if uses_base else None})
         except Exception as exc:  # noqa: BLE001 — shrinking is optional: never lose the trained adapter to it
             self.timings["shrink_s"] = time.monotonic() - t0
             message = f"shrink skipped, the full adapter is published: {type(exc).__name__}: {exc}"
@@ -268,9 +317,14 @@ class Job:
         spec, ctx = self.spec, self.ctx
         name = spec.save.output_name
         items = [LocalOutput(result.final_path, f"{name}.safetensors", "adapter"), *shrink_items]
+        for item in items:
+            if item.kind.startswith("adapter"):
+                self._check_zeros(item.path, item.name)
         config_path = self.out_dir / "spec.json"
         config_path.write_bytes(encode_spec(spec))
         items.append(LocalOutput(str(config_path), "spec.json", "config"))
+        if self.manifest_path is not None:
+            items.append(LocalOutput(str(self.manifest_path), self.manifest_path.name, "manifest"))
         for item in items:
             ctx.published[item.name] = self.publisher.upload(item)
         # sd-scripts' keep-last-N across all attempts' intermediate saves.
@@ -339,7 +393,18 @@ class Job:
         if kind == "final" or not self.ctx.is_main:
             return  # the final file is published after shrinking
         item = LocalOutput(path, os.path.basename(path), f"adapter_{kind}")
+        self._check_zeros(path, item.name)
         self.ctx.published[item.name] = self.publisher.upload(item)
+
+    def _check_zeros(self, path: str, name: str) -> None:
+        from trainer.adapter_file import zero_tensor_check
+
+        check = zero_tensor_check(path)
+        self.zero_checks[name] = check.summary()
+        message = check.warning(name)
+        if message:
+            log.warning(message)
+            self.reporter.warn(message)
 
     def _on_checkpoint(self, state_dir: str, step: int) -> None:
         if not self.ctx.is_main:
@@ -364,12 +429,15 @@ class Job:
             "spec": msgspec.to_builtins(spec),
             "spec_sha256": spec_hash(spec),
             "seed": _seed(spec, self.ctx.job.root_uri),
+            "base_model_sha256": self.base_model_sha256,
+            "dataset_manifest_sha256": self.manifest_sha256,
             "steps": result.steps_done,
             "epochs": result.epochs_done,
             "loss": {"final_avg": result.avg_loss, "history_len": len(result.loss_history),
                      "first": result.loss_history[:1], "last": result.loss_history[-1:]},
             "header": header,
             "shrink_report": shrink_report,
+            "zero_tensors": self.zero_checks,
             "timings_s": self.timings,
             "model_cache": "download" if self.model_downloaded else "hit",
             "packages": _package_versions(),
@@ -463,6 +531,15 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
             reporter.warn(f"{w.path}: {w.message}")
         job = Job(ctx, spec, reporter)
         log.info("job %s attempt %d (rank %d/%d)", job_store.root_uri, attempt, rank, world)
+        if spec.kind != "train":
+            from trainer.merge_job import run_merge
+            from trainer.shrink_job import run_shrink
+
+            run_kind = {"merge": run_merge, "shrink": run_shrink}[spec.kind]
+            reporter.set_outputs(run_kind(job, lambda uri: _resolve_input(uri, spec_uri)))
+            reporter.finish("succeeded")
+            log.info("job succeeded")
+            return 0
         inputs = job.prepare()
         if ctx.stop_signal or reporter.cancel_requested:
             raise JobFailure(Reason.CANCELLED if reporter.cancel_requested else Reason.PREEMPTED,

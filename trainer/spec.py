@@ -138,6 +138,9 @@ class DatasetSpec(_Base):
     prior_loss_weight: Annotated[float, Meta(ge=0.0)] = 1.0
     max_data_loader_n_workers: NonNegInt = 8
     persistent_data_loader_workers: bool = False
+    # A rerun (`lathe rerun`): the dataset-manifest.json of the job it repeats; the trainer fails with
+    # dataset_changed when a file's bytes (sha256) differ from it.
+    expect_manifest: Uri | None = None
 
     @property
     def resolution_wh(self) -> tuple[int, int]:
@@ -278,6 +281,7 @@ class ShrinkSpec(_Base):
     max_rank: PositiveInt | None = None
     save_precision: Precision | None = None
     plot: bool = True
+    adapter: Uri | None = None  # kind = "shrink" only: the adapter file to reduce (s3:// or a local path)
 
 
 class SampleSpec(_Base):
@@ -309,12 +313,32 @@ class LoggingSpec(_Base):
     debug: bool = False
 
 
+JobKind = Literal["train", "merge", "shrink"]
+MAX_MERGE_RATIO = 10.0  # sd-scripts' merge takes any ratio, negative ones too; beyond ±10 is a typo
+
+
+class MergeAdapterSpec(_Base):
+    uri: Uri  # an adapter file (.safetensors), e.g. a finished job's output
+    ratio: Annotated[float, Meta(ge=-MAX_MERGE_RATIO, le=MAX_MERGE_RATIO)] = 1.0
+
+
+class MergeSpec(_Base):
+    """kind = "merge": fold adapters into `model.uri`, giving a checkpoint in the base's own form."""
+
+    adapters: Annotated[list[MergeAdapterSpec], Meta(min_length=1, max_length=16)]
+    save_precision: Precision | None = None  # single-file output: None keeps the base's dtypes
+
+
 class JobSpec(_Base):
-    """A whole training job. `version` is required so that a future v2 is never misread as v1."""
+    """A whole job. `version` is required so that a future v2 is never misread as v1. `kind` says
+    what the job does: "train" (the default) trains an adapter on `dataset`; "merge" needs no
+    dataset and reads the `merge` section; "shrink" reduces `shrink.adapter` against `model.uri`."""
 
     version: SpecVersion
     model: ModelSpec
-    dataset: DatasetSpec
+    kind: JobKind = "train"
+    dataset: DatasetSpec | None = None  # required for kind "train"
+    merge: MergeSpec | None = None  # required for kind "merge"
     name: Annotated[str, Meta(max_length=200)] | None = None
     network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     optimizer: OptimizerSpec = msgspec.field(default_factory=OptimizerSpec)
@@ -709,6 +733,10 @@ def check_spec(spec: JobSpec) -> list[Problem]:
     def warn(path: str, msg: str) -> None:
         out.append(Problem(path, msg, "warning"))
 
+    kind_problems = check_kind(spec)
+    if kind_problems or spec.kind != "train":
+        return kind_problems
+
     ds, net, opt, sch, tr, prec, sv, sh, arch = (
         spec.dataset, spec.network, spec.optimizer, spec.scheduler, spec.training, spec.precision,
         spec.save, spec.shrink, spec.model.arch,
@@ -922,6 +950,28 @@ def check_spec(spec: JobSpec) -> list[Problem]:
         warn("precision.torch_compile", "on CPU the first steps compile for many minutes (inductor builds C++), and "
              "again for each bucket shape; it is meant for GPUs (set resources.gpus, or turn it off)")
     return out
+
+
+def check_kind(spec: JobSpec) -> list[Problem]:
+    """The sections each job kind needs; the training checks run only for kind "train"."""
+    problems = []
+    if spec.kind == "train":
+        if spec.dataset is None:
+            problems.append(Problem("dataset", "is missing: kind \"train\" needs dataset.uri (a folder or archive of "
+                                    "images), or set kind to \"merge\" or \"shrink\""))
+    elif spec.dataset is not None:
+        problems.append(Problem("dataset", f"a \"{spec.kind}\" job reads no dataset; remove this section"))
+    if spec.kind == "merge" and spec.merge is None:
+        problems.append(Problem("merge", "required for kind \"merge\": give merge.adapters = [{uri, ratio}, …]"))
+    if spec.kind != "merge" and spec.merge is not None:
+        problems.append(Problem("merge", "only for kind \"merge\"; remove it or set kind = \"merge\""))
+    if spec.kind == "shrink" and spec.shrink.adapter is None:
+        problems.append(Problem("shrink.adapter", "required for kind \"shrink\": the URI of the adapter file to reduce"))
+    if spec.kind != "shrink" and spec.shrink.adapter is not None:
+        problems.append(Problem("shrink.adapter", "only for kind \"shrink\" (a training job shrinks its own adapter)"))
+    if spec.kind == "shrink" and not spec.shrink.enabled:
+        problems.append(Problem("shrink.enabled", "a \"shrink\" job with shrink.enabled = false would do nothing"))
+    return problems
 
 
 def warnings_for(spec: JobSpec) -> list[Problem]:

@@ -7,15 +7,17 @@ cancelled) and the launcher's view. `revision` only grows across attempts: it is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
+from trainer.failures import Reason
+
 Phase = Literal[
-    "queued", "preparing", "training", "shrinking", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "uploading", "succeeded", "failed", "cancelled"
 ]
 PHASES: tuple[str, ...] = (
-    "queued", "preparing", "training", "shrinking", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "uploading", "succeeded", "failed", "cancelled"
 )
 TERMINAL_PHASES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -32,8 +34,13 @@ class Progress(msgspec.Struct, kw_only=True):
     eta_s: float | None = None
 
 
+# In the OpenAPI document: every failure reason a client may meet (the table in docs/api.md).
+REASON_DOC = ("why the job failed: " + ", ".join(r.value for r in Reason)
+              + " (adapter_mismatch: an adapter does not fit its base model, architecture or layer shapes)")
+
+
 class ErrorInfo(msgspec.Struct, kw_only=True):
-    reason: str  # a trainer.failures.Reason value
+    reason: Annotated[str, msgspec.Meta(description=REASON_DOC)]  # a trainer.failures.Reason value
     message: str = ""
 
 

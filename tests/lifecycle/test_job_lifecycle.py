@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import signal
 import tarfile
 import zipfile
@@ -59,6 +60,19 @@ def test_whole_job_from_spec_to_metadata(s3_server, job_bucket, tmp_path):
     meta, final = _check_outputs(s3_server, job_bucket, "j-whole", 6)
     assert _ss_steps(final, tmp_path) == "6"
     assert meta["shrink_report"] is not None
+    # No machine paths: the shrink report names the job's own files and the spec's model URI.
+    assert meta["shrink_report"]["input"] == "tiny.safetensors" and meta["shrink_report"]["output"] == "tiny-shrunk.safetensors"
+    assert meta["shrink_report"]["base"] == f"s3://{job_bucket}/models/tiny-sd1" and str(tmp_path) not in json.dumps(meta)
+    # Zero-tensor check of every saved adapter; reproducibility: base model and dataset by content.
+    assert {"tiny.safetensors", "tiny-shrunk.safetensors", "tiny-step00000003.safetensors"} <= set(meta["zero_tensors"])
+    assert meta["zero_tensors"]["tiny.safetensors"]["tensors"] > 0 and meta["zero_tensors"]["tiny.safetensors"]["zero"] == 0
+    assert len(meta["base_model_sha256"]) == 64
+    body = s3_client(s3_server).get_object(Bucket=job_bucket, Key="tenants/t1/jobs/j-whole/output/dataset-manifest.json")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == meta["dataset_manifest_sha256"]
+    (dataset,) = json.loads(body)["datasets"]
+    assert dataset["field"] == "dataset.uri" and dataset["files"]
+    for entry in dataset["files"]:
+        assert entry["key"].startswith("datasets/tiny/") and entry["etag"] and len(entry["sha256"]) == 64
     # intermediate save every 3 steps (sd-scripts' name), TensorBoard events and the trainer log uploaded
     keys = {o["Key"] for o in s3_client(s3_server).list_objects_v2(Bucket=job_bucket, Prefix="tenants/t1/jobs/j-whole/")["Contents"]}
     assert "tenants/t1/jobs/j-whole/output/tiny-step00000003.safetensors" in keys
@@ -166,3 +180,23 @@ def test_spec_invalid_exit_code(s3_server, job_bucket, tmp_path):
     assert code == 10
     status = _status(s3_server, job_bucket, "j-badspec")
     assert status["error"]["reason"] == "spec_invalid" and "network.algo" in status["error"]["message"]
+
+
+def test_rerun_on_changed_bytes_fails_dataset_changed_naming_the_file(s3_server, job_bucket, tmp_path):
+    client = s3_client(s3_server)
+    listing = client.list_objects_v2(Bucket=job_bucket, Prefix="datasets/tiny/")["Contents"]
+    files = [{"key": o["Key"], "size": o["Size"], "etag": o["ETag"].strip('"'), "sha256": "0" * 64} for o in listing]
+    real = {o["Key"]: hashlib.sha256(client.get_object(Bucket=job_bucket, Key=o["Key"])["Body"].read()).hexdigest()
+            for o in listing}
+    for entry in files[1:]:
+        entry["sha256"] = real[entry["key"]]  # only the first file's bytes "changed" since the earlier job
+    key = "tenants/t1/jobs/j-earlier/output/dataset-manifest.json"
+    client.put_object(Bucket=job_bucket, Key=key, Body=json.dumps({"version": 1, "datasets": [
+        {"field": "dataset.uri", "uri": f"s3://{job_bucket}/datasets/tiny", "files": files}]}).encode())
+    spec = make_spec(job_bucket, **{"dataset.expect_manifest": f"s3://{job_bucket}/{key}"})
+    uri = put_spec(s3_server, job_bucket, "j-rerun", spec)
+    code, out = finish(start_trainer(uri, trainer_env(s3_server, tmp_path / "cache"), tmp_path / "w"))
+    assert code == 15, out[-3000:]
+    status = _status(s3_server, job_bucket, "j-rerun")
+    assert status["error"]["reason"] == "dataset_changed"
+    assert f"{files[0]['key']}: changed" in status["error"]["message"] and files[1]["key"] not in status["error"]["message"]

@@ -199,6 +199,13 @@ class BaseModel:
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self._shapes.get(name)
 
+    def source(self, name: str) -> tuple[Path, str, int, int] | None:
+        """Where a layer's weight lives: (file, key, chunk, chunks); None if the base has no such layer."""
+        source = self._index.get(name)
+        if source is None:
+            return None
+        return self._file_paths[source.file], source.key, source.chunk, source.chunks
+
     def weight(self, name: str) -> Tensor:
         source = self._index.get(name)
         if source is None:

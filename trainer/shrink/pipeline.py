@@ -218,18 +218,22 @@ def shrink_file(
     save_precision: str | None = None,
     device: str = "cpu",
     plot_path: str | None = None,
+    report_names: dict[str, str | None] | None = None,
 ) -> ShrinkReport:
-    """Shrink one adapter file; returns the report (also stored in the output's header)."""
+    """Shrink one adapter file; returns the report (also stored in the output's header).
+    `report_names` ({"input", "output", "base"}) replaces the local paths the report names, so a job's
+    report says which of its files and models it means and nothing about the machine it ran on."""
     # A full collection walks every object torch's import left behind (~0.1 s here) and a shrink
     # allocates enough to trigger one; it builds no reference cycles, so the collector waits.
     with cyclic_gc_paused():
         return _shrink_file(in_path, out_path, base=base, rank=rank, method=method, param=param, recipe=recipe,
-                            max_rank=max_rank, save_precision=save_precision, device=device, plot_path=plot_path)
+                            max_rank=max_rank, save_precision=save_precision, device=device, plot_path=plot_path,
+                            report_names=report_names or {})
 
 
 def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | None, method: str | None,
                  param: float | None, recipe: str | None, max_rank: int | None, save_precision: str | None,
-                 device: str, plot_path: str | None) -> ShrinkReport:
+                 device: str, plot_path: str | None, report_names: dict[str, str | None]) -> ShrinkReport:
     t_start = time.perf_counter()
     rule = make_rule(rank, method, param, recipe, max_rank)
     if save_precision is not None and save_precision not in SAVE_DTYPES:
@@ -362,9 +366,9 @@ def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | N
 
     def build_report(timings: dict[str, float]) -> ShrinkReport:
         return ShrinkReport(
-            input=source,
-            output=str(out_path),
-            base=str(base) if base else None,
+            input=report_names.get("input") or source,
+            output=report_names.get("output") or str(out_path),
+            base=report_names.get("base", str(base) if base else None),
             rule=rule.kind,
             rank=rule.rank,
             method=rule.method,
