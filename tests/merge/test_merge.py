@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from trainer.adapter_file import save_adapter
 from trainer.failures import EXIT_CODES, JobFailure, Reason
 from trainer.merge import MERGE_JSON, MergeInput, merge_checkpoint
+from trainer.spec import ModelSpec, NetworkSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
@@ -27,41 +27,8 @@ os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
 RATIO = -1.7
 
 
-@dataclass
-class _Model:
-    uri: str
-    arch: str
-    v_parameterization: bool = False
-    vae: str | None = None
-    clip_skip: int | None = None
-    no_half_vae: bool = False
-    lowram: bool = False
-
-
-@dataclass
-class _Net:
-    module: str = "lycoris.kohya"
-    algo: str = "lora"
-    preset: str = "full"
-    dim: int = 4
-    alpha: float = 2.0
-    conv_dim: int | None = None
-    conv_alpha: float | None = None
-    dropout: float | None = None
-    rank_dropout: float | None = None
-    module_dropout: float | None = None
-    use_tucker: bool = False
-    use_scalar: bool = False
-    rank_dropout_scale: bool = False
-    train_norm: bool = False
-    factor: int = -1
-    decompose_both: bool = False
-    block_size: int = 4
-    block_dims: list | None = None
-    block_alphas: list | None = None
-    conv_block_dims: list | None = None
-    conv_block_alphas: list | None = None
-    weights: str | None = None
+def _net(**options: object) -> NetworkSpec:
+    return NetworkSpec(**{"alpha": 2.0, **options})
 
 
 # (algo, network options) for every algorithm Lathe trains that adds to or scales the base weights.
@@ -88,7 +55,7 @@ def tiny(tmp_path_factory):
     out = {}
     for arch in ("sd1", "sdxl"):
         single = build_tiny_pipeline(arch, str(root / arch), single_file=True, seed=1)
-        out[arch] = (str(root / arch), single, load_model(_Model(single, arch), weight_dtype=torch.float32))
+        out[arch] = (str(root / arch), single, load_model(ModelSpec(uri=single, arch=arch), weight_dtype=torch.float32))
     return out
 
 
@@ -98,7 +65,7 @@ def _randomised_adapter(parts, options: dict, path) -> object:
     the saved file, the reference. A DyLoRA file is read as every loader reads it: a LoRA (alpha/dim)."""
     from trainer.network import build_network
 
-    network = build_network(_Net(**options), parts, train_unet=True, train_text_encoder=True)
+    network = build_network(_net(**options), parts, train_unet=True, train_text_encoder=True)
     network.apply_to()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -115,9 +82,13 @@ def _randomised_adapter(parts, options: dict, path) -> object:
             down = tensors.get(key.replace("lora_up", "lora_down"))
             if key.endswith("lora_up.weight") and down is not None and down.dim() == 4:
                 tensors[key] = value.reshape(*value.shape, 1, 1)
-        reading, source = dict(options, algo="lora"), path.with_name("as-lora.safetensors")
+        # The file's alpha is the trained alpha times block_size (trainer.adapter_layout): LyCORIS' LoRA
+        # module takes its scale from the constructor, not from a loaded alpha, so it is given here.
+        trained = _net(**options)
+        reading = dict(options, algo="lora", alpha=trained.alpha * trained.block_size)
+        source = path.with_name("as-lora.safetensors")
         save_adapter(tensors, str(source), metadata={}, dtype=torch.float32)
-    reference = build_network(_Net(**reading), parts, train_unet=True, train_text_encoder=True)
+    reference = build_network(_net(**reading), parts, train_unet=True, train_text_encoder=True)
     reference.load_weights(str(source))
     return reference
 
@@ -194,7 +165,7 @@ def test_merge_single_file_matches_the_lycoris_forward(tiny, tmp_path, arch, cas
     assert meta["modelspec.architecture"] == ("stable-diffusion-xl-v1-base" if arch == "sdxl" else "stable-diffusion-v1")
     parts_meta = json.loads(meta["lathe.merge"])
     assert parts_meta["adapters"][0]["ratio"] == RATIO and parts_meta["adapters"][0]["name"] == adapter.name
-    merged = load_model(_Model(str(out), arch), weight_dtype=torch.float32)  # diffusers' single-file loader
+    merged = load_model(ModelSpec(uri=str(out), arch=arch), weight_dtype=torch.float32)  # diffusers' single-file loader
     checked = _check_layers(network, parts, merged, RATIO)
     assert checked == len(network.loras())
     te_layers = [n for n in (m.lora_name for m in network.loras()) if n.startswith("lora_te")]
@@ -215,7 +186,7 @@ def test_merge_diffusers_folder_gives_a_folder_with_its_description(tiny, tmp_pa
     description = json.loads((out / MERGE_JSON).read_text())
     assert [a["ratio"] for a in description["adapters"]] == [0.5, 0.0]
     assert all(len(a["sha256"]) == 64 for a in description["adapters"])
-    merged = load_model(_Model(str(out), arch), weight_dtype=torch.float32)
+    merged = load_model(ModelSpec(uri=str(out), arch=arch), weight_dtype=torch.float32)
     assert _check_layers(net_a, parts, merged, 0.5) == len(net_a.loras())
     # The whole model: text encoders + UNet of the merged folder predict what the base predicts with the
     # adapter hooked in at the same ratio (same latents, timestep and prompt).
