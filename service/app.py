@@ -291,7 +291,7 @@ def job_logs(request: Request, tenant: Tenant, job_id: JobId,
 
 @get("/v1/jobs/{job_id:str}/diff/{other_id:str}", sync_to_thread=True,
      summary="What differs between two jobs: spec fields, dataset files, model, versions, final loss",
-     responses=_responses(401, 404, 503))
+     responses=_responses(400, 401, 404, 503))
 def diff_jobs(request: Request, tenant: Tenant, job_id: JobId, other_id: JobId) -> JobDiff:
     return _services(request).jobs.diff(tenant, job_id, other_id)
 
@@ -302,7 +302,7 @@ class RerunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 @post("/v1/jobs/{job_id:str}/rerun", sync_to_thread=True, status_code=201,
       summary="Submit a job's spec again against the same inputs (refused when its dataset changed)",
-      responses=_responses(400, 401, 404, 409, 422, 429, 503))
+      responses=_responses(400, 401, 404, 409, 415, 422, 429, 503))
 def rerun_job(request: Request, tenant: Tenant, job_id: JobId, data: RerunRequest) -> Response[JobView]:
     view, _ = _services(request).jobs.rerun(tenant, job_id, data.force)
     return Response(view, status_code=201, headers={"Location": f"/v1/jobs/{view.id}"})
