@@ -126,3 +126,35 @@ def test_tag_a_bare_dataset_on_s3_into_a_new_version(tmp_path, s3_server, s3_buc
     s3.put_object(Bucket=s3_bucket, Key="models/nottagger/model.onnx", Body=b"x")
     assert tag_main([f"s3://{s3_bucket}/models/nottagger", src, dest + "2"]) == 12  # model_invalid
     assert tag_main([f"s3://{s3_bucket}/models/wd14", src, dest + "3", "--thresh", "1.5"]) == 10  # spec_invalid
+
+
+def test_caption_version_runs_the_tag_operations_after_tagging(tmp_path):
+    """The caption job's writer: tagging, then the operations (trigger last, so first), orphan captions
+    left out, unchanged files copied; the destination must be empty and outside the source."""
+    from trainer.caption_job import tag_ops
+    from trainer.captioning import caption_dataset
+    from trainer.spec import CaptionSpec
+
+    src = tmp_path / "src" / "3_x"
+    src.mkdir(parents=True)
+    for i, im in enumerate(images(3)):
+        im.save(src / f"{i}.png")
+    (src / "gone.txt").write_text("orphan, tag")
+    (src / "notes.md").write_text("kept as it is")
+    options = TaggerOptions(thresh=0.0)  # every general and character tag
+    tagger = Tagger.load(build_tagger(tmp_path / "tagger"), options)
+    c = CaptionSpec(thresh=0.0, remove=["smile"], replace={"1girl": "1woman"}, trigger_word="sks", remove_orphans=True)
+    dest = tmp_path / "v2"
+    result = caption_dataset(str(tmp_path / "src"), str(dest), tagger=tagger, options=options, ops=tag_ops(c),
+                             remove_orphans=True)
+    assert result.removed == ["3_x/gone.txt"] and not (dest / "3_x" / "gone.txt").exists()
+    assert (dest / "3_x" / "notes.md").read_text() == "kept as it is"
+    for i in range(3):
+        tags = (dest / "3_x" / f"{i}.txt").read_text().split(", ")
+        assert tags[0] == "sks" and "smile" not in tags and "1woman" in tags and "1girl" not in tags
+    with pytest.raises(JobFailure) as exc:
+        caption_dataset(str(tmp_path / "src"), str(dest), tagger=tagger, options=options)
+    assert "not empty" in exc.value.message
+    with pytest.raises(JobFailure) as exc:
+        caption_dataset(str(tmp_path / "src"), str(tmp_path / "src" / "v3"), tagger=tagger, options=options)
+    assert "overlaps" in exc.value.message
