@@ -209,6 +209,8 @@ def caption_spec(args: argparse.Namespace) -> dict[str, Any]:
         "append_tags": args.append_tags, "caption_extension": args.caption_extension,
         "remove": split(args.remove), "add": split(args.add), "min_count": args.min_count or 0,
         "dedupe": args.dedupe, "remove_orphans": args.remove_orphans, "output_uri": args.output_uri,
+        "beam_search": args.beam_search, "num_beams": args.num_beams, "top_p": args.top_p,
+        "max_length": args.max_length, "min_length": args.min_length,
     }
     replace = {}
     for pair in args.replace or []:
@@ -472,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="tag a dataset's images into a new dataset version (a caption job); "
                                        "prints the job id")
     p.add_argument("dataset", help="the dataset (folder URI); never changed")
-    p.add_argument("--model", help="WD14-format tagger folder URI (.onnx + selected_tags.csv); "
-                                   "none: tag operations only")
+    p.add_argument("--model", help="WD14-format tagger folder URI (.onnx + selected_tags.csv) or transformers "
+                                   "image-to-text folder; none: tag operations only")
     p.add_argument("--output-uri", help="an empty location for the new version (default: the job's output "
                                         "dataset/)")
     p.add_argument("--caption-extension", default=".txt")
@@ -488,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--always-first-tags", action="append", metavar="TAG[,TAG]")
     p.add_argument("--trigger", metavar="WORD", help="trigger word / class token as the first tag")
     p.add_argument("--append-tags", action="store_true", help="keep existing captions and add the new tags")
+    p.add_argument("--beam-search", action="store_true", help="sentence captioners: beam search (else top-p sampling)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-length", type=int, default=75, help="sentence captioners: tokens")
+    p.add_argument("--min-length", type=int, default=5)
     p.add_argument("--replace", action="append", metavar="OLD=NEW")
     p.add_argument("--remove", action="append", metavar="TAG[,TAG]")
     p.add_argument("--add", action="append", metavar="TAG[,TAG]")

@@ -127,9 +127,11 @@ class JobService:
         top = [n for n in names if "/" not in n]
         models = [n for n in top if n.lower().endswith(".onnx")]
         message = None
+        if TAGS_FILE not in top and "config.json" in top:
+            return  # a transformers sentence captioner: the trainer loads it
         if TAGS_FILE not in top:
             message = (f"{spec.model.uri} has no {TAGS_FILE}: a caption job's model is a WD14-format tagger folder "
-                       f"(one .onnx model and its {TAGS_FILE})")
+                       f"(one .onnx model and its {TAGS_FILE}) or a transformers image-to-text folder (config.json)")
         elif len(models) != 1:
             message = f"{spec.model.uri}: expected one .onnx model next to {TAGS_FILE}, found {len(models)}"
         if message:

@@ -61,11 +61,22 @@ def tag_ops(c: CaptionSpec) -> list[TagOp]:
     return ops
 
 
+def load_captioner(folder: Path, c: CaptionSpec):
+    """A folder with selected_tags.csv is a WD14-format tagger, one with config.json (and no CSV) a
+    transformers sentence captioner; anything else fails as not-a-tagger, naming selected_tags.csv."""
+    from trainer.sentence_captioner import CONFIG_FILE, CaptionerOptions, SentenceCaptioner
+    from trainer.tagger import TAGS_FILE, Tagger
+
+    if not (folder / TAGS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
+        return SentenceCaptioner.load(folder, CaptionerOptions(
+            beam_search=c.beam_search, num_beams=c.num_beams, top_p=c.top_p, max_length=c.max_length,
+            min_length=c.min_length, batch_size=c.batch_size, trigger_word=c.trigger_word))
+    return Tagger.load(folder, tagger_options(c))
+
+
 def run_caption(job: Job, resolve) -> list[OutputFile]:
     from trainer.captioning import caption_dataset, local_model
     from trainer.run import _git_commit, _package_versions
-    from trainer.tagger import Tagger
-
     spec, ctx, c = job.spec, job.ctx, job.spec.caption
     assert c is not None and spec.dataset is not None  # checked with the spec
     own = c.output_uri is None
@@ -78,7 +89,7 @@ def run_caption(job: Job, resolve) -> list[OutputFile]:
         tagger = None
         if spec.model is not None:
             try:
-                tagger = Tagger.load(local_model(resolve(spec.model.uri), Path(tmp)), options)
+                tagger = load_captioner(local_model(resolve(spec.model.uri), Path(tmp)), c)
             except JobFailure as exc:  # named by the user's URI, not the download folder
                 message = exc.message.replace(f"{Path(tmp).name}/", spec.model.uri.rstrip("/") + "/")
                 raise JobFailure(exc.reason, f"model.uri: {message}") from None

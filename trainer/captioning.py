@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -23,6 +24,9 @@ from trainer.data.versions import VersionResult, check_destination, write_versio
 from trainer.failures import JobFailure, Reason
 from trainer.storage import Store, open_store
 from trainer.tagger import Tagger, TaggerOptions
+
+if TYPE_CHECKING:
+    from trainer.sentence_captioner import SentenceCaptioner
 
 
 def tag_dataset(tagger: Tagger, options: TaggerOptions, src_uri: str, dest_uri: str, *,
@@ -34,7 +38,7 @@ def tag_dataset(tagger: Tagger, options: TaggerOptions, src_uri: str, dest_uri: 
                            append_tags=append_tags, opener=opener)
 
 
-def caption_dataset(src_uri: str, dest_uri: str, *, tagger: Tagger | None = None,
+def caption_dataset(src_uri: str, dest_uri: str, *, tagger: Tagger | SentenceCaptioner | None = None,
                     options: TaggerOptions = TaggerOptions(), ops: Sequence[TagOp] = (),
                     remove_orphans: bool = False, caption_extension: str = ".txt", append_tags: bool = False,
                     opener: Callable[[str], Store] = open_store) -> VersionResult:
@@ -84,8 +88,8 @@ def local_model(uri: str, workdir: Path, opener: Callable[[str], Store] = open_s
     if not uri.startswith("s3://"):
         return Path(uri)
     store = opener(uri.rstrip("/") + "/")
-    for info in store.list(""):
-        if "/" not in info.key and info.key.lower().endswith((".onnx", ".csv")):
+    for info in store.list(""):  # a tagger's two files, or a transformers folder (config, weights, processor)
+        if not info.key.endswith("/"):
             store.download_file(info.key, workdir / info.key)
     return workdir
 

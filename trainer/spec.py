@@ -349,6 +349,12 @@ class CaptionSpec(_Base):
     append_tags: bool = False  # keep an image's existing caption and add the new tags after it
     caption_extension: ShortText = ".txt"
     batch_size: Annotated[int, Meta(ge=1, le=1024)] = 8
+    # Sentence captioners (a transformers image-to-text folder as model.uri), make_captions.py's options:
+    beam_search: bool = False  # beam search with num_beams; otherwise nucleus sampling with top_p
+    num_beams: Annotated[int, Meta(ge=1, le=64)] = 1
+    top_p: Fraction = 0.9
+    max_length: Annotated[int, Meta(ge=1, le=512)] = 75  # tokens
+    min_length: Annotated[int, Meta(ge=0, le=512)] = 5
     # Tag operations, applied after tagging in this order: replace, remove, add, min_count, dedupe, trigger.
     replace: Annotated[dict[Text, Text], Meta(max_length=1000)] = {}  # old tag → new tag
     remove: Annotated[list[Text], Meta(max_length=1000)] = []
@@ -990,7 +996,7 @@ def check_kind(spec: JobSpec) -> list[Problem]:
     """The sections each job kind needs; the training checks run only for kind "train"."""
     problems = []
     if spec.model is None and spec.kind != "caption":
-        problems.append(Problem("model", f"is missing: kind \"{spec.kind}\" needs model.uri (the base model)"))
+        problems.append(Problem("model", f"is missing: required for kind \"{spec.kind}\" (model.uri, the base model)"))
     if spec.kind == "caption":
         problems += _caption_problems(spec)
     elif spec.caption is not None:
@@ -1027,6 +1033,8 @@ def _caption_problems(spec: JobSpec) -> list[Problem]:
     for old, new in c.replace.items():
         if not old.strip() or not new.strip():
             problems.append(Problem("caption.replace", f"{old!r} → {new!r}: both tags must be non-empty"))
+    if c.min_length > c.max_length:
+        problems.append(Problem("caption.min_length", f"{c.min_length} is above caption.max_length {c.max_length}"))
     if not c.caption_extension.startswith("."):
         problems.append(Problem("caption.caption_extension", f"must start with '.', got {c.caption_extension!r}"))
     if spec.dataset is not None and (spec.dataset.uri.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))):
