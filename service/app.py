@@ -174,7 +174,8 @@ class _SpecBodyOperation(Operation):
 
     def __post_init__(self) -> None:
         self.request_body = RequestBody(
-            required=True, description="The job spec (JSON form of spec.toml) and an optional webhook URL",
+            required=True, description="The job spec (JSON form of spec.toml) and an optional webhook URL; "
+                                        "spec.kind: train, merge, shrink or caption (docs/spec.md)",
             content={"application/json": OpenAPIMediaType(schema=Reference(ref="#/components/schemas/JobCreateDoc"))},
         )
 

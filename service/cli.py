@@ -197,6 +197,41 @@ def cmd_merge(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def caption_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The `kind = "caption"` spec `lathe caption` submits (options as `python -m trainer tag` names them)."""
+    split = lambda values: [t.strip() for v in values or [] for t in v.split(",") if t.strip()]  # noqa: E731
+    caption: dict[str, Any] = {
+        "thresh": args.thresh, "general_threshold": args.general_threshold,
+        "character_threshold": args.character_threshold, "undesired_tags": split(args.undesired_tags),
+        "remove_underscore": not args.keep_underscore, "character_tags_first": not args.general_first,
+        "character_tag_expand": args.character_tag_expand, "use_rating_tags": args.use_rating_tags,
+        "always_first_tags": split(args.always_first_tags), "trigger_word": args.trigger,
+        "append_tags": args.append_tags, "caption_extension": args.caption_extension,
+        "remove": split(args.remove), "add": split(args.add), "min_count": args.min_count or 0,
+        "dedupe": args.dedupe, "remove_orphans": args.remove_orphans, "output_uri": args.output_uri,
+        "beam_search": args.beam_search, "num_beams": args.num_beams, "top_p": args.top_p,
+        "max_length": args.max_length, "min_length": args.min_length,
+    }
+    replace = {}
+    for pair in args.replace or []:
+        old, _, new = pair.partition("=")
+        replace[old] = new  # an empty side is named by the spec check
+    caption["replace"] = replace
+    spec: dict[str, Any] = {"version": 1, "kind": "caption", "dataset": {"uri": args.dataset},
+                            "caption": caption, "resources": {"gpus": args.gpus}}
+    if args.model:
+        spec["model"] = {"uri": args.model}
+    if args.name:
+        spec["name"] = args.name
+    return spec
+
+
+def cmd_caption(args: argparse.Namespace, client: Client) -> int:
+    job = client.submit(caption_spec(args), webhook_url=args.webhook)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
 def _print_validation(result: dict[str, Any]) -> None:
     pre = result.get("preflight") or {}
     print(f"ok: {pre.get('images', 0)} images, {pre.get('steps_per_epoch', 0)} steps/epoch, "
@@ -436,6 +471,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
     p.add_argument("--webhook")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("caption", help="tag a dataset's images into a new dataset version (a caption job); "
+                                       "prints the job id")
+    p.add_argument("dataset", help="the dataset (folder URI); never changed")
+    p.add_argument("--model", help="WD14-format tagger folder URI (.onnx + selected_tags.csv) or transformers "
+                                   "image-to-text folder; none: tag operations only")
+    p.add_argument("--output-uri", help="an empty location for the new version (default: the job's output "
+                                        "dataset/)")
+    p.add_argument("--caption-extension", default=".txt")
+    p.add_argument("--thresh", type=float, default=0.35)
+    p.add_argument("--general-threshold", type=float)
+    p.add_argument("--character-threshold", type=float)
+    p.add_argument("--undesired-tags", action="append", metavar="TAG[,TAG]")
+    p.add_argument("--keep-underscore", action="store_true", help="keep '_' in tags")
+    p.add_argument("--general-first", action="store_true", help="the CSV order instead of character tags first")
+    p.add_argument("--character-tag-expand", action="store_true")
+    p.add_argument("--use-rating-tags", action="store_true")
+    p.add_argument("--always-first-tags", action="append", metavar="TAG[,TAG]")
+    p.add_argument("--trigger", metavar="WORD", help="trigger word / class token as the first tag")
+    p.add_argument("--append-tags", action="store_true", help="keep existing captions and add the new tags")
+    p.add_argument("--beam-search", action="store_true", help="sentence captioners: beam search (else top-p sampling)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-length", type=int, default=75, help="sentence captioners: tokens")
+    p.add_argument("--min-length", type=int, default=5)
+    p.add_argument("--replace", action="append", metavar="OLD=NEW")
+    p.add_argument("--remove", action="append", metavar="TAG[,TAG]")
+    p.add_argument("--add", action="append", metavar="TAG[,TAG]")
+    p.add_argument("--min-count", type=int, metavar="N")
+    p.add_argument("--dedupe", action="store_true")
+    p.add_argument("--remove-orphans", action="store_true")
+    p.add_argument("--name")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs for the job (0: CPU)")
+    p.add_argument("--webhook")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("shrink", help="reduce an adapter's rank (a shrink job); prints the job id")
     p.add_argument("adapter", help="adapter URI, local .safetensors file (uploaded first) or finished job id")
     p.add_argument("--model", required=True, help="the base model it was trained on (URI)")
@@ -473,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="delete a finished job and its outputs")
     p.add_argument("id")
     p = sub.add_parser("list", help="jobs, newest first")
-    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "merging", "uploading",
+    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "merging", "captioning", "uploading",
                                         *TERMINAL])
     p.add_argument("--limit", type=int)
     p.add_argument("--cursor")
@@ -514,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "diff": cmd_diff, "rerun": cmd_rerun,
+CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "caption": cmd_caption, "diff": cmd_diff, "rerun": cmd_rerun,
                    "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "delete": cmd_delete,
                    "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload, "dataset": cmd_dataset_report}
 

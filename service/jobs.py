@@ -77,6 +77,7 @@ class JobService:
             ) from None
         self._check_uris(tenant, spec)
         self._check_adapter_headers(spec)
+        self._check_tagger(spec)
         self._check_webhook(body.webhook_url)
         spec = self._apply_limits(tenant, spec)
         if spec.dataset is None:  # a post-training job: no dataset to inspect
@@ -105,10 +106,37 @@ class JobService:
                 continue  # a trainer-local path: the trainer checks it
             store = self._open_cached(f"s3://{bucket}/")
             header = self._call(lambda: read_header(store, key))
-            problems += adapter_problems(field, uri, header, spec.model.arch)
+            problems += adapter_problems(field, uri, header, spec.model.arch if spec.model else "sd1")
         if problems:
             raise errors.InvalidSpec(f"{len(problems)} adapter(s) do not fit this model: "
                                      + "; ".join(f"{p.path}: {p.message}" for p in problems), problems=problems)
+
+    def _check_tagger(self, spec: JobSpec) -> None:
+        """A caption job's tagger folder, by one listing: a 422 now when it has no selected_tags.csv
+        or not exactly one .onnx model (the graph itself is checked by the trainer when it loads it)."""
+        if spec.kind != "caption" or spec.model is None:
+            return
+        from trainer.tagger import TAGS_FILE
+
+        scheme, bucket, key = parse_uri(spec.model.uri)
+        if scheme != "s3":
+            return  # a trainer-local path: the trainer checks it
+        prefix = key.rstrip("/") + "/" if key else ""
+        store = self._open_cached(f"s3://{bucket}/")
+        names = self._call(lambda: [o.key[len(prefix):] for o in store.list(prefix, limit=10000)])
+        top = [n for n in names if "/" not in n]
+        models = [n for n in top if n.lower().endswith(".onnx")]
+        message = None
+        if TAGS_FILE not in top and "config.json" in top:
+            return  # a transformers sentence captioner: the trainer loads it
+        if TAGS_FILE not in top:
+            message = (f"{spec.model.uri} has no {TAGS_FILE}: a caption job's model is a WD14-format tagger folder "
+                       f"(one .onnx model and its {TAGS_FILE}) or a transformers image-to-text folder (config.json)")
+        elif len(models) != 1:
+            message = f"{spec.model.uri}: expected one .onnx model next to {TAGS_FILE}, found {len(models)}"
+        if message:
+            problem = FieldProblem(path="model.uri", message=message)
+            raise errors.InvalidSpec(f"model.uri: {message}", problems=[problem])
 
     def _check_webhook(self, url: str | None) -> None:
         """Refuse at submit what the sender would refuse at the job's end (a private destination), so
@@ -123,8 +151,9 @@ class JobService:
 
     def _check_uris(self, tenant: Tenant, spec: JobSpec) -> None:
         refs: list[tuple[str, str | None, UriKind]] = [
-            ("model.uri", spec.model.uri, "model"),
-            ("model.vae", spec.model.vae, "model"),
+            ("model.uri", spec.model.uri if spec.model else None, "model"),
+            ("model.vae", spec.model.vae if spec.model else None, "model"),
+            ("caption.output_uri", spec.caption.output_uri if spec.caption else None, "output"),
             ("network.weights", spec.network.weights, "model"),
             ("dataset.uri", spec.dataset.uri if spec.dataset else None, "dataset"),
             ("dataset.reg_uri", spec.dataset.reg_uri if spec.dataset else None, "dataset"),

@@ -12,17 +12,21 @@ import io
 import posixpath
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from trainer.data.layout import IMAGE_EXTENSIONS
-from trainer.data.tagops import add_tags, join_tags, split_tags
+from trainer.data.tagops import TagOp, add_tags, apply_ops, join_tags, orphan_captions, split_tags
 from trainer.data.versions import VersionResult, check_destination, write_version
 from trainer.failures import JobFailure, Reason
 from trainer.storage import Store, open_store
 from trainer.tagger import Tagger, TaggerOptions
+
+if TYPE_CHECKING:
+    from trainer.sentence_captioner import SentenceCaptioner
 
 
 def tag_dataset(tagger: Tagger, options: TaggerOptions, src_uri: str, dest_uri: str, *,
@@ -30,13 +34,25 @@ def tag_dataset(tagger: Tagger, options: TaggerOptions, src_uri: str, dest_uri: 
                 opener: Callable[[str], Store] = open_store) -> VersionResult:
     """Writes the tagged copy of `src_uri` to `dest_uri`. An image's existing caption is replaced
     (sd-scripts' default) or, with `append_tags`, kept with the new tags added after it."""
+    return caption_dataset(src_uri, dest_uri, tagger=tagger, options=options, caption_extension=caption_extension,
+                           append_tags=append_tags, opener=opener)
+
+
+def caption_dataset(src_uri: str, dest_uri: str, *, tagger: Tagger | SentenceCaptioner | None = None,
+                    options: TaggerOptions = TaggerOptions(), ops: Sequence[TagOp] = (),
+                    remove_orphans: bool = False, caption_extension: str = ".txt", append_tags: bool = False,
+                    opener: Callable[[str], Store] = open_store) -> VersionResult:
+    """The new version of `src_uri` at `dest_uri`: every image tagged by `tagger` (when given), then
+    the tag operations `ops` applied to every caption file, caption files without an image left out
+    with `remove_orphans`. Fails with dataset_invalid naming the file when an image cannot be decoded."""
     problems = options.problems()
     if problems:
         raise JobFailure(Reason.SPEC_INVALID, "; ".join(f"{name}: {message}" for name, message in problems))
     check_destination(src_uri, dest_uri)
     src = opener(src_uri.rstrip("/") + "/")
-    images = sorted(o.key for o in src.list("") if o.key.lower().endswith(IMAGE_EXTENSIONS)
-                    and not any(p.startswith(".") or p == "__MACOSX" for p in o.key.split("/")))
+    names = [o.key for o in src.list("")]
+    images = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
+                    and not any(p.startswith(".") or p == "__MACOSX" for p in n.split("/")))
     if not images:
         raise JobFailure(Reason.DATASET_INVALID, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {src_uri}")
 
@@ -50,16 +66,18 @@ def tag_dataset(tagger: Tagger, options: TaggerOptions, src_uri: str, dest_uri: 
                 raise JobFailure(Reason.DATASET_INVALID, f"{name}: cannot decode the image ({exc}); re-export it "
                                  "as PNG or JPEG or remove it") from None
 
-    new = {posixpath.splitext(name)[0] + caption_extension: caption
-           for name, caption in tagger.tag_images(decoded(), options)}
+    new = {} if tagger is None else {posixpath.splitext(name)[0] + caption_extension: caption
+                                     for name, caption in tagger.tag_images(decoded(), options)}
+    orphans = orphan_captions(names, caption_extension, IMAGE_EXTENSIONS) if remove_orphans else []
 
     def rewrite(existing: dict[str, str]) -> dict[str, str | None]:
-        if not append_tags:
-            return dict(new)
-        out: dict[str, str | None] = {}
+        merged = dict(existing)
         for path, caption in new.items():
-            old = split_tags(existing.get(path, "").split("\n")[0])
-            out[path] = join_tags(add_tags(old, split_tags(caption))) if old else caption
+            old = split_tags(existing.get(path, "").split("\n")[0]) if append_tags else []
+            merged[path] = join_tags(add_tags(old, split_tags(caption))) if old else caption
+        edited = apply_ops(merged, ops) if ops else merged
+        out: dict[str, str | None] = {p: t for p, t in edited.items() if p in new or t != existing.get(p)}
+        out.update({p: None for p in orphans})
         return out
 
     return write_version(src_uri, dest_uri, rewrite, caption_extension=caption_extension, opener=opener)
@@ -70,8 +88,8 @@ def local_model(uri: str, workdir: Path, opener: Callable[[str], Store] = open_s
     if not uri.startswith("s3://"):
         return Path(uri)
     store = opener(uri.rstrip("/") + "/")
-    for info in store.list(""):
-        if "/" not in info.key and info.key.lower().endswith((".onnx", ".csv")):
+    for info in store.list(""):  # a tagger's two files, or a transformers folder (config, weights, processor)
+        if not info.key.endswith("/"):
             store.download_file(info.key, workdir / info.key)
     return workdir
 

@@ -14,10 +14,10 @@ import msgspec
 from trainer.failures import Reason
 
 Phase = Literal[
-    "queued", "preparing", "training", "shrinking", "merging", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "captioning", "uploading", "succeeded", "failed", "cancelled"
 ]
 PHASES: tuple[str, ...] = (
-    "queued", "preparing", "training", "shrinking", "merging", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "captioning", "uploading", "succeeded", "failed", "cancelled"
 )
 TERMINAL_PHASES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -36,7 +36,9 @@ class Progress(msgspec.Struct, kw_only=True):
 
 # In the OpenAPI document: every failure reason a client may meet (the table in docs/api.md).
 REASON_DOC = ("why the job failed: " + ", ".join(r.value for r in Reason)
-              + " (adapter_mismatch: an adapter does not fit its base model, architecture or layer shapes)")
+              + " (adapter_mismatch: an adapter does not fit its base model, architecture or layer shapes; "
+              "model_invalid on a caption job: the tagger folder is not a WD14-format tagger, the message names "
+              "the file; dataset_invalid: an image that cannot be decoded, named)")
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -49,7 +51,7 @@ class OutputFile(msgspec.Struct, kw_only=True):
     uri: str
     size: int
     sha256: str
-    kind: str = "other"  # adapter | adapter_shrunk | adapter_epoch | adapter_step | sample | plot | config | log | metadata
+    kind: str = "other"  # adapter | adapter_shrunk | adapter_epoch | adapter_step | sample | plot | config | log | report | metadata
 
 
 class JobStatus(msgspec.Struct, kw_only=True):

@@ -22,7 +22,7 @@ SPEC_CASES: list[tuple[str, dict[str, Any], int, str, str]] = [
     ("version-bool", {"version": True}, 422, "version", "unsupported spec version"),
     ("version-future", {"version": 2}, 422, "version", "supported versions"),
     ("model-missing", {"model": None}, 422, "model", "required"),
-    ("model-not-object", {"model": "s3://x"}, 422, "model", "Expected `object`"),
+    ("model-not-object", {"model": "s3://x"}, 422, "model", "Expected `object"),
     ("dataset-uri-missing", {"dataset.uri": None}, 422, "dataset.uri", "required"),
     # wrong types
     ("dim-string", {"network.dim": "8"}, 422, "network.dim", "Expected `int`"),

@@ -4,56 +4,13 @@ checked against the model's own scores; folders that are not taggers fail naming
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 from PIL import Image
 
+from tests.tagger_helpers import ROWS, SIZE, build_tagger
 from trainer.failures import JobFailure
 from trainer.tagger import Tag, Tagger, TaggerOptions, _shown, preprocess, select_tags
-
-SIZE = 32
-# category 9 rating, 0 general, 4 character (the WD14 CSV's codes)
-ROWS = [("general", "9"), ("sensitive", "9"), ("questionable", "9"), ("explicit", "9"),
-        ("1girl", "0"), ("red_hair", "0"), ("long_hair", "0"), ("sword", "0"), ("^_^", "0"), ("smile", "0"),
-        ("blue_sky", "0"), ("outdoors", "0"), ("hero_(series)", "4"), ("villain_(other_series)", "4")]
-
-
-def build_tagger(folder: Path, *, size: int = SIZE, channels: int = 3, rows=ROWS, batch: int | str = "N",
-                 seed: int = 0) -> Path:
-    """Mean colour per channel → dense → sigmoid: scores that differ between images and spread
-    over (0, 1), so thresholds cut somewhere in the middle."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(0, 0.05, (channels, len(rows))).astype(np.float32)
-    bias = rng.normal(0, 2.0, len(rows)).astype(np.float32)
-    x = helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [batch, size, size, channels])
-    y = helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(rows)])
-    nodes = [
-        helper.make_node("ReduceMean", ["input_1"], ["mean"], axes=[1, 2], keepdims=0),
-        helper.make_node("Sub", ["mean", "centre"], ["centred"]),
-        helper.make_node("MatMul", ["centred", "w"], ["logits0"]),
-        helper.make_node("Add", ["logits0", "b"], ["logits"]),
-        helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
-    ]
-    inits = [helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel()),
-             helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias),
-             helper.make_tensor("centre", TensorProto.FLOAT, [channels], [128.0] * channels)]
-    graph = helper.make_graph(nodes, "tiny_wd14", [x], [y], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, folder / "model.onnx")
-    with open(folder / "selected_tags.csv", "w", newline="", encoding="utf-8") as fh:
-        out = csv.writer(fh)
-        out.writerow(["tag_id", "name", "category", "count"])
-        for i, (name, category) in enumerate(rows):
-            out.writerow([i, name, category, 100])
-    return folder
 
 
 def images(n: int = 20) -> list[Image.Image]:
@@ -169,3 +126,35 @@ def test_tag_a_bare_dataset_on_s3_into_a_new_version(tmp_path, s3_server, s3_buc
     s3.put_object(Bucket=s3_bucket, Key="models/nottagger/model.onnx", Body=b"x")
     assert tag_main([f"s3://{s3_bucket}/models/nottagger", src, dest + "2"]) == 12  # model_invalid
     assert tag_main([f"s3://{s3_bucket}/models/wd14", src, dest + "3", "--thresh", "1.5"]) == 10  # spec_invalid
+
+
+def test_caption_version_runs_the_tag_operations_after_tagging(tmp_path):
+    """The caption job's writer: tagging, then the operations (trigger last, so first), orphan captions
+    left out, unchanged files copied; the destination must be empty and outside the source."""
+    from trainer.caption_job import tag_ops
+    from trainer.captioning import caption_dataset
+    from trainer.spec import CaptionSpec
+
+    src = tmp_path / "src" / "3_x"
+    src.mkdir(parents=True)
+    for i, im in enumerate(images(3)):
+        im.save(src / f"{i}.png")
+    (src / "gone.txt").write_text("orphan, tag")
+    (src / "notes.md").write_text("kept as it is")
+    options = TaggerOptions(thresh=0.0)  # every general and character tag
+    tagger = Tagger.load(build_tagger(tmp_path / "tagger"), options)
+    c = CaptionSpec(thresh=0.0, remove=["smile"], replace={"1girl": "1woman"}, trigger_word="sks", remove_orphans=True)
+    dest = tmp_path / "v2"
+    result = caption_dataset(str(tmp_path / "src"), str(dest), tagger=tagger, options=options, ops=tag_ops(c),
+                             remove_orphans=True)
+    assert result.removed == ["3_x/gone.txt"] and not (dest / "3_x" / "gone.txt").exists()
+    assert (dest / "3_x" / "notes.md").read_text() == "kept as it is"
+    for i in range(3):
+        tags = (dest / "3_x" / f"{i}.txt").read_text().split(", ")
+        assert tags[0] == "sks" and "smile" not in tags and "1woman" in tags and "1girl" not in tags
+    with pytest.raises(JobFailure) as exc:
+        caption_dataset(str(tmp_path / "src"), str(dest), tagger=tagger, options=options)
+    assert "not empty" in exc.value.message
+    with pytest.raises(JobFailure) as exc:
+        caption_dataset(str(tmp_path / "src"), str(tmp_path / "src" / "v3"), tagger=tagger, options=options)
+    assert "overlaps" in exc.value.message

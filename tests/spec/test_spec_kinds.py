@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.spec import DatasetSpec, MergeAdapterSpec, MergeSpec, SpecError, spec_from_obj
+from trainer.spec import CaptionSpec, DatasetSpec, MergeAdapterSpec, MergeSpec, ModelSpec, SpecError, spec_from_obj
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 MODEL = {"uri": "s3://m/sd15.safetensors"}
@@ -36,9 +36,33 @@ def test_each_kind_takes_its_own_sections():
                                                                   "merge": too_far}))
 
 
+def test_caption_kind_takes_a_dataset_a_caption_section_and_an_optional_tagger():
+    data = {"uri": "s3://d/bare"}
+    tagged = spec_from_obj({"version": 1, "kind": "caption", "model": {"uri": "s3://m/tagger"}, "dataset": data,
+                            "caption": {"thresh": 0.5, "trigger_word": "sks"}})
+    assert tagged.caption.thresh == 0.5 and tagged.model.uri == "s3://m/tagger"
+    ops = spec_from_obj({"version": 1, "kind": "caption", "dataset": data, "caption": {"remove": ["bad"]}})
+    assert ops.model is None and ops.caption.remove == ["bad"]
+    assert "caption" in _problems({"version": 1, "kind": "caption", "dataset": data, "caption": {}})  # does nothing
+    assert "caption" in _problems({"version": 1, "kind": "caption", "model": MODEL, "dataset": data})
+    assert "dataset" in _problems({"version": 1, "kind": "caption", "model": MODEL, "caption": {}})
+    assert "caption.thresh" in _problems({"version": 1, "kind": "caption", "model": MODEL, "dataset": data,
+                                          "caption": {"thresh": 1.5}})
+    assert "caption.general_threshold" in _problems({"version": 1, "kind": "caption", "model": MODEL,
+                                                     "dataset": data, "caption": {"general_threshold": -0.1}})
+    assert "caption.replace" in _problems({"version": 1, "kind": "caption", "dataset": data,
+                                           "caption": {"replace": {"a": " "}}})
+    assert "dataset.uri" in _problems({"version": 1, "kind": "caption", "model": MODEL,
+                                       "dataset": {"uri": "s3://d/x.zip"}, "caption": {}})
+    assert "caption" in _problems({"version": 1, "model": MODEL, "dataset": data, "caption": {}})  # train kind
+    assert "model" in _problems({"version": 1, "dataset": data})  # only a caption job goes without a model
+
+
 def test_docs_describe_the_optional_sections_fields():
     text = DOCS.read_text(encoding="utf-8")
     missing = [f"dataset.{f}" for f in DatasetSpec.__struct_fields__ if f"`dataset.{f}`" not in text]
     missing += [f"merge.{f}" for f in MergeSpec.__struct_fields__ if f"`merge.{f}`" not in text]
     missing += [f for f in MergeAdapterSpec.__struct_fields__ if f"`{f}`" not in text]
+    missing += [f"caption.{f}" for f in CaptionSpec.__struct_fields__ if f"`caption.{f}`" not in text]
+    missing += [f"model.{f}" for f in ModelSpec.__struct_fields__ if f"`model.{f}`" not in text]
     assert not missing, f"docs/spec.md does not describe: {missing}"
