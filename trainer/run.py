@@ -532,10 +532,11 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
         job = Job(ctx, spec, reporter)
         log.info("job %s attempt %d (rank %d/%d)", job_store.root_uri, attempt, rank, world)
         if spec.kind != "train":
+            from trainer.grid_job import run_grid
             from trainer.merge_job import run_merge
             from trainer.shrink_job import run_shrink
 
-            run_kind = {"merge": run_merge, "shrink": run_shrink}[spec.kind]
+            run_kind = {"merge": run_merge, "shrink": run_shrink, "grid": run_grid}[spec.kind]
             reporter.set_outputs(run_kind(job, lambda uri: _resolve_input(uri, spec_uri)))
             reporter.finish("succeeded")
             log.info("job succeeded")
