@@ -106,4 +106,4 @@ def test_grid_job_over_seeds_and_a_mismatched_adapter(assets, tmp_path):
     code = run_job(str(job / "spec.json"), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
     assert code == EXIT_CODES[Reason.ADAPTER_MISMATCH]
     status = json.loads((job / "status.json").read_text())
-    assert status["reason"] == "adapter_mismatch" and "lora_unet_not_a_layer" in status["message"]
+    assert status["error"]["reason"] == "adapter_mismatch" and "lora_unet_not_a_layer" in status["error"]["message"]
