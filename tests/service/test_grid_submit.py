@@ -1,0 +1,33 @@
+"""A grid job's inputs checked at submit: a job that has not finished, an unknown job and a weight out
+of range are each a 422 naming the field; nothing is launched."""
+
+from __future__ import annotations
+
+from tests.service.conftest import auth, spec, upload_tiny_dataset
+
+
+def _grid(bucket: str, adapters: list[dict], **axes) -> dict:
+    return {"spec": {"version": 1, "kind": "grid", "model": {"uri": f"s3://{bucket}/models/tiny"},
+                     "grid": {"adapters": adapters, "prompts": ["a cat --w 64 --h 64 --s 2"], **axes},
+                     "resources": {"gpus": 0}}}
+
+
+def test_grid_over_an_unfinished_job_and_a_weight_out_of_range_are_422(client_factory, bucket, s3):
+    upload_tiny_dataset(s3, bucket)
+    client = client_factory(launcher="none", reconcile_interval_s=0)
+    r = client.post("/v1/jobs", json={"spec": spec(bucket)}, headers=auth())
+    assert r.status_code == 201, r.text
+    queued = r.json()["id"]
+    r = client.post("/v1/jobs", json=_grid(bucket, [{"job": queued}]), headers=auth())
+    assert r.status_code == 422, r.text
+    problems = r.json()["problems"]
+    assert problems[0]["path"] == "grid.adapters[0].job" and "queued, not succeeded" in problems[0]["message"]
+    r = client.post("/v1/jobs", json=_grid(bucket, [{"job": "j-20250101t120000-0123abcd"}]), headers=auth())
+    assert r.status_code == 422 and "no job" in r.text, r.text
+    r = client.post("/v1/jobs", json=_grid(bucket, [{"uri": f"s3://{bucket}/models/a.safetensors"}],
+                                           weights=[0.5, 11.0]), headers=auth())
+    assert r.status_code == 422 and "grid.weights[1]" in r.text, r.text
+    r = client.post("/v1/jobs", json=_grid(bucket, [{"uri": f"s3://{bucket}/models/a.safetensors"}], x="seed",
+                                           y="seed"), headers=auth())
+    assert r.status_code == 422 and "grid.y" in r.text, r.text
+    assert [j["id"] for j in client.get("/v1/jobs", headers=auth()).json()["items"]] == [queued]
