@@ -100,6 +100,46 @@ def run_grid(job: Job, resolve) -> list[OutputFile]:
     return [*outputs, job.publisher.commit(metadata, outputs)]
 
 
+def render_own_grid(job: Job) -> list[LocalOutput]:
+    """`sample.grid` of a training job: its saves still kept plus the final file × the weights (and
+    seeds), on the model it trained on with its own adapter unhooked. A failure here is a warning:
+    the trained adapter is published all the same."""
+    import logging
+
+    from trainer.fetch import fetch_model
+    from trainer.grid import Axes, GridAdapter, render_grid
+    from trainer.run import _seed
+
+    spec, ctx, g = job.spec, job.ctx, job.spec.sample.grid
+    assert g is not None
+    t0 = time.monotonic()
+    job.reporter.set_phase("rendering")
+    try:
+        saves = sorted((o for o in ctx.published.values() if o.kind in ("adapter_epoch", "adapter_step", "adapter")),
+                       key=lambda o: (o.kind == "adapter", o.name))
+        adapters = []
+        for o in saves:
+            local = job.out_dir / o.name  # an earlier attempt's save is fetched from the outputs
+            path = str(local) if local.is_file() else fetch_model(o.uri, str(ctx.cache_dir))
+            adapters.append(GridAdapter(path, adapter_label(o.name), o.name))
+        network = getattr(job, "network", None)
+        if network is not None:
+            network.restore()  # the grid applies each save itself
+        folder = job.out_dir / "grid"
+        render_grid(job.parts, adapters, spec.sample.prompts, Axes(g.x, g.y, list(g.weights), list(g.seeds)),
+                    spec.sample.sampler, str(folder), clip_skip=spec.model.clip_skip,
+                    base_seed=_seed(spec, ctx.job.root_uri))
+        items = grid_outputs(folder)
+    except Exception as exc:  # noqa: BLE001 — the grid is optional: never lose the trained adapter to it
+        message = f"sample.grid skipped: {type(exc).__name__}: {exc}"
+        logging.getLogger("lathe.grid").warning(message)
+        job.reporter.warn(message)
+        items = []
+    job.timings["grid_s"] = time.monotonic() - t0
+    job.reporter.set_phase("uploading")
+    return items
+
+
 def grid_outputs(folder: Path) -> list[LocalOutput]:
     """The grid folder as outputs under `grid/`: grid PNGs and grid.json ("grid"), cells ("sample")."""
     items = []

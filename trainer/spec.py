@@ -1018,6 +1018,8 @@ def _check_grid(spec: JobSpec) -> list[Problem]:
     sample_grid = spec.sample.grid
     if sample_grid is not None and spec.kind != "train":
         problems.append(Problem("sample.grid", "only for kind \"train\"; a \"grid\" job takes the grid section"))
+    if sample_grid is not None and "saves" not in (sample_grid.x, sample_grid.y):
+        problems.append(Problem("sample.grid", "a training job's grid is over its saves: set x or y to \"saves\""))
     if sample_grid is not None and not spec.sample.prompts:
         problems.append(Problem("sample.grid", "needs sample.prompts: the grid renders them over the saves"))
     for where, g in (("grid", spec.grid if spec.kind == "grid" else None), ("sample.grid", sample_grid)):

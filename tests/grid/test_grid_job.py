@@ -107,3 +107,33 @@ def test_grid_job_over_seeds_and_a_mismatched_adapter(assets, tmp_path):
     assert code == EXIT_CODES[Reason.ADAPTER_MISMATCH]
     status = json.loads((job / "status.json").read_text())
     assert status["error"]["reason"] == "adapter_mismatch" and "lora_unet_not_a_layer" in status["error"]["message"]
+
+
+def test_training_with_sample_grid_renders_its_saves_by_three_weights(assets, tmp_path):
+    """save_every_n_epochs = 1 over 2 epochs: the epoch-1 save and the final file, each at 3 weights."""
+    from trainer.tinydata import make_tiny_dataset
+
+    root, single = assets
+    make_tiny_dataset(tmp_path / "data", images=2, size=(64, 64), concepts=(("circle", 1),), missing_caption_every=0)
+    job = tmp_path / "job"
+    job.mkdir()
+    spec = {"version": 1, "name": "own-grid", "model": {"uri": single, "arch": "sd1"},
+            "dataset": {"uri": str(tmp_path / "data"), "resolution": 64, "caption_extension": ".txt"},
+            "training": {"max_train_epochs": 2, "batch_size": 2},
+            "save": {"output_name": "run", "save_every_n_epochs": 1},
+            "shrink": {"enabled": False},
+            "sample": {"prompts": ["a circle --w 64 --h 64 --s 2 --d 3"],
+                       "grid": {"x": "weight", "y": "saves", "weights": [0.5, 1.0, 1.5]}},
+            "resources": {"gpus": 0, "max_attempts": 1}}
+    (job / "spec.json").write_text(json.dumps(spec))
+    assert run_job(str(job / "spec.json"), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache")) == 0
+    out = job / "output"
+    record = json.loads((out / "grid" / "grid.json").read_text())
+    assert record["y"] == {"axis": "saves", "labels": ["run-000001", "run"]}
+    assert record["x"]["labels"] == ["0.5", "1", "1.5"]
+    assert len(record["prompts"][0]["cells"]) == 6 and (out / "grid" / "grid-0.png").is_file()
+    status = json.loads((job / "status.json").read_text())
+    kinds = {o["name"]: o["kind"] for o in status["outputs"]}
+    assert kinds["grid/grid-0.png"] == "grid" and kinds["grid/grid.json"] == "grid"
+    assert sum(k == "sample" and n.startswith("grid/cells/") for n, k in kinds.items()) == 6
+    assert not [w for w in status.get("warnings", []) if "sample.grid" in w]
