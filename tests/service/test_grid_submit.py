@@ -31,3 +31,44 @@ def test_grid_over_an_unfinished_job_and_a_weight_out_of_range_are_422(client_fa
                                            y="seed"), headers=auth())
     assert r.status_code == 422 and "grid.y" in r.text, r.text
     assert [j["id"] for j in client.get("/v1/jobs", headers=auth()).json()["items"]] == [queued]
+
+
+def test_lathe_grid_builds_the_grid_spec():
+    from service.cli import build_parser, grid_spec
+    from trainer.spec import spec_from_obj
+
+    args = build_parser().parse_args(["grid", "j-20250101t120000-0123abcd", "s3://b/x.safetensors", "--model", "s3://b/base",
+                                      "--prompt", "a cat --w 64 --h 64", "-x", "weight", "-y", "saves",
+                                      "--weights", "0.5,1,1.5", "--gpus", "0"])
+    spec = grid_spec(args, client=None)
+    assert spec["grid"]["adapters"] == [{"job": "j-20250101t120000-0123abcd"}, {"uri": "s3://b/x.safetensors"}]
+    assert spec["grid"]["weights"] == [0.5, 1.0, 1.5] and (spec["grid"]["x"], spec["grid"]["y"]) == ("weight", "saves")
+    assert spec_from_obj(spec).grid.prompts == ["a cat --w 64 --h 64"]
+
+
+def test_grid_sections_are_checked_with_the_spec():
+    from trainer.spec import SpecError, spec_from_obj
+
+    def problems(obj: dict) -> dict[str, str]:
+        try:
+            spec_from_obj(obj)
+        except SpecError as exc:
+            return {p.path: p.message for p in exc.problems}
+        return {}
+
+    model = {"uri": "s3://m/base"}
+    grid = {"adapters": [{"uri": "s3://o/a.safetensors"}, {"uri": "s3://o/b.safetensors"}], "prompts": ["a cat"]}
+    assert problems({"version": 1, "kind": "grid", "model": model, "grid": grid}) == {}
+    assert "grid" in problems({"version": 1, "kind": "grid", "model": model})
+    assert "grid.adapters" in problems({"version": 1, "kind": "grid", "model": model, "grid": {**grid, "x": "seed",
+                                                                                               "seeds": [1, 2]}})
+    assert "grid.adapters[0]" in problems({"version": 1, "kind": "grid", "model": model,
+                                           "grid": {**grid, "adapters": [{}]}})
+    assert "grid.seeds" in problems({"version": 1, "kind": "grid", "model": model, "grid": {**grid, "y": "seed"}})
+    assert "grid.prompts[0]" in problems({"version": 1, "kind": "grid", "model": model,
+                                          "grid": {**grid, "prompts": ["a cat --w 30"]}})
+    train = {"version": 1, "model": model, "dataset": {"uri": "s3://d/x"}}
+    assert "sample.grid" in problems({**train, "sample": {"grid": {}}})  # no prompts
+    assert "sample.grid" in problems({**train, "sample": {"prompts": ["a"], "grid": {"x": "weight", "y": "seed",
+                                                                                      "seeds": [1]}}})
+    assert "grid" in problems({**train, "grid": grid})
