@@ -72,3 +72,11 @@ def test_grid_sections_are_checked_with_the_spec():
     assert "sample.grid" in problems({**train, "sample": {"prompts": ["a"], "grid": {"x": "weight", "y": "seed",
                                                                                       "seeds": [1]}}})
     assert "grid" in problems({**train, "grid": grid})
+
+
+def test_openapi_describes_the_grid_kind_and_the_rendering_phase(client_factory):
+    doc = client_factory(launcher="none", reconcile_interval_s=0).get("/schema/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert {"GridSpec", "GridAdapterSpec", "GridAxesSpec"} <= set(schemas)
+    assert "'grid'" in str(doc) and "'rendering'" in str(doc)
+    assert set(schemas["GridSpec"]["properties"]) >= {"adapters", "prompts", "x", "y", "weights", "seeds", "sampler"}
