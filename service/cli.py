@@ -226,8 +226,34 @@ def caption_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def grid_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
+    """The `kind = "grid"` spec `lathe grid` submits. A job id stands for all its saves (the service
+    expands it); a local file is uploaded first; anything else is an adapter URI."""
+    adapters = []
+    for ref in args.adapters:
+        is_job = not os.path.isfile(ref) and not ref.startswith(("s3://", "/", ".")) and "://" not in ref
+        adapters.append({"job": ref} if is_job else {"uri": _adapter_uri(ref, client)})
+    grid: dict[str, Any] = {"adapters": adapters, "prompts": args.prompt, "x": args.x, "y": args.y,
+                            "sampler": args.sampler}
+    if args.weights:
+        grid["weights"] = [float(w) for w in args.weights.split(",")]
+    if args.seeds:
+        grid["seeds"] = [int(s) for s in args.seeds.split(",")]
+    spec: dict[str, Any] = {"version": 1, "kind": "grid", "model": {"uri": args.model, "arch": args.arch},
+                            "grid": grid, "resources": {"gpus": args.gpus}}
+    if args.name:
+        spec["name"] = args.name
+    return spec
+
+
 def cmd_caption(args: argparse.Namespace, client: Client) -> int:
     job = client.submit(caption_spec(args), webhook_url=args.webhook)
+    _print_json(job) if args.json else print(job["id"])
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace, client: Client) -> int:
+    job = client.submit(grid_spec(args, client), webhook_url=args.webhook)
     _print_json(job) if args.json else print(job["id"])
     return 0
 
@@ -505,6 +531,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=0, help="GPUs for the job (0: CPU)")
     p.add_argument("--webhook")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("grid", help="render prompts over saves × weights × seeds (a grid job); prints the job id")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                   help="finished job id (all its saves), adapter URI or local .safetensors file (uploaded first)")
+    p.add_argument("--model", required=True, help="base model URI")
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt line in the sample.prompts syntax (--n --w --h --d --l --s); repeat for more")
+    p.add_argument("-x", default="saves", choices=["saves", "weight", "seed"], help="the columns (default saves)")
+    p.add_argument("-y", default="weight", choices=["saves", "weight", "seed"], help="the rows (default weight)")
+    p.add_argument("--weights", help="comma-separated, e.g. 0.7,0.9,1.1,1.3,1.5 (default 1)")
+    p.add_argument("--seeds", help="comma-separated seeds (needed when seed is an axis)")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--name")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
+    p.add_argument("--webhook")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("shrink", help="reduce an adapter's rank (a shrink job); prints the job id")
     p.add_argument("adapter", help="adapter URI, local .safetensors file (uploaded first) or finished job id")
     p.add_argument("--model", required=True, help="the base model it was trained on (URI)")
@@ -542,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="delete a finished job and its outputs")
     p.add_argument("id")
     p = sub.add_parser("list", help="jobs, newest first")
-    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "merging", "captioning", "uploading",
+    p.add_argument("--status", choices=["queued", "preparing", "training", "shrinking", "merging", "captioning", "rendering", "uploading",
                                         *TERMINAL])
     p.add_argument("--limit", type=int)
     p.add_argument("--cursor")
@@ -583,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "caption": cmd_caption, "diff": cmd_diff, "rerun": cmd_rerun,
+CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "caption": cmd_caption, "grid": cmd_grid, "diff": cmd_diff, "rerun": cmd_rerun,
                    "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "delete": cmd_delete,
                    "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload, "dataset": cmd_dataset_report}
 

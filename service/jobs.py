@@ -35,7 +35,8 @@ from service.wire import (
     AttemptView, DatasetReport, DatasetReportRequest, FieldProblem, JobCreate, JobList, JobSummary, JobView,
     OutputView, PreflightReport, UploadCreate, UploadGrant, UploadTarget, ValidationResult,
 )
-from trainer.spec import JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
+from trainer.grid_job import adapter_label
+from trainer.spec import GridAdapterSpec, JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
 from trainer.status import TERMINAL_PHASES, JobStatus, Progress
 from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
 
@@ -75,6 +76,7 @@ class JobService:
                 f"{len(exc.problems)} problem(s) in the spec: {shown}" + ("; …" if len(exc.problems) > 3 else ""),
                 problems=[FieldProblem(path=p.path, message=p.message, severity=p.severity) for p in exc.problems],
             ) from None
+        spec = self._expand_grid_jobs(tenant, spec)
         self._check_uris(tenant, spec)
         self._check_adapter_headers(spec)
         self._check_tagger(spec)
@@ -93,12 +95,51 @@ class JobService:
         warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
         return spec, report, warnings + report.warnings
 
+    def _expand_grid_jobs(self, tenant: Tenant, spec: JobSpec) -> JobSpec:
+        """`grid.adapters[i].job` → one entry per save of that finished job (the epoch/step saves still
+        kept, then the final file), each with its URI; the stored spec is the one that runs."""
+        if spec.kind != "grid" or spec.grid is None:
+            return spec
+        expanded: list[GridAdapterSpec] = []
+        problems: list[FieldProblem] = []
+        for i, entry in enumerate(spec.grid.adapters):
+            if entry.job is None or entry.uri is not None:
+                expanded.append(entry)
+                continue
+            path = f"grid.adapters[{i}].job"
+            try:
+                record, status = self.get_with_status(tenant, entry.job)
+            except errors.NotFound as exc:
+                problems.append(FieldProblem(path=path, message=f"{exc}; name one of this tenant's jobs"))
+                continue
+            phase = effective(record, status).phase
+            if phase != "succeeded" or status is None:
+                problems.append(FieldProblem(path=path, message=(
+                    f"job {entry.job} is {phase}, not succeeded: a grid compares a finished job's saves; wait for "
+                    "it to finish, or name adapter files with uri")))
+                continue
+            saves = sorted((o for o in status.outputs if o.kind in GRID_SAVE_KINDS),
+                           key=lambda o: (o.kind == "adapter", o.name))
+            if not saves:
+                problems.append(FieldProblem(path=path, message=(
+                    f"job {entry.job} (kind {record.kind!r}) published no adapter to compare")))
+            prefix = f"{entry.label}/" if entry.label else ""
+            expanded += [GridAdapterSpec(uri=o.uri, job=entry.job, label=prefix + adapter_label(o.name)) for o in saves]
+        if not problems and len(expanded) > 1 and "saves" not in (spec.grid.x, spec.grid.y):
+            problems.append(FieldProblem(path="grid.adapters", message=(
+                f"{len(expanded)} saves to compare but saves is not an axis; set grid.x or grid.y to \"saves\"")))
+        if problems:
+            raise errors.InvalidSpec("grid.adapters: " + "; ".join(f"{p.path}: {p.message}" for p in problems),
+                                     problems=problems)
+        return msgspec.structs.replace(spec, grid=msgspec.structs.replace(spec.grid, adapters=expanded))
+
     def _check_adapter_headers(self, spec: JobSpec) -> None:
         """The adapters of a merge or shrink job, by their safetensors headers (ranged GETs): not an
         adapter, or one of another architecture, is a 422 now instead of a failed job later."""
         refs = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
         if spec.shrink.adapter is not None:
             refs.append(("shrink.adapter", spec.shrink.adapter))
+        refs += _grid_refs(spec)
         problems = []
         for field, uri in refs:
             scheme, bucket, key = parse_uri(uri)
@@ -164,6 +205,7 @@ class JobService:
         adapters = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
         if spec.shrink.adapter is not None:
             adapters.append(("shrink.adapter", spec.shrink.adapter))
+        adapters += _grid_refs(spec)
         problems = []
         for path, uri in adapters:
             if not (tenant.allows("model", uri) or tenant.allows("output", uri)):
@@ -642,3 +684,12 @@ class JobService:
         except StorageError as exc:
             raise errors.Unavailable(f"object store: {exc}") from None
 
+
+GRID_SAVE_KINDS = ("adapter_epoch", "adapter_step", "adapter")  # a job's saves a grid compares
+
+
+def _grid_refs(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, uri) of a grid job's adapter files, job references already expanded."""
+    if spec.kind != "grid" or spec.grid is None:
+        return []
+    return [(f"grid.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.grid.adapters) if a.uri is not None]

@@ -142,7 +142,7 @@ class AttemptView(msgspec.Struct, kw_only=True):
 class JobView(msgspec.Struct, kw_only=True):
     id: str
     name: str | None = None
-    kind: str = "train"  # the spec's `kind`: train, merge, shrink, caption
+    kind: str = "train"  # the spec's `kind`: train, merge, shrink, caption, grid
     phase: Phase
     submitted_at: float
     updated_at: float

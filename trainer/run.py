@@ -239,6 +239,7 @@ class Job:
         # unseeded, torch starts each process from a random seed and no two runs begin alike.
         seed_everything(_seed(spec, ctx.job.root_uri))
         network = build_network(network_spec, parts, train_unet=train_unet(spec), train_text_encoder=train_text_encoder(spec))
+        self.network = network
         self.timings["load_s"] = time.monotonic() - t0
 
         resume_dir = None
@@ -334,6 +335,11 @@ class Job:
         for old in stale:
             with_retries(lambda o=old: ctx.out.delete(o), what=f"removing old save {old}")
             ctx.published.pop(old, None)
+        if spec.sample.grid is not None:
+            from trainer.grid_job import render_own_grid
+
+            for item in render_own_grid(self):
+                ctx.published[item.name] = self.publisher.upload(item)
         self.timings["publish_s"] = time.monotonic() - t0
         metadata = self._metadata(result, shrink_report, inputs)
         outputs = sorted(ctx.published.values(), key=lambda o: o.name)
@@ -533,10 +539,11 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
         log.info("job %s attempt %d (rank %d/%d)", job_store.root_uri, attempt, rank, world)
         if spec.kind != "train":
             from trainer.caption_job import run_caption
+            from trainer.grid_job import run_grid
             from trainer.merge_job import run_merge
             from trainer.shrink_job import run_shrink
 
-            run_kind = {"merge": run_merge, "shrink": run_shrink, "caption": run_caption}[spec.kind]
+            run_kind = {"merge": run_merge, "shrink": run_shrink, "caption": run_caption, "grid": run_grid}[spec.kind]
             reporter.set_outputs(run_kind(job, lambda uri: _resolve_input(uri, spec_uri)))
             reporter.finish("succeeded")
             log.info("job succeeded")

@@ -8,9 +8,10 @@ the prompt and an A1111-style `parameters` line, so they explain themselves wher
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -81,13 +82,9 @@ def _png_info(opts: dict[str, Any], sampler: str, seed: int, step: int) -> Any:
     return info
 
 
-@torch.no_grad()
-def generate_samples(parts: Any, prompts: list[str], sampler: str, out_dir: str, *, step: int,
-                     clip_skip: int | None = None, rank: int = 0, world_size: int = 1,
-                     base_seed: int = 0) -> list[Path]:
-    """Render this rank's share of the prompts into `out_dir/<index>.png`; returns the files written."""
-    if not prompts:
-        return []
+@contextlib.contextmanager
+def pipeline_for(parts: Any, sampler: str) -> Iterator[Any]:
+    """A pipeline on the UNet's device with every part in eval mode; puts back what it borrowed."""
     pipe = build_pipeline(parts, sampler)
     device = next(parts.unet.parameters()).device
     # The training loop may have parked the VAE / text encoders on the CPU after caching: borrow them.
@@ -96,29 +93,45 @@ def generate_samples(parts: Any, prompts: list[str], sampler: str, out_dir: str,
     was_training = [m.training for m in (parts.unet, *parts.text_encoders)]
     for m in (parts.unet, *parts.text_encoders):
         m.eval()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
     try:
-        for index in range(rank, len(prompts), world_size):
-            opts = parse_sample_prompt(prompts[index])
-            seed = opts["seed"] if opts["seed"] is not None else base_seed + index
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            kwargs: dict[str, Any] = dict(
-                prompt=opts["prompt"], negative_prompt=opts["negative_prompt"] or None,
-                width=opts["width"], height=opts["height"], num_inference_steps=opts["steps"],
-                guidance_scale=opts["scale"], generator=generator,
-            )
-            if clip_skip and parts.arch != "sdxl":
-                kwargs["clip_skip"] = clip_skip - 1 if clip_skip > 1 else None
-            image = pipe(**kwargs).images[0]
-            path = out / f"{index}.png"
-            image.save(path, pnginfo=_png_info(opts, sampler, seed, step))
-            written.append(path)
-            log.info("sample %d at step %d: %s", index, step, path)
+        yield pipe
     finally:
         for m, flag in zip((parts.unet, *parts.text_encoders), was_training):
             m.train(flag)
         for m in parked:
             m.to("cpu")
+
+
+def render_image(pipe: Any, parts: Any, opts: dict[str, Any], seed: int, clip_skip: int | None) -> Any:
+    """One image for a parsed prompt line (`parse_sample_prompt`) at `seed`."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    kwargs: dict[str, Any] = dict(
+        prompt=opts["prompt"], negative_prompt=opts["negative_prompt"] or None,
+        width=opts["width"], height=opts["height"], num_inference_steps=opts["steps"],
+        guidance_scale=opts["scale"], generator=generator,
+    )
+    if clip_skip and parts.arch != "sdxl":
+        kwargs["clip_skip"] = clip_skip - 1 if clip_skip > 1 else None
+    return pipe(**kwargs).images[0]
+
+
+@torch.no_grad()
+def generate_samples(parts: Any, prompts: list[str], sampler: str, out_dir: str, *, step: int,
+                     clip_skip: int | None = None, rank: int = 0, world_size: int = 1,
+                     base_seed: int = 0) -> list[Path]:
+    """Render this rank's share of the prompts into `out_dir/<index>.png`; returns the files written."""
+    if not prompts:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with pipeline_for(parts, sampler) as pipe:
+        for index in range(rank, len(prompts), world_size):
+            opts = parse_sample_prompt(prompts[index])
+            seed = opts["seed"] if opts["seed"] is not None else base_seed + index
+            image = render_image(pipe, parts, opts, seed, clip_skip)
+            path = out / f"{index}.png"
+            image.save(path, pnginfo=_png_info(opts, sampler, seed, step))
+            written.append(path)
+            log.info("sample %d at step %d: %s", index, step, path)
     return written

@@ -284,6 +284,36 @@ class ShrinkSpec(_Base):
     adapter: Uri | None = None  # kind = "shrink" only: the adapter file to reduce (s3:// or a local path)
 
 
+GridAxis = Literal["saves", "weight", "seed"]
+
+
+class GridAxesSpec(_Base):
+    """The two axes of a comparison grid (prompts are the third: one PNG per prompt), A1111's XYZ plot:
+    `saves` (one column/row per adapter), `weight` (the adapter's multiplier), `seed`."""
+
+    x: GridAxis = "saves"
+    y: GridAxis = "weight"
+    weights: Annotated[list[Annotated[float, Meta(ge=-10.0, le=10.0)]], Meta(min_length=1, max_length=16)] = msgspec.field(default_factory=lambda: [1.0])
+    seeds: Annotated[list[Annotated[int, Meta(ge=0, lt=2**32)]], Meta(max_length=16)] = []  # [] → the prompt's --d
+
+
+class GridAdapterSpec(_Base):
+    """One adapter input of a grid: a finished job's saves (`job`, expanded by the service at submit into
+    the saves still kept plus the final file) or one adapter file (`uri`)."""
+
+    uri: Uri | None = None
+    job: Annotated[str, Meta(max_length=64, pattern=r"^j-[0-9]{8}t[0-9]{6}-[0-9a-f]{8}$")] | None = None
+    label: Annotated[str, Meta(max_length=200)] | None = None  # the axis label (default: the file name)
+
+
+class GridSpec(GridAxesSpec):
+    """kind = "grid": render prompts over adapters × weights × seeds on `model.uri`."""
+
+    adapters: Annotated[list[GridAdapterSpec], Meta(min_length=1, max_length=64)] = []
+    prompts: Annotated[list[Text], Meta(min_length=1, max_length=16)] = []  # kohya prompt syntax, as sample.prompts
+    sampler: Sampler = "ddim"
+
+
 class SampleSpec(_Base):
     """Sample images during training: `--sample_prompts`, `--sample_every_n_*`, `--sample_sampler`."""
 
@@ -293,6 +323,7 @@ class SampleSpec(_Base):
     every_n_steps: PositiveInt | None = None
     every_n_epochs: PositiveInt | None = None
     at_first: bool = False  # also before the first step
+    grid: GridAxesSpec | None = None  # at the end, a grid over this job's saves (see GridAxesSpec)
 
 
 class ResourcesSpec(_Base):
@@ -313,7 +344,7 @@ class LoggingSpec(_Base):
     debug: bool = False
 
 
-JobKind = Literal["train", "merge", "shrink", "caption"]
+JobKind = Literal["train", "merge", "shrink", "caption", "grid"]
 MAX_MERGE_RATIO = 10.0  # sd-scripts' merge takes any ratio, negative ones too; beyond ±10 is a typo
 
 
@@ -379,6 +410,7 @@ class JobSpec(_Base):
     dataset: DatasetSpec | None = None  # required for kind "train"
     merge: MergeSpec | None = None  # required for kind "merge"
     caption: CaptionSpec | None = None  # required for kind "caption"
+    grid: GridSpec | None = None  # required for kind "grid"
     name: Annotated[str, Meta(max_length=200)] | None = None
     network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     optimizer: OptimizerSpec = msgspec.field(default_factory=OptimizerSpec)
@@ -1015,6 +1047,7 @@ def check_kind(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("shrink.adapter", "required for kind \"shrink\": the URI of the adapter file to reduce"))
     if spec.kind != "shrink" and spec.shrink.adapter is not None:
         problems.append(Problem("shrink.adapter", "only for kind \"shrink\" (a training job shrinks its own adapter)"))
+    problems += _check_grid(spec)
     if spec.kind == "shrink" and not spec.shrink.enabled:
         problems.append(Problem("shrink.enabled", "a \"shrink\" job with shrink.enabled = false would do nothing"))
     return problems
@@ -1040,6 +1073,63 @@ def _caption_problems(spec: JobSpec) -> list[Problem]:
     if spec.dataset is not None and (spec.dataset.uri.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))):
         problems.append(Problem("dataset.uri", "a caption job reads a folder of images; extract the archive "
                                 "to a folder first"))
+    return problems
+
+
+def _check_grid(spec: JobSpec) -> list[Problem]:
+    problems = []
+    if spec.kind != "grid":
+        if spec.grid is not None:
+            problems.append(Problem("grid", "only for kind \"grid\" (a training job renders its own grid with "
+                                    "sample.grid)"))
+    elif spec.grid is None:
+        problems.append(Problem("grid", "required for kind \"grid\": give grid.adapters, grid.prompts and the axes"))
+    sample_grid = spec.sample.grid
+    if sample_grid is not None and spec.kind != "train":
+        problems.append(Problem("sample.grid", "only for kind \"train\"; a \"grid\" job takes the grid section"))
+    if sample_grid is not None and "saves" not in (sample_grid.x, sample_grid.y):
+        problems.append(Problem("sample.grid", "a training job's grid is over its saves: set x or y to \"saves\""))
+    if sample_grid is not None and not spec.sample.prompts:
+        problems.append(Problem("sample.grid", "needs sample.prompts: the grid renders them over the saves"))
+    for where, g in (("grid", spec.grid if spec.kind == "grid" else None), ("sample.grid", sample_grid)):
+        if g is None:
+            continue
+        if g.x == g.y:
+            problems.append(Problem(f"{where}.y", f"is the same axis as {where}.x ({g.x!r}); pick two of "
+                                    "saves, weight, seed"))
+        if "seed" in (g.x, g.y) and not g.seeds:
+            problems.append(Problem(f"{where}.seeds", "required when seed is an axis: give the seeds to compare"))
+        if "weight" not in (g.x, g.y) and len(g.weights) != 1:
+            problems.append(Problem(f"{where}.weights", "several weights but weight is not an axis; set x or y to "
+                                    "\"weight\" or give one weight"))
+        if "seed" not in (g.x, g.y) and len(g.seeds) > 1:
+            problems.append(Problem(f"{where}.seeds", "several seeds but seed is not an axis; set x or y to "
+                                    "\"seed\" or give one seed"))
+    g = spec.grid if spec.kind == "grid" else None
+    if g is not None:
+        if not g.adapters:
+            problems.append(Problem("grid.adapters", "required: the finished jobs ({job = ID}) or adapter files "
+                                    "({uri = …}) to compare"))
+        if not g.prompts:
+            problems.append(Problem("grid.prompts", "required: one or more prompts in the sample.prompts syntax"))
+        for i, a in enumerate(g.adapters):
+            if (a.uri is None) == (a.job is None):
+                problems.append(Problem(f"grid.adapters[{i}]", "give exactly one of uri (an adapter file) or job "
+                                        "(a finished job's id)"))
+        if "saves" not in (g.x, g.y) and len(g.adapters) != 1:
+            problems.append(Problem("grid.adapters", "several adapters but saves is not an axis; set x or y to "
+                                    "\"saves\" or give one adapter"))
+        for i, line in enumerate(g.prompts):
+            try:
+                parsed = parse_sample_prompt(line)
+            except ValueError as exc:
+                problems.append(Problem(f"grid.prompts[{i}]", str(exc)))
+                continue
+            if not parsed["prompt"]:
+                problems.append(Problem(f"grid.prompts[{i}]", "empty prompt"))
+            if parsed["width"] % 8 or parsed["height"] % 8 or not (64 <= parsed["width"] <= 4096) or \
+                    not (64 <= parsed["height"] <= 4096):
+                problems.append(Problem(f"grid.prompts[{i}]", "--w/--h must be multiples of 8 between 64 and 4096"))
     return problems
 
 

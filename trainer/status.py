@@ -14,10 +14,10 @@ import msgspec
 from trainer.failures import Reason
 
 Phase = Literal[
-    "queued", "preparing", "training", "shrinking", "merging", "captioning", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "captioning", "rendering", "uploading", "succeeded", "failed", "cancelled"
 ]
 PHASES: tuple[str, ...] = (
-    "queued", "preparing", "training", "shrinking", "merging", "captioning", "uploading", "succeeded", "failed", "cancelled"
+    "queued", "preparing", "training", "shrinking", "merging", "captioning", "rendering", "uploading", "succeeded", "failed", "cancelled"
 )
 TERMINAL_PHASES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 

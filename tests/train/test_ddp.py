@@ -104,7 +104,7 @@ def test_only_rank0_writes_adapter_files(ddp_run: dict[str, Any]) -> None:
     assert rank0["final_path"] and rank0["saved_files"] == [rank0["final_path"]]
     assert rank1["final_path"] is None and rank1["saved_files"] == []
     outputs = sorted(p.name for p in (ddp_run["job"] / "output").iterdir() if p.is_file())
-    assert outputs == ["metadata.json", "spec.json", "tiny.safetensors"]
+    assert outputs == ["dataset-manifest.json", "metadata.json", "spec.json", "tiny.safetensors"]
 
 
 def test_each_rank_trains_on_its_own_share_of_the_epoch(ddp_run: dict[str, Any]) -> None:
