@@ -196,8 +196,7 @@ class DockerProcess:
         name = signal.Signals(signum).name.removeprefix("SIG")
         sent = docker("kill", "--signal", name, self.name, check=False, timeout=30).returncode == 0
         if sent:
-            if self._pending == signum:
-                self._pending = None
+            self._pending = None
         elif self._pending != signal.SIGKILL:  # not created yet (an image copy can take a while): retry
             self._pending = signum
         self._retry_at = time.monotonic() + 1

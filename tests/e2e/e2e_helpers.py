@@ -1,5 +1,6 @@
 """The container end-to-end stack: S3 (moto) on 127.0.0.1, the Kubernetes API stand-in with its Job
-controller and kubelet running pods as Docker containers, and the service image running `lathe serve` with the kubernetes launcher.
+controller and kubelet running pods as Docker containers, and the service image running `lathe serve`
+with the kubernetes launcher.
 
 Everything is on host networking and 127.0.0.1. The service container gets its settings the way the
 Helm chart gives them (LATHE_* and LATHE_K8S_* variables, a tokens file, a kubeconfig for the API);

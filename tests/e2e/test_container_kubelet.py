@@ -174,7 +174,7 @@ def test_a_deleted_pod_gets_sigterm_then_sigkill_after_its_grace_period(node: No
     assert run.poll() == 137 and (node.engine / f"{run.name}.signal").read_text() == "KILL"
 
 
-def test_a_sigterm_before_the_container_runs_is_delivered_once_it_does(node: Node, tmp_path: Path) -> None:
+def test_a_sigterm_before_the_container_runs_is_delivered_once_it_does(node: Node) -> None:
     node.launcher.submit(make_request({"gpus": 0}))
     (run,) = node.started()
     (node.engine / f"{run.name}.done").touch()  # the engine does not have the container (yet)

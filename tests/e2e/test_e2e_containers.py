@@ -2,9 +2,9 @@
 images of `make images`).
 
 The service image runs `lathe serve` (read-only root, UID 1000) with the kubernetes launcher against
-the API stand-in; the stand-in's Job controller makes the pods of each Job the launcher created and its
-kubelet runs each as a trainer container built from that pod's spec (tests/e2e/container_kubelet.py); jobs are submitted,
-cancelled and pulled with the `lathe` CLI of the service image. In order: a job succeeds and its
+the API stand-in; the stand-in's Job controller makes the pods of each Job the launcher created and
+its kubelet runs each as a trainer container built from that pod's spec (tests/e2e/container_kubelet.py);
+jobs are submitted, cancelled and pulled with the `lathe` CLI of the service image. In order: a job succeeds and its
 outputs check out by sha256; a job killed after its first checkpoint resumes in attempt 2 from it;
 a job is cancelled; a 2-node job trains over gloo across two trainer containers.
 """
