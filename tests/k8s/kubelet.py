@@ -361,19 +361,16 @@ class Kubelet:
                 retrying = exc.reason == "ErrImagePull" and n > self._pull_backoff_after
                 waiting = ("ImagePullBackOff" if retrying else exc.reason,
                            f'Back-off pulling image "{container["image"]}": {exc.message}' if retrying else exc.message)
+        if waiting is None:
+            try:
+                self.processes[pod["metadata"]["uid"]] = self.runtime.start(pod, container, argv, env)
+            except ContainerConfigError as exc:
+                waiting = ("CreateContainerConfigError", str(exc))
         status = pod.setdefault("status", {})
         if waiting is not None:
             status["containerStatuses"] = [{"name": container["name"], "image": container["image"], "imageID": "",
                                             "ready": False, "restartCount": 0, "started": False,
                                             "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}}}]
-            self.api.bump(pod)
-            return
-        try:
-            self.processes[pod["metadata"]["uid"]] = self.runtime.start(pod, container, argv, env)
-        except ContainerConfigError as exc:
-            status["containerStatuses"] = [{"name": container["name"], "image": container["image"], "imageID": "",
-                                            "ready": False, "restartCount": 0, "started": False, "state": {
-                                                "waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}}]
             self.api.bump(pod)
             return
         status.update(phase="Running", startTime=ts(now), hostIP="10.0.0.1", podIP="10.1.0.2")
