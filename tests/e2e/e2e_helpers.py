@@ -1,5 +1,6 @@
-"""The container end-to-end stack: S3 (moto) on 127.0.0.1, the Kubernetes API stand-in with the
-container kubelet, and the service image running `lathe serve` with the kubernetes launcher.
+"""The container end-to-end stack: S3 (moto) on 127.0.0.1, the Kubernetes API stand-in with its Job
+controller and kubelet running pods as Docker containers, and the service image running `lathe serve`
+with the kubernetes launcher.
 
 Everything is on host networking and 127.0.0.1. The service container gets its settings the way the
 Helm chart gives them (LATHE_* and LATHE_K8S_* variables, a tokens file, a kubeconfig for the API);
@@ -21,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from container_kubelet import ContainerKubelet, docker, docker_bin, wait_until
+from container_kubelet import Cluster, docker, docker_bin, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_IMAGE = os.environ.get("LATHE_E2E_SERVICE_IMAGE", "lathe-service:local")
@@ -88,7 +89,7 @@ class Stack:
     bucket: str
     token: str
     api: Any
-    kubelet: ContainerKubelet
+    cluster: Cluster
     run_id: str
     url: str = ""
     service_name: str = ""
@@ -165,7 +166,7 @@ class Stack:
                 self._service.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._service.kill()
-        self.kubelet.stop()
+        self.cluster.stop()
         leftovers = docker("ps", "-aq", "--filter", f"label={LABEL_KEY}={self.run_id}", check=False).stdout.split()
         if leftovers:
             docker("rm", "-f", *leftovers, check=False)
@@ -209,8 +210,8 @@ class Stack:
     def check_alive(self) -> None:
         if self._service is not None and self._service.poll() is not None:
             raise AssertionError(f"the service container exited ({self._service.returncode}):\n{self.service_tail()}")
-        if self.kubelet.errors:
-            raise AssertionError(f"the container kubelet failed: {self.kubelet.errors[-3:]}")
+        if self.cluster.errors:
+            raise AssertionError(f"the stand-in cluster's loop failed: {self.cluster.errors[-3:]}")
 
     def explain(self, view: dict[str, Any]) -> str:
         """Why a job ended as it did: its phase and error, then the service's and every pod's log tail."""
@@ -218,8 +219,8 @@ class Stack:
 
     def diagnostics(self) -> str:
         parts = [f"--- service log\n{self.service_tail(40)}"]
-        for pod, run in list(self.kubelet.runs.items())[-3:]:
-            parts.append(f"--- pod {pod} (exit {run.proc.poll()}, log {run.log_path})\n{run.log_text()[-3000:]}")
+        for pod, run in list(self.cluster.runtime.runs.items())[-3:]:
+            parts.append(f"--- pod {pod} (exit {run.proc.poll()}, log {run.log_path})\n{run.logs()[-3000:]}")
         return "\n".join(parts)
 
     # -- the object store -------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 images of `make images`).
 
 The service image runs `lathe serve` (read-only root, UID 1000) with the kubernetes launcher against
-the API stand-in; the container kubelet runs each pod of each Job the launcher created as a trainer
-container built from that Job's pod template (tests/e2e/container_kubelet.py); jobs are submitted,
-cancelled and pulled with the `lathe` CLI of the service image. In order: a job succeeds and its
+the API stand-in; the stand-in's Job controller makes the pods of each Job the launcher created and
+its kubelet runs each as a trainer container built from that pod's spec (tests/e2e/container_kubelet.py);
+jobs are submitted, cancelled and pulled with the `lathe` CLI of the service image. In order: a job succeeds and its
 outputs check out by sha256; a job killed after its first checkpoint resumes in attempt 2 from it;
 a job is cancelled; a 2-node job trains over gloo across two trainer containers.
 """
@@ -23,7 +23,7 @@ if os.environ.get("LATHE_E2E") != "1":
     pytest.skip("container end-to-end: `make e2e` runs it (root, Docker, buildah; builds the images first)",
                 allow_module_level=True)
 
-from container_kubelet import ContainerKubelet, docker, wait_until  # noqa: E402
+from container_kubelet import Cluster, DockerRuntime, docker, wait_until  # noqa: E402
 from e2e_helpers import (  # noqa: E402
     LABEL_KEY, NAMESPACE, SECRET, SERVICE_IMAGE, TRAINER_IMAGE, Stack, make_spec, record_figure, require_images,
     seconds_until, seed_assets, sha256,
@@ -40,13 +40,14 @@ def stack(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     run_id = f"lathe-e2e-{uuid.uuid4().hex[:8]}"
     bucket = "lathe-e2e"
     with FakeApiServer(namespaces=(NAMESPACE,)) as api:
-        kubelet = ContainerKubelet(api, NAMESPACE, workdir=work / "kubelet", label=(LABEL_KEY, run_id), secrets={
+        runtime = DockerRuntime(api, workdir=work / "kubelet", label=(LABEL_KEY, run_id))
+        cluster = Cluster(api, runtime, secrets={
             SECRET: {"AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e", "AWS_REGION": "us-east-1"}})
         st = Stack(work=work, s3_endpoint=s3_server, bucket=bucket, token="e2e-" + uuid.uuid4().hex, api=api,
-                   kubelet=kubelet, run_id=run_id)
+                   cluster=cluster, run_id=run_id)
         st.s3().create_bucket(Bucket=bucket)
         seed_assets(work, st.s3(), bucket)
-        kubelet.start()
+        cluster.start()
         try:
             st.start_service()
             yield st
@@ -58,7 +59,9 @@ def stack(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def _pod(stack: Stack, job: str, index: int | None = None) -> dict:
-    pods = stack.api.pods_of(NAMESPACE, job)
+    """The pod of `job` (its last state, also once the service deleted the Job)."""
+    pods = [p for (kind, _), p in sorted(stack.cluster.seen.items())
+            if kind == "pods" and p["metadata"].get("labels", {}).get("job-name") == job]
     if index is not None:
         pods = [p for p in pods if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == str(index)]
     assert len(pods) == 1, f"{job}: expected one pod, got {[p['metadata']['name'] for p in pods]}"
@@ -74,7 +77,7 @@ def _condition(job: dict, kind: str) -> dict | None:
 
 
 def _wait_condition(stack: Stack, job: str, kind: str) -> dict:
-    return wait_until(lambda: _condition(stack.api.get("jobs", NAMESPACE, job) or {}, kind), 120,
+    return wait_until(lambda: _condition(stack.cluster.seen.get(("jobs", job)) or {}, kind), 120,
                       f"Job {job} to be {kind}")
 
 
@@ -103,17 +106,17 @@ def test_a_job_runs_in_the_trainer_image_to_checked_outputs(stack: Stack, tmp_pa
     pod = _pod(stack, f"{job_id}-a1")
     assert pod["status"]["phase"] == "Succeeded" and _terminated(pod)["exitCode"] == 0
     # The container was the pod spec's: image, user, read-only root, no capabilities, the emptyDirs.
-    argv = stack.kubelet.argv[pod["metadata"]["name"]]
+    run = stack.cluster.runtime.runs[pod["metadata"]["name"]]
+    argv = run.argv
     assert TRAINER_IMAGE in argv and "--read-only" in argv
     assert argv[argv.index("--user") + 1] == "1000:1000" and argv[argv.index("--cap-drop") + 1] == "ALL"
     mounts = [argv[i + 1].split(":")[1] for i, a in enumerate(argv) if a == "-v"]
     assert sorted(mounts) == ["/cache/models", "/scratch"], mounts
 
-    run = stack.kubelet.runs[pod["metadata"]["name"]]
     record_figure("trainer container start to first training step (s)",
-                  seconds_until(run.log_text(), r"lathe\.train: training: ", run.created_wall))
+                  seconds_until(run.logs(), r"lathe\.train: training: ", run.created_wall))
     record_figure("trainer container start to job succeeded (s)",
-                  seconds_until(run.log_text(), r"job succeeded", run.created_wall))
+                  seconds_until(run.logs(), r"job succeeded", run.created_wall))
 
     out = tmp_path / "pulled"
     out.mkdir(mode=0o777)
@@ -138,7 +141,7 @@ def test_a_killed_trainer_resumes_from_its_checkpoint_in_the_next_attempt(stack:
     wait_until(lambda: any(k.endswith("/manifest.json") for k in stack.keys(checkpoints)) or stack.check_alive(),
                420, f"the first checkpoint of {job_id}", interval_s=0.3)
     pod = _pod(stack, f"{job_id}-a1")
-    docker("kill", stack.kubelet.container_of(pod["metadata"]["name"]))  # SIGKILL, as a node loss or OOM would
+    docker("kill", stack.cluster.runtime.runs[pod["metadata"]["name"]].name)  # SIGKILL, as a node loss or OOM would
 
     view = stack.wait_phase(job_id, ("succeeded", "failed", "cancelled"), 480)
     assert view["phase"] == "succeeded", stack.explain(view)
@@ -147,7 +150,7 @@ def test_a_killed_trainer_resumes_from_its_checkpoint_in_the_next_attempt(stack:
     assert killed["status"]["phase"] == "Failed", killed["status"]
     assert _terminated(killed)["exitCode"] == 137 and _terminated(killed)["reason"] == "Error"
     _wait_condition(stack, f"{job_id}-a1", "Failed")
-    log = stack.kubelet.runs[_pod(stack, f"{job_id}-a2")["metadata"]["name"]].log_text()
+    log = stack.cluster.runtime.runs[_pod(stack, f"{job_id}-a2")["metadata"]["name"]].logs()
     resumed = re.search(r"resuming from checkpoint at step (\d+)", log)
     assert resumed and 0 < int(resumed[1]) < steps, log[-3000:]
     assert any(f"resumed from the checkpoint at step {resumed[1]}" in w for w in view["warnings"]), view["warnings"]
@@ -167,7 +170,7 @@ def test_a_cancelled_job_stops_its_container_and_publishes_nothing(stack: Stack)
     failed = _wait_condition(stack, f"{job_id}-a1", "Failed")
     assert failed["reason"] == "PodFailurePolicy", failed
     assert _terminated(_pod(stack, f"{job_id}-a1"))["exitCode"] == 22
-    assert stack.kubelet.runs[pod].proc.poll() is not None
+    assert stack.cluster.runtime.runs[pod].poll() is not None
     outputs = stack.keys(stack.job_prefix(job_id) + "output/")
     assert not [k for k in outputs if k.endswith((".safetensors", "metadata.json"))], outputs
 
@@ -184,9 +187,10 @@ def test_two_nodes_train_over_gloo_as_an_indexed_job(stack: Stack) -> None:
     for index in (0, 1):
         pod = _pod(stack, name, index)
         assert _terminated(pod)["exitCode"] == 0
-        argv = stack.kubelet.argv[pod["metadata"]["name"]]
+        run = stack.cluster.runtime.runs[pod["metadata"]["name"]]
+        argv = run.argv
         assert f"{rank0}:127.0.0.1" in argv  # rank 0's DNS name, from the headless Service
         assert argv[argv.index("--machine_rank") + 1] == str(index)
-        log = stack.kubelet.runs[pod["metadata"]["name"]].log_text()
+        log = run.logs()
         assert f"(rank {index}/2)" in log, log[-3000:]
     _check_outputs(stack, job_id, 4)

@@ -18,7 +18,8 @@
   nothing on it ever reaches a terminal phase again (a deleted pod stays Terminating).
 
 What runs a container is pluggable (`ContainerRuntime`): `SimulatedRuntime` plays scripted processes;
-an e2e runtime can start real containers behind the same three calls.
+tests/e2e/container_kubelet.py's `DockerRuntime` runs real containers behind the same calls. Time is the
+API server's clock, so with real processes the grace period is real seconds between SIGTERM and SIGKILL.
 
 Env and command rules (Kubernetes `third_party/forked/golang/expansion`): `$(NAME)` is replaced by the
 value of a variable defined for the container; an undefined `$(NAME)` stays as written; `$$` is an
@@ -112,6 +113,11 @@ class ImagePullError(Exception):
         self.reason, self.message = reason, message
 
 
+class ContainerConfigError(Exception):
+    """Raised by `ContainerRuntime.start` for a spec the node cannot run (a volume kind it lacks, a root
+    image under runAsNonRoot…): the container is not created, waiting `CreateContainerConfigError`."""
+
+
 class ContainerProcess(Protocol):
     oom_killed: bool  # the kernel's OOM killer ended it (the kubelet then reports reason OOMKilled)
 
@@ -130,7 +136,8 @@ class ContainerRuntime(Protocol):
         """Make the image available or raise ImagePullError."""
 
     def start(self, pod: dict[str, Any], container: dict[str, Any], argv: list[str], env: dict[str, str]) -> ContainerProcess:
-        """Run the container's `argv` with `env` (already resolved and expanded by the kubelet)."""
+        """Run the container's `argv` (command + args) with `env`, both resolved and expanded by the kubelet;
+        raise ContainerConfigError for a spec this runtime refuses."""
 
 
 @dataclass
@@ -354,6 +361,11 @@ class Kubelet:
                 retrying = exc.reason == "ErrImagePull" and n > self._pull_backoff_after
                 waiting = ("ImagePullBackOff" if retrying else exc.reason,
                            f'Back-off pulling image "{container["image"]}": {exc.message}' if retrying else exc.message)
+        if waiting is None:
+            try:
+                self.processes[pod["metadata"]["uid"]] = self.runtime.start(pod, container, argv, env)
+            except ContainerConfigError as exc:
+                waiting = ("CreateContainerConfigError", str(exc))
         status = pod.setdefault("status", {})
         if waiting is not None:
             status["containerStatuses"] = [{"name": container["name"], "image": container["image"], "imageID": "",
@@ -361,7 +373,6 @@ class Kubelet:
                                             "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}}}]
             self.api.bump(pod)
             return
-        self.processes[pod["metadata"]["uid"]] = self.runtime.start(pod, container, argv, env)
         status.update(phase="Running", startTime=ts(now), hostIP="10.0.0.1", podIP="10.1.0.2")
         status["containerStatuses"] = [{"name": container["name"], "image": container["image"], "imageID": "",
                                         "ready": True, "restartCount": 0, "started": True,
