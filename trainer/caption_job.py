@@ -10,18 +10,16 @@ model only the tag operations run. A folder that is not a WD14-format tagger fai
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import msgspec
 
-from trainer import __version__
 from trainer.failures import JobFailure
+from trainer.kind_outputs import publish_outputs
 from trainer.publish import LocalOutput
-from trainer.spec import CaptionSpec, encode_spec, spec_hash
+from trainer.spec import CaptionSpec
 from trainer.status import OutputFile
 
 if TYPE_CHECKING:
@@ -76,7 +74,6 @@ def load_captioner(folder: Path, c: CaptionSpec):
 
 def run_caption(job: Job, resolve) -> list[OutputFile]:
     from trainer.captioning import caption_dataset, local_model
-    from trainer.run import _git_commit, _package_versions
     spec, ctx, c = job.spec, job.ctx, job.spec.caption
     assert c is not None and spec.dataset is not None  # checked with the spec
     own = c.output_uri is None
@@ -107,24 +104,5 @@ def run_caption(job: Job, resolve) -> list[OutputFile]:
               "orphan_captions_removed": result.removed, "caption_extension": c.caption_extension}
     report_path = job.out_dir / "caption-report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    config_path = job.out_dir / "spec.json"
-    config_path.write_bytes(encode_spec(spec))
-    for item in (LocalOutput(str(report_path), "caption-report.json", "report"),
-                 LocalOutput(str(config_path), "spec.json", "config")):
-        ctx.published[item.name] = job.publisher.upload(item)
-    metadata: dict[str, Any] = {
-        "lathe_version": __version__,
-        "git_commit": _git_commit(),
-        "kind": "caption",
-        "job": ctx.job.root_uri,
-        "attempt": ctx.attempt,
-        "spec": msgspec.to_builtins(spec),
-        "spec_sha256": spec_hash(spec),
-        "caption_report": report,
-        "timings_s": job.timings,
-        "packages": _package_versions(),
-        "platform": {"python": platform.python_version(), "machine": platform.machine()},
-        "warnings": job.reporter.status.warnings,
-    }
-    outputs = sorted(ctx.published.values(), key=lambda o: o.name)
-    return [*outputs, job.publisher.commit(metadata, outputs)]
+    items = [LocalOutput(str(report_path), "caption-report.json", "report")]
+    return publish_outputs(job, "caption", items, {"caption_report": report})

@@ -8,17 +8,15 @@ job have been expanded by the service at submit into that job's saves (each entr
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from trainer import __version__
 from trainer.failures import JobFailure, Reason
+from trainer.kind_outputs import publish_outputs
 from trainer.publish import LocalOutput
-from trainer.spec import encode_spec, spec_hash
 from trainer.status import OutputFile
 
 if TYPE_CHECKING:
@@ -38,7 +36,7 @@ def run_grid(job: Job, resolve) -> list[OutputFile]:
     from trainer.grid import Axes, GridAdapter, render_grid
     from trainer.models.load import load_model
     from trainer.provenance import base_model_sha256
-    from trainer.run import _cuda, _git_commit, _package_versions, _seed
+    from trainer.run import _cuda, _seed
 
     spec, ctx = job.spec, job.ctx
     grid = spec.grid
@@ -75,29 +73,11 @@ def run_grid(job: Job, resolve) -> list[OutputFile]:
 
     job.reporter.set_phase("uploading")
     items = grid_outputs(folder)
-    config_path = job.out_dir / "spec.json"
-    config_path.write_bytes(encode_spec(spec))
-    items.append(LocalOutput(str(config_path), "spec.json", "config"))
-    for item in items:
-        ctx.published[item.name] = job.publisher.upload(item)
-    metadata: dict[str, Any] = {
-        "lathe_version": __version__,
-        "git_commit": _git_commit(),
-        "kind": "grid",
-        "job": ctx.job.root_uri,
-        "attempt": ctx.attempt,
-        "spec": msgspec.to_builtins(spec),
-        "spec_sha256": spec_hash(spec),
+    return publish_outputs(job, "grid", items, {
         "base_model_sha256": base_model_sha256(base.path, str(ctx.cache_dir)),
         "grid": {"cells": sum(len(p["cells"]) for p in record["prompts"]), "x": record["x"], "y": record["y"]},
-        "timings_s": job.timings,
         "model_cache": "download" if job.model_downloaded else "hit",
-        "packages": _package_versions(),
-        "platform": {"python": platform.python_version(), "machine": platform.machine()},
-        "warnings": job.reporter.status.warnings,
-    }
-    outputs = sorted(ctx.published.values(), key=lambda o: o.name)
-    return [*outputs, job.publisher.commit(metadata, outputs)]
+    })
 
 
 def render_own_grid(job: Job) -> list[LocalOutput]:

@@ -7,17 +7,14 @@ merges again.
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import msgspec
 
-from trainer import __version__
 from trainer.failures import JobFailure
+from trainer.kind_outputs import publish_outputs
 from trainer.publish import LocalOutput
-from trainer.spec import encode_spec, spec_hash
 from trainer.status import OutputFile
 
 if TYPE_CHECKING:
@@ -29,7 +26,6 @@ def run_merge(job: Job, resolve) -> list[OutputFile]:
     from trainer.fetch import ensure_model, fetch_model
     from trainer.merge import MergeInput, merge_checkpoint
     from trainer.provenance import base_model_sha256
-    from trainer.run import _git_commit, _package_versions
 
     spec, ctx = job.spec, job.ctx
     assert spec.merge is not None  # checked with the spec
@@ -56,35 +52,15 @@ def run_merge(job: Job, resolve) -> list[OutputFile]:
     job.timings["merge_s"] = report.seconds
 
     job.reporter.set_phase("uploading")
-    t1 = time.monotonic()
     if single:
         items = [LocalOutput(str(out), out.name, "checkpoint")]
     else:
         items = [LocalOutput(str(p), f"{name}/{p.relative_to(out).as_posix()}", "checkpoint")
                  for p in sorted(out.rglob("*")) if p.is_file()]
-    config_path = job.out_dir / "spec.json"
-    config_path.write_bytes(encode_spec(spec))
-    items.append(LocalOutput(str(config_path), "spec.json", "config"))
-    for item in items:
-        ctx.published[item.name] = job.publisher.upload(item)
-    job.timings["publish_s"] = time.monotonic() - t1
-    metadata: dict[str, Any] = {
-        "lathe_version": __version__,
-        "git_commit": _git_commit(),
-        "kind": "merge",
-        "job": ctx.job.root_uri,
-        "attempt": ctx.attempt,
-        "spec": msgspec.to_builtins(spec),
-        "spec_sha256": spec_hash(spec),
+    return publish_outputs(job, "merge", items, {
         "base_model_sha256": base_model_sha256(base.path, str(ctx.cache_dir)),
         "merge": {"form": report.form, "layers": report.layers, "changed_tensors": report.changed_tensors,
                   **report.parts},
-        "timings_s": job.timings,
         "model_cache": "download" if job.model_downloaded else "hit",
-        "packages": _package_versions(),
-        "platform": {"python": platform.python_version(), "machine": platform.machine()},
-        "warnings": job.reporter.status.warnings,
-    }
-    outputs = sorted(ctx.published.values(), key=lambda o: o.name)
-    return [*outputs, job.publisher.commit(metadata, outputs)]
+    })
 

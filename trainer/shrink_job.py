@@ -8,17 +8,15 @@ not an adapter, or does not fit the base, fails the job with `adapter_mismatch`.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from trainer import __version__
 from trainer.failures import JobFailure, Reason
+from trainer.kind_outputs import publish_outputs
 from trainer.publish import LocalOutput
-from trainer.spec import encode_spec, spec_hash
 from trainer.status import OutputFile
 
 if TYPE_CHECKING:
@@ -28,7 +26,7 @@ if TYPE_CHECKING:
 def run_shrink(job: Job, resolve) -> list[OutputFile]:
     from trainer.fetch import ensure_model, fetch_model
     from trainer.provenance import base_model_sha256
-    from trainer.run import _cuda, _git_commit, _package_versions
+    from trainer.run import _cuda
     from trainer.shrink import shrink_file
     from trainer.shrink.errors import ShrinkError
 
@@ -64,25 +62,7 @@ def run_shrink(job: Job, resolve) -> list[OutputFile]:
     items = [LocalOutput(out_path, os.path.basename(out_path), "adapter_shrunk")]
     if plot_path and Path(plot_path).exists():
         items.append(LocalOutput(plot_path, os.path.basename(plot_path), "plot"))
-    config_path = job.out_dir / "spec.json"
-    config_path.write_bytes(encode_spec(spec))
-    items.append(LocalOutput(str(config_path), "spec.json", "config"))
-    for item in items:
-        ctx.published[item.name] = job.publisher.upload(item)
-    metadata: dict[str, Any] = {
-        "lathe_version": __version__,
-        "git_commit": _git_commit(),
-        "kind": "shrink",
-        "job": ctx.job.root_uri,
-        "attempt": ctx.attempt,
-        "spec": msgspec.to_builtins(spec),
-        "spec_sha256": spec_hash(spec),
+    return publish_outputs(job, "shrink", items, {
         "base_model_sha256": base_model_sha256(base.path, str(ctx.cache_dir)) if base else None,
         "shrink_report": msgspec.to_builtins(report),
-        "timings_s": job.timings,
-        "packages": _package_versions(),
-        "platform": {"python": platform.python_version(), "machine": platform.machine()},
-        "warnings": job.reporter.status.warnings,
-    }
-    outputs = sorted(ctx.published.values(), key=lambda o: o.name)
-    return [*outputs, job.publisher.commit(metadata, outputs)]
+    })
