@@ -20,8 +20,8 @@ import torch
 
 from trainer import keys
 from trainer.failures import JobFailure, Reason
-from trainer.merge import mismatch
-from trainer.shrink.adapter_layers import REFUSED_HINTS, materialize, parse_adapter, resolve_shape
+from trainer.merge import mismatch, parse_adapter_file
+from trainer.shrink.adapter_layers import materialize, resolve_shape
 from trainer.shrink.errors import ShrinkError
 
 log = logging.getLogger("lathe.grid")
@@ -63,21 +63,8 @@ class AdapterDeltas:
     """An adapter file as (module, ΔW, Δb) per layer, checked against the loaded base."""
 
     def __init__(self, parts: Any, adapter: GridAdapter, modules: dict[str, torch.nn.Module]) -> None:
-        from safetensors.torch import load_file
-
         source = adapter.source
-        try:
-            tensors = load_file(adapter.path)
-        except Exception as exc:  # noqa: BLE001 — any unreadable file is the same failure for the user
-            raise JobFailure(Reason.ADAPTER_MISMATCH, f"{source}: not a safetensors adapter file ({exc})") from None
-        for key in tensors:
-            name, _, suffix = key.partition(".")
-            if suffix in REFUSED_HINTS:
-                raise mismatch(source, name, f"{REFUSED_HINTS[suffix]}; such layers cannot be applied")
-        try:
-            parsed = parse_adapter(tensors, source=source)
-        except ShrinkError as exc:
-            raise JobFailure(Reason.ADAPTER_MISMATCH, str(exc)) from None
+        parsed = parse_adapter_file(adapter.path, source, "such layers cannot be applied")
         self.items: list[tuple[torch.nn.Module, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
         for layer in parsed.layers:
             module = modules.get(layer.name)

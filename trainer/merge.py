@@ -17,7 +17,6 @@ as sd-scripts' merge does; sd-scripts accepts negative ratios, and any finite ra
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import shutil
@@ -25,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.adapter_file import SAVE_DTYPES, modelspec_metadata
 from trainer.failures import JobFailure, Reason
+from trainer.jobdir import sha256_file
 from trainer.shrink.adapter_layers import REFUSED_HINTS, materialize, parse_adapter, resolve_shape
 from trainer.shrink.base_model import BaseModel
 from trainer.shrink.errors import ShrinkError
@@ -61,12 +62,21 @@ def mismatch(source: str, layer: str, why: str) -> JobFailure:
     return JobFailure(Reason.ADAPTER_MISMATCH, f"{source}: layer '{layer}': {why}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def parse_adapter_file(path: str, source: str, refused: str) -> Any:
+    """An adapter file's layers (`parse_adapter`), or `adapter_mismatch` naming `source`: unreadable, or
+    holding layers whose change depends on more than the file (`refused` says what is not done)."""
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # noqa: BLE001 — any unreadable file is the same failure for the user
+        raise JobFailure(Reason.ADAPTER_MISMATCH, f"{source}: not a safetensors adapter file ({exc})") from None
+    for key in tensors:
+        name, _, suffix = key.partition(".")
+        if suffix in REFUSED_HINTS:
+            raise mismatch(source, name, f"{REFUSED_HINTS[suffix]}; {refused}")
+    try:
+        return parse_adapter(tensors, source=source)
+    except ShrinkError as exc:
+        raise JobFailure(Reason.ADAPTER_MISMATCH, str(exc)) from None
 
 
 class _Weights:
@@ -108,18 +118,7 @@ def _bias_key(key: str) -> str:
 
 def _apply_adapter(base: BaseModel, weights: _Weights, item: MergeInput, arch: str) -> int:
     source = item.label or Path(item.path).name
-    try:
-        tensors = load_file(item.path)
-    except Exception as exc:  # noqa: BLE001 — any unreadable file is the same failure for the user
-        raise JobFailure(Reason.ADAPTER_MISMATCH, f"{source}: not a safetensors adapter file ({exc})") from None
-    for key in tensors:
-        name, _, suffix = key.partition(".")
-        if suffix in REFUSED_HINTS:
-            raise mismatch(source, name, f"{REFUSED_HINTS[suffix]}; such layers are not merged")
-    try:
-        parsed = parse_adapter(tensors, source=source)
-    except ShrinkError as exc:
-        raise JobFailure(Reason.ADAPTER_MISMATCH, str(exc)) from None
+    parsed = parse_adapter_file(item.path, source, "such layers are not merged")
     count = 0
     for layer in parsed.layers:
         where = base.source(layer.name)
@@ -202,11 +201,11 @@ def merge_checkpoint(base_path: str, adapters: list[MergeInput], out_path: str, 
     parts = {
         "base": {"name": base_label or base_dir.name, "form": "diffusers" if base_dir.is_dir() else "single_file",
                  "arch": arch},
-        "adapters": [{"name": item.label or Path(item.path).name, "sha256": _sha256(Path(item.path)),
+        "adapters": [{"name": item.label or Path(item.path).name, "sha256": sha256_file(item.path),
                       "ratio": item.ratio} for item in adapters],
     }
     if base_dir.is_file():
-        parts["base"]["sha256"] = _sha256(base_dir)
+        parts["base"]["sha256"] = sha256_file(base_dir)
     changed = weights.by_file()
     if base_dir.is_dir():
         _write_folder(base_dir, Path(out_path), changed, weights, None, parts)  # a folder keeps the base's dtypes

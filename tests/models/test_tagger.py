@@ -140,7 +140,7 @@ def test_caption_version_runs_the_tag_operations_after_tagging(tmp_path):
     for i, im in enumerate(images(3)):
         im.save(src / f"{i}.png")
     (src / "gone.txt").write_text("orphan, tag")
-    (src / "notes.md").write_text("kept as it is")
+    (src / "about.md").write_text("kept as it is")
     options = TaggerOptions(thresh=0.0)  # every general and character tag
     tagger = Tagger.load(build_tagger(tmp_path / "tagger"), options)
     c = CaptionSpec(thresh=0.0, remove=["smile"], replace={"1girl": "1woman"}, trigger_word="sks", remove_orphans=True)
@@ -148,7 +148,7 @@ def test_caption_version_runs_the_tag_operations_after_tagging(tmp_path):
     result = caption_dataset(str(tmp_path / "src"), str(dest), tagger=tagger, options=options, ops=tag_ops(c),
                              remove_orphans=True)
     assert result.removed == ["3_x/gone.txt"] and not (dest / "3_x" / "gone.txt").exists()
-    assert (dest / "3_x" / "notes.md").read_text() == "kept as it is"
+    assert (dest / "3_x" / "about.md").read_text() == "kept as it is"
     for i in range(3):
         tags = (dest / "3_x" / f"{i}.txt").read_text().split(", ")
         assert tags[0] == "sks" and "smile" not in tags and "1woman" in tags and "1girl" not in tags
