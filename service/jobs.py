@@ -136,12 +136,8 @@ class JobService:
     def _check_adapter_headers(self, spec: JobSpec) -> None:
         """The adapters of a merge or shrink job, by their safetensors headers (ranged GETs): not an
         adapter, or one of another architecture, is a 422 now instead of a failed job later."""
-        refs = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
-        if spec.shrink.adapter is not None:
-            refs.append(("shrink.adapter", spec.shrink.adapter))
-        refs += _grid_refs(spec)
         problems = []
-        for field, uri in refs:
+        for field, uri in _adapter_refs(spec):
             scheme, bucket, key = parse_uri(uri)
             if scheme != "s3":
                 continue  # a trainer-local path: the trainer checks it
@@ -202,12 +198,8 @@ class JobService:
             ("save.output_uri", spec.save.output_uri, "output"),
         ]
         # An adapter to merge is a model the tenant may read, or one of its own jobs' outputs.
-        adapters = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
-        if spec.shrink.adapter is not None:
-            adapters.append(("shrink.adapter", spec.shrink.adapter))
-        adapters += _grid_refs(spec)
         problems = []
-        for path, uri in adapters:
+        for path, uri in _adapter_refs(spec):
             if not (tenant.allows("model", uri) or tenant.allows("output", uri)):
                 allowed = ", ".join(tenant.prefixes("model") + tenant.prefixes("output"))
                 problems.append(FieldProblem(path=path, message=(
@@ -688,8 +680,12 @@ class JobService:
 GRID_SAVE_KINDS = ("adapter_epoch", "adapter_step", "adapter")  # a job's saves a grid compares
 
 
-def _grid_refs(spec: JobSpec) -> list[tuple[str, str]]:
-    """(field, uri) of a grid job's adapter files, job references already expanded."""
-    if spec.kind != "grid" or spec.grid is None:
-        return []
-    return [(f"grid.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.grid.adapters) if a.uri is not None]
+def _adapter_refs(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, uri) of every adapter file a merge, shrink or grid job reads (grid job references already
+    expanded): what the prefix check and the header check both go through."""
+    refs = [(f"merge.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.merge.adapters if spec.merge else [])]
+    if spec.shrink.adapter is not None:
+        refs.append(("shrink.adapter", spec.shrink.adapter))
+    if spec.kind == "grid" and spec.grid is not None:
+        refs += [(f"grid.adapters[{i}].uri", a.uri) for i, a in enumerate(spec.grid.adapters) if a.uri is not None]
+    return refs
