@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import seed_tiny_job_inputs  # noqa: E402
 from service.jobstore import JobRecord, JobStore, index_name, new_job_id  # noqa: E402
-from trainer.status import JobStatus, Progress  # noqa: E402
-from trainer.storage import open_store  # noqa: E402
+from trainer.core.status import JobStatus, Progress  # noqa: E402
+from trainer.core.storage import open_store  # noqa: E402
 
 BUCKET = "bench"
 TOKENS = {"small": "bench-small-token", "big": "bench-big-token"}

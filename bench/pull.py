@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, stop_process, wait_for  # noqa: E402
-from trainer.fetch import fetch_dataset  # noqa: E402
-from trainer.storage import find_s5cmd  # noqa: E402
+from trainer.job.fetch import fetch_dataset  # noqa: E402
+from trainer.core.storage import find_s5cmd  # noqa: E402
 
 BUCKET = "lathe-bench"
 ENGINES = ("crt", "s5cmd", "boto3")

@@ -78,7 +78,7 @@ def main() -> int:
     import boto3
 
     from trainer.models.tiny import build_tiny_pipeline
-    from trainer.tinydata import make_tiny_dataset
+    from trainer.tools.tinydata import make_tiny_dataset
 
     with tempfile.TemporaryDirectory(prefix="lathe-startup-") as tmp, local_s3() as (endpoint, _):
         root = Path(tmp)

@@ -15,7 +15,7 @@ without gradient checkpointing, and the other rows are reported as ratios agains
 
 - `fp32`: mixed_precision "no", UNet in fp32, eager (the baseline);
 - `bf16`: mixed_precision "bf16" (frozen weights in bf16, bf16 autocast, adapter in fp32), as
-  `trainer/run.py` loads a bf16 job;
+  `trainer/job/run.py` loads a bf16 job;
 - `+gc`: training.gradient_checkpointing; `+compile`: precision.torch_compile (inductor), which has
   accelerate compile the prepared model (the UNet with the adapter hooks), as sd-scripts' --torch_compile.
 
@@ -146,7 +146,7 @@ def _random_parts(arch: str, device: Any, dtype: Any) -> Any:
 
 
 def _spec(case: Case) -> Any:
-    from trainer.spec import spec_from_obj
+    from trainer.core.spec import spec_from_obj
 
     mixed, checkpointing, compiled = VARIANTS[case.variant]
     return spec_from_obj({
@@ -237,7 +237,7 @@ class _Memory:
 def run_case(case: Case) -> dict[str, Any]:
     import torch
 
-    from trainer.network import build_network
+    from trainer.models.network import build_network
     from trainer.train.loop import make_accelerator, micro_batch_loss, park_idle_modules, prepare_model, seed_everything
     from trainer.train.optim import build_optimizer
     from trainer.train.schedule import build_scheduler
@@ -248,7 +248,7 @@ def run_case(case: Case) -> dict[str, Any]:
         raise SystemExit("--device cuda: no CUDA device here")
     spec = _spec(case)
     _, _, compiled = VARIANTS[case.variant]
-    # Weight dtypes as trainer/run.py loads a job: frozen weights in the mixed-precision dtype.
+    # Weight dtypes as trainer/job/run.py loads a job: frozen weights in the mixed-precision dtype.
     weight_dtype = torch.bfloat16 if spec.precision.mixed_precision == "bf16" else torch.float32
     acc = make_accelerator(spec)
     device = acc.device

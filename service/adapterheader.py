@@ -14,7 +14,7 @@ import json
 import struct
 
 from service.wire import FieldProblem
-from trainer.storage import NotFound, Store
+from trainer.core.storage import NotFound, Store
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # real adapter headers are well under 1 MiB
 LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")

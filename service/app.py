@@ -47,8 +47,8 @@ from service.wire import (
     DatasetReport, DatasetReportRequest, Health, JobCreate, JobCreateDoc, JobList, JobView, ProblemDetail, UploadCreate,
     UploadGrant, ValidationResult,
 )
-from trainer.status import TERMINAL_PHASES, Phase
-from trainer.storage import StorageError, open_store
+from trainer.core.status import TERMINAL_PHASES, Phase
+from trainer.core.storage import StorageError, open_store
 
 log = logging.getLogger("lathe.service")
 

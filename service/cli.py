@@ -409,11 +409,11 @@ def cmd_dataset_report(args: argparse.Namespace, client: Client) -> int:
 def cmd_tags(args: argparse.Namespace) -> int:
     """Tag operations run here, against the source URI through the storage code; the result is a new
     dataset version at DEST (the source is never changed)."""
-    from trainer.data.layout import IMAGE_EXTENSIONS
-    from trainer.data.tagops import TagOp, apply_ops, orphan_captions
-    from trainer.data.versions import write_version
-    from trainer.failures import JobFailure
-    from trainer.storage import StorageError
+    from trainer.core.dataset.layout import IMAGE_EXTENSIONS
+    from trainer.core.dataset.tagops import TagOp, apply_ops, orphan_captions
+    from trainer.core.dataset.versions import write_version
+    from trainer.core.failures import JobFailure
+    from trainer.core.storage import StorageError
 
     ops: list[TagOp] = []
     for pair in args.replace or []:
@@ -444,7 +444,7 @@ def cmd_tags(args: argparse.Namespace) -> int:
                 out[path] = None
         return out
 
-    from trainer.storage import open_store
+    from trainer.core.storage import open_store
 
     try:
         names_seen = [o.key for o in open_store(args.src.rstrip("/") + "/").list("")]

@@ -1,5 +1,5 @@
 """The dataset report's reads: list the dataset, read image headers (sizes), caption files, and
-the images themselves for the near-duplicate check; `trainer.data.report` computes the report.
+the images themselves for the near-duplicate check; `trainer.core.dataset.report` computes the report.
 
 Bounded like the preflight: the preflight's file limit, caption files up to `caption_bytes`, and
 the duplicate check decodes at most `hash_images` images of at most `hash_bytes` each (the others
@@ -17,12 +17,12 @@ from service import errors
 from service.imageheader import UnreadableImage, image_size
 from service.preflight import OPAQUE_ARCHIVE_SUFFIXES, PreflightLimits, open_source
 from service.wire import DatasetReportRequest, FieldProblem
-from trainer.data.layout import IMAGE_EXTENSIONS
-from trainer.data.phash import dhash
-from trainer.data.report import DatasetReport, build_report
-from trainer.failures import JobFailure
-from trainer.spec import DatasetSpec
-from trainer.storage import StorageError, Store, open_store
+from trainer.core.dataset.layout import IMAGE_EXTENSIONS
+from trainer.core.dataset.phash import dhash
+from trainer.core.dataset.report import DatasetReport, build_report
+from trainer.core.failures import JobFailure
+from trainer.core.spec import DatasetSpec
+from trainer.core.storage import StorageError, Store, open_store
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -35,10 +35,10 @@ from service.wire import (
     AttemptView, DatasetReport, DatasetReportRequest, FieldProblem, JobCreate, JobList, JobSummary, JobView,
     OutputView, PreflightReport, UploadCreate, UploadGrant, UploadTarget, ValidationResult,
 )
-from trainer.grid_job import adapter_label
-from trainer.spec import GridAdapterSpec, JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
-from trainer.status import TERMINAL_PHASES, JobStatus, Progress
-from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
+from trainer.job.grid_job import adapter_label
+from trainer.core.spec import GridAdapterSpec, JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
+from trainer.core.status import TERMINAL_PHASES, JobStatus, Progress
+from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
 
 log = logging.getLogger("lathe.jobs")
 
@@ -153,7 +153,7 @@ class JobService:
         or not exactly one .onnx model (the graph itself is checked by the trainer when it loads it)."""
         if spec.kind != "caption" or spec.model is None:
             return
-        from trainer.tagger import TAGS_FILE
+        from trainer.caption.tagger import TAGS_FILE
 
         scheme, bucket, key = parse_uri(spec.model.uri)
         if scheme != "s3":

@@ -23,9 +23,9 @@ from typing import Literal
 
 import msgspec
 
-from trainer.status import ErrorInfo, JobStatus
+from trainer.core.status import ErrorInfo, JobStatus
 from service.wire import PreflightReport
-from trainer.storage import NotFound, PreconditionFailed, Store
+from trainer.core.storage import NotFound, PreconditionFailed, Store
 
 SPEC_KEY = "spec.json"
 JOB_KEY = "job.json"
@@ -125,7 +125,7 @@ class JobStore:
 
     # -- job records ----------------------------------------------------------------------------
     def read_record(self, tenant: str, job_id: str) -> JobRecord:
-        """Raises trainer.storage.NotFound when the job does not exist (for this tenant)."""
+        """Raises trainer.core.storage.NotFound when the job does not exist (for this tenant)."""
         return self.job_dir(tenant, job_id).get_json(JOB_KEY, JobRecord)
 
     def write_record(self, record: JobRecord, *, now: float | None = None) -> None:

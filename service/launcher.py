@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from trainer.spec import JobSpec
+from trainer.core.spec import JobSpec
 
 
 class RunState(str, enum.Enum):
@@ -33,7 +33,7 @@ class LaunchRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 class AttemptState(msgspec.Struct, frozen=True, kw_only=True):
     state: RunState
-    reason: str | None = None     # a trainer.failures.Reason value when known (oom, preempted, …)
+    reason: str | None = None     # a trainer.core.failures.Reason value when known (oom, preempted, …)
     message: str | None = None
     exit_code: int | None = None
     # The attempt is over for the service, but what runs it still holds resources (a pod that cannot

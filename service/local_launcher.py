@@ -20,7 +20,7 @@ from pathlib import Path
 
 from service.launcher import AttemptState, LaunchRequest, RunState
 from service.supervise import CHILD_FILE, EXIT_FILE
-from trainer.failures import reason_for_exit
+from trainer.core.failures import reason_for_exit
 
 _CODE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding service/ and trainer/
 PID_FILE = "pid"

@@ -39,7 +39,7 @@ import msgspec
 
 from service.metrics import Metrics
 from service.webhooks import WebhookEvent, WebhookSender
-from trainer.storage import NotFound, PreconditionFailed, StorageError, Store
+from trainer.core.storage import NotFound, PreconditionFailed, StorageError, Store
 
 log = logging.getLogger("lathe.webhooks")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.jobstore import JobRecord
-from trainer.failures import exit_code_for, is_retryable
-from trainer.status import TERMINAL_PHASES, ErrorInfo, JobStatus
+from trainer.core.failures import exit_code_for, is_retryable
+from trainer.core.status import TERMINAL_PHASES, ErrorInfo, JobStatus
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Effective:
 
 
 def will_retry(record: JobRecord, status: JobStatus) -> bool:
-    """A failed attempt that another attempt may fix (trainer/failures.py's retryable reasons, attempts left,
+    """A failed attempt that another attempt may fix (trainer/core/failures.py's retryable reasons, attempts left,
     no cancel requested)."""
     return (
         status.phase == "failed"
@@ -65,7 +65,7 @@ def close_reported(record: JobRecord, status: JobStatus | None) -> bool:
     if last is not None and last.ended_at is None:
         last.ended_at, last.reason = ended, error.reason if error else None
         last.message = error.message if error else None
-        # The trainer exits with the code of the end it reported (trainer/failures.py), so that code is
+        # The trainer exits with the code of the end it reported (trainer/core/failures.py), so that code is
         # known before the launcher sees the exit.
         last.exit_code = exit_code_for(error.reason if error and status.phase != "succeeded" else None)
     if not will_retry(record, status):

@@ -1,8 +1,8 @@
 """Dataset preflight, before any GPU time: list the dataset in the object store, read each image's
 header with a ranged GET, and predict what the trainer will see.
 
-The rules are the trainer's own (torch-free modules): `trainer.data.layout.discover_layout` decides
-concepts, repeats and caption pairing; `trainer.data.buckets.plan_buckets` the buckets and batches.
+The rules are the trainer's own (torch-free modules): `trainer.core.dataset.layout.discover_layout` decides
+concepts, repeats and caption pairing; `trainer.core.dataset.buckets.plan_buckets` the buckets and batches.
 Problems that would fail the run are errors (422); the rest come back as warnings.
 """
 
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from service.errors import Unavailable
 from service.imageheader import UnreadableImage, image_size
 from service.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
-from trainer.data.buckets import plan_buckets
-from trainer.data.layout import DatasetLayout, balanced_repeats, discover_layout
-from trainer.data.report import size_guidance
-from trainer.failures import JobFailure, Reason
-from trainer.spec import JobSpec, total_steps
-from trainer.storage import NotFound, StorageError, Store, open_store, parse_uri
+from trainer.core.dataset.buckets import plan_buckets
+from trainer.core.dataset.layout import DatasetLayout, balanced_repeats, discover_layout
+from trainer.core.dataset.report import size_guidance
+from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import JobSpec, total_steps
+from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
 
 ARCHIVE_SUFFIXES = (".zip", ".tar")  # inspected through ranged reads
 OPAQUE_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # compressed streams: the trainer checks them

@@ -30,10 +30,10 @@ from service.phase import close_reported, effective, will_retry
 from service.settings import Settings
 from service.tenants import TenantRegistry
 from service.webhooks import WebhookEvent
-from trainer.failures import Reason, is_retryable, reason_for_exit
-from trainer.spec import decode_spec
-from trainer.status import TERMINAL_PHASES, ErrorInfo, JobStatus
-from trainer.storage import NotFound, StorageError
+from trainer.core.failures import Reason, is_retryable, reason_for_exit
+from trainer.core.spec import decode_spec
+from trainer.core.status import TERMINAL_PHASES, ErrorInfo, JobStatus
+from trainer.core.storage import NotFound, StorageError
 
 log = logging.getLogger("lathe.reconciler")
 

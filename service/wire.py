@@ -1,7 +1,7 @@
 """Wire types of API v1 (msgspec Structs): what clients send (`*Create`) apart from what they get back.
 
 Field names here are the public contract (docs/api.md); the stored records (job.json) live in
-service/jobstore.py and status.json in trainer/status.py.
+service/jobstore.py and status.json in trainer/core/status.py.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from trainer.data.report import DatasetReport  # noqa: F401 (re-exported: the report's wire form)
-from trainer.spec import JobSpec, Reso, ShortText, Uri
-from trainer.status import ErrorInfo, Phase, Progress
+from trainer.core.dataset.report import DatasetReport  # noqa: F401 (re-exported: the report's wire form)
+from trainer.core.spec import JobSpec, Reso, ShortText, Uri
+from trainer.core.status import ErrorInfo, Phase, Progress
 
 # ------------------------------------------------------------------------------------------ input
 
 
 class JobCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Body of POST /v1/jobs and POST /v1/jobs:validate. `spec` is decoded by trainer.spec so that
+    """Body of POST /v1/jobs and POST /v1/jobs:validate. `spec` is decoded by trainer.core.spec so that
     every problem comes back with its field path (422), not as a generic body error."""
 
     spec: dict[str, Any]
@@ -46,7 +46,7 @@ class DatasetReportRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=T
 
 
 class JobCreateDoc(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """JobCreate as documented in OpenAPI: the spec's full schema (trainer.spec.JobSpec)."""
+    """JobCreate as documented in OpenAPI: the spec's full schema (trainer.core.spec.JobSpec)."""
 
     spec: JobSpec
     webhook_url: Annotated[str, Meta(max_length=2048, pattern=r"^https?://")] | None = None

@@ -1,7 +1,7 @@
 """Lathe trainer: trains LoRA / LyCORIS adapters for Stable Diffusion from a JobSpec.
 
-Importing this package must stay cheap and torch-free: the service imports `trainer.spec`,
-`trainer.failures` and `trainer.storage` and its image has no torch.
+Importing this package must stay cheap and torch-free: the service imports `trainer.core.spec`,
+`trainer.core.failures` and `trainer.core.storage` and its image has no torch.
 """
 
 import time

@@ -10,15 +10,15 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("trainer.run", "run a job: python -m trainer run SPEC (local path or s3:// URI of spec.json)"),
-    "launch": ("trainer.launch", "run `accelerate launch … -m trainer run` and exit with the trainer's code"),
+    "run": ("trainer.job.run", "run a job: python -m trainer run SPEC (local path or s3:// URI of spec.json)"),
+    "launch": ("trainer.job.launch", "run `accelerate launch … -m trainer run` and exit with the trainer's code"),
     "shrink": ("trainer.shrink.cli", "SVD rank reduction of an adapter file"),
-    "merge": ("trainer.merge", "merge adapters into a base checkpoint (single file or diffusers folder)"),
-    "inspect": ("trainer.inspect", "metadata and key summary of an adapter file, as JSON"),
+    "merge": ("trainer.models.merge", "merge adapters into a base checkpoint (single file or diffusers folder)"),
+    "inspect": ("trainer.tools.inspect", "metadata and key summary of an adapter file, as JSON"),
     "tiny-model": ("trainer.models.tiny", "write a tiny random SD1.5/SD2/SDXL pipeline (offline)"),
-    "tiny-dataset": ("trainer.tinydata", "write a tiny generated dataset in sd-scripts folder layout"),
-    "from-kohya": ("trainer.fromkohya", "convert an sd-scripts command line or config into a JobSpec"),
-    "tag": ("trainer.captioning", "tag a dataset's images with a WD14-format ONNX tagger into a new version"),
+    "tiny-dataset": ("trainer.tools.tinydata", "write a tiny generated dataset in sd-scripts folder layout"),
+    "from-kohya": ("trainer.core.fromkohya", "convert an sd-scripts command line or config into a JobSpec"),
+    "tag": ("trainer.caption.captioning", "tag a dataset's images with a WD14-format ONNX tagger into a new version"),
 }
 
 

@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 
 from service.k8s.settings import KubernetesSettings
 from service.launcher import LaunchRequest
-from trainer.failures import FINAL_EXIT_CODES
+from trainer.core.failures import FINAL_EXIT_CODES
 
 CONTAINER = "trainer"
 LABEL_TENANT = "lathe.dev/tenant"

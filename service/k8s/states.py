@@ -18,7 +18,7 @@ from kubernetes import client as k8s
 
 from service.k8s.manifests import ANNOTATION_COMPLETION_INDEX, CONTAINER, LABEL_KUEUE_QUEUE
 from service.launcher import AttemptState, RunState
-from trainer.failures import EXIT_CODES, Reason, is_retryable, reason_for_exit
+from trainer.core.failures import EXIT_CODES, Reason, is_retryable, reason_for_exit
 
 # Waiting reasons that no retry of the kubelet will fix.
 _IMAGE_FATAL = {"InvalidImageName", "ErrImageNeverPull"}
@@ -119,7 +119,7 @@ def latest_pods(pods: Sequence[k8s.V1Pod]) -> list[k8s.V1Pod]:
 def merge_status(state: AttemptState, status: Mapping[str, Any] | msgspec.Struct | None, attempt: int) -> AttemptState:
     """Combine Kubernetes' view with the trainer's status.json of the same attempt.
 
-    `status` is a `trainer.status.JobStatus` or its JSON form; used: `phase`, `attempt`, `error`
+    `status` is a `trainer.core.status.JobStatus` or its JSON form; used: `phase`, `attempt`, `error`
     ({"reason", "message"}). The trainer's own reason and message are more precise than an exit
     code, but a reason that only Kubernetes can know (oom, preempted, deadline, image pull, lost)
     is kept.

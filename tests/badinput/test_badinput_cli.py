@@ -41,7 +41,7 @@ INSPECT_CASES: list[tuple[str, Callable[[], bytes], str]] = [
 
 @pytest.mark.parametrize("case, build, words", INSPECT_CASES, ids=[c[0] for c in INSPECT_CASES])
 def test_inspect_names_a_bad_file_and_exits_2(tmp_path, capsys, case, build, words):
-    from trainer.inspect import main
+    from trainer.tools.inspect import main
 
     path = tmp_path / f"{case}.safetensors"
     path.write_bytes(build())
@@ -53,7 +53,7 @@ def test_inspect_names_a_bad_file_and_exits_2(tmp_path, capsys, case, build, wor
 
 
 def test_inspect_still_reads_a_good_file(tmp_path, capsys):
-    from trainer.inspect import main
+    from trainer.tools.inspect import main
 
     (tmp_path / "a.safetensors").write_bytes(GOOD)
     assert main([str(tmp_path / "a.safetensors")]) == 0

@@ -2,7 +2,7 @@
 archives it extracts (path traversal, links, devices, bombs past the size limit, damaged streams),
 datasets it downloads, pixel data and captions it decodes, and base-model files it loads (0 bytes,
 corrupt, pickles with code, the wrong architecture). Each case names the failure reason the job would
-end with (trainer/failures.py) and the words — the file or member — its message must hold."""
+end with (trainer/core/failures.py) and the words — the file or member — its message must hold."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.badinput.badinput_helpers import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
-from trainer.failures import JobFailure, Reason
+from trainer.core.failures import JobFailure, Reason
 
 PNG = image()
 MB = 1024 * 1024
@@ -96,7 +96,7 @@ ARCHIVE_CASES: list[tuple[str, str, Callable[[], bytes], tuple[int, int] | None,
 
 @pytest.mark.parametrize("case, name, build, limits, words", ARCHIVE_CASES, ids=[c[0] for c in ARCHIVE_CASES])
 def test_bad_archive_is_dataset_invalid(tmp_path, case, name, build, limits, words):
-    from trainer.fetch import fetch_dataset
+    from trainer.job.fetch import fetch_dataset
 
     archive = tmp_path / "in" / name
     archive.parent.mkdir()
@@ -136,7 +136,7 @@ S3_CASES: list[tuple[str, Callable[[], dict[str, bytes]], tuple[int, int] | None
 
 @pytest.mark.parametrize("case, build, limits, words", S3_CASES, ids=[c[0] for c in S3_CASES])
 def test_bad_dataset_on_s3_is_dataset_invalid(tmp_path, bi_s3, bi_bucket, case, build, limits, words):
-    from trainer.fetch import fetch_dataset
+    from trainer.job.fetch import fetch_dataset
 
     prefix = f"datasets/trainer/{case}"
     objects = build()
@@ -160,13 +160,13 @@ def test_bad_dataset_on_s3_is_dataset_invalid(tmp_path, bi_s3, bi_bucket, case, 
 @pytest.fixture(scope="module")
 def dataset_cls():
     from trainer.data.dataset import MAX_CAPTION_BYTES, TrainDataset
-    from trainer.data.layout import discover_layout
+    from trainer.core.dataset.layout import discover_layout
 
     return TrainDataset, discover_layout, MAX_CAPTION_BYTES
 
 
 def _train_spec():
-    from trainer.spec import spec_from_obj
+    from trainer.core.spec import spec_from_obj
 
     return spec_from_obj({"version": 1, "model": {"uri": "m"}, "dataset": {"uri": "s3://b/d", "resolution": 64,
                                                                             "caption_extension": ".txt"}})
@@ -330,7 +330,7 @@ S3_MODEL_CASES: list[tuple[str, dict[str, bytes], str, str]] = [
 
 @pytest.mark.parametrize("case, objects, suffix, words", S3_MODEL_CASES, ids=[c[0] for c in S3_MODEL_CASES])
 def test_bad_model_on_s3_is_model_invalid_before_download(tmp_path, bi_s3, bi_bucket, case, objects, suffix, words):
-    from trainer.fetch import ensure_model
+    from trainer.job.fetch import ensure_model
 
     prefix = f"models/bad/{case}"
     for key, data in objects.items():

@@ -18,7 +18,7 @@ def tokenizers(tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    from trainer.tinydata import make_tiny_dataset
+    from trainer.tools.tinydata import make_tiny_dataset
 
     root = tmp_path_factory.mktemp("tiny")
     make_tiny_dataset(root, images=12)

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from trainer.spec import JobSpec, spec_from_obj
+from trainer.core.spec import JobSpec, spec_from_obj
 
 def make_spec(**dataset: Any):
     """A checked JobSpec whose dataset section is `dataset` (uri defaults to a placeholder)."""

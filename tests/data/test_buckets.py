@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.data.buckets import BucketParams, crop_ltrb, make_buckets, plan_buckets, round_to_steps, select_bucket
+from trainer.core.dataset.buckets import BucketParams, crop_ltrb, make_buckets, plan_buckets, round_to_steps, select_bucket
 
 from data_helpers import TINY_BUCKETS, make_spec
 

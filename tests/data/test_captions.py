@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from trainer.data.captions import CaptionOptions, process_caption, tag_frequency
+from trainer.core.dataset.captions import CaptionOptions, process_caption, tag_frequency
 
 CAPTION = "mychar, red hair, smile, outdoors, looking at viewer"
 

@@ -13,9 +13,9 @@ from data_helpers import TINY_BUCKETS, list_files, make_spec
 from PIL import Image
 
 from trainer.data.dataset import ItemRef, TrainDataset, batch_rng, epoch_loader, tokenize
-from trainer.data.layout import discover_layout, image_id, plan_layout
-from trainer.failures import JobFailure, Reason
-from trainer.tinydata import make_tiny_dataset
+from trainer.core.dataset.layout import discover_layout, image_id, plan_layout
+from trainer.core.failures import JobFailure, Reason
+from trainer.tools.tinydata import make_tiny_dataset
 
 
 def build(root, reg_root=None, tokenizers=(), max_token_length=None, **dataset):

@@ -8,8 +8,8 @@ import sys
 import pytest
 from data_helpers import list_files, make_spec, make_unchecked_spec
 
-from trainer.data.layout import balanced_repeats, discover_layout
-from trainer.failures import JobFailure, Reason
+from trainer.core.dataset.layout import balanced_repeats, discover_layout
+from trainer.core.failures import JobFailure, Reason
 
 TINY_SPEC = dict(caption_extension=".txt")
 
@@ -209,7 +209,7 @@ def test_reg_uri_is_ignored_with_toml():
 
 
 def test_pure_modules_import_without_torch_pil_or_numpy():
-    code = ("import sys, trainer.data.layout, trainer.data.buckets, trainer.data.captions; "
+    code = ("import sys, trainer.core.dataset.layout, trainer.core.dataset.buckets, trainer.core.dataset.captions; "
             "bad = [m for m in ('torch', 'PIL', 'numpy') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -7,9 +7,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from trainer.data.phash import dhash, distance, near_duplicate_groups
-from trainer.data.report import size_guidance
-from trainer.data.tagops import TagOp, apply_ops, frequencies, orphan_captions
+from trainer.core.dataset.phash import dhash, distance, near_duplicate_groups
+from trainer.core.dataset.report import size_guidance
+from trainer.core.dataset.tagops import TagOp, apply_ops, frequencies, orphan_captions
 
 CAPS = {"a.txt": "hero, Red_Hair, sword, hero", "b.txt": "hero, smile\nhero, sword", "c.txt": "rare, hero"}
 
@@ -59,8 +59,8 @@ def test_size_guidance_names_only_what_is_outside_the_ranges():
 
 
 def test_report_reads_captions_as_the_trainer_does():
-    from trainer.data.report import build_report
-    from trainer.spec import DatasetSpec
+    from trainer.core.dataset.report import build_report
+    from trainer.core.spec import DatasetSpec
 
     files = ["2_cat/a.png", "2_cat/a.txt", "2_cat/b.png", "2_cat/b.txt", "2_cat/c.png"]
     ds = DatasetSpec(uri="s3://b/d", caption_extension=".txt")

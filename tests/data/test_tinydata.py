@@ -9,8 +9,8 @@ import sys
 from data_helpers import list_files, make_spec
 from PIL import Image
 
-from trainer.data.layout import discover_layout
-from trainer.tinydata import MIXED_SIZES, main, make_tiny_dataset
+from trainer.core.dataset.layout import discover_layout
+from trainer.tools.tinydata import MIXED_SIZES, main, make_tiny_dataset
 
 
 def test_layout_captions_and_sizes(tmp_path):

@@ -32,7 +32,7 @@ def fault_bucket(s3_server, s3_bucket, fault_assets) -> str:
 @pytest.fixture()
 def service_bucket(s3_server, s3_bucket, tmp_path) -> str:
     """A bucket for the service tests (stand-in trainer): a tiny dataset and a placeholder model."""
-    from trainer.tinydata import make_tiny_dataset
+    from trainer.tools.tinydata import make_tiny_dataset
 
     client = s3_client(s3_server)
     make_tiny_dataset(str(tmp_path / "svc-data"), images=6, seed=0)

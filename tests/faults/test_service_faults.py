@@ -24,7 +24,7 @@ from tests.common_helpers import wait_for
 from tests.faults.fault_helpers import (
     TENANT, TOKEN, ServiceProcess, fault_rng, s3_client, service_env, service_spec, soak,
 )
-from trainer.storage import open_store
+from trainer.core.storage import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(600, 60 * soak(2)))]
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer.merge import MergeInput, merge_checkpoint
+from trainer.models.merge import MergeInput, merge_checkpoint
 from trainer.models.load import load_model
 from trainer.models.tiny import build_tiny_pipeline
-from trainer.samples import pipeline_for, render_image
-from trainer.spec import ModelSpec, parse_sample_prompt
-from trainer.run import run_job
+from trainer.sampling.samples import pipeline_for, render_image
+from trainer.core.spec import ModelSpec, parse_sample_prompt
+from trainer.job.run import run_job
 from trainer.shrink.base_model import BaseModel
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_grid_job_over_seeds_and_a_mismatched_adapter(assets, tmp_path):
                "lora_unet_not_a_layer.lora_up.weight": torch.ones(8, 2)}, str(bad))
     spec["grid"]["adapters"].append({"uri": str(bad), "label": "bad"})
     (job / "spec.json").write_text(json.dumps(spec))
-    from trainer.failures import EXIT_CODES, Reason
+    from trainer.core.failures import EXIT_CODES, Reason
 
     code = run_job(str(job / "spec.json"), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
     assert code == EXIT_CODES[Reason.ADAPTER_MISMATCH]
@@ -111,7 +111,7 @@ def test_grid_job_over_seeds_and_a_mismatched_adapter(assets, tmp_path):
 
 def test_training_with_sample_grid_renders_its_saves_by_three_weights(assets, tmp_path):
     """save_every_n_epochs = 1 over 2 epochs: the epoch-1 save and the final file, each at 3 weights."""
-    from trainer.tinydata import make_tiny_dataset
+    from trainer.tools.tinydata import make_tiny_dataset
 
     root, single = assets
     make_tiny_dataset(tmp_path / "data", images=2, size=(64, 64), concepts=(("circle", 1),), missing_caption_every=0)

@@ -8,7 +8,7 @@ from typing import Any
 
 from service.k8s.settings import KubernetesSettings, Toleration
 from service.launcher import LaunchRequest
-from trainer.spec import spec_from_obj
+from trainer.core.spec import spec_from_obj
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE_VERSIONS = ("1.30.0", "1.33.0", "1.35.0")  # oldest and newest supported minors, and one between

@@ -18,7 +18,7 @@ from kubernetes.utils import parse_quantity
 from service.k8s import manifests
 from service.k8s.settings import KubernetesSettings, Toleration
 from service.launcher import LaunchRequest
-from trainer.spec import load_spec_file
+from trainer.core.spec import load_spec_file
 
 DEPLOY = REPO / "deploy"
 EXAMPLES = sorted((DEPLOY / "examples").glob("*.json"))

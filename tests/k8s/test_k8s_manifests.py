@@ -11,7 +11,7 @@ from kubernetes.client import ApiClient
 
 from service.k8s import manifests
 from service.k8s.settings import KubernetesSettings
-from trainer.failures import FINAL_EXIT_CODES
+from trainer.core.failures import FINAL_EXIT_CODES
 
 SERIALIZE = ApiClient().sanitize_for_serialization
 

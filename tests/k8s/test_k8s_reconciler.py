@@ -25,9 +25,9 @@ from service.k8s.launcher import KubernetesLauncher
 from service.reconciler import Reconciler
 from service.settings import Settings
 from service.tenants import TenantConfig, TenantRegistry
-from trainer.spec import encode_spec
-from trainer.status import ErrorInfo, JobStatus
-from trainer.storage import open_store
+from trainer.core.spec import encode_spec
+from trainer.core.status import ErrorInfo, JobStatus
+from trainer.core.storage import open_store
 
 
 @dataclass

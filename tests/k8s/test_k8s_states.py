@@ -187,7 +187,7 @@ def test_merge_prefers_trainer_words_but_keeps_kubernetes_reasons() -> None:
 
 def test_merge_reads_the_trainer_status_struct() -> None:
     # What the service's JobStore.read_status hands to the launcher's status_reader.
-    from trainer.status import ErrorInfo, JobStatus
+    from trainer.core.status import ErrorInfo, JobStatus
 
     status = JobStatus(phase="failed", attempt=1, error=ErrorInfo(reason="model_invalid", message="no UNet in x"))
     exit_failure = AttemptState(state=RunState.FAILED, reason="model_invalid", exit_code=12, message="exited 12")

@@ -25,7 +25,7 @@ def build_tiny_assets(tmp_path_factory) -> dict[str, Path]:
     that need them share the one build: it costs an import of the diffusion stack)."""
     if not _ASSETS:
         from trainer.models.tiny import build_tiny_pipeline
-        from trainer.tinydata import make_tiny_dataset
+        from trainer.tools.tinydata import make_tiny_dataset
 
         root = tmp_path_factory.mktemp("assets")
         model = Path(build_tiny_pipeline("sd1", str(root / "tiny-sd1")))

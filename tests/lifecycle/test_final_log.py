@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from trainer.jobdir import LOG_KEY, STATUS_KEY, StatusReporter
-from trainer.storage import LocalStore
+from trainer.core.jobdir import LOG_KEY, STATUS_KEY, StatusReporter
+from trainer.core.storage import LocalStore
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.adapter_file import save_adapter
-from trainer.failures import EXIT_CODES, JobFailure, Reason
-from trainer.merge import MERGE_JSON, MergeInput, merge_checkpoint
-from trainer.spec import ModelSpec, NetworkSpec
+from trainer.models.adapter_file import save_adapter
+from trainer.core.failures import EXIT_CODES, JobFailure, Reason
+from trainer.models.merge import MERGE_JSON, MergeInput, merge_checkpoint
+from trainer.core.spec import ModelSpec, NetworkSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
@@ -63,7 +63,7 @@ def _randomised_adapter(parts, options: dict, path) -> object:
     """Saves an adapter whose every tensor is far from its initial value (hooked in first, as training
     does: LyCORIS' full module only holds a difference once applied); returns LyCORIS' own reading of
     the saved file, the reference. A DyLoRA file is read as every loader reads it: a LoRA (alpha/dim)."""
-    from trainer.network import build_network
+    from trainer.models.network import build_network
 
     network = build_network(_net(**options), parts, train_unet=True, train_text_encoder=True)
     network.apply_to()
@@ -82,7 +82,7 @@ def _randomised_adapter(parts, options: dict, path) -> object:
             down = tensors.get(key.replace("lora_up", "lora_down"))
             if key.endswith("lora_up.weight") and down is not None and down.dim() == 4:
                 tensors[key] = value.reshape(*value.shape, 1, 1)
-        # The file's alpha is the trained alpha times block_size (trainer.adapter_layout): LyCORIS' LoRA
+        # The file's alpha is the trained alpha times block_size (trainer.models.adapter_layout): LyCORIS' LoRA
         # module takes its scale from the constructor, not from a loaded alpha, so it is given here.
         trained = _net(**options)
         reading = dict(options, algo="lora", alpha=trained.alpha * trained.block_size)
@@ -225,7 +225,7 @@ def test_a_file_that_is_not_an_adapter_and_a_ratio_out_of_range_are_refused(tiny
 
 
 def test_zero_tensor_check_counts_weights_and_warns_above_five_percent(tmp_path):
-    from trainer.adapter_file import zero_tensor_check
+    from trainer.models.adapter_file import zero_tensor_check
 
     tensors = {}
     for i in range(20):

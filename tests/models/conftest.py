@@ -14,7 +14,7 @@ os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
 
 @dataclass
 class ModelSpecStub:
-    """The fields of trainer.spec.ModelSpec that load_model reads."""
+    """The fields of trainer.core.spec.ModelSpec that load_model reads."""
 
     uri: str
     arch: str
@@ -27,7 +27,7 @@ class ModelSpecStub:
 
 @dataclass
 class NetworkSpecStub:
-    """The fields of trainer.spec.NetworkSpec that build_network reads (sd-scripts defaults)."""
+    """The fields of trainer.core.spec.NetworkSpec that build_network reads (sd-scripts defaults)."""
 
     module: str = "lycoris.kohya"
     algo: str = "lora"

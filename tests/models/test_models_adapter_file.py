@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.adapter_file import modelspec_metadata, read_metadata, save_adapter, sshs_hashes
+from trainer.models.adapter_file import modelspec_metadata, read_metadata, save_adapter, sshs_hashes
 
 
 def _tensors(big: bool = True):
@@ -115,7 +115,7 @@ def test_modelspec_metadata():
 
 
 def test_inspect_cli(tmp_path, capsys):
-    from trainer.inspect import main
+    from trainer.tools.inspect import main
 
     saved = save_adapter(_tensors(big=False), str(tmp_path / "a.safetensors"), metadata={"ss_network_dim": "4"},
                          dtype="fp16")
@@ -165,7 +165,7 @@ def test_hashes_taken_in_memory_beside_the_write_equal_a_whole_serialisation(tmp
     check that prediction, and the legacy window (64 KiB at 1 MiB) straddles two tensors; a wrong
     prediction must be caught by the written header and the hashes taken from disk instead, equal all
     the same."""
-    import trainer.adapter_file as adapter_file
+    import trainer.models.adapter_file as adapter_file
 
     g = torch.Generator().manual_seed(5)
     tensors = {

@@ -8,7 +8,7 @@ from importlib import resources
 
 import pytest
 
-from trainer import keys
+from trainer.models import keys
 
 
 @pytest.mark.parametrize(

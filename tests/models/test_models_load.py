@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from trainer.failures import JobFailure, Reason
+from trainer.core.failures import JobFailure, Reason
 from trainer.models.load import encode_prompts, load_model
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.adapter_file import read_metadata, save_adapter
-from trainer.failures import JobFailure
+from trainer.models.adapter_file import read_metadata, save_adapter
+from trainer.core.failures import JobFailure
 from trainer.models.load import encode_prompts
-from trainer.network import ALGOS, build_network
+from trainer.models.network import ALGOS, build_network
 
 SUFFIXES = {
     "lora": {"lora_down.weight", "lora_up.weight", "alpha"},

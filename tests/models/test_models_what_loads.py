@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from trainer.adapter_file import save_adapter
-from trainer.network import build_network
+from trainer.models.adapter_file import save_adapter
+from trainer.models.network import build_network
 
 CASES = {
     "networks.lora": dict(module="networks.lora", dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0),
@@ -220,7 +220,7 @@ def test_trained_change_is_what_the_saved_file_applies(parts_for, network_spec, 
             _full_rank(network)
         saved = _saved(network, tmp_path / f"{case}.safetensors")
         if spec.algo == "lokr" and spec.use_tucker:
-            # ComfyUI cannot kron its own Tucker rebuild (trainer.adapter_layout): plain factored conv halves instead
+            # ComfyUI cannot kron its own Tucker rebuild (trainer.models.adapter_layout): plain factored conv halves instead
             assert not any(k.endswith(".lokr_t2") for k in saved)
             tucker_convs = [n for n, m in network.named_children() if m.tucker and not m.use_w2]
             assert tucker_convs and all(saved[f"{n}.lokr_w2_b"].shape[0] == spec.dim for n in tucker_convs)
@@ -286,8 +286,8 @@ def _by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
 
 
 def test_the_loader_table_knows_which_presets_have_3x3_convs():
-    from trainer.loaders import CONV_PRESETS
-    from trainer.network import PRESETS
+    from trainer.core.loaders import CONV_PRESETS
+    from trainer.models.network import PRESETS
 
     assert CONV_PRESETS == {name for name, preset in PRESETS.items() if preset.conv}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.failures import JobFailure
+from trainer.core.failures import JobFailure
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "red", "blue", "the", "on"]
 
@@ -42,9 +42,9 @@ def build_blip(folder: Path) -> Path:
 
 
 def test_blip_folder_captions_a_dataset_with_beam_search(tmp_path):
-    from trainer.caption_job import load_captioner
-    from trainer.captioning import caption_dataset
-    from trainer.spec import CaptionSpec
+    from trainer.job.caption_job import load_captioner
+    from trainer.caption.captioning import caption_dataset
+    from trainer.core.spec import CaptionSpec
 
     src = tmp_path / "src" / "2_thing"
     src.mkdir(parents=True)
@@ -62,8 +62,8 @@ def test_blip_folder_captions_a_dataset_with_beam_search(tmp_path):
 
 
 def test_a_folder_transformers_cannot_read_fails_naming_it(tmp_path):
-    from trainer.caption_job import load_captioner
-    from trainer.spec import CaptionSpec
+    from trainer.job.caption_job import load_captioner
+    from trainer.core.spec import CaptionSpec
 
     bad = tmp_path / "notamodel"
     bad.mkdir()

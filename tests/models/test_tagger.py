@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from tests.tagger_helpers import ROWS, SIZE, build_tagger
-from trainer.failures import JobFailure
-from trainer.tagger import Tag, Tagger, TaggerOptions, _shown, preprocess, select_tags
+from trainer.core.failures import JobFailure
+from trainer.caption.tagger import Tag, Tagger, TaggerOptions, _shown, preprocess, select_tags
 
 
 def images(n: int = 20) -> list[Image.Image]:
@@ -97,7 +97,7 @@ def test_tag_a_bare_dataset_on_s3_into_a_new_version(tmp_path, s3_server, s3_buc
 
     import boto3
 
-    from trainer.captioning import main as tag_main
+    from trainer.caption.captioning import main as tag_main
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     model = build_tagger(tmp_path / "tagger")
@@ -131,9 +131,9 @@ def test_tag_a_bare_dataset_on_s3_into_a_new_version(tmp_path, s3_server, s3_buc
 def test_caption_version_runs_the_tag_operations_after_tagging(tmp_path):
     """The caption job's writer: tagging, then the operations (trigger last, so first), orphan captions
     left out, unchanged files copied; the destination must be empty and outside the source."""
-    from trainer.caption_job import tag_ops
-    from trainer.captioning import caption_dataset
-    from trainer.spec import CaptionSpec
+    from trainer.job.caption_job import tag_ops
+    from trainer.caption.captioning import caption_dataset
+    from trainer.core.spec import CaptionSpec
 
     src = tmp_path / "src" / "3_x"
     src.mkdir(parents=True)

@@ -7,8 +7,8 @@ import json
 import os
 import zipfile
 
-from trainer.fetch import fetch_dataset
-from trainer.provenance import base_model_sha256, dataset_entry, manifest_bytes
+from trainer.job.fetch import fetch_dataset
+from trainer.job.provenance import base_model_sha256, dataset_entry, manifest_bytes
 
 
 def _png() -> bytes:
@@ -71,7 +71,7 @@ def test_dataset_manifest_of_a_folder_and_of_an_archive(tmp_path):
 
 
 def test_manifest_changes_name_added_removed_and_changed_files():
-    from trainer.provenance import manifest_changes
+    from trainer.job.provenance import manifest_changes
 
     def files(**sha):
         return [{"field": "dataset.uri", "uri": "u", "files": [{"key": k, "size": 1, "etag": None, "sha256": v}

@@ -124,7 +124,7 @@ PIECES = st.sampled_from(["acme", "acme-evil", "other", "tenants", "x", "..", ".
 @example("path", "tenants/acme/", ["..", "acme-evil"], False)
 def test_no_accepted_uri_resolves_outside_its_prefix(scheme, start, segments, trailing):
     from service.tenants import uri_under
-    from trainer.storage import open_store
+    from trainer.core.storage import open_store
 
     root = {"file": "file:///srv/state/", "path": "/srv/state/", "s3": "s3://bucket/state/"}[scheme]
     prefix = root + "tenants/acme/"

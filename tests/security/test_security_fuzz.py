@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from trainer.failures import JobFailure, Reason
+from trainer.core.failures import JobFailure, Reason
 
 pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
 
@@ -41,7 +41,7 @@ def _field_paths() -> list[str]:
     """Every dotted field path of JobSpec (nested structs expanded), for targeted mutations."""
     import msgspec
 
-    from trainer.spec import JobSpec
+    from trainer.core.spec import JobSpec
 
     out: list[str] = []
 
@@ -65,7 +65,7 @@ FIELD_PATHS = _field_paths()
 @FUZZ
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_decode_spec_on_arbitrary_bytes(data):
-    from trainer.spec import SpecError, decode_spec
+    from trainer.core.spec import SpecError, decode_spec
 
     try:
         decode_spec(data)
@@ -76,7 +76,7 @@ def test_decode_spec_on_arbitrary_bytes(data):
 @FUZZ
 @given(JSON)
 def test_spec_from_arbitrary_json(obj):
-    from trainer.spec import SpecError, spec_from_obj
+    from trainer.core.spec import SpecError, spec_from_obj
 
     try:
         spec_from_obj(obj)
@@ -88,7 +88,7 @@ def test_spec_from_arbitrary_json(obj):
 @given(st.lists(st.tuples(st.sampled_from(FIELD_PATHS), JSON), min_size=1, max_size=3))
 def test_mutated_specs_are_refused_cleanly_or_round_trip(changes):
     """Whatever is accepted can be stored (spec.json) and read back by the trainer unchanged."""
-    from trainer.spec import SpecError, decode_spec, encode_spec, spec_from_obj
+    from trainer.core.spec import SpecError, decode_spec, encode_spec, spec_from_obj
 
     doc = _valid_spec()
     for path, value in changes:
@@ -137,7 +137,7 @@ def mutated(draw: Any, seeds: list[bytes]) -> bytes:
 @given(mutated(SEEDS) | st.binary(max_size=200))
 def test_image_header_readers(data):
     from service.imageheader import UnreadableImage, image_size
-    from trainer.fetch import image_size as trainer_image_size
+    from trainer.job.fetch import image_size as trainer_image_size
 
     try:
         w, h = image_size(lambda n: data[:n], len(data), first_bytes=1024)
@@ -188,7 +188,7 @@ def archives(draw: Any) -> tuple[str, bytes]:
 @FUZZ
 @given(archives())
 def test_archive_extraction_stays_inside_its_folder(archive):
-    from trainer.fetch import _Limits, extract_archive
+    from trainer.job.fetch import _Limits, extract_archive
 
     kind, data = archive
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +214,7 @@ def test_archive_extraction_stays_inside_its_folder(archive):
 @given(archives())
 def test_preflight_reads_any_archive_without_crashing(archive):
     from service.preflight import PreflightLimits, run_preflight
-    from trainer.spec import spec_from_obj
+    from trainer.core.spec import spec_from_obj
 
     kind, data = archive
     assume(kind != "tar.gz")  # compressed tarballs are not opened by the preflight
@@ -231,8 +231,8 @@ def test_preflight_reads_any_archive_without_crashing(archive):
 @given(st.lists(st.text(alphabet="ab1_./ .txtpng", min_size=1, max_size=14), max_size=12),
        st.sampled_from([None, ".txt", ".caption"]))
 def test_dataset_discovery_on_any_listing(files, extension):
-    from trainer.data.layout import discover_layout
-    from trainer.spec import spec_from_obj
+    from trainer.core.dataset.layout import discover_layout
+    from trainer.core.spec import spec_from_obj
 
     dataset: dict[str, Any] = {"uri": "s3://d/x"}
     if extension:
@@ -283,8 +283,8 @@ def dataset_tomls(draw: Any) -> str:
 @FUZZ
 @given(dataset_tomls())
 def test_dataset_config_toml_with_any_values(text):
-    from trainer.data.layout import discover_layout
-    from trainer.spec import SpecError, spec_from_obj
+    from trainer.core.dataset.layout import discover_layout
+    from trainer.core.spec import SpecError, spec_from_obj
 
     try:
         spec = spec_from_obj({"version": 1, "model": {"uri": "m"}, "dataset": {"uri": "s3://d/x", "config_toml": text}})

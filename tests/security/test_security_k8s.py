@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.launcher import LaunchRequest
-from trainer.spec import spec_from_obj
+from trainer.core.spec import spec_from_obj
 
 SHAPES = {
     "cpu": {"gpus": 0},

@@ -235,23 +235,23 @@ def test_presign_lifetimes_outside_1_minute_to_7_days_are_refused(seconds):
 
 
 def test_trainer_metadata_holds_no_secret(tmp_path, monkeypatch):
-    """The metadata.json the trainer publishes (trainer/run.py Job._metadata) with every secret in its
+    """The metadata.json the trainer publishes (trainer/job/run.py Job._metadata) with every secret in its
     environment: spec, versions, platform and the adapter header only, nothing from the environment.
-    (trainer.adapter_file imports torch; its header reader is stood in for by a plain JSON reader.)"""
+    (trainer.models.adapter_file imports torch; its header reader is stood in for by a plain JSON reader.)"""
     import types
 
-    from trainer.run import Job
+    from trainer.job.run import Job
 
     header = {"ss_network_module": "lycoris.kohya", "ss_output_name": "x"}
-    stub = types.ModuleType("trainer.adapter_file")
+    stub = types.ModuleType("trainer.models.adapter_file")
     stub.read_metadata = lambda path: dict(header)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "trainer.adapter_file", stub)
+    monkeypatch.setitem(sys.modules, "trainer.models.adapter_file", stub)
     monkeypatch.setenv("LATHE_GIT_COMMIT", "0123abc")
-    from trainer.spec import spec_from_obj
+    from trainer.core.spec import spec_from_obj
 
-    from trainer.jobdir import StatusReporter
-    from trainer.run import RunContext
-    from trainer.storage import LocalStore
+    from trainer.core.jobdir import StatusReporter
+    from trainer.job.run import RunContext
+    from trainer.core.storage import LocalStore
 
     job_store = LocalStore(tmp_path / "job")
     ctx = RunContext(spec_uri=str(tmp_path / "job" / "spec.json"), job=job_store, out=LocalStore(tmp_path / "out"),
@@ -270,7 +270,7 @@ def test_trainers_started_locally_do_not_inherit_service_secrets(tmp_path):
     """The LocalLauncher passes the object-store credentials on, and nothing only the service needs."""
     from service.launcher import LaunchRequest
     from service.local_launcher import LocalLauncher
-    from trainer.spec import spec_from_obj
+    from trainer.core.spec import spec_from_obj
 
     dump = tmp_path / "env.json"
     command = [sys.executable, "-c", f"import json, os; open({str(dump)!r}, 'w').write(json.dumps(dict(os.environ)))"]

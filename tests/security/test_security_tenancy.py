@@ -106,8 +106,8 @@ def test_outputs_outside_the_tenants_locations_are_neither_presigned_nor_deleted
     """A status.json listing outputs elsewhere (written by a compromised or buggy trainer) must not hand
     out URLs to another tenant's objects, nor make DELETE remove them."""
     from service.jobstore import STATUS_KEY, AttemptRecord, JobRecord, new_job_id
-    from trainer.spec import encode_spec, spec_from_obj
-    from trainer.status import JobStatus, OutputFile
+    from trainer.core.spec import encode_spec, spec_from_obj
+    from trainer.core.status import JobStatus, OutputFile
 
     api = sec_client(launcher="none", reconcile_interval_s=0)
     store = api.app.state.services.store

@@ -3,7 +3,7 @@
 It speaks the trainer's contract with the service and nothing else: reads spec.json from the job
 directory, writes status.json through the trainer's own StatusReporter (same revisions, heartbeat,
 phases), honours the `cancel` marker and SIGTERM, publishes an output file and exits with
-the trainer's exit codes (trainer/failures.py). It trains nothing, so the service's tests run in seconds. Behaviour comes
+the trainer's exit codes (trainer/core/failures.py). It trains nothing, so the service's tests run in seconds. Behaviour comes
 from the spec's `name` (one of BEHAVIOURS) and FAKE_STEP_S (seconds per step).
 """
 
@@ -15,11 +15,11 @@ import signal
 import sys
 import time
 
-from trainer.failures import EXIT_CODES, Reason
-from trainer.jobdir import StatusReporter
-from trainer.spec import decode_spec
-from trainer.status import OutputFile
-from trainer.storage import open_store
+from trainer.core.failures import EXIT_CODES, Reason
+from trainer.core.jobdir import StatusReporter
+from trainer.core.spec import decode_spec
+from trainer.core.status import OutputFile
+from trainer.core.storage import open_store
 
 BEHAVIOURS = ("succeed", "fail-once", "crash-once", "fail-final", "slow")
 

@@ -14,7 +14,7 @@ from service.jobstore import CANCEL_KEY, STATUS_KEY
 from service.launcher import AttemptState, RunState
 from service.reconciler import Reconciler
 from tests.service.conftest import auth, spec
-from trainer.status import ErrorInfo, JobStatus
+from trainer.core.status import ErrorInfo, JobStatus
 
 
 class _RunningLauncher:

@@ -18,7 +18,7 @@ from PIL import Image
 from tests.service.conftest import REPO, put
 from tests.service.test_cli import lathe
 from tests.tagger_helpers import build_tagger
-from trainer.tagger import Tagger, TaggerOptions, select_tags
+from trainer.caption.tagger import Tagger, TaggerOptions, select_tags
 
 pytestmark = pytest.mark.slow
 

@@ -35,7 +35,7 @@ def test_grid_over_an_unfinished_job_and_a_weight_out_of_range_are_422(client_fa
 
 def test_lathe_grid_builds_the_grid_spec():
     from service.cli import build_parser, grid_spec
-    from trainer.spec import spec_from_obj
+    from trainer.core.spec import spec_from_obj
 
     args = build_parser().parse_args(["grid", "j-20250101t120000-0123abcd", "s3://b/x.safetensors", "--model", "s3://b/base",
                                       "--prompt", "a cat --w 64 --h 64", "-x", "weight", "-y", "saves",
@@ -47,7 +47,7 @@ def test_lathe_grid_builds_the_grid_spec():
 
 
 def test_grid_sections_are_checked_with_the_spec():
-    from trainer.spec import SpecError, spec_from_obj
+    from trainer.core.spec import SpecError, spec_from_obj
 
     def problems(obj: dict) -> dict[str, str]:
         try:

@@ -8,7 +8,7 @@ import sys
 from service.launcher import Launcher, LaunchRequest, RunState
 from service.local_launcher import LocalLauncher
 from tests.service.conftest import wait_for
-from trainer.spec import spec_from_obj
+from trainer.core.spec import spec_from_obj
 
 SPEC = spec_from_obj({"version": 1, "model": {"uri": "s3://b/m"}, "dataset": {"uri": "s3://b/d"}})
 

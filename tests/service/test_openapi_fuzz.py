@@ -123,10 +123,10 @@ def _structs_refusing_unknown_fields() -> dict[str, type]:
     import msgspec
 
     import service.wire
-    import trainer.spec
+    import trainer.core.spec
 
     out = {}
-    for module in (service.wire, trainer.spec):
+    for module in (service.wire, trainer.core.spec):
         for name, value in vars(module).items():
             if (isinstance(value, type) and issubclass(value, msgspec.Struct)
                     and value.__struct_config__.forbid_unknown_fields):

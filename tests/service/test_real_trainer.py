@@ -13,7 +13,7 @@ from tests.service.conftest import REPO, auth, wait_finished
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (REPO / "trainer" / "run.py").exists(), reason="trainer/run.py (issue: trainer) not there yet"),
+    pytest.mark.skipif(not (REPO / "trainer" / "run.py").exists(), reason="trainer/job/run.py (issue: trainer) not there yet"),
 ]
 
 

@@ -16,7 +16,7 @@ from service.phase import effective
 from service.settings import Settings, SettingsError
 from service.tenants import TenantRegistry, TokensFileError, hash_token, load_tokens_file, uri_under
 from service.webhooks import decode_secret, sign, verify
-from trainer.status import ErrorInfo, JobStatus
+from trainer.core.status import ErrorInfo, JobStatus
 
 
 def record(**kw) -> JobRecord:

@@ -16,7 +16,7 @@ from service.outbox import EVENT_KEY, Outbox, WebhookDispatcher, retry_delay_s, 
 from service.webhooks import WebhookEvent, WebhookSender, decode_secret, verify
 from tests.service.conftest import auth, spec, wait_for, wait_phase
 from tests.service.webhook_receiver import Receiver
-from trainer.storage import LocalStore, open_store
+from trainer.core.storage import LocalStore, open_store
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.shrink.errors import ShrinkError
+from trainer.core.shrink_errors import ShrinkError
 from trainer.shrink.rank_rules import (
     LayerRefs,
     parse_recipe,

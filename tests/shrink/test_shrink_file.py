@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from shrink_fixtures import best_rank_k_error, lora_delta, lora_layer
 
 from trainer.shrink import NothingToShrink, ShrinkError, ShrinkReport, shrink_file
-from trainer.adapter_file import sshs_hashes
+from trainer.models.adapter_file import sshs_hashes
 
 SD1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 SD1_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"

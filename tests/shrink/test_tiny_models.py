@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from shrink_fixtures import lora_delta, lora_layer
 
-from trainer.keys import sd_scripts_text_encoder_name, sd_scripts_unet_name
+from trainer.models.keys import sd_scripts_text_encoder_name, sd_scripts_unet_name
 from trainer.shrink import shrink_file
 from trainer.shrink.base_model import BaseModel
 

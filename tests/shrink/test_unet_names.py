@@ -1,10 +1,10 @@
-"""LDM/SGM → diffusers UNet paths invert trainer.keys.unet_ldm_path on the real SD1.x and SDXL layouts."""
+"""LDM/SGM → diffusers UNet paths invert trainer.models.keys.unet_ldm_path on the real SD1.x and SDXL layouts."""
 
 from __future__ import annotations
 
 import pytest
 
-from trainer.keys import unet_ldm_path
+from trainer.models.keys import unet_ldm_path
 from trainer.shrink.unet_names import layers_per_block_from_ldm, ldm_to_diffusers
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.fromkohya import convert, main
-from trainer.spec import decode_spec
+from trainer.core.fromkohya import convert, main
+from trainer.core.spec import decode_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[2]
@@ -247,9 +247,9 @@ def test_cli_prints_only_json_on_stdout_and_exit_codes(tmp_path: Path) -> None:
     assert "block_dims" in out.stderr
     bad = tmp_path / "bad.sh"
     bad.write_text("accelerate launch train_db.py --x=1\n")
-    out = subprocess.run([sys.executable, "-m", "trainer.fromkohya", str(bad)], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "trainer.core.fromkohya", str(bad)], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == "" and "no spec produced" in out.stderr
-    assert json.loads(subprocess.run([sys.executable, "-m", "trainer.fromkohya", "-"], cwd=REPO, text=True,
+    assert json.loads(subprocess.run([sys.executable, "-m", "trainer.core.fromkohya", "-"], cwd=REPO, text=True,
                                      input=(FIXTURES / "sd15_character_lora.sh").read_text(), capture_output=True,
                                      timeout=60).stdout)["network"]["module"] == "networks.lora"

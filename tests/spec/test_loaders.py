@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.loaders import markdown_table
-from trainer.spec import spec_from_obj, warnings_for
+from trainer.core.loaders import markdown_table
+from trainer.core.spec import spec_from_obj, warnings_for
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 

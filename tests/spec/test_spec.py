@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer import spec as spec_module
-from trainer.spec import (
+from trainer.core import spec as spec_module
+from trainer.core.spec import (
     BLOCK_COUNTS,
     DEFAULT_MAX_TRAIN_STEPS,
     JobSpec,
@@ -305,7 +305,7 @@ def test_adafactor_with_its_own_schedule_may_take_any_learning_rate_with_polynom
 
 
 def test_every_argument_the_trainer_takes_passes_the_spec_check() -> None:
-    from trainer.optimizers import OPTIMIZERS
+    from trainer.core.optimizers import OPTIMIZERS
 
     assert set(OPTIMIZERS) == set(spec_module.get_args(spec_module.OptimizerType))
     for kind, entry in OPTIMIZERS.items():
@@ -427,7 +427,7 @@ def test_fuzz_decode_raises_only_spec_error(obj: Any) -> None:
 
 
 def test_import_does_not_load_torch() -> None:
-    code = ("import sys, trainer.spec, trainer.fromkohya; "
+    code = ("import sys, trainer.core.spec, trainer.core.fromkohya; "
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'lycoris', 'accelerate') if m in sys.modules]; "
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.spec import CaptionSpec, DatasetSpec, MergeAdapterSpec, MergeSpec, ModelSpec, SpecError, spec_from_obj
+from trainer.core.spec import CaptionSpec, DatasetSpec, MergeAdapterSpec, MergeSpec, ModelSpec, SpecError, spec_from_obj
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 MODEL = {"uri": "s3://m/sd15.safetensors"}

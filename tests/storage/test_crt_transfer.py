@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from trainer.storage import NotFound, S3Store, StorageError, open_store
+from trainer.core.storage import NotFound, S3Store, StorageError, open_store
 
 pytest.importorskip("awscrt")
 
@@ -102,7 +102,7 @@ def test_credentials_come_from_the_boto3_session(s3_bucket, tmp_path, monkeypatc
 
     monkeypatch.setattr(store.session, "get_credentials", counting)
     _no_fallback(monkeypatch)
-    from trainer import crt_transfer
+    from trainer.core import crt_transfer
 
     monkeypatch.setattr(crt_transfer, "_clients", {})  # a client made now, with the counting session
     store.download_many([(store.head("c/a.txt"), tmp_path / "a.txt")], engine="crt")
@@ -111,7 +111,7 @@ def test_credentials_come_from_the_boto3_session(s3_bucket, tmp_path, monkeypatc
 
 
 def test_crt_requested_without_awscrt_is_a_clear_error(s3_bucket, monkeypatch) -> None:
-    from trainer import crt_transfer
+    from trainer.core import crt_transfer
 
     monkeypatch.setattr(crt_transfer, "crt_available", lambda: False)
     store = open_store(f"s3://{s3_bucket}")
@@ -148,7 +148,7 @@ def test_the_garbage_collector_is_paused_only_while_the_crt_transfers(
 
 
 def test_without_credentials_a_pull_ends_in_the_clear_storage_error(s3_bucket, tmp_path, monkeypatch) -> None:
-    from trainer.fetch import fetch_dataset
+    from trainer.job.fetch import fetch_dataset
 
     open_store(f"s3://{s3_bucket}").put_bytes("ds/1_a/x.txt", b"x")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from storage_helpers import make_dataset, png_bytes, png_header_only, read_tree
 
-from trainer.failures import JobFailure, Reason
-from trainer.fetch import fetch_dataset
-from trainer.storage import open_store
+from trainer.core.failures import JobFailure, Reason
+from trainer.job.fetch import fetch_dataset
+from trainer.core.storage import open_store
 
 
 def upload_tree(bucket: str, prefix: str, files: dict[str, bytes]) -> None:
@@ -89,8 +89,8 @@ def _child_pids() -> set[int]:
 def test_prefix_limits_stop_the_transfer_and_leave_nothing(s3_bucket, dataset, tmp_path, engine, monkeypatch) -> None:
     # The listing is vetted while the transfer already runs; two keys per LIST page puts the refusal
     # pages after the start, with s5cmd copying and the CRT or boto3 workers downloading.
-    monkeypatch.setattr("trainer.storage.S3Store.page_size", 2)
-    monkeypatch.setattr("trainer.fetch._FIRST_PAGE", 2)  # else the first page would hold the whole dataset
+    monkeypatch.setattr("trainer.core.storage.S3Store.page_size", 2)
+    monkeypatch.setattr("trainer.job.fetch._FIRST_PAGE", 2)  # else the first page would hold the whole dataset
     upload_tree(s3_bucket, "ds", dataset)
     uri = f"s3://{s3_bucket}/ds/"
     before = _child_pids()

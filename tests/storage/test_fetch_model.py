@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from storage_helpers import read_tree
 
-from trainer.failures import JobFailure, Reason
-from trainer.fetch import ensure_model, fetch_model
-from trainer.storage import open_store
+from trainer.core.failures import JobFailure, Reason
+from trainer.job.fetch import ensure_model, fetch_model
+from trainer.core.storage import open_store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,8 +106,8 @@ def test_local_model_paths_are_returned_as_is(tmp_path) -> None:
 
 _FETCH_TOGETHER = """
 import json, os, sys, time
-from trainer.fetch import ensure_model
-from trainer.storage import s3_client
+from trainer.job.fetch import ensure_model
+from trainer.core.storage import s3_client
 s3_client()  # imports and client set up first: then wait for the other process (a file barrier)
 open(os.path.join(sys.argv[3], str(os.getpid())), "w").close()
 while len(os.listdir(sys.argv[3])) < 2:

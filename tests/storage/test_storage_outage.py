@@ -12,8 +12,8 @@ import boto3
 import pytest
 from storage_helpers import png_bytes, read_tree
 
-from trainer.fetch import fetch_dataset
-from trainer.storage import S3Store, StorageError, open_store
+from trainer.job.fetch import fetch_dataset
+from trainer.core.storage import S3Store, StorageError, open_store
 
 OUTAGE_S = 3.0
 

@@ -12,8 +12,8 @@ import urllib.request
 import msgspec
 import pytest
 
-from trainer.failures import Reason
-from trainer.storage import (
+from trainer.core.failures import Reason
+from trainer.core.storage import (
     LocalStore,
     NotFound,
     PreconditionFailed,
@@ -304,7 +304,7 @@ def test_parse_uri_refuses_what_could_name_another_place(uri: str, why: str) -> 
 
 def test_storage_module_does_not_import_torch() -> None:
     code = (
-        "import sys, trainer.storage, trainer.fetch\n"
+        "import sys, trainer.core.storage, trainer.job.fetch\n"
         "bad = [m for m in ('torch', 'diffusers', 'PIL') if m in sys.modules]\n"
         "assert not bad, bad"
     )

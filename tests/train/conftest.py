@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from trainer.spec import spec_from_obj
+from trainer.core.spec import spec_from_obj
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     """6 images of mixed aspect ratios in sd-scripts folder layout, with .txt captions."""
-    from trainer.tinydata import make_tiny_dataset
+    from trainer.tools.tinydata import make_tiny_dataset
 
     root = tmp_path_factory.mktemp("data")
     make_tiny_dataset(root, images=6, concepts=(("circle", 1), ("square", 1)))

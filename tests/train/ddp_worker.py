@@ -24,7 +24,7 @@ def main(spec_path: str, probe_dir: str) -> int:
     import torch
     from safetensors.torch import save_file
 
-    import trainer.samples as samples_module
+    import trainer.sampling.samples as samples_module
     import trainer.train.loop as loop
 
     probe = Path(probe_dir)
@@ -60,7 +60,7 @@ def main(spec_path: str, probe_dir: str) -> int:
 
     loop.run_training = run_training
     samples_module.generate_samples = generate_samples
-    from trainer.run import main as run_main
+    from trainer.job.run import main as run_main
 
     code = run_main([spec_path])
     record["exit_code"] = code

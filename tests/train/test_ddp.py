@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from train_helpers import make_spec
-from trainer.spec import encode_spec
+from trainer.core.spec import encode_spec
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from train_helpers import make_spec
-from trainer.launch import pick
-from trainer.spec import encode_spec
+from trainer.job.launch import pick
+from trainer.core.spec import encode_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from train_helpers import load_everything, make_spec, replace, train
-from trainer.failures import JobFailure, Reason
+from trainer.core.failures import JobFailure, Reason
 from trainer.train.loop import LoopHooks, configure_attention, effective_mixed_precision
 
 
@@ -23,7 +23,7 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def test_loss_falls_on_a_memorisable_dataset(tiny_models, tmp_path) -> None:
     """Two 64 px images, cached latents and text-encoder outputs: the loss must drop clearly."""
-    from trainer.tinydata import make_tiny_dataset
+    from trainer.tools.tinydata import make_tiny_dataset
 
     make_tiny_dataset(tmp_path / "data", images=2, concepts=(("circle", 1),), size=(64, 64))
     spec = make_spec(tiny_models["sd1"], str(tmp_path / "data"),

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from trainer.failures import JobFailure, Reason
-from trainer.spec import OptimizerSpec, SchedulerSpec
+from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import OptimizerSpec, SchedulerSpec
 from trainer.train.optim import build_optimizer, current_lrs
 from trainer.train.schedule import build_scheduler, warm_restart_factor
 

@@ -1,4 +1,4 @@
-"""The torch-free optimizer table (`trainer/optimizers.py`), which the spec check uses at submit, equals the
+"""The torch-free optimizer table (`trainer/core/optimizers.py`), which the spec check uses at submit, equals the
 real classes: every `optimizer.type` builds the class named here, and its constructor takes exactly the
 arguments listed. pyproject pins the packages that provide them, so the trainer image agrees."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from trainer.optimizers import OPTIMIZERS
+from trainer.core.optimizers import OPTIMIZERS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_listed_arguments_equal_the_installed_constructor(kind: str, path: str, 
     module, _, name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     assert list(OPTIMIZERS[kind].args) == _constructor_args(cls), (
-        f"{path} {importlib.metadata.version(dist)} takes other arguments than trainer/optimizers.py lists")
+        f"{path} {importlib.metadata.version(dist)} takes other arguments than trainer/core/optimizers.py lists")
 
 
 def test_the_packages_that_provide_them_are_pinned_compatibly() -> None:

@@ -1,4 +1,4 @@
-"""Sample images (trainer/samples.py) on the tiny SD1 pipeline: sd-scripts' prompt options, the
+"""Sample images (trainer/sampling/samples.py) on the tiny SD1 pipeline: sd-scripts' prompt options, the
 sampler names, the PNG text chunks, and the split of the prompts between processes. The 2-process
 run through the job runner is in test_ddp.py."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.samples import SAMPLERS, generate_samples, make_scheduler
-from trainer.spec import Sampler
+from trainer.sampling.samples import SAMPLERS, generate_samples, make_scheduler
+from trainer.core.spec import Sampler
 
 PROMPTS = [
     "a red circle --n blurry, dark --w 96 --h 64 --d 7 --l 5.5 --s 2",
@@ -26,7 +26,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def parts(tiny_models: dict[str, str]) -> Any:
     from trainer.models.load import load_model
-    from trainer.spec import ModelSpec
+    from trainer.core.spec import ModelSpec
 
     return load_model(ModelSpec(uri=tiny_models["sd1"], arch="sd1"), weight_dtype=torch.float32, device="cpu")
 

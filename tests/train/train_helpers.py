@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from trainer.spec import spec_from_obj
+from trainer.core.spec import spec_from_obj
 
 
 def make_spec(model_uri: str, data_uri: str, *, arch: str = "sd1", **sections: dict[str, Any]) -> Any:
@@ -35,10 +35,10 @@ def load_everything(spec: Any, *, seed: int = 0) -> tuple[Any, Any, Any]:
     import torch
 
     from trainer.data.dataset import TrainDataset
-    from trainer.data.layout import discover_layout
+    from trainer.core.dataset.layout import discover_layout
     from trainer.models.load import load_model
-    from trainer.network import build_network
-    from trainer.spec import train_text_encoder, train_unet
+    from trainer.models.network import build_network
+    from trainer.core.spec import train_text_encoder, train_unet
     from trainer.train.loop import seed_everything
 
     parts = load_model(spec.model, weight_dtype=torch.float32, device="cpu")

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.data.buckets import Bucketer, BucketParams, Size, crop_ltrb
-from trainer.data.captions import process_caption, tag_frequency
-from trainer.data.layout import DatasetLayout, DatasetParams, Subset, balanced_repeats, image_id
-from trainer.failures import JobFailure, Reason
+from trainer.core.dataset.buckets import Bucketer, BucketParams, Size, crop_ltrb
+from trainer.core.dataset.captions import process_caption, tag_frequency
+from trainer.core.dataset.layout import DatasetLayout, DatasetParams, Subset, balanced_repeats, image_id
+from trainer.core.failures import JobFailure, Reason
 
 CLIP_WINDOW = 77  # tokens the CLIP text encoders see at once: BOS + 75 + EOS
 # A caption file's size limit: CLIP reads at most 225 tokens (~1 KB of text); wildcard captions hold a few

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trainer.failures import JobFailure, Reason
+from trainer.core.failures import JobFailure, Reason
 
 log = logging.getLogger(__name__)
 

@@ -164,7 +164,7 @@ def _open_clip_state(te_state: dict, *, projection: bool) -> dict:
     """HF CLIP text encoder weights → OpenCLIP layout (fused q/k/v, `resblocks`, `ln_final`)."""
     import torch
 
-    from trainer.keys import canonical_text_encoder_path
+    from trainer.models.keys import canonical_text_encoder_path
 
     out, fused = {}, {}
     renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
@@ -198,7 +198,7 @@ def _open_clip_state(te_state: dict, *, projection: bool) -> dict:
 
 def ldm_state_dict(pipe, arch: str) -> dict:
     """The pipeline's weights under original LDM (SD1/SD2) or SGM (SDXL) key names."""
-    from trainer.keys import canonical_text_encoder_path, unet_layout, unet_ldm_path
+    from trainer.models.keys import canonical_text_encoder_path, unet_layout, unet_ldm_path
 
     arch = ARCH_ALIASES[arch]
     layers, up_attention = unet_layout(pipe.unet.config, arch)

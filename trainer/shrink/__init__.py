@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import NothingToShrink, ShrinkError
+from trainer.core.shrink_errors import NothingToShrink, ShrinkError
 from .report import LayerRow, ShrinkReport, ShrinkTotals
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import ShrinkError
+from trainer.core.shrink_errors import ShrinkError
 from .spectrum import (DenseSpectrum, Kept, KronSpectrum, Spectrum, kept_factors, product_spectra, product_spectrum,
                        reduce_products)
 

@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from trainer.keys import canonical_text_encoder_path, unet_ldm_path
+from trainer.models.keys import canonical_text_encoder_path, unet_ldm_path
 
-from .errors import ShrinkError
+from trainer.core.shrink_errors import ShrinkError
 from .unet_names import layers_per_block_from_ldm, ldm_to_diffusers, up_blocks_with_attention
 
 _OPENCLIP_NAMES = {

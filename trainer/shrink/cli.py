@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from .choice import make_rule
-from .errors import ShrinkError
+from trainer.core.shrink_choice import make_rule
+from trainer.core.shrink_errors import ShrinkError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import json
 
 from torch import Tensor
 
-from trainer.adapter_file import modelspec_sha256
+from trainer.models.adapter_file import modelspec_sha256
 
 from .report import ShrinkReport
 

@@ -15,15 +15,15 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from trainer.adapter_file import write_hashed
-from trainer.host import cyclic_gc_paused, usable_cores
+from trainer.models.adapter_file import write_hashed
+from trainer.core.host import cyclic_gc_paused, usable_cores
 
 from . import blas
 from .adapter_layers import AdapterLayer, parse_adapter, reductions_of, resolve_shape, spectra_of, spectrum_of
 from .base_model import BaseModel
-from .errors import NothingToShrink, ShrinkError
+from trainer.core.shrink_errors import NothingToShrink, ShrinkError
 from .metadata import shrunk_metadata
-from .choice import Recipe, Rule, make_rule
+from trainer.core.shrink_choice import Recipe, Rule, make_rule
 from .rank_rules import (
     MIN_SV,
     LayerRefs,

@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .choice import BASE_SCORE_KEYS, SCORE_KEYS, SD_SCRIPTS_METHODS, Recipe, parse_recipe  # noqa: F401 (re-exported)
-from .errors import ShrinkError
+from trainer.core.shrink_choice import BASE_SCORE_KEYS, SCORE_KEYS, SD_SCRIPTS_METHODS, Recipe, parse_recipe  # noqa: F401 (re-exported)
+from trainer.core.shrink_errors import ShrinkError
 
 MIN_SV = 1e-6  # sd-scripts' and resize_lora's "this layer is zero" threshold
 

@@ -1,6 +1,6 @@
 """UNet module paths from original LDM/SGM (`input_blocks.4.1…`) back to diffusers (`down_blocks.1.attentions.0…`).
 
-The inverse of `trainer.keys.unet_ldm_path`: an SD1.x/2.x adapter names its layers after diffusers
+The inverse of `trainer.models.keys.unet_ldm_path`: an SD1.x/2.x adapter names its layers after diffusers
 paths while a single-file base checkpoint uses LDM paths. The layout is fixed by `layers_per_block`
 (L): input block 1 + i·(L+1) + j holds down block i's resnet/attention j, input block (i+1)·(L+1) its
 downsampler; output block i·(L+1) + j holds up block i's resnet/attention j, and its upsampler sits

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.failures import JobFailure, Reason
-from trainer.spec import JobSpec, total_steps, train_text_encoder, warmup_steps
+from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import JobSpec, total_steps, train_text_encoder, warmup_steps
 from trainer.train import noise as N
 from trainer.train import saving
 from trainer.train.latents import LatentCache, build_latent_cache
@@ -512,7 +512,7 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
 
 def park_idle_modules(parts: Any, device: torch.device, *, vae_idle: bool, text_encoders_idle: bool) -> None:
     """Modules the caches made idle leave the GPU, as sd-scripts does after caching (SDXL bf16: ~1.7 GiB
-    of text encoders + VAE); sampling brings them back for its round (trainer.samples)."""
+    of text encoders + VAE); sampling brings them back for its round (trainer.sampling.samples)."""
     if device.type != "cuda":
         return
     if vae_idle:
@@ -562,7 +562,7 @@ def micro_batch_loss(model: Any, batch: Any, parts: Any, spec: JobSpec, cache: L
 def write_adapter(network: Any, path: str, *, dtype: torch.dtype, metadata: dict[str, str], spec: JobSpec,
                   parts: Any) -> Any:
     """The adapter file: the network's tensors in `dtype` with ss_* and modelspec.* metadata."""
-    from trainer.adapter_file import modelspec_metadata, save_adapter
+    from trainer.models.adapter_file import modelspec_metadata, save_adapter
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sv, tr = spec.save, spec.training

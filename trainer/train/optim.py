@@ -2,7 +2,7 @@
 
 `optimizer.args` arrive typed from the spec (sd-scripts parses `key=value` with ast.literal_eval; we get
 the same Python values from JSON/TOML); lists become tuples (`betas`, Adafactor's `eps`). Which class each
-name builds and which arguments it takes come from the torch-free table `trainer.optimizers`, which the
+name builds and which arguments it takes come from the torch-free table `trainer.core.optimizers`, which the
 spec check also reads, so an argument the class does not take is refused at submit with the names it
 does take, instead of a TypeError deep inside torch. The Adafactor conventions are sd-scripts': `relative_step` defaults to True, and then
 the optimizer schedules its own LR (the group LRs are dropped and the `adafactor` scheduler is used).
@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.failures import JobFailure, Reason
-from trainer.optimizers import OPTIMIZERS, adafactor_relative_step, unknown_arg_message
-from trainer.spec import OptimizerSpec
+from trainer.core.failures import JobFailure, Reason
+from trainer.core.optimizers import OPTIMIZERS, adafactor_relative_step, unknown_arg_message
+from trainer.core.spec import OptimizerSpec
 
 log = logging.getLogger("lathe.train")
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainer.failures import JobFailure, Reason
-from trainer.spec import SchedulerSpec
+from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import SchedulerSpec
 
 log = logging.getLogger("lathe.train")
 

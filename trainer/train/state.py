@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.failures import JobFailure, Reason
+from trainer.core.failures import JobFailure, Reason
 
 PROGRESS_FILE = "progress.json"
 NETWORK_FILE = "network.pt"
