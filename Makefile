@@ -35,7 +35,7 @@ e2e: images
 	bash tests/e2e/e2e.sh
 
 demo: install
-	$(PY) -m service.demo
+	$(PY) -m service.dev.demo
 
 bench: install
 	$(PY) bench/train.py --device cpu

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import seed_tiny_job_inputs  # noqa: E402
-from service.jobstore import JobRecord, JobStore, index_name, new_job_id  # noqa: E402
+from service.state.jobstore import JobRecord, JobStore, index_name, new_job_id  # noqa: E402
 from trainer.core.status import JobStatus, Progress  # noqa: E402
 from trainer.core.storage import open_store  # noqa: E402
 

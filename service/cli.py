@@ -37,8 +37,8 @@ def _err(message: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
-    from service.errors import ServiceError
+    from service.api.app import create_app
+    from service.api.errors import ServiceError
     from service.settings import Settings, SettingsError
     from service.tenants import TokensFileError
 
@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from service.dev import DevStack
+    from service.dev.stack import DevStack
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stack = DevStack(args.dir, api_port=args.port, s3_port=args.s3_port, seed=not args.no_seed, verbose=args.verbose)

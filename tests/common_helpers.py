@@ -48,7 +48,7 @@ def app_clients(settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     behind litestar's TestClient; every client is closed and its launcher's trainers killed at the end."""
     from litestar.testing import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     opened: list[Any] = []
 

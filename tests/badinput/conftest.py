@@ -60,7 +60,7 @@ def bi_api(bi_state: str, bi_tokens_file: Path) -> Iterator[Any]:
     the app's own metrics must show no 5xx answer to anything the corpus sent."""
     from litestar.testing import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     settings = Settings(state_uri=bi_state, tokens_file=str(bi_tokens_file), launcher="none", reconcile_interval_s=0,

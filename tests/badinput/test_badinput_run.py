@@ -19,7 +19,7 @@ def test_the_trainer_refuses_a_hostile_tarball_naming_the_member(bi_s3, bi_bucke
 
     from litestar.testing import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     key = "datasets/run/evil.tar.gz"

@@ -24,8 +24,8 @@ from fake_apiserver import FakeApiServer  # noqa: E402
 from k8s_helpers import JOB_ID, SPEC_URI, make_request  # noqa: E402
 from kubelet import Kubelet, command_line  # noqa: E402
 
-from service.k8s.launcher import KubernetesLauncher  # noqa: E402
-from service.k8s.settings import KubernetesSettings  # noqa: E402
+from service.launchers.k8s.launcher import KubernetesLauncher  # noqa: E402
+from service.launchers.k8s.settings import KubernetesSettings  # noqa: E402
 
 IMAGE = "lathe-trainer:local-cpu"
 SECRETS = {"lathe-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}}

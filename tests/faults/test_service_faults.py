@@ -17,9 +17,9 @@ import msgspec
 import pytest
 
 from service.client import Client
-from service.dev import free_port
-from service.jobstore import IdempotencyRecord, JobStore, new_job_id
-from service.wire import JobCreate
+from service.dev.stack import free_port
+from service.state.jobstore import IdempotencyRecord, JobStore, new_job_id
+from service.api.wire import JobCreate
 from tests.common_helpers import wait_for
 from tests.faults.fault_helpers import (
     TENANT, TOKEN, ServiceProcess, fault_rng, s3_client, service_env, service_spec, soak,

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import yaml
 
-from service.k8s.settings import KubernetesSettings
+from service.launchers.k8s.settings import KubernetesSettings
 from tests.faults.fault_helpers import (
     MILESTONE_NAMES, REPO, TrainerRun, check_outputs, checkpoint_manifests, fault_rng, job_status, soak, trainer_env,
 )

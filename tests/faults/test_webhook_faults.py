@@ -10,8 +10,8 @@ import time
 import pytest
 
 from service.client import Client
-from service.dev import free_port
-from service.webhooks import decode_secret, verify
+from service.dev.stack import free_port
+from service.reconcile.webhooks import decode_secret, verify
 from tests.common_helpers import wait_for
 from tests.faults.fault_helpers import TOKEN, ServiceProcess, s3_client, service_env, service_spec
 from tests.service.webhook_receiver import Receiver

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # fake_apiserver, kubelet, k8s_h
 from fake_apiserver import FakeApiServer  # noqa: E402
 from k8s_helpers import full_settings  # noqa: E402
 
-from service.k8s.launcher import KubernetesLauncher  # noqa: E402
+from service.launchers.k8s.launcher import KubernetesLauncher  # noqa: E402
 
 
 @pytest.fixture

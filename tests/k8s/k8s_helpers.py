@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from service.k8s.settings import KubernetesSettings, Toleration
-from service.launcher import LaunchRequest
+from service.launchers.k8s.settings import KubernetesSettings, Toleration
+from service.launchers.base import LaunchRequest
 from trainer.core.spec import spec_from_obj
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,9 +15,9 @@ from k8s_helpers import KUBE_VERSIONS, REPO, SPEC_URI
 from kubernetes.client import ApiClient
 from kubernetes.utils import parse_quantity
 
-from service.k8s import manifests
-from service.k8s.settings import KubernetesSettings, Toleration
-from service.launcher import LaunchRequest
+from service.launchers.k8s import manifests
+from service.launchers.k8s.settings import KubernetesSettings, Toleration
+from service.launchers.base import LaunchRequest
 from trainer.core.spec import load_spec_file
 
 DEPLOY = REPO / "deploy"

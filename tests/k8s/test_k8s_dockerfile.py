@@ -16,7 +16,7 @@ from k8s_helpers import REPO
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from service.k8s.settings import KubernetesSettings
+from service.launchers.k8s.settings import KubernetesSettings
 
 dockerfile = pytest.importorskip("dockerfile", reason="PyPI package `dockerfile` (BuildKit's parser) is not installed")
 

@@ -17,9 +17,9 @@ from kubelet import Script, SimulatedRuntime
 from kubernetes import client as k8s
 from kubernetes.client import ApiClient
 
-from service.k8s import manifests
-from service.k8s.launcher import KubernetesLauncher
-from service.k8s.settings import KubernetesSettings
+from service.launchers.k8s import manifests
+from service.launchers.k8s.launcher import KubernetesLauncher
+from service.launchers.k8s.settings import KubernetesSettings
 
 CHART = REPO / "helm" / "lathe"
 EXAMPLE_VALUES = REPO / "deploy" / "values-gpu-pool.yaml"

@@ -10,8 +10,8 @@ from k8s_helpers import JOB_ID, full_settings, gpu_node, make_request
 from kubelet import Script, SimulatedRuntime
 from kubernetes import client as k8s
 
-from service.k8s.launcher import KubernetesApiError, KubernetesLauncher
-from service.launcher import AttemptState, Launcher, RunState
+from service.launchers.k8s.launcher import KubernetesApiError, KubernetesLauncher
+from service.launchers.base import AttemptState, Launcher, RunState
 
 NAME = f"{JOB_ID}-a1"
 

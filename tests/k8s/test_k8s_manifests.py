@@ -9,8 +9,8 @@ import pytest
 from k8s_helpers import JOB_ID, KUBE_VERSIONS, SPEC_URI, full_settings, make_request
 from kubernetes.client import ApiClient
 
-from service.k8s import manifests
-from service.k8s.settings import KubernetesSettings
+from service.launchers.k8s import manifests
+from service.launchers.k8s.settings import KubernetesSettings
 from trainer.core.failures import FINAL_EXIT_CODES
 
 SERIALIZE = ApiClient().sanitize_for_serialization

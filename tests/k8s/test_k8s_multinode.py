@@ -14,7 +14,7 @@ from k8s_helpers import SPEC_URI, make_request
 from fake_apiserver import FakeApiServer, parse_selector
 from kubelet import command_line
 
-from service.k8s.launcher import KubernetesLauncher
+from service.launchers.k8s.launcher import KubernetesLauncher
 
 
 def _torchrun_settings(argv: list[str]) -> dict[str, object]:

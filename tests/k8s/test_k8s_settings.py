@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from service.k8s.settings import KubernetesSettings, SettingsError, Toleration
+from service.launchers.k8s.settings import KubernetesSettings, SettingsError, Toleration
 
 
 def test_defaults_without_variables() -> None:

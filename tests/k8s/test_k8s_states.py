@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 
-from service.k8s.states import attempt_state, latest_pods, merge_status
-from service.launcher import AttemptState, RunState
+from service.launchers.k8s.states import attempt_state, latest_pods, merge_status
+from service.launchers.base import AttemptState, RunState
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 _client = ApiClient()

@@ -75,7 +75,7 @@ class LiveServer:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
-        from service.dev import free_port
+        from service.dev.stack import free_port
 
         self.app, self.port = app, free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -34,7 +34,7 @@ BODY_ROUTES = ["/v1/jobs", "/v1/jobs:validate", "/v1/uploads"]
 
 @pytest.fixture(scope="module")
 def server(sec_bucket, sec_tokens_file, tmp_path_factory) -> Iterator[LiveServer]:
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     settings = Settings(state_uri=f"s3://{sec_bucket}/auth-first/", tokens_file=str(sec_tokens_file), launcher="none",

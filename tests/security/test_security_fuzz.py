@@ -136,7 +136,7 @@ def mutated(draw: Any, seeds: list[bytes]) -> bytes:
 @FUZZ
 @given(mutated(SEEDS) | st.binary(max_size=200))
 def test_image_header_readers(data):
-    from service.imageheader import UnreadableImage, image_size
+    from service.jobs.imageheader import UnreadableImage, image_size
     from trainer.job.fetch import image_size as trainer_image_size
 
     try:
@@ -213,7 +213,7 @@ def test_archive_extraction_stays_inside_its_folder(archive):
 @FUZZ
 @given(archives())
 def test_preflight_reads_any_archive_without_crashing(archive):
-    from service.preflight import PreflightLimits, run_preflight
+    from service.jobs.preflight import PreflightLimits, run_preflight
     from trainer.core.spec import spec_from_obj
 
     kind, data = archive

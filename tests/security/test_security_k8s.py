@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.launcher import LaunchRequest
+from service.launchers.base import LaunchRequest
 from trainer.core.spec import spec_from_obj
 
 SHAPES = {
@@ -31,7 +31,7 @@ def _request(resources: dict[str, Any]) -> LaunchRequest:
 
 
 def _settings(kind: str) -> Any:
-    from service.k8s.settings import KubernetesSettings
+    from service.launchers.k8s.settings import KubernetesSettings
 
     if kind == "minimal":
         return KubernetesSettings()
@@ -46,7 +46,7 @@ def _settings(kind: str) -> Any:
 def test_every_trainer_pod_is_hardened(shape, settings_kind):
     from kubernetes.client import ApiClient
 
-    from service.k8s import manifests
+    from service.launchers.k8s import manifests
 
     settings = _settings(settings_kind)
     job = ApiClient().sanitize_for_serialization(manifests.build_job(_request(SHAPES[shape]), settings))
@@ -77,7 +77,7 @@ def test_every_trainer_pod_is_hardened(shape, settings_kind):
 def test_the_trainer_can_never_be_configured_to_run_as_root():
     import msgspec
 
-    from service.k8s.settings import KubernetesSettings
+    from service.launchers.k8s.settings import KubernetesSettings
 
     for field in ("run_as_user", "run_as_group", "fs_group"):
         with pytest.raises((msgspec.ValidationError, ValueError)):

@@ -14,7 +14,7 @@ from tests.security.security_helpers import LiveServer, auth
 
 @pytest.fixture
 def server(sec_settings) -> Iterator[LiveServer]:
-    from service.app import create_app
+    from service.api.app import create_app
 
     live = LiveServer(create_app(sec_settings(launcher="none", reconcile_interval_s=0, max_request_bytes=64 * 1024),
                                  use_settings_launcher=False))

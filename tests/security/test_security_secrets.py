@@ -116,7 +116,7 @@ def test_no_secret_is_stored_logged_or_answered(sec_settings, sec_s3, sec_bucket
                                                  monkeypatch):
     from litestar.testing import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from tests.badinput.badinput_helpers import good_members, image, tar_bytes
     from tests.security.security_helpers import REPO
 
@@ -268,8 +268,8 @@ def test_trainer_metadata_holds_no_secret(tmp_path, monkeypatch):
 
 def test_trainers_started_locally_do_not_inherit_service_secrets(tmp_path):
     """The LocalLauncher passes the object-store credentials on, and nothing only the service needs."""
-    from service.launcher import LaunchRequest
-    from service.local_launcher import LocalLauncher
+    from service.launchers.base import LaunchRequest
+    from service.launchers.local import LocalLauncher
     from trainer.core.spec import spec_from_obj
 
     dump = tmp_path / "env.json"

@@ -153,7 +153,7 @@ class LiveServer:
 
         import uvicorn
 
-        from service.dev import free_port
+        from service.dev.stack import free_port
 
         self.app = app
         self.port = free_port()
@@ -174,7 +174,7 @@ class LiveServer:
 
 @pytest.fixture
 def live_server_factory(settings_factory: Callable[..., Any], local_launcher_env: None) -> Iterator[Callable[..., LiveServer]]:
-    from service.app import create_app
+    from service.api.app import create_app
 
     servers: list[LiveServer] = []
 

@@ -10,8 +10,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from service.client import Client
-from service.reconciler import Reconciler
-from service.webhooks import decode_secret, verify
+from service.reconcile.reconciler import Reconciler
+from service.reconcile.webhooks import decode_secret, verify
 from tests.service.conftest import TOKENS, auth, spec, wait_finished, wait_for, wait_phase
 
 
@@ -184,7 +184,7 @@ class _CountingLauncher:
         self.launched.append((request.job_id, request.attempt))
 
     def state(self, tenant, job_id, attempt):
-        from service.launcher import AttemptState, RunState
+        from service.launchers.base import AttemptState, RunState
 
         return AttemptState(state=RunState.RUNNING)
 

@@ -10,9 +10,9 @@ import time
 import msgspec
 import pytest
 
-from service.jobstore import CANCEL_KEY, STATUS_KEY
-from service.launcher import AttemptState, RunState
-from service.reconciler import Reconciler
+from service.state.jobstore import CANCEL_KEY, STATUS_KEY
+from service.launchers.base import AttemptState, RunState
+from service.reconcile.reconciler import Reconciler
 from tests.service.conftest import auth, spec
 from trainer.core.status import ErrorInfo, JobStatus
 

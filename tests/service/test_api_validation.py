@@ -168,7 +168,7 @@ def test_the_tenant_max_runtime_is_filled_into_the_stored_spec(api, s3, bucket):
 
 
 def test_importing_the_app_does_not_import_torch():
-    code = "import sys, service.app, service.cli, service.local_launcher; assert 'torch' not in sys.modules, 'torch'"
+    code = "import sys, service.api.app, service.cli, service.launchers.local; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

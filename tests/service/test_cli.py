@@ -82,7 +82,7 @@ def test_dev_logs_no_s3_access_lines_unless_verbose(tmp_path, verbose):
     import boto3
 
     from service.cli import build_parser
-    from service.dev import DevStack
+    from service.dev.stack import DevStack
 
     assert build_parser().parse_args(["dev", *(["--verbose"] if verbose else [])]).verbose is verbose
     access: list[str] = []

@@ -115,8 +115,8 @@ def test_report_needs_a_token_and_is_in_the_openapi_document(api, bucket):
 
 def test_report_reads_are_bounded(s3, bucket):
     """Past the byte budgets the duplicate check names what it skipped and tag counts say they are partial."""
-    from service.datareport import ReportLimits, run_report
-    from service.wire import DatasetReportRequest
+    from service.jobs.datareport import ReportLimits, run_report
+    from service.api.wire import DatasetReportRequest
 
     uri = make_dataset(s3, bucket)
     limits = ReportLimits(hash_images=3, captions_total_bytes=30)

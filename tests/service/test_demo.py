@@ -1,4 +1,4 @@
-"""`make demo` as a newcomer runs it: `python -m service.demo` end to end (real trainer, tiny model),
+"""`make demo` as a newcomer runs it: `python -m service.dev.demo` end to end (real trainer, tiny model),
 in a temporary working folder. It must end with the job's final phase, leave the pulled results on
 disk, and leave no process or port behind."""
 
@@ -38,7 +38,7 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_make_demo_runs_a_real_job_to_succeeded(tmp_path):
     workdir = (tmp_path / "demo").resolve()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LYCORIS_KERNEL_BACKEND": "torch"}
-    proc = subprocess.run([sys.executable, "-m", "service.demo", "--workdir", str(workdir)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "service.dev.demo", "--workdir", str(workdir)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=540)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]

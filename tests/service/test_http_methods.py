@@ -18,7 +18,7 @@ AUTH = {"Authorization": f"Bearer {TOKENS['acme']}"}
 @pytest.fixture(scope="module")
 def site(bucket: str, tokens_file: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, str]]:
     """The real app (no launcher: the job stays queued, its event stream never ends) and one job."""
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     settings = Settings(state_uri=f"s3://{bucket}/methods/", tokens_file=str(tokens_file), launcher="none",

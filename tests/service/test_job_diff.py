@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.cli import format_diff
-from service.jobdiff import diff_jobs
+from service.jobs.jobdiff import diff_jobs
 from tests.service.conftest import auth, spec, wait_phase
 
 

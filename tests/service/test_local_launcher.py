@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from service.launcher import Launcher, LaunchRequest, RunState
-from service.local_launcher import LocalLauncher
+from service.launchers.base import Launcher, LaunchRequest, RunState
+from service.launchers.local import LocalLauncher
 from tests.service.conftest import wait_for
 from trainer.core.spec import spec_from_obj
 

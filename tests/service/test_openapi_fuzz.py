@@ -21,7 +21,7 @@ from tests.service.conftest import TOKENS, spec
 @pytest.fixture(scope="module")
 def served(bucket, tokens_file, tmp_path_factory, s3_server):
     """The real app on 127.0.0.1 (no launcher: fuzzed submits must not start trainers) with one job."""
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
     from tests.service.conftest import LiveServer
 
@@ -122,11 +122,11 @@ def test_stateful_sequences_conform_to_the_openapi(served):
 def _structs_refusing_unknown_fields() -> dict[str, type]:
     import msgspec
 
-    import service.wire
+    import service.api.wire
     import trainer.core.spec
 
     out = {}
-    for module in (service.wire, trainer.core.spec):
+    for module in (service.api.wire, trainer.core.spec):
         for name, value in vars(module).items():
             if (isinstance(value, type) and issubclass(value, msgspec.Struct)
                     and value.__struct_config__.forbid_unknown_fields):

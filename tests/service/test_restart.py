@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from service.dev import free_port
+from service.dev.stack import free_port
 from tests.service.conftest import FAKE_TRAINER, REPO, TOKENS, spec, wait_for
 
 

@@ -1,4 +1,4 @@
-"""The webhook outbox (service/outbox.py) on the local S3 server and on a local folder, with real HTTP
+"""The webhook outbox (service/state/outbox.py) on the local S3 server and on a local folder, with real HTTP
 receivers on 127.0.0.1: an event leaves the store only after a 2xx, retries follow the schedule kept in
 the store (so a new process picks them up), an abandoned claim is taken over when its lease runs out,
 two replicas deliver each event once, and a slow receiver does not delay another one, down to two
@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from service.metrics import Metrics
-from service.outbox import EVENT_KEY, Outbox, WebhookDispatcher, retry_delay_s, try_name
-from service.webhooks import WebhookEvent, WebhookSender, decode_secret, verify
+from service.api.metrics import Metrics
+from service.state.outbox import EVENT_KEY, Outbox, WebhookDispatcher, retry_delay_s, try_name
+from service.reconcile.webhooks import WebhookEvent, WebhookSender, decode_secret, verify
 from tests.service.conftest import auth, spec, wait_for, wait_phase
 from tests.service.webhook_receiver import Receiver
 from trainer.core.storage import LocalStore, open_store

@@ -1,6 +1,6 @@
 """Two training processes on CPU (gloo), started the way production starts them.
 
-service/k8s/manifests.py `trainer_command` runs `accelerate launch --multi_gpu --num_processes N … -m
+service/launchers/k8s/manifests.py `trainer_command` runs `accelerate launch --multi_gpu --num_processes N … -m
 trainer run SPEC`; here `accelerate launch --multi_gpu --num_processes 2` (on 127.0.0.1) starts
 ddp_worker.py, which is `trainer run` with probes (see its docstring). One run, several checks:
 - the adapter starts from the same seeded weights on both ranks, trains, and stays identical on both

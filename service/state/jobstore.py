@@ -24,7 +24,7 @@ from typing import Literal
 import msgspec
 
 from trainer.core.status import ErrorInfo, JobStatus
-from service.wire import PreflightReport
+from service.api.wire import PreflightReport
 from trainer.core.storage import NotFound, PreconditionFailed, Store
 
 SPEC_KEY = "spec.json"
@@ -92,7 +92,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     updated_at: float = 0.0
     slot: str | None = None  # slots/<i> held while active
     webhook_url: str | None = None
-    # "<phase>@<attempt>" already in the webhook outbox (service/outbox.py), so each is queued once.
+    # "<phase>@<attempt>" already in the webhook outbox (service/state/outbox.py), so each is queued once.
     webhooks_queued: list[str] = msgspec.field(default_factory=list, name="webhooks_sent")
     warnings: list[str] = []
     preflight: PreflightReport | None = None

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from service.errors import Unavailable
-from service.imageheader import UnreadableImage, image_size
-from service.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
+from service.api.errors import Unavailable
+from service.jobs.imageheader import UnreadableImage, image_size
+from service.api.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
 from trainer.core.dataset.buckets import plan_buckets
 from trainer.core.dataset.layout import DatasetLayout, balanced_repeats, discover_layout
 from trainer.core.dataset.report import size_guidance

@@ -19,9 +19,9 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from service.k8s import manifests, states
-from service.k8s.settings import KubernetesSettings
-from service.launcher import AttemptState, LaunchRequest
+from service.launchers.k8s import manifests, states
+from service.launchers.k8s.settings import KubernetesSettings
+from service.launchers.base import AttemptState, LaunchRequest
 
 RETRYABLE_STATUS = frozenset({500, 503, 504})
 T = TypeVar("T")

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from service import errors
-from service.imageheader import UnreadableImage, image_size
-from service.preflight import OPAQUE_ARCHIVE_SUFFIXES, PreflightLimits, open_source
-from service.wire import DatasetReportRequest, FieldProblem
+from service.api import errors
+from service.jobs.imageheader import UnreadableImage, image_size
+from service.jobs.preflight import OPAQUE_ARCHIVE_SUFFIXES, PreflightLimits, open_source
+from service.api.wire import DatasetReportRequest, FieldProblem
 from trainer.core.dataset.layout import IMAGE_EXTENSIONS
 from trainer.core.dataset.phash import dhash
 from trainer.core.dataset.report import DatasetReport, build_report

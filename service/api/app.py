@@ -29,21 +29,21 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from service import errors
-from service.conformance import JsonRequest, MethodRules
-from service.jobdiff import JobDiff
-from service.jobs import JobService
-from service.jobstore import JobStore
-from service.launcher import Launcher
-from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from service.metrics import Metrics
-from service.outbox import Outbox, WebhookDispatcher
-from service.phase import effective
-from service.reconciler import Reconciler
+from service.api import errors
+from service.api.conformance import JsonRequest, MethodRules
+from service.jobs.jobdiff import JobDiff
+from service.jobs.operations import JobService
+from service.state.jobstore import JobStore
+from service.launchers.base import Launcher
+from service.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.api.metrics import Metrics
+from service.state.outbox import Outbox, WebhookDispatcher
+from service.reconcile.phase import effective
+from service.reconcile.reconciler import Reconciler
 from service.settings import Settings
 from service.tenants import Tenant, TenantRegistry
-from service.webhooks import WebhookSender
-from service.wire import (
+from service.reconcile.webhooks import WebhookSender
+from service.api.wire import (
     DatasetReport, DatasetReportRequest, Health, JobCreate, JobCreateDoc, JobList, JobView, ProblemDetail, UploadCreate,
     UploadGrant, ValidationResult,
 )
@@ -142,7 +142,7 @@ def _responses(*codes: int) -> dict[int, ResponseSpec]:
 
 class _TenantAuth(AbstractAuthenticationMiddleware):
     """The bearer token, checked before anything reads the request body: a request without a valid
-    token gets 401 whatever its body holds. OPTIONS is open (service.conformance answers it)."""
+    token gets 401 whatever its body holds. OPTIONS is open (service.api.conformance answers it)."""
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         services: Services = connection.app.state.services
@@ -436,12 +436,12 @@ def build_launcher(settings: Settings, store: JobStore) -> Launcher | None:
     if settings.launcher == "none":
         return None
     if settings.launcher == "local":
-        from service.local_launcher import LocalLauncher
+        from service.launchers.local import LocalLauncher
 
         return LocalLauncher(settings.local_dir, settings.trainer_argv(sys.executable),
                              cache_dir=settings.trainer_cache_dir)
-    from service.k8s.launcher import KubernetesLauncher
-    from service.k8s.settings import KubernetesSettings
+    from service.launchers.k8s.launcher import KubernetesLauncher
+    from service.launchers.k8s.settings import KubernetesSettings
 
     return KubernetesLauncher(KubernetesSettings.from_env(os.environ),
                               status_reader=lambda tenant, job_id: store.read_status(tenant, job_id))

@@ -1,7 +1,7 @@
 """The job API's behaviour, free of HTTP: validate, submit, read, list, cancel, delete, logs, uploads.
 
-Raises only service.errors; the app maps them to problem+json. All state goes to the object store
-(service/jobstore.py), so any replica can serve any request.
+Raises only service.api.errors; the app maps them to problem+json. All state goes to the object store
+(service/state/jobstore.py), so any replica can serve any request.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from typing import Any
 
 import msgspec
 
-from service import errors
-from service.datareport import ReportLimits, run_report
-from service.adapterheader import adapter_problems, read_header
-from service.jobdiff import JobDiff, diff_jobs
-from service.jobstore import (
+from service.api import errors
+from service.jobs.datareport import ReportLimits, run_report
+from service.jobs.adapterheader import adapter_problems, read_header
+from service.jobs.jobdiff import JobDiff, diff_jobs
+from service.state.jobstore import (
     LOG_KEY, SPEC_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
-from service.launcher import Launcher
-from service.phase import close_reported, effective
-from service.preflight import PreflightLimits, run_preflight
+from service.launchers.base import Launcher
+from service.reconcile.phase import close_reported, effective
+from service.jobs.preflight import PreflightLimits, run_preflight
 from service.settings import Settings
 from service.tenants import Tenant, UriKind, uri_problem
-from service.webhooks import destination_problem
-from service.wire import (
+from service.reconcile.webhooks import destination_problem
+from service.api.wire import (
     AttemptView, DatasetReport, DatasetReportRequest, FieldProblem, JobCreate, JobList, JobSummary, JobView,
     OutputView, PreflightReport, UploadCreate, UploadGrant, UploadTarget, ValidationResult,
 )

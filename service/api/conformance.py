@@ -20,7 +20,7 @@ from litestar import Request
 from litestar.exceptions import NotFoundException, SerializationException
 from litestar.utils import normalize_path
 
-from service import errors
+from service.api import errors
 
 JSON_MEDIA_TYPES = "application/json or application/*+json"
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:[!#$&^_.+\w-]+\+)?json", re.ASCII)

@@ -22,8 +22,8 @@ import re
 
 from kubernetes import client as k8s
 
-from service.k8s.settings import KubernetesSettings
-from service.launcher import LaunchRequest
+from service.launchers.k8s.settings import KubernetesSettings
+from service.launchers.base import LaunchRequest
 from trainer.core.failures import FINAL_EXIT_CODES
 
 CONTAINER = "trainer"

@@ -1,5 +1,5 @@
 """The service's one error hierarchy. Domain code raises these; the app maps them to RFC 9457
-problem+json exactly once (service/app.py), so no module below the handlers knows about HTTP.
+problem+json exactly once (service/api/app.py), so no module below the handlers knows about HTTP.
 """
 
 from __future__ import annotations

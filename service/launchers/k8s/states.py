@@ -16,8 +16,8 @@ from typing import Any
 import msgspec
 from kubernetes import client as k8s
 
-from service.k8s.manifests import ANNOTATION_COMPLETION_INDEX, CONTAINER, LABEL_KUEUE_QUEUE
-from service.launcher import AttemptState, RunState
+from service.launchers.k8s.manifests import ANNOTATION_COMPLETION_INDEX, CONTAINER, LABEL_KUEUE_QUEUE
+from service.launchers.base import AttemptState, RunState
 from trainer.core.failures import EXIT_CODES, Reason, is_retryable, reason_for_exit
 
 # Waiting reasons that no retry of the kubelet will fix.

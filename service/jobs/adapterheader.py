@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 
-from service.wire import FieldProblem
+from service.api.wire import FieldProblem
 from trainer.core.storage import NotFound, Store
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # real adapter headers are well under 1 MiB

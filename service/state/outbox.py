@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import httpx
 import msgspec
 
-from service.metrics import Metrics
-from service.webhooks import WebhookEvent, WebhookSender
+from service.api.metrics import Metrics
+from service.reconcile.webhooks import WebhookEvent, WebhookSender
 from trainer.core.storage import NotFound, PreconditionFailed, StorageError, Store
 
 log = logging.getLogger("lathe.webhooks")

@@ -1,7 +1,7 @@
 """Wire types of API v1 (msgspec Structs): what clients send (`*Create`) apart from what they get back.
 
 Field names here are the public contract (docs/api.md); the stored records (job.json) live in
-service/jobstore.py and status.json in trainer/core/status.py.
+service/state/jobstore.py and status.json in trainer/core/status.py.
 """
 
 from __future__ import annotations

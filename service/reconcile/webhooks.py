@@ -3,7 +3,7 @@
 Headers: `webhook-id` (stable across retries of one event, so receivers deduplicate),
 `webhook-timestamp` (unix seconds) and `webhook-signature: v1,<base64 HMAC-SHA256>` over
 `<id>.<timestamp>.<body>` with the secret's bytes (`whsec_<base64>`). Queueing, retries and leases
-live in service/outbox.py; this module makes one attempt.
+live in service/state/outbox.py; this module makes one attempt.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class WebhookEvent:
 
 class WebhookSender:
     """One delivery attempt: the destination check, the signature, one POST. Retries, ordering and
-    leases are the outbox's (service/outbox.py)."""
+    leases are the outbox's (service/state/outbox.py)."""
 
     def __init__(self, *, secret: str | None, timeout_s: float = 10.0, allow_private: bool = False,
                  clock: Callable[[], float] = time.time) -> None:

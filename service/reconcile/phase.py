@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.jobstore import JobRecord
+from service.state.jobstore import JobRecord
 from trainer.core.failures import exit_code_for, is_retryable
 from trainer.core.status import TERMINAL_PHASES, ErrorInfo, JobStatus
 

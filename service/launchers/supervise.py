@@ -1,4 +1,4 @@
-"""`python -m service.supervise RUN_DIR -- COMMAND…`: run one trainer attempt and record its exit code.
+"""`python -m service.launchers.supervise RUN_DIR -- COMMAND…`: run one trainer attempt and record its exit code.
 
 The LocalLauncher starts trainers through this small parent so that the exit code survives a restart
 of the service: it lands in RUN_DIR/exit, which any later LocalLauncher reads. The trainer runs in
@@ -20,7 +20,7 @@ CHILD_FILE = "child"  # the trainer's pid, so a stuck trainer can be killed whil
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m service.supervise RUN_DIR -- COMMAND [ARGS…]", file=sys.stderr)
+        print("usage: python -m service.launchers.supervise RUN_DIR -- COMMAND [ARGS…]", file=sys.stderr)
         return 2
     run_dir, command = Path(argv[0]), argv[2:]
     child = subprocess.Popen(command)

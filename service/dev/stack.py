@@ -130,7 +130,7 @@ class DevStack:
     def _start_api(self, tokens: Path) -> None:
         import uvicorn
 
-        from service.app import create_app
+        from service.api.app import create_app
 
         values: dict[str, Any] = {
             "state_uri": f"s3://{DEV_BUCKET}/state/", "tokens_file": str(tokens), "launcher": "local",

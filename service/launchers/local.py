@@ -1,10 +1,10 @@
 """LocalLauncher: each attempt is a `python -m trainer run <spec_uri>` subprocess on this machine.
 
 Per attempt, a run folder `<local_dir>/<tenant>/<job_id>-a<attempt>/` holds `pid` (the supervising
-parent, service/supervise.py), `exit` (its exit code, written when the trainer ends) and
+parent, service/launchers/supervise.py), `exit` (its exit code, written when the trainer ends) and
 `trainer.log` (stdout + stderr). Trainers run in their own session, so they outlive a restart of the
 service; a new LocalLauncher reads the same folder and sees them. Queueing, retries and lost-job
-detection are the reconciler's (service/reconciler.py): this class only starts, observes and stops.
+detection are the reconciler's (service/reconcile/reconciler.py): this class only starts, observes and stops.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import time
 from collections import deque
 from pathlib import Path
 
-from service.launcher import AttemptState, LaunchRequest, RunState
-from service.supervise import CHILD_FILE, EXIT_FILE
+from service.launchers.base import AttemptState, LaunchRequest, RunState
+from service.launchers.supervise import CHILD_FILE, EXIT_FILE
 from trainer.core.failures import reason_for_exit
 
-_CODE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding service/ and trainer/
+_CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding service/ and trainer/
 PID_FILE = "pid"
 SERVICE_ONLY_ENV = frozenset({"LATHE_WEBHOOK_SECRET", "LATHE_TOKEN", "LATHE_TOKENS_FILE"})
 LOG_FILE = "trainer.log"
@@ -63,7 +63,7 @@ class LocalLauncher:
                 **self.env,
                 **request.env,
             }
-            argv = [self.python, "-m", "service.supervise", str(run), "--", *self.command, request.spec_uri]
+            argv = [self.python, "-m", "service.launchers.supervise", str(run), "--", *self.command, request.spec_uri]
             with open(run / LOG_FILE, "ab") as log:
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=env, start_new_session=True, cwd=str(run))

@@ -1,6 +1,6 @@
-"""`make demo` (`python -m service.demo`): one real job through the whole stack, on this machine.
+"""`make demo` (`python -m service.dev.demo`): one real job through the whole stack, on this machine.
 
-Starts the embedded stack of `lathe dev` (service/dev.py: a local S3 server, the API, the local
+Starts the embedded stack of `lathe dev` (service/dev/stack.py: a local S3 server, the API, the local
 launcher, a tiny SD1.5 model and dataset), submits a short LoCon job through the HTTP API, follows it
 on the SSE stream, pulls the results (sha256-checked) into `<workdir>/results/<job id>/`, prints the
 metadata summary and the shrink report, stops everything and ends with the job's final phase. Exit
@@ -207,7 +207,7 @@ def print_failure(client: Any, job: dict[str, Any]) -> None:
 def run(workdir: Path, steps: int, timeout_s: float) -> tuple[str, str | None]:
     """The demo proper; returns (final phase, job id). The stack is stopped whatever happens."""
     from service.client import ApiError, Client
-    from service.dev import DevStack
+    from service.dev.stack import DevStack
 
     started = time.monotonic()
     _say(f"[1/5] starting the embedded stack in {workdir} (local S3 + API + local launcher, 127.0.0.1)")
@@ -276,7 +276,7 @@ def _sigterm(*_: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m service.dev.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=os.environ.get("LATHE_DEMO_DIR", DEFAULT_WORKDIR),
                         help=f"working folder: seeds, trainer runs, results (default: LATHE_DEMO_DIR or {DEFAULT_WORKDIR})")
     parser.add_argument("--steps", type=int, default=10, help="training steps (default 10)")

@@ -1,7 +1,7 @@
 """The reconciler: moves active jobs forward. Launches queued jobs within the deployment's limit,
 finishes jobs whose trainer reported a terminal state, starts the next attempt after a retryable
 failure, declares attempts lost when their heartbeat stopped and the launcher no longer knows them,
-escalates cancels after the grace period, queues webhooks (service/outbox.py delivers them) and expires
+escalates cancels after the grace period, queues webhooks (service/state/outbox.py delivers them) and expires
 old jobs.
 
 Everything it decides is written to job.json; it holds no state between passes, so it can stop and
@@ -22,14 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.jobstore import CANCEL_KEY, AttemptRecord, JobRecord, JobStore, index_name, job_id_of_index
-from service.launcher import AttemptState, Launcher, LaunchRequest, RunState
-from service.metrics import Metrics
-from service.outbox import WebhookDispatcher
-from service.phase import close_reported, effective, will_retry
+from service.state.jobstore import CANCEL_KEY, AttemptRecord, JobRecord, JobStore, index_name, job_id_of_index
+from service.launchers.base import AttemptState, Launcher, LaunchRequest, RunState
+from service.api.metrics import Metrics
+from service.state.outbox import WebhookDispatcher
+from service.reconcile.phase import close_reported, effective, will_retry
 from service.settings import Settings
 from service.tenants import TenantRegistry
-from service.webhooks import WebhookEvent
+from service.reconcile.webhooks import WebhookEvent
 from trainer.core.failures import Reason, is_retryable, reason_for_exit
 from trainer.core.spec import decode_spec
 from trainer.core.status import TERMINAL_PHASES, ErrorInfo, JobStatus
