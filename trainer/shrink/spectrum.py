@@ -168,7 +168,7 @@ def _decompose(products: list[tuple[Tensor, Tensor, float]]) -> tuple[list[Produ
     batch's factors stacked in float32, for `_gram_vectors` to reuse while they are at hand."""
     left = _stacked([p[0] for p in products], "left")
     right = _stacked([p[1] for p in products], "right")
-    g_left, g_right = blas.grams(left, right)
+    g_left, g_right = left.mT @ left, right @ right.mT
     finite = torch.isfinite(g_left).flatten(1).all(1) & torch.isfinite(g_right).flatten(1).all(1)
     if not bool(finite.all()):  # NaN/inf factors: an identity stands in, the careful path reports them
         eye = torch.eye(g_left.shape[-1], dtype=g_left.dtype, device=g_left.device)
