@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from trainer.shrink.pipeline import shrink_file
+from trainer.shrink import shrink_file  # in every layout since the shrink has had its package
 a = json.loads(sys.argv[2])
 t, c = time.perf_counter(), time.process_time()
 shrink_file(a["src"], a["out"], base=a.get("base"), **a["rule"])

@@ -1,5 +1,5 @@
-"""What the process may use of its host, shared by the shrink and the transfers: its cores, and
-pauses of Python's cyclic garbage collector around allocation-heavy work (each caller says why)."""
+"""What the process may use of its host: its cores (the shrink's pool, the transfers), and pauses of
+Python's cyclic garbage collector around allocation-heavy work (the CRT transfers, which say why)."""
 
 from __future__ import annotations
 

@@ -4,19 +4,17 @@
 does (for sd-webui-additional-networks): serialise the tensors with only the `ss_*` metadata, then
 hash everything after the header (model hash) and 64 KiB at offset 1 MiB (legacy hash, 8 hex
 digits). The model hash therefore equals the SHA-256 of the saved file's tensor bytes: `write_hashed`
-takes it from the tensors while safetensors streams them to disk, never from a second serialisation.
+reads it back from the written file's data section, never from a second serialisation.
 `modelspec.*` keys follow sd-scripts' `library/sai_model_spec.py` for LoRA files.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import json
 import os
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,11 +83,6 @@ def write_hashed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
     serialisation sd-scripts hashes (tensor offsets are relative to it), and the legacy window's position
     there follows from that serialisation's header length. This never holds a second in-memory copy of
     the file, whose fresh pages cost more than the write itself.
-
-    The model hash is taken from the tensors in memory, on a second thread, while safetensors writes
-    them (SHA-256 and the write both release the GIL): the tensors are hashed in the order safetensors
-    lays them out (`_data_order`), and that order is checked against the written header afterwards;
-    where it differs, or a tensor is not a plain CPU buffer, the data section is read back from disk.
     """
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     if bad:
@@ -99,11 +92,7 @@ def write_hashed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    in_memory = _MemoryHash.start(tensors)
-    try:
-        _save_file(tensors, tmp, placeholders)
-    finally:
-        memory_hash = in_memory.result() if in_memory else None
+    _save_file(tensors, tmp, placeholders)
     with open(tmp, "r+b") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = f.read(header_len)
@@ -111,8 +100,6 @@ def write_hashed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
         window = LEGACY_OFFSET - 8 - ss_header_len  # where the legacy window starts in the data section
         if window < 0:  # a header past 1 MiB: the window holds header bytes, hash a real serialisation
             model_hash, legacy_hash = sshs_hashes(tensors, metadata)
-        elif memory_hash is not None and in_memory.order == _written_order(header):
-            model_hash, legacy_hash = memory_hash, in_memory.legacy_hash(window)
         else:
             model_hash, legacy_hash = _hash_data(f, window)
         for key, value in (("sshs_model_hash", model_hash), ("sshs_legacy_hash", legacy_hash)):
@@ -147,74 +134,6 @@ def _json_len(metadata: dict[str, str]) -> int:
 
 def _pad8(n: int) -> int:
     return n + (-n % 8)
-
-
-class _MemoryHash:
-    """SHA-256 of the tensors' bytes in safetensors' data order, computed on a thread of its own."""
-
-    def __init__(self, order: list[str], views: dict[str, memoryview]) -> None:
-        self.order = order
-        self._views = [views[name] for name in order]
-        self._digest: str | None = None
-        self._thread = threading.Thread(target=self._run, name="sshs-hash", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def start(cls, tensors: dict[str, torch.Tensor]) -> _MemoryHash | None:
-        """None when some tensor is not a contiguous CPU buffer, or its dtype's place is unknown."""
-        order = _data_order(tensors)
-        if order is None or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
-            return None
-        return cls(order, {name: _bytes_of(t) for name, t in tensors.items()})
-
-    def _run(self) -> None:
-        digest = hashlib.sha256()
-        for view in self._views:
-            digest.update(view)
-        self._digest = digest.hexdigest()
-
-    def result(self) -> str | None:
-        self._thread.join()
-        return self._digest
-
-    def legacy_hash(self, window: int) -> str:
-        """The legacy hash: LEGACY_LENGTH bytes from `window` in the data section."""
-        digest, position = hashlib.sha256(), 0
-        for view in self._views:
-            digest.update(_legacy_part(view, position, window))
-            position += len(view)
-        return digest.hexdigest()[:8]
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-@functools.cache
-def _dtype_ranks() -> dict[torch.dtype, int]:
-    """Where safetensors puts each dtype's tensors in the data section (it sorts by dtype, then by name),
-    learnt once from safetensors itself rather than restated here."""
-    from safetensors.torch import save
-
-    dtypes = [torch.float64, torch.int64, torch.float32, torch.int32, torch.bfloat16, torch.float16, torch.int16,
-              torch.int8, torch.uint8, torch.bool]
-    blob = save({f"t{i}": torch.zeros(1, dtype=d) for i, d in enumerate(dtypes)})
-    (length,) = struct.unpack("<Q", blob[:8])
-    return {dtypes[int(name[1:])]: rank for rank, name in enumerate(_written_order(blob[8 : 8 + length]))}
-
-
-def _data_order(tensors: dict[str, torch.Tensor]) -> list[str] | None:
-    ranks = _dtype_ranks()
-    if any(t.dtype not in ranks for t in tensors.values()):
-        return None
-    return sorted(tensors, key=lambda name: (ranks[tensors[name].dtype], name))
-
-
-def _written_order(header: bytes) -> list[str]:
-    """Tensor names in data-section order, from a safetensors header (its JSON, padding included)."""
-    entries = json.loads(header)
-    entries.pop("__metadata__", None)
-    return sorted(entries, key=lambda name: entries[name]["data_offsets"])
 
 
 def _hash_data(f, window: int) -> tuple[str, str]:

@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from trainer.core.host import cyclic_gc_paused
 from trainer.core.shrink_choice import Rule, make_rule
 from trainer.core.shrink_errors import NothingToShrink, ShrinkError
 from trainer.models.adapter_file import write_hashed
@@ -41,6 +40,18 @@ def detect_arch(names: list[str], metadata: dict[str, str]) -> str:
     return "sd1"
 
 
+@dataclass
+class _Plan:
+    """What reading the input settles before any decomposition."""
+
+    source: str
+    metadata: dict[str, str]
+    tensors: dict[str, Tensor]
+    parsed: ParsedAdapter
+    save_dtype: torch.dtype
+    base_model: BaseModel | None
+
+
 def shrink_file(
     in_path: str,
     out_path: str,
@@ -59,29 +70,7 @@ def shrink_file(
     """Shrink one adapter file; returns the report (also stored in the output's header).
     `report_names` ({"input", "output", "base"}) replaces the local paths the report names, so a job's
     report says which of its files and models it means and nothing about the machine it ran on."""
-    # A full collection walks every object torch's import left behind (~0.1 s here) and a shrink
-    # allocates enough to trigger one; it builds no reference cycles, so the collector waits.
-    with cyclic_gc_paused():
-        return _shrink_file(in_path, out_path, base=base, rank=rank, method=method, param=param, recipe=recipe,
-                            max_rank=max_rank, save_precision=save_precision, device=device, plot_path=plot_path,
-                            report_names=report_names or {})
-
-
-@dataclass
-class _Plan:
-    """What reading the input settles before any decomposition."""
-
-    source: str
-    metadata: dict[str, str]
-    tensors: dict[str, Tensor]
-    parsed: ParsedAdapter
-    save_dtype: torch.dtype
-    base_model: BaseModel | None
-
-
-def _shrink_file(in_path: str, out_path: str, *, base: str | None, rank: int | None, method: str | None,
-                 param: float | None, recipe: str | None, max_rank: int | None, save_precision: str | None,
-                 device: str, plot_path: str | None, report_names: dict[str, str | None]) -> ShrinkReport:
+    report_names = report_names or {}
     t_start = time.perf_counter()
     rule = make_rule(rank, method, param, recipe, max_rank)
     _check_arguments(in_path, out_path, save_precision, device)
