@@ -29,6 +29,7 @@ from trainer import STARTED_AT, __version__
 from trainer.core.failures import SUCCESS_EXIT, JobFailure, Reason
 from trainer.core.jobdir import Checkpoints, StatusReporter, with_retries
 from trainer.job.publish import LocalOutput, Publisher
+from trainer.core.settings import trainer_settings
 from trainer.core.spec import UNSHRINKABLE_ALGOS, JobSpec, SpecError, decode_spec, encode_spec, spec_hash, warnings_for
 from trainer.core.status import OutputFile
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
@@ -478,9 +479,8 @@ def _list_files(root: str) -> list[str]:
 
 
 def _git_commit() -> str | None:
-    env = os.environ.get("LATHE_GIT_COMMIT")
-    if env:
-        return env
+    if trainer_settings().git_commit:
+        return trainer_settings().git_commit
     head = Path(__file__).resolve().parents[2] / ".git" / "HEAD"
     try:
         ref = head.read_text().strip()
@@ -507,10 +507,11 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
     """One attempt; returns the exit code for its outcome (trainer/core/failures.py's table)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    attempt = int(os.environ.get("LATHE_JOB_ATTEMPT", "1"))
-    work = Path(work_dir or os.environ.get("LATHE_WORK_DIR") or tempfile.mkdtemp(prefix="lathe-job-"))
+    settings = trainer_settings()
+    attempt = settings.job_attempt
+    work = Path(work_dir or settings.work_dir or tempfile.mkdtemp(prefix="lathe-job-"))
     work.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache_dir or os.environ.get("LATHE_CACHE_DIR") or Path.home() / ".cache" / "lathe")
+    cache = Path(cache_dir) if cache_dir else settings.model_cache()
     cache.mkdir(parents=True, exist_ok=True)
     log_path = _setup_logging(work, debug=False, rank=rank)
     job_store = open_store(_job_dir_uri(spec_uri))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from .base_model import BaseModel
 from trainer.core.shrink_errors import NothingToShrink, ShrinkError
 from .metadata import shrunk_metadata
 from trainer.core.shrink_choice import Recipe, Rule, make_rule
+from trainer.core.settings import trainer_settings
 from .rank_rules import (
     MIN_SV,
     LayerRefs,
@@ -142,7 +142,7 @@ def _worker_threads() -> int:
     """Threads that share the work out: one per core. Each task is a few large operations that release
     the GIL (a batch of same-shaped layers, or reading one base weight and its norm); per-layer small
     operations on two threads measured slower than on one, because of the GIL hand-offs between them."""
-    limit = int(os.environ.get("LATHE_SHRINK_WORKERS", "0") or 0)
+    limit = trainer_settings().shrink_workers
     return max(1, min(limit or usable_cores(), 8))
 
 
