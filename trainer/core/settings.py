@@ -3,8 +3,8 @@
 Every trainer module takes these values from `trainer_settings()`, never from os.environ, and
 nothing reads them at import time. The launchers set them (service/launchers/local.py,
 service/launchers/k8s/manifests.py, the Dockerfile); docs/deploy.md lists them. The object-store
-variables (LATHE_STORAGE_RETRY_S, LATHE_TRANSFER_*, LATHE_S5CMD, AWS_*) belong to
-trainer/core/storage.py; RANK / WORLD_SIZE come from torchrun.
+variables (AWS_* and the LATHE_* ones trainer/core/storage.py reads) belong to that module;
+RANK / WORLD_SIZE come from torchrun.
 """
 
 from __future__ import annotations
