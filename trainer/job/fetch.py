@@ -219,58 +219,19 @@ def fetch_dataset(
 
     `dest_dir` is replaced by the download (nothing appears there until everything passed the
     checks). The limits default to LATHE_MAX_DATASET_BYTES / _FILES and LATHE_MAX_IMAGE_PIXELS
-    (trainer/core/settings.py). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`). `sources`, when
-    given, is filled with what the store said about the objects read (the dataset manifest's input):
-    `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size, etag, sha256}.
+    (trainer/core/settings.py). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`).
+    `sources`, when given, is filled with what the store said about the objects read (the dataset
+    manifest's input): `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size,
+    etag, sha256}.
     """
     sources = {} if sources is None else sources
     limits = _default_limits(max_bytes, max_files, max_pixels)
     scheme, bucket, key = parse_uri(uri)
-    is_archive = key.lower().endswith(ARCHIVE_SUFFIXES)
-
     if scheme == "file":
-        if os.path.isdir(key):
-            check_images(key, limits.max_pixels, where=f"dataset {uri}")
-            return key
-        if not os.path.exists(key):
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
-        if not is_archive:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset {uri} is a file but not an archive; give a folder or a "
-                f"{'/'.join(ARCHIVE_SUFFIXES)} file",
-            )
-        sources["archive"] = {"key": os.path.basename(key), "size": os.path.getsize(key), "etag": None,
-                              "sha256": sha256_file(key)}
-        with _staging(dest_dir) as staging:
-            extract_archive(key, staging, limits=limits, where=f"dataset archive {uri}")
-            check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
-        return dest_dir
-
+        return _local_dataset(uri, key, dest_dir, limits, sources)
     store = S3Store(bucket)
-    if is_archive:
-        try:
-            info = store.head(key)
-        except NotFound:
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
-        if info.size > limits.max_bytes:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
-                "split the dataset or raise LATHE_MAX_DATASET_BYTES",
-            )
-        with _staging(dest_dir) as staging:
-            archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
-            try:
-                store.download_file(key, archive)
-                sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
-                extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
-            finally:
-                if os.path.exists(archive):
-                    os.unlink(archive)
-            check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
-        return dest_dir
-
+    if key.lower().endswith(ARCHIVE_SUFFIXES):
+        return _s3_archive_dataset(uri, store, key, dest_dir, limits, sources)
     folder = key if not key or key.endswith("/") else key + "/"
     with _staging(dest_dir) as staging:
         # The listing is vetted as it is read, while the transfer runs: a refusal stops both.
@@ -283,6 +244,52 @@ def fetch_dataset(
 
         store.download_tree(folder, listed(), staging, workers=workers, engine=engine)
         check_images(staging, limits.max_pixels, where=f"dataset {uri}")
+    return dest_dir
+
+
+def _local_dataset(uri: str, path: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
+    """A local folder (checked, used in place) or archive (extracted into `dest_dir`)."""
+    if os.path.isdir(path):
+        check_images(path, limits.max_pixels, where=f"dataset {uri}")
+        return path
+    if not os.path.exists(path):
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
+    if not path.lower().endswith(ARCHIVE_SUFFIXES):
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset {uri} is a file but not an archive; give a folder or a "
+            f"{'/'.join(ARCHIVE_SUFFIXES)} file",
+        )
+    sources["archive"] = {"key": os.path.basename(path), "size": os.path.getsize(path), "etag": None,
+                          "sha256": sha256_file(path)}
+    with _staging(dest_dir) as staging:
+        extract_archive(path, staging, limits=limits, where=f"dataset archive {uri}")
+        check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
+    return dest_dir
+
+
+def _s3_archive_dataset(uri: str, store: S3Store, key: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
+    """An archive on S3: its size checked before the download, then extracted into `dest_dir`."""
+    try:
+        info = store.head(key)
+    except NotFound:
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
+    if info.size > limits.max_bytes:
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
+            "split the dataset or raise LATHE_MAX_DATASET_BYTES",
+        )
+    with _staging(dest_dir) as staging:
+        archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
+        try:
+            store.download_file(key, archive)
+            sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
+            extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
+        finally:
+            if os.path.exists(archive):
+                os.unlink(archive)
+        check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
     return dest_dir
 
 
