@@ -23,7 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# The import contracts first (pyproject.toml [tool.importlinter]: the service's boundary), then the suite.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # Both Dockerfile targets into the local Docker engine (stand-in bases, CPU torch): tests/e2e/images.sh.

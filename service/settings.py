@@ -1,4 +1,5 @@
-"""Service settings: one typed, documented field per knob, read from `LATHE_<FIELD>` variables.
+"""Service settings: one typed, documented field per knob, read from `LATHE_<FIELD>` variables
+(parsed by trainer/core/envsettings.py, as the trainer's own settings are).
 
 `Settings.from_env(os.environ)` is called once by the CLI; the app factory takes the object as an
 argument (nothing is cached at import time, so tests build their own). docs/api.md lists every
@@ -7,7 +8,6 @@ variable; keep the comments here and that table in step.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -15,20 +15,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from trainer.core.envsettings import SettingsError, convert_settings, read_env
+
 ENV_PREFIX = "LATHE_"
 # Variable names differing from LATHE_<FIELD> (kept short where users type them often).
 _ENV_NAMES = {"trainer_cache_dir": "LATHE_LOCAL_CACHE_DIR"}
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-
-
-class SettingsError(ValueError):
-    """A setting with a bad value: names the environment variable and what is expected."""
-
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(f"{variable}: {message}")
-        self.variable = variable
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -100,24 +94,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from `LATHE_*` variables (empty = unset); `overrides` win (used by `lathe dev` and tests)."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field in msgspec.structs.fields(cls):
-            var = env_name(field.name)
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                continue
-            values[field.name] = _parse(var, raw, field.type)
+        values = read_env(cls, os.environ if environ is None else environ, env_name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "state_uri" not in values:
             raise SettingsError("LATHE_STATE_URI", "required: the object-store root of the service's state, "
                                 "e.g. s3://lathe-state/")
-        try:
-            return msgspec.convert(values, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            text = str(exc)
-            field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else "settings"
-            raise SettingsError(env_name(field) if field != "settings" else "LATHE_*", text) from None
+        return convert_settings(cls, values, env_name)
 
     def trainer_argv(self, python: str) -> list[str]:
         return list(self.trainer_command) if self.trainer_command else [python, "-m", "trainer", "run"]
@@ -125,23 +107,3 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
 
 def env_name(field: str) -> str:
     return _ENV_NAMES.get(field, ENV_PREFIX + field.upper())
-
-
-def _parse(var: str, raw: str, annotation: Any) -> Any:
-    text = repr(annotation)
-    if "list[" in text:
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            raise SettingsError(var, f"expected a JSON list of strings, got {raw!r}") from None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise SettingsError(var, f"expected a JSON list of strings, got {raw!r}")
-        return value
-    if "bool" in text:
-        lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise SettingsError(var, f"expected true or false, got {raw!r}")
-    return raw.strip()  # msgspec.convert(strict=False) turns numeric strings into numbers

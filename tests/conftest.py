@@ -209,3 +209,14 @@ def s3_proxy(s3_server: str) -> Iterator[CuttableProxy]:
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trainer_settings() -> Iterator[None]:
+    """The trainer reads its LATHE_* settings once per process; each test reads them from its own
+    environment (a test's monkeypatch.setenv must not reach the next test through the cache)."""
+    from trainer.core.settings import trainer_settings
+
+    trainer_settings.cache_clear()
+    yield
+    trainer_settings.cache_clear()

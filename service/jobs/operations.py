@@ -35,8 +35,17 @@ from service.api.wire import (
     AttemptView, DatasetReport, DatasetReportRequest, FieldProblem, JobCreate, JobList, JobSummary, JobView,
     OutputView, PreflightReport, UploadCreate, UploadGrant, UploadTarget, ValidationResult,
 )
-from trainer.job.grid_job import adapter_label
-from trainer.core.spec import GridAdapterSpec, JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
+from trainer.core.spec import (
+    TAGS_FILE,
+    GridAdapterSpec,
+    JobSpec,
+    SpecError,
+    adapter_label,
+    encode_spec,
+    spec_from_obj,
+    spec_hash,
+    warnings_for,
+)
 from trainer.core.status import TERMINAL_PHASES, JobStatus, Progress
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
 
@@ -153,8 +162,6 @@ class JobService:
         or not exactly one .onnx model (the graph itself is checked by the trainer when it loads it)."""
         if spec.kind != "caption" or spec.model is None:
             return
-        from trainer.caption.tagger import TAGS_FILE
-
         scheme, bucket, key = parse_uri(spec.model.uri)
         if scheme != "s3":
             return  # a trainer-local path: the trainer checks it

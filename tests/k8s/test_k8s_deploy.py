@@ -18,11 +18,15 @@ from kubernetes.utils import parse_quantity
 from service.launchers.k8s import manifests
 from service.launchers.k8s.settings import KubernetesSettings, Toleration
 from service.launchers.base import LaunchRequest
-from trainer.core.spec import load_spec_file
+from trainer.core.spec import JobSpec, decode_spec
 
 DEPLOY = REPO / "deploy"
 EXAMPLES = sorted((DEPLOY / "examples").glob("*.json"))
 SERIALIZE = ApiClient().sanitize_for_serialization
+
+
+def read_spec(path: Path) -> JobSpec:
+    return decode_spec(path.read_bytes(), format="json")
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -57,19 +61,19 @@ def _jobs_for_examples() -> list[tuple[str, dict[str, Any]]]:
     jobs = []
     for path in EXAMPLES:
         request = LaunchRequest(job_id="j-20261123t101500-ab12cd34", tenant="acme", attempt=1, spec_uri=SPEC_URI,
-                                spec=load_spec_file(str(path)))
+                                spec=read_spec(path))
         jobs.append((path.name, SERIALIZE(manifests.build_job(request, settings))))
     return jobs
 
 
 def test_example_specs_cover_the_three_shapes() -> None:
-    shapes = {(s.resources.gpus, s.resources.nodes) for s in map(load_spec_file, map(str, EXAMPLES))}
+    shapes = {(s.resources.gpus, s.resources.nodes) for s in map(read_spec, EXAMPLES)}
     assert shapes == {(1, 1), (8, 1), (8, 4)}
 
 
 @pytest.mark.parametrize("name", [p.name for p in EXAMPLES])
 def test_example_spec_jobs_validate(name: str) -> None:
-    spec = load_spec_file(str(DEPLOY / "examples" / name))
+    spec = read_spec(DEPLOY / "examples" / name)
     request = LaunchRequest(job_id="j-20261123t101500-ab12cd34", tenant="acme", attempt=2, spec_uri=SPEC_URI, spec=spec)
     for obj in manifests.build_manifests(request, _settings_from_values()):
         for version in KUBE_VERSIONS:

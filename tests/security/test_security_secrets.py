@@ -247,6 +247,9 @@ def test_trainer_metadata_holds_no_secret(tmp_path, monkeypatch):
     stub.read_metadata = lambda path: dict(header)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "trainer.models.adapter_file", stub)
     monkeypatch.setenv("LATHE_GIT_COMMIT", "0123abc")
+    from trainer.core.settings import trainer_settings
+
+    trainer_settings.cache_clear()
     from trainer.core.spec import spec_from_obj
 
     from trainer.core.jobdir import StatusReporter

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from shrink_fixtures import lora_delta, lora_layer
 
+from trainer.core.settings import trainer_settings
 from trainer.models.keys import sd_scripts_text_encoder_name, sd_scripts_unet_name
 from trainer.shrink import shrink_file
 from trainer.shrink.base_model import BaseModel
@@ -67,6 +68,7 @@ def test_every_layer_finds_its_base_weight_in_both_formats(tiny, arch):
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_recipe_ranks_agree_between_base_formats_and_use_the_norm_cache(tiny, arch, tmp_path, monkeypatch):
     monkeypatch.setenv("LATHE_CACHE_DIR", str(tmp_path / "cache"))
+    trainer_settings.cache_clear()
     folder, single = tiny[arch]
     adapter = tmp_path / "a.safetensors"
     save_file(adapter_for(folder, arch), str(adapter))

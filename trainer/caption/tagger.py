@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import TAGS_FILE
 
-TAGS_FILE = "selected_tags.csv"
 RATING, GENERAL, CHARACTER = "9", "0", "4"
 
 

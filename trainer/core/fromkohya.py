@@ -494,22 +494,46 @@ def _ci_choice(value: str, choices: tuple[str, ...]) -> str | None:
 
 def _map_flags(conv: Conversion, flags: dict[str, Any], arch: str) -> bool:
     """Fill conv.obj from sd-scripts flags. False when the command asks for something Lathe cannot do."""
-    ok = True
-    if arch == "sdxl":
-        conv.set("model.arch", "sdxl")
-        if flags.get("v2") is True:
-            conv.note("--v2", "sdxl_train_network.py refuses --v2 (it is an SD2.x switch); remove it")
-            ok = False
-    elif _typed(conv, "v2", flags["v2"], "bool") if "v2" in flags else False:
-        conv.set("model.arch", "sd2")
-    else:
-        conv.set("model.arch", "sd1")
-
+    ok = _map_arch(conv, flags, arch)
     module = _map_network_module(conv, flags)
     if module is None:
         ok = False
         module = "lycoris.kohya"
+    _map_simple_flags(conv, flags)
+    if "resolution" in flags:
+        _map_resolution(conv, flags["resolution"])
+    if "dynamo_backend" in flags:
+        _map_dynamo_backend(conv, flags["dynamo_backend"])
+    _map_network_flags(conv, flags, module)
+    ok = _map_optimizer(conv, flags) and ok
+    _map_scheduler(conv, flags)
+    _map_precision_and_save(conv, flags)
+    _map_samples_and_logging(conv, flags)
+    if "dataset_config" in flags:
+        _map_dataset_config(conv, flags)
+    if flags.get("save_state"):
+        _map_save_state(conv, flags)
+    if conv.get("save.output_name") and "name" not in conv.obj:
+        conv.set("name", conv.get("save.output_name"))
+    return ok
 
+
+def _map_arch(conv: Conversion, flags: dict[str, Any], arch: str) -> bool:
+    """model.arch from the script and --v2; False for --v2 with the SDXL script."""
+    if arch == "sdxl":
+        conv.set("model.arch", "sdxl")
+        if flags.get("v2") is True:
+            conv.note("--v2", "sdxl_train_network.py refuses --v2 (it is an SD2.x switch); remove it")
+            return False
+    elif _typed(conv, "v2", flags["v2"], "bool") if "v2" in flags else False:
+        conv.set("model.arch", "sd2")
+    else:
+        conv.set("model.arch", "sd1")
+    return True
+
+
+def _map_simple_flags(conv: Conversion, flags: dict[str, Any]) -> None:
+    """The one-to-one flags; a note for each flag that is ignored or has no equivalent."""
     for flag, raw in flags.items():
         if flag in SIMPLE_FLAGS:
             path, kind = SIMPLE_FLAGS[flag]
@@ -524,10 +548,9 @@ def _map_flags(conv: Conversion, flags: dict[str, Any], arch: str) -> bool:
         else:
             conv.note(f"--{flag}", "not mapped: Lathe has no equivalent option")
 
-    if "resolution" in flags:
-        _map_resolution(conv, flags["resolution"])
-    if "dynamo_backend" in flags:
-        _map_dynamo_backend(conv, flags["dynamo_backend"])
+
+def _map_network_flags(conv: Conversion, flags: dict[str, Any], module: str) -> None:
+    """--network_alpha, --network_dropout and --network_args for the chosen module."""
     if "network_alpha" in flags:
         alpha = _typed(conv, "network_alpha", flags["network_alpha"], "float")
         if alpha == 0:
@@ -545,17 +568,6 @@ def _map_flags(conv: Conversion, flags: dict[str, Any], arch: str) -> bool:
             conv.set("network.dropout", value)
     if "network_args" in flags:
         _map_network_args(conv, flags["network_args"], module)
-    ok = _map_optimizer(conv, flags) and ok
-    _map_scheduler(conv, flags)
-    _map_precision_and_save(conv, flags)
-    _map_samples_and_logging(conv, flags)
-    if "dataset_config" in flags:
-        _map_dataset_config(conv, flags)
-    if flags.get("save_state"):
-        _map_save_state(conv, flags)
-    if conv.get("save.output_name") and "name" not in conv.obj:
-        conv.set("name", conv.get("save.output_name"))
-    return ok
 
 
 def _map_network_module(conv: Conversion, flags: dict[str, Any]) -> str | None:
@@ -612,60 +624,69 @@ def _map_network_args(conv: Conversion, items: Any, module: str) -> None:
             conv.note(flag, "deprecated LyCORIS name; mapped to network.use_tucker")
             key = "use_tucker"
         if key in BLOCK_NETWORK_ARGS:
-            if module != "networks.lora":
-                count = len([v for v in value.split(",") if v.strip()])
-                conv.note(flag, f"ignored: {module} does not read it (sd-scripts passes it on, LyCORIS ignores it); "
-                          f"{count} values given")
-                continue
-            kind = "int" if key.endswith("dims") else "float"
-            try:
-                numbers = [int(v) if kind == "int" else float(v) for v in value.split(",") if v.strip()]
-            except ValueError:
-                conv.note(flag, f"'{value}' is not a comma-separated list of numbers; left out")
-                continue
-            conv.set(f"network.{key}", numbers)
-            continue
-        if key in LYCORIS_ONLY_NETWORK_ARGS and module != "lycoris.kohya":
+            _map_block_arg(conv, flag, key, value, module)
+        elif key in LYCORIS_ONLY_NETWORK_ARGS and module != "lycoris.kohya":
             conv.note(flag, "ignored: networks.lora does not read it (as in sd-scripts)")
-            continue
-        if key == "algo":
-            algo = value.lower().replace("_", "-")
-            if algo not in get_args(Algo):
-                conv.note(flag, f"'{value}' is not a supported algo ({', '.join(get_args(Algo))}); left out")
-                continue
-            conv.set("network.algo", algo)
-        elif key == "preset":
-            if value not in get_args(Preset):
-                conv.note(flag, f"'{value}' is not a built-in preset ({', '.join(get_args(Preset))}); custom preset "
-                          "files are not supported; left out")
-                continue
-            conv.set("network.preset", value)
-        elif key in ("conv_dim", "factor", "block_size", "unit"):
-            number = _typed(conv, f"network_args {key}", value, "int")
-            if number is not None:
-                conv.set("network.block_size" if key == "unit" else f"network.{key}", number)
-        elif key in ("conv_alpha", "rank_dropout", "module_dropout"):
-            number = _typed(conv, f"network_args {key}", value, "float")
-            if number is not None:
-                conv.set(f"network.{key}", number)
-        elif key == "dropout":
-            if module == "networks.lora":
-                conv.note(flag, "ignored: networks.lora reads neuron dropout from --network_dropout only")
-                continue
-            number = _typed(conv, "network_args dropout", value, "float")
-            if number:
-                conv.set("network.dropout", number)
-        elif key in ("use_tucker", "use_scalar", "rank_dropout_scale", "train_norm", "decompose_both"):
-            flag_value = _typed(conv, f"network_args {key}", value, "bool")
-            if flag_value is not None:
-                conv.set(f"network.{key}", flag_value)
-            if key == "rank_dropout_scale" and flag_value:
-                conv.note(flag, "mapped; note that lycoris-lora's kohya entry point does not pass it on, so "
-                          "sd-scripts ignored it")
-        elif key == "disable_conv_cp":
-            conv.note(flag, "deprecated LyCORIS option; set network.use_tucker instead; left out")
         else:
-            conv.note(flag, "not mapped: Lathe has no equivalent network option")
+            _map_network_arg(conv, flag, key, value, module)
+
+
+def _map_block_arg(conv: Conversion, flag: str, key: str, value: str, module: str) -> None:
+    """block_dims / block_alphas / conv_block_*: comma-separated numbers, read by networks.lora only."""
+    if module != "networks.lora":
+        count = len([v for v in value.split(",") if v.strip()])
+        conv.note(flag, f"ignored: {module} does not read it (sd-scripts passes it on, LyCORIS ignores it); "
+                  f"{count} values given")
+        return
+    kind = "int" if key.endswith("dims") else "float"
+    try:
+        numbers = [int(v) if kind == "int" else float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        conv.note(flag, f"'{value}' is not a comma-separated list of numbers; left out")
+        return
+    conv.set(f"network.{key}", numbers)
+
+
+def _map_network_arg(conv: Conversion, flag: str, key: str, value: str, module: str) -> None:
+    """One network_args option other than the block lists, mapped onto its network.* field."""
+    if key == "algo":
+        algo = value.lower().replace("_", "-")
+        if algo not in get_args(Algo):
+            conv.note(flag, f"'{value}' is not a supported algo ({', '.join(get_args(Algo))}); left out")
+            return
+        conv.set("network.algo", algo)
+    elif key == "preset":
+        if value not in get_args(Preset):
+            conv.note(flag, f"'{value}' is not a built-in preset ({', '.join(get_args(Preset))}); custom preset "
+                      "files are not supported; left out")
+            return
+        conv.set("network.preset", value)
+    elif key in ("conv_dim", "factor", "block_size", "unit"):
+        number = _typed(conv, f"network_args {key}", value, "int")
+        if number is not None:
+            conv.set("network.block_size" if key == "unit" else f"network.{key}", number)
+    elif key in ("conv_alpha", "rank_dropout", "module_dropout"):
+        number = _typed(conv, f"network_args {key}", value, "float")
+        if number is not None:
+            conv.set(f"network.{key}", number)
+    elif key == "dropout":
+        if module == "networks.lora":
+            conv.note(flag, "ignored: networks.lora reads neuron dropout from --network_dropout only")
+            return
+        number = _typed(conv, "network_args dropout", value, "float")
+        if number:
+            conv.set("network.dropout", number)
+    elif key in ("use_tucker", "use_scalar", "rank_dropout_scale", "train_norm", "decompose_both"):
+        flag_value = _typed(conv, f"network_args {key}", value, "bool")
+        if flag_value is not None:
+            conv.set(f"network.{key}", flag_value)
+        if key == "rank_dropout_scale" and flag_value:
+            conv.note(flag, "mapped; note that lycoris-lora's kohya entry point does not pass it on, so "
+                      "sd-scripts ignored it")
+    elif key == "disable_conv_cp":
+        conv.note(flag, "deprecated LyCORIS option; set network.use_tucker instead; left out")
+    else:
+        conv.note(flag, "not mapped: Lathe has no equivalent network option")
 
 
 def _map_optimizer(conv: Conversion, flags: dict[str, Any]) -> bool:

@@ -65,7 +65,3 @@ class JobStatus(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
     outputs: list[OutputFile] = []
     warnings: list[str] = []
-
-
-def is_terminal(phase: str) -> bool:
-    return phase in TERMINAL_PHASES

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from trainer.core.failures import JobFailure
 from trainer.job.kind_outputs import publish_outputs
 from trainer.job.publish import LocalOutput
-from trainer.core.spec import CaptionSpec
+from trainer.core.spec import TAGS_FILE, CaptionSpec
 from trainer.core.status import OutputFile
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def load_captioner(folder: Path, c: CaptionSpec):
     """A folder with selected_tags.csv is a WD14-format tagger, one with config.json (and no CSV) a
     transformers sentence captioner; anything else fails as not-a-tagger, naming selected_tags.csv."""
     from trainer.caption.sentence_captioner import CONFIG_FILE, CaptionerOptions, SentenceCaptioner
-    from trainer.caption.tagger import TAGS_FILE, Tagger
+    from trainer.caption.tagger import Tagger
 
     if not (folder / TAGS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
         return SentenceCaptioner.load(folder, CaptionerOptions(

@@ -37,15 +37,11 @@ import msgspec
 
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.jobdir import sha256_file
+from trainer.core.settings import trainer_settings
 from trainer.core.storage import NotFound, ObjectInfo, S3Store, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
 
-GiB = 1024**3
-DEFAULT_MAX_DATASET_BYTES = int(os.environ.get("LATHE_MAX_DATASET_BYTES", str(50 * GiB)))
-DEFAULT_MAX_DATASET_FILES = int(os.environ.get("LATHE_MAX_DATASET_FILES", "200000"))
-# 8192² — well above any training resolution, well below what would exhaust memory when decoded.
-DEFAULT_MAX_PIXELS = int(os.environ.get("LATHE_MAX_IMAGE_PIXELS", str(8192 * 8192)))
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
@@ -65,11 +61,6 @@ class ModelFetch(msgspec.Struct, frozen=True):
     downloaded: bool  # False on a cache hit or a local path
     bytes: int
     seconds: float
-
-
-def default_cache_dir() -> str:
-    """The node-local model cache: $LATHE_CACHE_DIR, else ~/.cache/lathe."""
-    return os.environ.get("LATHE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lathe")
 
 
 def fetch_model(uri: str, cache_dir: str) -> str:
@@ -217,9 +208,9 @@ def fetch_dataset(
     uri: str,
     dest_dir: str,
     *,
-    max_bytes: int = DEFAULT_MAX_DATASET_BYTES,
-    max_files: int = DEFAULT_MAX_DATASET_FILES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = None,
+    max_files: int | None = None,
+    max_pixels: int | None = None,
     workers: int | None = None,
     engine: str | None = None,
     sources: dict | None = None,
@@ -227,58 +218,20 @@ def fetch_dataset(
     """Local folder holding the dataset `uri`; local folders are checked and returned as they are.
 
     `dest_dir` is replaced by the download (nothing appears there until everything passed the
-    checks). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`). `sources`, when
-    given, is filled with what the store said about the objects read (the dataset manifest's input):
-    `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size, etag, sha256}.
+    checks). The limits default to LATHE_MAX_DATASET_BYTES / _FILES and LATHE_MAX_IMAGE_PIXELS
+    (trainer/core/settings.py). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`).
+    `sources`, when given, is filled with what the store said about the objects read (the dataset
+    manifest's input): `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size,
+    etag, sha256}.
     """
     sources = {} if sources is None else sources
-    limits = _Limits(max_bytes, max_files, max_pixels)
+    limits = _default_limits(max_bytes, max_files, max_pixels)
     scheme, bucket, key = parse_uri(uri)
-    is_archive = key.lower().endswith(ARCHIVE_SUFFIXES)
-
     if scheme == "file":
-        if os.path.isdir(key):
-            check_images(key, max_pixels, where=f"dataset {uri}")
-            return key
-        if not os.path.exists(key):
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
-        if not is_archive:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset {uri} is a file but not an archive; give a folder or a "
-                f"{'/'.join(ARCHIVE_SUFFIXES)} file",
-            )
-        sources["archive"] = {"key": os.path.basename(key), "size": os.path.getsize(key), "etag": None,
-                              "sha256": sha256_file(key)}
-        with _staging(dest_dir) as staging:
-            extract_archive(key, staging, limits=limits, where=f"dataset archive {uri}")
-            check_images(staging, max_pixels, where=f"dataset archive {uri}", member=True)
-        return dest_dir
-
+        return _local_dataset(uri, key, dest_dir, limits, sources)
     store = S3Store(bucket)
-    if is_archive:
-        try:
-            info = store.head(key)
-        except NotFound:
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
-        if info.size > limits.max_bytes:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
-                "split the dataset or raise LATHE_MAX_DATASET_BYTES",
-            )
-        with _staging(dest_dir) as staging:
-            archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
-            try:
-                store.download_file(key, archive)
-                sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
-                extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
-            finally:
-                if os.path.exists(archive):
-                    os.unlink(archive)
-            check_images(staging, max_pixels, where=f"dataset archive {uri}", member=True)
-        return dest_dir
-
+    if key.lower().endswith(ARCHIVE_SUFFIXES):
+        return _s3_archive_dataset(uri, store, key, dest_dir, limits, sources)
     folder = key if not key or key.endswith("/") else key + "/"
     with _staging(dest_dir) as staging:
         # The listing is vetted as it is read, while the transfer runs: a refusal stops both.
@@ -290,7 +243,53 @@ def fetch_dataset(
                 yield info, os.path.join(staging, rel)
 
         store.download_tree(folder, listed(), staging, workers=workers, engine=engine)
-        check_images(staging, max_pixels, where=f"dataset {uri}")
+        check_images(staging, limits.max_pixels, where=f"dataset {uri}")
+    return dest_dir
+
+
+def _local_dataset(uri: str, path: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
+    """A local folder (checked, used in place) or archive (extracted into `dest_dir`)."""
+    if os.path.isdir(path):
+        check_images(path, limits.max_pixels, where=f"dataset {uri}")
+        return path
+    if not os.path.exists(path):
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
+    if not path.lower().endswith(ARCHIVE_SUFFIXES):
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset {uri} is a file but not an archive; give a folder or a "
+            f"{'/'.join(ARCHIVE_SUFFIXES)} file",
+        )
+    sources["archive"] = {"key": os.path.basename(path), "size": os.path.getsize(path), "etag": None,
+                          "sha256": sha256_file(path)}
+    with _staging(dest_dir) as staging:
+        extract_archive(path, staging, limits=limits, where=f"dataset archive {uri}")
+        check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
+    return dest_dir
+
+
+def _s3_archive_dataset(uri: str, store: S3Store, key: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
+    """An archive on S3: its size checked before the download, then extracted into `dest_dir`."""
+    try:
+        info = store.head(key)
+    except NotFound:
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
+    if info.size > limits.max_bytes:
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
+            "split the dataset or raise LATHE_MAX_DATASET_BYTES",
+        )
+    with _staging(dest_dir) as staging:
+        archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
+        try:
+            store.download_file(key, archive)
+            sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
+            extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
+        finally:
+            if os.path.exists(archive):
+                os.unlink(archive)
+        check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
     return dest_dir
 
 
@@ -298,6 +297,15 @@ class _Limits(msgspec.Struct, frozen=True):
     max_bytes: int
     max_files: int
     max_pixels: int
+
+
+def _default_limits(max_bytes: int | None = None, max_files: int | None = None,
+                    max_pixels: int | None = None) -> _Limits:
+    """The given limits, the settings' for those not given."""
+    s = trainer_settings()
+    return _Limits(s.max_dataset_bytes if max_bytes is None else max_bytes,
+                   s.max_dataset_files if max_files is None else max_files,
+                   s.max_image_pixels if max_pixels is None else max_pixels)
 
 
 # Keys in the dataset listing's first LIST request: the transfers start after ~100 keys are parsed
@@ -403,7 +411,7 @@ def extract_archive(
     absolute paths, symlinks, hard links, devices, duplicate names, more files or bytes than the
     limits (counted on the bytes actually written, so a lying header does not help a zip bomb).
     """
-    limits = limits or _Limits(DEFAULT_MAX_DATASET_BYTES, DEFAULT_MAX_DATASET_FILES, DEFAULT_MAX_PIXELS)
+    limits = limits or _default_limits()
     where = where or f"archive {archive_path}"
     budget = _Budget(limits, where)
     try:

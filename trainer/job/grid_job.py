@@ -7,7 +7,6 @@ job have been expanded by the service at submit into that job's saves (each entr
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,16 +16,11 @@ import msgspec
 from trainer.core.failures import JobFailure, Reason
 from trainer.job.kind_outputs import publish_outputs
 from trainer.job.publish import LocalOutput
+from trainer.core.spec import adapter_label
 from trainer.core.status import OutputFile
 
 if TYPE_CHECKING:
     from trainer.job.run import Job
-
-
-def adapter_label(uri: str) -> str:
-    """An axis label from a file name: `name-000002.safetensors` → `name-000002`."""
-    base = os.path.basename(uri.rstrip("/"))
-    return base[: -len(".safetensors")] if base.endswith(".safetensors") else base
 
 
 def run_grid(job: Job, resolve) -> list[OutputFile]:

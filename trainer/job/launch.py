@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from trainer.core.failures import EXIT_CODES, FINAL_EXIT_CODES, Reason
+from trainer.core.settings import trainer_settings
 
 EXIT_DIR_ENV = "LATHE_EXIT_DIR"
 # Which rank code explains an attempt best: a final one (no retry helps), then the object store, then
@@ -28,7 +29,7 @@ _PRIORITY = [*FINAL_EXIT_CODES, EXIT_CODES[Reason.STORAGE_ERROR], EXIT_CODES[Rea
 
 def record_exit(code: int) -> None:
     """Called by each `trainer run` rank on its way out (a no-op outside `trainer launch`)."""
-    folder = os.environ.get(EXIT_DIR_ENV)
+    folder = trainer_settings().exit_dir
     if folder:
         Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
 

@@ -29,6 +29,7 @@ from trainer import STARTED_AT, __version__
 from trainer.core.failures import SUCCESS_EXIT, JobFailure, Reason
 from trainer.core.jobdir import Checkpoints, StatusReporter, with_retries
 from trainer.job.publish import LocalOutput, Publisher
+from trainer.core.settings import trainer_settings
 from trainer.core.spec import UNSHRINKABLE_ALGOS, JobSpec, SpecError, decode_spec, encode_spec, spec_hash, warnings_for
 from trainer.core.status import OutputFile
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
@@ -478,9 +479,8 @@ def _list_files(root: str) -> list[str]:
 
 
 def _git_commit() -> str | None:
-    env = os.environ.get("LATHE_GIT_COMMIT")
-    if env:
-        return env
+    if trainer_settings().git_commit:
+        return trainer_settings().git_commit
     head = Path(__file__).resolve().parents[2] / ".git" / "HEAD"
     try:
         ref = head.read_text().strip()
@@ -507,11 +507,8 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
     """One attempt; returns the exit code for its outcome (trainer/core/failures.py's table)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    attempt = int(os.environ.get("LATHE_JOB_ATTEMPT", "1"))
-    work = Path(work_dir or os.environ.get("LATHE_WORK_DIR") or tempfile.mkdtemp(prefix="lathe-job-"))
-    work.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache_dir or os.environ.get("LATHE_CACHE_DIR") or Path.home() / ".cache" / "lathe")
-    cache.mkdir(parents=True, exist_ok=True)
+    attempt = trainer_settings().job_attempt
+    work, cache = _attempt_folders(work_dir, cache_dir)
     log_path = _setup_logging(work, debug=False, rank=rank)
     job_store = open_store(_job_dir_uri(spec_uri))
     reporter = StatusReporter(job_store, attempt=attempt, enabled=rank == 0, log_path=str(log_path),
@@ -538,16 +535,7 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
         job = Job(ctx, spec, reporter)
         log.info("job %s attempt %d (rank %d/%d)", job_store.root_uri, attempt, rank, world)
         if spec.kind != "train":
-            from trainer.job.caption_job import run_caption
-            from trainer.job.grid_job import run_grid
-            from trainer.job.merge_job import run_merge
-            from trainer.job.shrink_job import run_shrink
-
-            run_kind = {"merge": run_merge, "shrink": run_shrink, "caption": run_caption, "grid": run_grid}[spec.kind]
-            reporter.set_outputs(run_kind(job, lambda uri: _resolve_input(uri, spec_uri)))
-            reporter.finish("succeeded")
-            log.info("job succeeded")
-            return 0
+            return _run_other_kind(job, spec_uri)
         inputs = job.prepare()
         if ctx.stop_signal or reporter.cancel_requested:
             raise JobFailure(Reason.CANCELLED if reporter.cancel_requested else Reason.PREEMPTED,
@@ -572,6 +560,30 @@ def run_job(spec_uri: str, *, work_dir: str | None = None, cache_dir: str | None
             return _fail(reporter, job, spec, JobFailure(Reason.INTERNAL, "CUDA out of memory: lower the batch size, "
                                                          "enable gradient checkpointing or cache latents"))
         return _fail(reporter, job, spec, JobFailure(Reason.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+
+def _attempt_folders(work_dir: str | None, cache_dir: str | None) -> tuple[Path, Path]:
+    """The attempt's scratch folder and the node's model cache: the arguments, else the settings."""
+    settings = trainer_settings()
+    work = Path(work_dir or settings.work_dir or tempfile.mkdtemp(prefix="lathe-job-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else settings.model_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    return work, cache
+
+
+def _run_other_kind(job: Job, spec_uri: str) -> int:
+    """A merge, shrink, caption or grid job: its own phases, then success."""
+    from trainer.job.caption_job import run_caption
+    from trainer.job.grid_job import run_grid
+    from trainer.job.merge_job import run_merge
+    from trainer.job.shrink_job import run_shrink
+
+    run_kind = {"merge": run_merge, "shrink": run_shrink, "caption": run_caption, "grid": run_grid}[job.spec.kind]
+    job.reporter.set_outputs(run_kind(job, lambda uri: _resolve_input(uri, spec_uri)))
+    job.reporter.finish("succeeded")
+    log.info("job succeeded")
+    return 0
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:

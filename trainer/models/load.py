@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.settings import trainer_settings
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,9 @@ def find_tokenizer_dir(checkpoint: Path, arch: str, index: int) -> Path | None:
     under `$LATHE_TOKENIZERS_DIR/<arch>/`, or the standard one in the local Hugging Face cache."""
     sub = "tokenizer" if index == 0 else "tokenizer_2"
     candidates = [checkpoint.parent / sub]
-    if os.environ.get("LATHE_TOKENIZERS_DIR"):
-        candidates.append(Path(os.environ["LATHE_TOKENIZERS_DIR"]) / arch / sub)
+    tokenizers_dir = trainer_settings().tokenizers_dir
+    if tokenizers_dir:
+        candidates.append(Path(tokenizers_dir) / arch / sub)
     for c in candidates:
         if c.is_dir() and any(c.iterdir()):
             return c

@@ -28,6 +28,7 @@ from torch import Tensor
 from trainer.models.keys import canonical_text_encoder_path, unet_ldm_path
 
 from trainer.core.shrink_errors import ShrinkError
+from trainer.core.settings import trainer_settings
 from .unet_names import layers_per_block_from_ldm, ldm_to_diffusers, up_blocks_with_attention
 
 _OPENCLIP_NAMES = {
@@ -51,8 +52,7 @@ def _lora_name(prefix: str, module_path: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("LATHE_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "lathe") / "shrink-norms"
+    return trainer_settings().model_cache() / "shrink-norms"
 
 
 class BaseModel:

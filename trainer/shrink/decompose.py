@@ -5,7 +5,6 @@ by a thread pool."""
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor
 
 from trainer.core.host import usable_cores
+from trainer.core.settings import trainer_settings
 from trainer.core.shrink_choice import Recipe, Rule
 from trainer.core.shrink_errors import ShrinkError
 
@@ -153,7 +153,7 @@ def _worker_threads() -> int:
     """Threads that share the work out: one per core. Each task is a few large operations that release
     the GIL (a batch of same-shaped layers, or reading one base weight and its norm); per-layer small
     operations on two threads measured slower than on one, because of the GIL hand-offs between them."""
-    limit = int(os.environ.get("LATHE_SHRINK_WORKERS", "0") or 0)
+    limit = trainer_settings().shrink_workers
     return max(1, min(limit or usable_cores(), 8))
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.spec import JobSpec, total_steps, train_text_encoder, warmup_steps
+from trainer.core.settings import trainer_settings
 from trainer.train import noise as N
 from trainer.train import saving
 from trainer.train.latents import LatentCache, build_latent_cache
@@ -298,9 +299,9 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
         t0 = time.monotonic()
         disk = None
         if prec.cache_latents_to_disk:
-            root = latent_cache_dir or (os.path.join(os.environ["LATHE_CACHE_DIR"], "latents")
-                                        if os.environ.get("LATHE_CACHE_DIR") else os.path.join(work_dir, "cache", "latents"))
-            disk = root
+            node_cache = trainer_settings().cache_dir
+            disk = latent_cache_dir or (os.path.join(node_cache, "latents") if node_cache
+                                        else os.path.join(work_dir, "cache", "latents"))
         # With a disk cache rank 0 encodes first and the others read its entries.
         with acc.main_process_first() if disk else contextlib.nullcontext():
             cache = build_latent_cache(dataset, parts.vae, parts.vae_scaling_factor, disk_dir=disk)
