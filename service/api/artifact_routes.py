@@ -50,7 +50,7 @@ def job_details(request: Request, tenant: Tenant, job_id: JobId) -> JobDetails:
     return artifacts.details(_jobs(request), tenant, job_id)
 
 
-@get("/v1/jobs/{job_id:str}/files/{name:path}", sync_to_thread=True, media_type="application/octet-stream",
+@get("/v1/jobs/{job_id:str}/files/{name:path}", sync_to_thread=True,
      summary="Download one output file the job lists (streamed through the API; on s3:// roots the job's "
              "outputs also carry presigned URLs)",
      responses=_responses(400, 401, 404, 503))
@@ -59,7 +59,7 @@ def job_file(request: Request, tenant: Tenant, job_id: JobId, name: str) -> Stre
     filename = name.rsplit("/", 1)[-1].replace('"', "")
     inline = media.startswith("image/")
     headers = {
-        "Content-Length": str(size), "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=60",
+        "Content-Type": media, "Content-Length": str(size), "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=60",
         # Outputs are the tenant's own files; never let one run as a page of this origin.
         "Content-Security-Policy": "default-src 'none'; sandbox",
         "Content-Disposition": f'{"inline" if inline else "attachment"}; filename="{filename}"',

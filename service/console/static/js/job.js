@@ -33,8 +33,9 @@ export function render(view, jobId) {
   });
   let stopped = false, live = null, timers = [], job = null, lastMetrics = 0, resultsShown = false;
 
-  const head = h("div", { class: "head" },
-    h("div", {}, el.name, el.id),
+  // Actions start at the left, after a fixed-width phase badge: a changing phase never moves them.
+  const head = h("div", { class: "job-head" },
+    el.name, el.id,
     h("div", { class: "row" }, el.phase,
       h("a", { class: "button", href: `#/compare/${enc}/`, text: "Compare…", id: "compare-link" }), el.cancel, el.remove));
 

@@ -72,9 +72,9 @@ function makeRow(job) {
   const name = h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` });
   const tr = h("tr", { "data-job": job.id },
     h("td", { "data-label": "Phase" }, phase),
-    h("td", { class: "name", "data-label": "Name" }, name, h("div", { class: "muted mono small", text: job.id })),
+    h("td", { class: "name", "data-label": "Name" }, h("div", {}, name, h("div", { class: "muted mono small", text: job.id }))),
     kind,
-    h("td", { class: "progress", "data-label": "Progress" }, bar, " ", steps, " ", eta),
+    h("td", { class: "progress", "data-label": "Progress" }, h("div", {}, bar, " ", steps, " ", eta)),
     submitted, finished);
   function update(j) {
     setText(phase, j.phase);
