@@ -57,7 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     shutil.copytree(assets["model"], work / "tiny-sd1")
     shutil.copytree(assets["data"], work / "tiny-data")
     environ = dict(os.environ)  # the stack points AWS_* at its own S3 server for this process
-    dev = TwoTenants(work, api_port=0)
+    dev = TwoTenants(work, api_port=0, settings_overrides={"max_running_jobs": 2})  # the two jobs train side by side
     try:
         dev.start()
         yield dev

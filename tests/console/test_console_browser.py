@@ -31,8 +31,8 @@ def state() -> dict[str, Any]:
     return {}
 
 
-def _spec(stack: Any, name: str, lr: float, shrink: bool) -> dict[str, Any]:
-    spec = stack.example_spec()
+def _spec(stack: Any, name: str, lr: float, shrink: bool, steps: int = 6) -> dict[str, Any]:
+    spec = stack.example_spec(max_train_steps=steps)
     spec["name"] = name
     spec["optimizer"]["learning_rate"] = lr
     spec["sample"] = {"prompts": PROMPTS, "every_n_steps": 3}
@@ -60,7 +60,7 @@ def _no_alert(driver: Any) -> None:
 
 def test_sign_in_submit_and_watch_the_job_live(browser, stack, state):
     # A second job to compare with, submitted through the API so that both train at the same time.
-    state["b"] = _api(stack, "/v1/jobs", {"spec": _spec(stack, "console-b", 2e-4, shrink=False)})["id"]
+    state["b"] = _api(stack, "/v1/jobs", {"spec": _spec(stack, "console-b", 2e-4, shrink=False, steps=3)})["id"]
     browser.get(stack.url + "/ui/")
     token = wait_until(browser, lambda: browser.find_element(By.ID, "token"), 20, "the sign-in form")
     screenshot(browser, SCREENSHOTS, "signin")
@@ -93,7 +93,7 @@ def test_sign_in_submit_and_watch_the_job_live(browser, stack, state):
             steps.add(browser.find_element(By.CSS_SELECTOR, ".stats .stat dd").text)
         return phase in ("succeeded", "failed", "cancelled")
 
-    wait_until(browser, finished, 200, "the job to finish")
+    wait_until(browser, finished, 300, "the job to finish")
     assert seen[-1] == "succeeded", (seen, browser.find_element(By.TAG_NAME, "body").text[:2000])
     assert "training" in seen and steps - {"—"}, (seen, steps)  # progress arrived live
     assert browser.execute_script("return window.__sameDocument === true")  # never reloaded
@@ -139,7 +139,7 @@ def test_jobs_list_shows_both_jobs_with_names_as_text(browser, stack, state):
     names = {r.get_attribute("data-job"): r.find_element(By.CSS_SELECTOR, "td.name a").text for r in rows}
     assert names[state["a"]] == XSS_NAME and names[state["b"]] == "console-b"
     _no_alert(browser)
-    wait_until(browser, lambda: _api(stack, f"/v1/jobs/{state['b']}")["phase"] == "succeeded", 120, "job b")
+    wait_until(browser, lambda: _api(stack, f"/v1/jobs/{state['b']}")["phase"] == "succeeded", 300, "job b")
     wait_until(browser, lambda: "succeeded" in browser.find_element(By.CSS_SELECTOR, f"tr[data-job='{state['b']}']").text,
                10, "the list to update without a reload")
     screenshot(browser, SCREENSHOTS, "jobs")
@@ -150,7 +150,7 @@ def test_compare_shows_spec_differences_curves_and_samples(browser, stack, state
     table = wait_until(browser, lambda: browser.find_element(By.CSS_SELECTOR, "table.diff"), 20, "the differences")
     assert "optimizer.learning_rate" in table.text and "shrink.enabled" in table.text
     wait_until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 2, 20, "two curves")
-    wait_until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, ".pair")) == 4, 20, "sample pairs")
+    wait_until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, ".pair")) == 2, 20, "sample pairs")
     screenshot(browser, SCREENSHOTS, "compare")
 
 

@@ -24,6 +24,7 @@ function route() {
   clear(view);
   const signedIn = Boolean(token.get());
   document.getElementById("signout").hidden = !signedIn;
+  document.querySelector("header nav").hidden = !signedIn;
   if (!signedIn) {
     document.title = "Sign in · Lathe";
     cleanup = signin.render(view, () => route());

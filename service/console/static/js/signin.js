@@ -1,6 +1,6 @@
 // Sign-in: a tenant token, checked against the API, kept in sessionStorage for this tab only.
 
-import { api, token } from "./api.js";
+import { token } from "./api.js";
 import { h } from "./dom.js";
 
 export function render(view, onSignedIn) {
@@ -10,13 +10,14 @@ export function render(view, onSignedIn) {
   const form = h("form", { class: "card signin", onsubmit: async (event) => {
     event.preventDefault();
     error.textContent = "";
-    token.set(input.value.trim());
+    const value = input.value.trim();
     try {
-      await api("/v1/jobs?limit=1");
-      onSignedIn();
+      // A plain fetch: a refused token must leave this form (and its message) in place.
+      const res = await fetch("/v1/jobs?limit=1", { headers: { Authorization: `Bearer ${value}` } });
+      if (res.ok) { token.set(value); onSignedIn(); return; }
+      error.textContent = res.status === 401 ? "That token is not valid for this service." : `Could not sign in: HTTP ${res.status}`;
     } catch (err) {
-      token.clear();
-      error.textContent = err.status === 401 ? "That token is not valid for this service." : `Could not sign in: ${err.message}`;
+      error.textContent = `Could not sign in: ${err.message}`;
     }
   } },
   h("h1", { text: "Sign in" }),
