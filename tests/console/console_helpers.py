@@ -16,7 +16,10 @@ window.__shifts = [];
 new PerformanceObserver((list) => {
   for (const e of list.getEntries()) {
     if (!e.hadRecentInput) window.__shifts.push({value: e.value,
-      sources: (e.sources || []).map((s) => s.node ? (s.node.outerHTML || s.node.nodeName).slice(0, 120) : '?')});
+      sources: (e.sources || []).map((s) => {
+        const el = s.node && (s.node.nodeType === 1 ? s.node : s.node.parentElement);
+        return el ? el.outerHTML.slice(0, 160) : '?';
+      })});
   }
 }).observe({type: 'layout-shift', buffered: false});
 """
