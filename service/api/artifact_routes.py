@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Request, Response, get, post
+from litestar import Request, get, post
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Stream

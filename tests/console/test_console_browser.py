@@ -107,6 +107,7 @@ def test_job_page_shows_curves_samples_downloads_and_names_as_text(browser, stac
     images = wait_until(browser, lambda: (imgs := browser.find_elements(By.CSS_SELECTOR, ".gallery img")) and all(
         browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i) for i in imgs)
         and imgs, 30, "the sample images")
+    screenshot(browser, SCREENSHOTS, "job")
     assert len(images) == 4  # two prompts at steps 3 and 6
     captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, ".gallery figcaption")]
     assert captions.count("<b>bold</b> dog") == 2 and captions.count("a photo of sks cat") == 2, captions
@@ -115,7 +116,8 @@ def test_job_page_shows_curves_samples_downloads_and_names_as_text(browser, stac
     assert int(browser.find_element(By.CSS_SELECTOR, ".charts figure:last-child polyline").get_attribute("data-points")) == 6
     plots = browser.find_elements(By.CSS_SELECTOR, ".figures img")
     assert plots and "shrink" in plots[0].get_attribute("data-name")
-    assert "tiny-sd1" in browser.find_element(By.CSS_SELECTOR, ".kv").text  # the metadata summary
+    summary = browser.find_element(By.CSS_SELECTOR, "#summary").text  # the metadata summary
+    assert "tiny-sd1" in summary and "base model sha256" in summary, summary
 
     assert browser.find_element(By.CSS_SELECTOR, "h1.job-name").text == XSS_NAME
     assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
@@ -129,13 +131,13 @@ def test_job_page_shows_curves_samples_downloads_and_names_as_text(browser, stac
         if name.endswith(".safetensors") or name == "metadata.json":  # presigned on this s3:// root
             with urllib.request.urlopen(a.get_attribute("href"), timeout=30) as resp:
                 assert hashlib.sha256(resp.read()).hexdigest() == by_name[name]["sha256"], name
-    screenshot(browser, SCREENSHOTS, "job")
 
 
 def test_jobs_list_shows_both_jobs_with_names_as_text(browser, stack, state):
     browser.get(stack.url + "/ui/#/")
     rows = wait_until(browser, lambda: (r := browser.find_elements(By.CSS_SELECTOR, "table.jobs tbody tr")) and
                       len(r) >= 2 and r, 20, "two rows")
+    screenshot(browser, SCREENSHOTS, "jobs-running")
     names = {r.get_attribute("data-job"): r.find_element(By.CSS_SELECTOR, "td.name a").text for r in rows}
     assert names[state["a"]] == XSS_NAME and names[state["b"]] == "console-b"
     _no_alert(browser)
@@ -148,10 +150,11 @@ def test_jobs_list_shows_both_jobs_with_names_as_text(browser, stack, state):
 def test_compare_shows_spec_differences_curves_and_samples(browser, stack, state):
     browser.get(f"{stack.url}/ui/#/compare/{state['a']}/{state['b']}")
     table = wait_until(browser, lambda: browser.find_element(By.CSS_SELECTOR, "table.diff"), 20, "the differences")
+    time.sleep(2)
+    screenshot(browser, SCREENSHOTS, "compare")
     assert "optimizer.learning_rate" in table.text and "shrink.enabled" in table.text
     wait_until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 2, 20, "two curves")
     wait_until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, ".pair")) == 2, 20, "sample pairs")
-    screenshot(browser, SCREENSHOTS, "compare")
 
 
 def test_a_bad_spec_shows_each_problem_next_to_its_field(browser, stack, state):

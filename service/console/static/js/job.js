@@ -166,8 +166,11 @@ async function showResults(section, jobId, j) {
     section.append(h("section", { class: "card" }, h("h2", { text: "Grids and plots" }),
       h("div", { class: "figures" }, ...images.map(([label, name]) => figure(jobId, name, `${label}: ${name}`)))));
   }
-  if (d.shrink_report) section.append(h("section", { class: "card" }, h("h2", { text: "Shrink report" }), keyValues(flat(d.shrink_report))));
-  section.append(h("section", { class: "card" }, h("h2", { text: "Summary" }), keyValues(Object.entries(d.summary))));
+  if (d.shrink_report) {
+    const { timings_s: _, ...report } = d.shrink_report;  // the timings are for benchmarks, not for choosing a save
+    section.append(h("section", { class: "card", id: "shrink-report" }, h("h2", { text: "Shrink report" }), keyValues(flat(report))));
+  }
+  section.append(h("section", { class: "card", id: "summary" }, h("h2", { text: "Summary" }), keyValues(Object.entries(d.summary))));
   if (j.outputs.length) section.append(h("section", { class: "card" }, h("h2", { text: "Downloads" }), downloads(jobId, j.outputs)));
 }
 
