@@ -82,7 +82,7 @@ def _guess(text: str) -> Literal["json", "toml", "kohya"]:
 def _parse(text: str, fmt: str) -> Any:
     try:
         return json.loads(text) if fmt == "json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+    except (ValueError, RecursionError, tomllib.TOMLDecodeError) as exc:  # RecursionError: nested too deeply
         raise errors.InvalidSpec(f"not valid {fmt.upper()}: {exc}",
                                  problems=[FieldProblem(path="(root)", message=f"not valid {fmt.upper()}: {exc}")]) from None
 
