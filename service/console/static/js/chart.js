@@ -68,5 +68,5 @@ function niceStep(raw) {
 
 function fmtTick(t) {
   const a = Math.abs(t);
-  return a !== 0 && (a < 1e-3 || a >= 1e5) ? t.toExponential(1) : String(+t.toPrecision(4));
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? t.toExponential(2).replace(/\.?0+e/, "e") : String(+t.toPrecision(4));
 }

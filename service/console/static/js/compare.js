@@ -12,7 +12,7 @@ export function render(view, a, b) {
   const pickB = h("select", { id: "cmp-b", "aria-label": "Second job" });
   const out = h("div", { id: "compare-out" });
   view.append(h("h1", { text: "Compare two jobs" }),
-    h("form", { class: "row card", onsubmit: (e) => { e.preventDefault(); location.hash = `#/compare/${encodeURIComponent(pickA.value)}/${encodeURIComponent(pickB.value)}`; } },
+    h("form", { class: "card compare-form", onsubmit: (e) => { e.preventDefault(); location.hash = `#/compare/${encodeURIComponent(pickA.value)}/${encodeURIComponent(pickB.value)}`; } },
       h("label", { for: "cmp-a", text: "A" }), pickA, h("label", { for: "cmp-b", text: "B" }), pickB,
       h("button", { type: "submit", class: "primary", text: "Compare" })),
     out);
@@ -45,7 +45,9 @@ async function show(out, a, b) {
   out.append(h("div", { class: "charts single" }, chart));
   const [ma, mb, da, db] = await Promise.all([`/v1/jobs/${ea}/metrics`, `/v1/jobs/${eb}/metrics`, `/v1/jobs/${ea}/details`, `/v1/jobs/${eb}/details`]
     .map((p) => api(p).catch(() => null)));
-  chart.update([ma, mb].filter(Boolean).map((m, i) => ({ label: `${i ? "B" : "A"}: ${m.job_id}`, points: m.points.map((p) => [p.step, p.loss]) })));
+  const label = (d, id) => (d && d.spec && d.spec.name) || id;
+  chart.update([[ma, da, a], [mb, db, b]].filter(([m]) => m).map(([m, d, id], i) => (
+    { label: `${i ? "B" : "A"}: ${label(d, id)}`, points: m.points.map((p) => [p.step, p.loss]) })));
   if (!da || !db) return;
   const key = (s) => `${s.step}/${s.index}`;
   const inB = new Map(db.samples.map((s) => [key(s), s]));

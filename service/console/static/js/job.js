@@ -164,7 +164,7 @@ async function showResults(section, jobId, j) {
   const images = [...d.grids.map((n) => ["Grid", n]), ...d.plots.map((n) => ["Plot", n])];
   if (images.length) {
     section.append(h("section", { class: "card" }, h("h2", { text: "Grids and plots" }),
-      h("div", { class: "figures" }, ...images.map(([label, name]) => figure(jobId, name, `${label}: ${name}`)))));
+      h("div", { class: "figures" }, ...images.map(([label, name]) => figure(jobId, name, `${label}: ${name}`, "wide")))));
   }
   if (d.shrink_report) {
     const { timings_s: _, ...report } = d.shrink_report;  // the timings are for benchmarks, not for choosing a save
@@ -181,15 +181,20 @@ export function gallery(jobId, samples) {
     h("div", { class: "thumbs" }, ...samples.filter((s) => s.step === step).map((s) => figure(jobId, s.name, s.prompt ?? `prompt ${s.index}`))))));
 }
 
-export function figure(jobId, name, caption) {
-  const img = h("img", { alt: caption, width: 256, height: 256, loading: "lazy", "data-name": name });
-  outputUrl(jobId, name).then((url) => { img.src = url; }).catch(() => { img.alt = `${caption} (could not load)`; });
-  return h("figure", { class: "thumb" }, img, h("figcaption", { text: caption }));
+// An output image; a click opens it at full size. "wide" (grids, plots) is shown at its own aspect.
+export function figure(jobId, name, caption, size = "thumb") {
+  const img = h("img", { alt: caption, loading: "lazy", "data-name": name });
+  const link = h("a", { href: "#", class: "zoom", title: "Open at full size" }, img);
+  outputUrl(jobId, name).then((url) => { img.src = url; link.href = url; link.target = "_blank"; })
+    .catch(() => { img.alt = `${caption} (could not load)`; });
+  return h("figure", { class: size }, link, h("figcaption", { text: caption }));
 }
 
+// Nested keys as dotted rows; a long list (the per-layer table) as its length, not its content.
 function flat(obj, prefix = "") {
   return Object.entries(obj).flatMap(([k, v]) => (v && typeof v === "object" && !Array.isArray(v)
-    ? flat(v, `${prefix}${k}.`) : [[`${prefix}${k}`, Array.isArray(v) ? JSON.stringify(v) : v]])).slice(0, 60);
+    ? flat(v, `${prefix}${k}.`)
+    : [[`${prefix}${k}`, Array.isArray(v) ? (v.length > 8 ? `${v.length} entries` : JSON.stringify(v)) : v]])).slice(0, 60);
 }
 
 function keyValues(entries) {

@@ -44,6 +44,7 @@ export function render(view) {
 
   // Text → spec object (JSON parsed here; TOML and sd-scripts text by the server), then spec checks.
   async function convert(explicit) {
+    clearTimeout(timer);  // a pending check of the same text is this one
     const my = ++seq;
     const raw = text.value;
     clear(notes);
@@ -55,7 +56,11 @@ export function render(view) {
       try { obj = JSON.parse(raw); } catch (err) { return showProblems(my, null, [{ path: "(root)", message: `not valid JSON: ${err.message}` }]); }
       if (obj && obj.spec && typeof obj.spec === "object" && !("version" in obj)) obj = obj.spec;
     } else {
-      if (fmt === "auto" && !explicit && looksLikeCommand(raw)) { setText(status, "An sd-scripts command: press “Convert to spec”."); return; }
+      if (fmt === "auto" && !explicit && looksLikeCommand(raw)) {
+        status.className = "status-line";
+        setText(status, "An sd-scripts command: press “Convert to spec”.");
+        return;
+      }
       try {
         const res = await api("/v1/specs:convert", { method: "POST", body: { text: raw, format: fmt } });
         if (my !== seq) return;
@@ -76,6 +81,7 @@ export function render(view) {
       const res = await api(`/v1/jobs:validate?preflight=${withPreflight}`, { method: "POST", body: { spec } });
       if (my !== seq) return true;
       showProblems(my, spec, res.warnings || []);
+      status.className = "status-line";
       setText(status, withPreflight ? "The spec and the dataset passed the checks." : "The spec passes the checks (dataset preflight not run yet).");
       if (res.preflight) showPreflight(res.preflight);
       return true;
