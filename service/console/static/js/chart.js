@@ -4,7 +4,7 @@
 
 import { clear, h } from "./dom.js";
 
-const W = 600, H = 220, PAD = { left: 58, right: 12, top: 12, bottom: 28 };
+const W = 600, H = 220, PAD = { left: 68, right: 12, top: 12, bottom: 28 };
 
 export function lineChart(title) {
   const svg = h("svg:svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });
