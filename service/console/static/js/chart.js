@@ -1,5 +1,5 @@
 // A line chart in SVG, drawn here rather than with a charting library: a loss or learning-rate curve
-// needs only axes, a polyline per series and a legend (about a hundred lines), it ships no third-party
+// needs only axes, a polyline per series and a legend (about eighty lines), it ships no third-party
 // code, and the chart box has a fixed aspect ratio so a redraw never moves the page.
 
 import { clear, h } from "./dom.js";
