@@ -71,6 +71,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     spec_path.write_text(json.dumps(stack.example_spec(), indent=2))
     _err(f"lathe dev: API {stack.url} (docs {stack.url}/schema), S3 {stack.s3_endpoint}, bucket s3://lathe\n"
          f"  export LATHE_URL={stack.url} LATHE_TOKEN={stack.token}\n"
+         f"  console {stack.console_url}    # sign in with the LATHE_TOKEN above\n"
          f"  lathe submit {spec_path}    # tiny model {stack.model_uri}, dataset {stack.dataset_uri}\n"
          "Ctrl-C stops everything.")
     try:

@@ -29,8 +29,10 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from service.api import errors
+from service.api import artifact_routes, errors
+from service.console import routes as console_routes
 from service.api.conformance import JsonRequest, MethodRules
+from service.jobs.convert import SpecConvertRequest
 from service.jobs.jobdiff import JobDiff
 from service.jobs.operations import JobService
 from service.state.jobstore import JobStore
@@ -184,7 +186,8 @@ def _doc_components() -> dict[str, Any]:
     """msgspec's JSON schemas of the request bodies (JobCreateDoc and the JobSpec tree, UploadCreate), as
     OpenAPI components: msgspec decodes these bodies, so its schemas say exactly what is accepted
     (`additionalProperties: false` wherever unknown fields are refused)."""
-    _, components = msgspec.json.schema_components([JobCreateDoc, JobCreate, UploadCreate, DatasetReportRequest],
+    _, components = msgspec.json.schema_components([JobCreateDoc, JobCreate, UploadCreate, DatasetReportRequest,
+                                                    SpecConvertRequest],
                                                    ref_template="#/components/schemas/{name}")
     return components
 
@@ -212,8 +215,11 @@ def submit_job(
 
 @post("/v1/jobs:validate", sync_to_thread=True, status_code=200, operation_class=_SpecBodyOperation, summary="Validate a job without launching",
       responses=_responses(400, 401, 415, 422, 429, 503))
-def validate_job(request: Request, data: JobCreate, tenant: Tenant) -> ValidationResult:
-    return _services(request).jobs.validate(tenant, data)
+def validate_job(request: Request, data: JobCreate, tenant: Tenant,
+                 preflight: Annotated[bool, Parameter(description="false: the spec checks only, without the "
+                                                      "dataset preflight (fast; for checks as a user types)")] = True,
+                 ) -> ValidationResult:
+    return _services(request).jobs.validate(tenant, data, preflight)
 
 
 @dataclass
@@ -484,7 +490,7 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
     api = Router(
         path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs,
                                   diff_jobs, rerun_job, job_events, create_upload, dataset_report_post,
-                                  dataset_report_get],
+                                  dataset_report_get, *artifact_routes.ROUTES],
         dependencies={"tenant": Provide(_provide_tenant, sync_to_thread=False)},
         middleware=[DefineMiddleware(_TenantAuth, exclude_http_methods=["OPTIONS"])],
         security=[{"bearer": []}], tags=["jobs"],
@@ -500,7 +506,7 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         render_plugins=[SwaggerRenderPlugin(path="/"), JsonRenderPlugin(path="/openapi.json")],
     )
     app = Litestar(
-        route_handlers=[api, healthz, readyz, metrics],
+        route_handlers=[api, healthz, readyz, metrics, *console_routes.ROUTES],
         openapi_config=openapi,
         exception_handlers={errors.ServiceError: _service_error, HTTPException: _http_error,
                             RecursionError: _recursion_error, Exception: _internal_error},

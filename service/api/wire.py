@@ -169,9 +169,12 @@ class JobSummary(msgspec.Struct, kw_only=True):
     phase: Phase
     submitted_at: float
     updated_at: float
+    finished_at: float | None = None
     attempt: int
     step: int = 0
     total_steps: int = 0
+    eta_s: float | None = None  # while training: seconds left at the current speed
+    loss: float | None = None  # the running average loss
     error: ErrorInfo | None = None
 
 

@@ -45,6 +45,7 @@ class DevStack:
         self.verbose = verbose  # the local S3 server's access log (one line per request)
         self.s3_endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.url = f"http://127.0.0.1:{self.api_port}"
+        self.console_url = f"{self.url}/ui/"  # the web console: sign in there with the token (never in the URL)
         self.model_uri = f"s3://{DEV_BUCKET}/models/tiny-sd1"
         self.dataset_uri = f"s3://{DEV_BUCKET}/datasets/tiny"
         self._moto: Any = None

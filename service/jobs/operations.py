@@ -74,9 +74,11 @@ class JobService:
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="lathe-read")
 
     # -- checks ---------------------------------------------------------------------------------
-    def check(self, tenant: Tenant, body: JobCreate) -> tuple[JobSpec, PreflightReport | None, list[FieldProblem]]:
-        """Spec, tenant URIs and limits, then the dataset preflight. Returns the spec as it will run
-        (with the tenant's max runtime filled in), the report and the warnings."""
+    def check(self, tenant: Tenant, body: JobCreate,
+              preflight: bool = True) -> tuple[JobSpec, PreflightReport | None, list[FieldProblem]]:
+        """Spec, tenant URIs and limits, then the dataset preflight (unless `preflight` is False: the
+        console's checks as the user types). Returns the spec as it will run (with the tenant's max
+        runtime filled in), the report and the warnings."""
         try:
             spec = spec_from_obj(body.spec)
         except SpecError as exc:
@@ -91,7 +93,7 @@ class JobService:
         self._check_tagger(spec)
         self._check_webhook(body.webhook_url)
         spec = self._apply_limits(tenant, spec)
-        if spec.dataset is None:  # a post-training job: no dataset to inspect
+        if spec.dataset is None or not preflight:  # a post-training job: no dataset to inspect
             warnings = [FieldProblem(path=w.path, message=w.message, severity="warning") for w in warnings_for(spec)]
             return spec, None, warnings
         report = self._preflight(spec)
@@ -263,8 +265,8 @@ class JobService:
                                      f"'{tenant.name}' may use ({allowed})"))])
         return run_report(req, self._report_limits, self._open_cached)
 
-    def validate(self, tenant: Tenant, body: JobCreate) -> ValidationResult:
-        spec, report, warnings = self.check(tenant, body)
+    def validate(self, tenant: Tenant, body: JobCreate, preflight: bool = True) -> ValidationResult:
+        spec, report, warnings = self.check(tenant, body, preflight)
         return ValidationResult(ok=True, spec_hash=spec_hash(spec), warnings=warnings, preflight=report)
 
     # -- submit ---------------------------------------------------------------------------------
@@ -489,8 +491,9 @@ class JobService:
             prog = status.progress if status is not None else None
             return JobSummary(id=job_id, name=record.name, kind=record.kind, phase=eff.phase, submitted_at=record.submitted_at,
                               updated_at=max(record.updated_at, status.updated_at if status else 0.0),
-                              attempt=record.attempt, step=prog.step if prog else 0,
-                              total_steps=prog.total_steps if prog else 0, error=eff.error)
+                              finished_at=record.finished_at, attempt=record.attempt, step=prog.step if prog else 0,
+                              total_steps=prog.total_steps if prog else 0, eta_s=prog.eta_s if prog else None,
+                              loss=prog.avg_loss if prog else None, error=eff.error)
 
         return self._call(lambda: list(self._pool.map(one, job_ids)))
 

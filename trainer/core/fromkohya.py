@@ -197,10 +197,11 @@ class _Unresolved(str):
 class Conversion:
     """Collects the JobSpec object being built and the notes that explain what was not mapped."""
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, *, local_files: bool = True) -> None:
         self.obj: dict[str, Any] = {"version": 1}
         self.notes: list[str] = []
         self.base_dir = base_dir
+        self.local_files = local_files  # False on a server: no path in the text may reach its disk
 
     def note(self, flag: str, reason: str) -> None:
         self.notes.append(f"{flag}: {reason}" if flag else reason)
@@ -222,7 +223,7 @@ class Conversion:
 
     def local_path(self, given: str) -> Path | None:
         """The local file a path in the script refers to, relative paths taken from the script's folder."""
-        if "://" in given:
+        if "://" in given or not self.local_files:
             return None
         path = Path(os.path.expanduser(given))
         return path if path.is_absolute() else self.base_dir / path
@@ -950,12 +951,14 @@ def _config_flags(doc: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def convert(text: str, *, base_dir: str | os.PathLike[str] | None = None) -> tuple[JobSpec | None, list[str]]:
+def convert(text: str, *, base_dir: str | os.PathLike[str] | None = None,
+            local_files: bool = True) -> tuple[JobSpec | None, list[str]]:
     """An sd-scripts command line (shell script) or config TOML → (JobSpec or None, notes).
 
     `base_dir` is where relative local paths (dataset config, sample prompts) are looked up; the current
-    directory by default. Notes list every flag not mapped, with the reason, and any spec problem."""
-    conv = Conversion(Path(base_dir) if base_dir is not None else Path.cwd())
+    directory by default; with `local_files=False` no local path is read or listed (they are noted as not
+    readable here). Notes list every flag not mapped, with the reason, and any spec problem."""
+    conv = Conversion(Path(base_dir) if base_dir is not None else Path.cwd(), local_files=local_files)
     arch = "sd"
     try:
         doc: dict[str, Any] | None = tomllib.loads(text)

@@ -30,6 +30,7 @@ from trainer.core.failures import SUCCESS_EXIT, JobFailure, Reason
 from trainer.core.jobdir import Checkpoints, StatusReporter, with_retries
 from trainer.job.publish import LocalOutput, Publisher
 from trainer.core.settings import trainer_settings
+from trainer.job.metrics_log import MetricsLog
 from trainer.core.spec import UNSHRINKABLE_ALGOS, JobSpec, SpecError, decode_spec, encode_spec, spec_hash, warnings_for
 from trainer.core.status import OutputFile
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
@@ -128,6 +129,7 @@ class Job:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         self._last_progress_write = 0.0
+        self.metrics_log = MetricsLog(ctx.job, ctx.work_dir / "metrics.jsonl", enabled=reporter.enabled)
         self._sampled_steps: set[int] = set()
         self._last_epoch: int | None = None
         self.parts: Any = None
@@ -358,6 +360,7 @@ class Job:
                     sample.every_n_epochs and epoch_done and self._last_epoch % sample.every_n_epochs == 0):
                 self._sample(step)
         self._last_epoch = epoch
+        self.metrics_log.record(step, total, epoch, loss, next(iter(lrs.values()), None) if lrs else None)
         now = time.monotonic()
         if now - self._last_progress_write < 1.0 and step < total:
             return
