@@ -31,6 +31,7 @@ CHECKPOINTS_PREFIX = "checkpoints/"
 MANIFEST_NAME = "manifest.json"
 LOG_KEY = "logs/trainer.log"
 TENSORBOARD_PREFIX = "logs/tensorboard/"
+METRICS_KEY = "metrics.jsonl"  # the per-step history (trainer/job/metrics_log.py), read by the console
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ from trainer.core.storage import NotFound, StorageError, Store
 
 log = logging.getLogger("lathe.metrics")
 
-METRICS_KEY = "metrics.jsonl"
+from trainer.core.jobdir import METRICS_KEY
 
 
 class MetricsLog:
