@@ -30,16 +30,18 @@ import tarfile
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
-from trainer.core.jobdir import sha256_file
-from trainer.core.storage import NotFound, ObjectInfo, S3Store, StorageError, parse_uri
+from trainer.core.jobdir import sha256_file, with_retries
+from trainer.core.storage import AccessDenied, NotFound, ObjectInfo, S3Store, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 GiB = 1024**3
 DEFAULT_MAX_DATASET_BYTES = int(os.environ.get("LATHE_MAX_DATASET_BYTES", str(50 * GiB)))
@@ -127,7 +129,8 @@ def ensure_model(uri: str, cache_dir: str) -> ModelFetch:
             shutil.rmtree(stale, ignore_errors=True)
         partial = f"{entry}.partial-{os.getpid()}"
         log.info("downloading model %s (%d files, %.1f MB)", uri, len(objects), total / 1e6)
-        store.download_many([(o, os.path.join(partial, n)) for n, o in zip(names, objects)])
+        pairs = [(o, os.path.join(partial, n)) for n, o in zip(names, objects)]
+        _retried(lambda: store.download_many(pairs), what=f"downloading model {uri}")
         shutil.rmtree(entry, ignore_errors=True)  # left by a run that died before its marker
         os.rename(partial, entry)
         _write_atomic(marker, msgspec.json.encode({"uri": uri, "files": dict(zip(names, objects))}))
@@ -221,76 +224,99 @@ def fetch_dataset(
     max_files: int = DEFAULT_MAX_DATASET_FILES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
-    engine: str | None = None,
     sources: dict | None = None,
 ) -> str:
     """Local folder holding the dataset `uri`; local folders are checked and returned as they are.
 
     `dest_dir` is replaced by the download (nothing appears there until everything passed the
-    checks). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`). `sources`, when
+    checks). `workers` is the number of objects in flight (`Store.download_many`). `sources`, when
     given, is filled with what the store said about the objects read (the dataset manifest's input):
     `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size, etag, sha256}.
+    An S3 download that fails on the store's side is started again from the listing until
+    `with_retries` gives up (an outage); refusals (JobFailure) and missing objects are not retried.
     """
     sources = {} if sources is None else sources
     limits = _Limits(max_bytes, max_files, max_pixels)
     scheme, bucket, key = parse_uri(uri)
-    is_archive = key.lower().endswith(ARCHIVE_SUFFIXES)
-
     if scheme == "file":
-        if os.path.isdir(key):
-            check_images(key, max_pixels, where=f"dataset {uri}")
-            return key
-        if not os.path.exists(key):
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
-        if not is_archive:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset {uri} is a file but not an archive; give a folder or a "
-                f"{'/'.join(ARCHIVE_SUFFIXES)} file",
-            )
-        sources["archive"] = {"key": os.path.basename(key), "size": os.path.getsize(key), "etag": None,
-                              "sha256": sha256_file(key)}
-        with _staging(dest_dir) as staging:
-            extract_archive(key, staging, limits=limits, where=f"dataset archive {uri}")
-            check_images(staging, max_pixels, where=f"dataset archive {uri}", member=True)
-        return dest_dir
-
+        return _local_dataset(uri, key, dest_dir, limits, sources)
     store = S3Store(bucket)
-    if is_archive:
+    if key.lower().endswith(ARCHIVE_SUFFIXES):
+        return _retried(lambda: _s3_archive_dataset(store, uri, key, dest_dir, limits, sources),
+                        what=f"downloading dataset archive {uri}")
+    return _retried(lambda: _s3_prefix_dataset(store, uri, key, dest_dir, limits, sources, workers),
+                    what=f"downloading dataset {uri}")
+
+
+def _retried(fn: Callable[[], T], *, what: str) -> T:
+    """`fn` again through an outage (`with_retries`), but not on refused credentials: those need a
+    person, so the job fails at once, for the same reason (`storage_error`)."""
+    def once() -> T:
         try:
-            info = store.head(key)
-        except NotFound:
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
-        if info.size > limits.max_bytes:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
-                "split the dataset or raise LATHE_MAX_DATASET_BYTES",
-            )
-        with _staging(dest_dir) as staging:
-            archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
-            try:
-                store.download_file(key, archive)
-                sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
-                extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
-            finally:
-                if os.path.exists(archive):
-                    os.unlink(archive)
-            check_images(staging, max_pixels, where=f"dataset archive {uri}", member=True)
-        return dest_dir
+            return fn()
+        except AccessDenied as exc:
+            raise JobFailure(Reason.STORAGE_ERROR, exc.message) from exc
 
-    folder = key if not key or key.endswith("/") else key + "/"
+    return with_retries(once, what=what)
+
+
+def _local_dataset(uri: str, path: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
+    if os.path.isdir(path):
+        check_images(path, limits.max_pixels, where=f"dataset {uri}")
+        return path
+    if not os.path.exists(path):
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
+    if not path.lower().endswith(ARCHIVE_SUFFIXES):
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset {uri} is a file but not an archive; give a folder or a {'/'.join(ARCHIVE_SUFFIXES)} file",
+        )
+    sources["archive"] = {"key": os.path.basename(path), "size": os.path.getsize(path), "etag": None,
+                          "sha256": sha256_file(path)}
     with _staging(dest_dir) as staging:
-        # The listing is vetted as it is read, while the transfer runs: a refusal stops both.
-        objects = sources.setdefault("objects", {})
+        extract_archive(path, staging, limits=limits, where=f"dataset archive {uri}")
+        check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
+    return dest_dir
 
+
+def _s3_archive_dataset(store: S3Store, uri: str, key: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
+    try:
+        info = store.head(key)
+    except NotFound:
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
+    if info.size > limits.max_bytes:
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
+            "split the dataset or raise LATHE_MAX_DATASET_BYTES",
+        )
+    with _staging(dest_dir) as staging:
+        archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
+        try:
+            store.download_many([(info, archive)])
+            sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
+            extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
+        finally:
+            if os.path.exists(archive):
+                os.unlink(archive)
+        check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
+    return dest_dir
+
+
+def _s3_prefix_dataset(store: S3Store, uri: str, key: str, dest_dir: str, limits: _Limits, sources: dict,
+                       workers: int | None) -> str:
+    folder = key if not key or key.endswith("/") else key + "/"
+    objects = sources.setdefault("objects", {})
+    objects.clear()  # what an earlier, failed attempt listed
+    with _staging(dest_dir) as staging:
+        # The listing is vetted as it is read, while the transfers run: a refusal stops both.
         def listed() -> Iterator[tuple[ObjectInfo, str]]:
             for rel, info in _vetted_listing(store, folder, uri, limits):
                 objects[rel] = (info.key, info.size, info.etag)
                 yield info, os.path.join(staging, rel)
 
-        store.download_tree(folder, listed(), staging, workers=workers, engine=engine)
-        check_images(staging, max_pixels, where=f"dataset {uri}")
+        store.download_many(listed(), workers=workers)
+        check_images(staging, limits.max_pixels, where=f"dataset {uri}")
     return dest_dir
 
 
