@@ -90,8 +90,9 @@ def transfer_config(workers: int | None = None) -> Any:
     return TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
         max_concurrency=max(1, workers or DEFAULT_TRANSFER_WORKERS), use_threads=True,
-        # The CRT transfer client boto3 picks on some instance types signs for AWS's own endpoints
-        # only; the classic one goes through our client (custom endpoint, retries) everywhere.
+        # boto3's CRT transfer client (picked by default on some instance types when awscrt is
+        # installed) builds its requests for the default endpoint, not our client's; the classic one
+        # goes through our client (custom endpoint, botocore's retries) everywhere.
         preferred_transfer_client="classic",
     )
 
