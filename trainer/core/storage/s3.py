@@ -141,7 +141,7 @@ def map_error(op: str, uri: str, bucket: str, exc: BaseException) -> StorageErro
                                 "(AWS_ACCESS_KEY_ID / profile) and the bucket policy", uri)
         return StorageError(f"{op} {uri}: {code or status} {exc}", uri)
     if isinstance(exc, NoCredentialsError):
-        return StorageError(f"{op} {uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+        return AccessDenied(f"{op} {uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                             "or AWS_PROFILE", uri)
     # Connection trouble that outlasted botocore's retries.
     return StorageError(f"{op} {uri}: {type(exc).__name__}: {exc} (gave up after botocore's retries)", uri)
