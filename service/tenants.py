@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from trainer.core.uris import parse_uri
+from trainer.core.storage import parse_uri
 
 TenantName = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
 TokenHash = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]

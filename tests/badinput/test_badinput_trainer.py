@@ -149,7 +149,7 @@ def test_bad_dataset_on_s3_is_dataset_invalid(tmp_path, bi_s3, bi_bucket, case, 
     kwargs = {"max_bytes": limits[0], "max_files": limits[1]} if limits else {}
     dest = tmp_path / "dataset"
     with pytest.raises(JobFailure) as err:
-        fetch_dataset(uri, str(dest), engine="boto3", **kwargs)
+        fetch_dataset(uri, str(dest), **kwargs)
     _check_failure(err.value, Reason.DATASET_INVALID, [words, uri])
     assert not dest.exists() and not list(tmp_path.glob("dataset.partial-*"))
 

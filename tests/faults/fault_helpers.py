@@ -73,8 +73,8 @@ def trainer_env(endpoint: str, cache_dir: Path, attempt: int) -> dict[str, str]:
 
 
 class TrainerRun:
-    """One attempt of `python -m trainer run SPEC`, in its own process group (a SIGKILL takes its
-    s5cmd children with it, as a container kill would)."""
+    """One attempt of `python -m trainer run SPEC`, in its own process group (a SIGKILL takes
+    any children with it, as a container kill would)."""
 
     def __init__(self, spec_uri: str, env: dict[str, str], work: Path,
                  on_line: Callable[[TrainerRun, str], None] | None = None) -> None:

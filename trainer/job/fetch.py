@@ -30,17 +30,19 @@ import tarfile
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
-from trainer.core.jobdir import sha256_file
+from trainer.core.jobdir import sha256_file, with_retries
 from trainer.core.settings import trainer_settings
-from trainer.core.storage import NotFound, ObjectInfo, S3Store, StorageError, parse_uri
+from trainer.core.storage import AccessDenied, NotFound, ObjectInfo, S3Store, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -118,7 +120,8 @@ def ensure_model(uri: str, cache_dir: str) -> ModelFetch:
             shutil.rmtree(stale, ignore_errors=True)
         partial = f"{entry}.partial-{os.getpid()}"
         log.info("downloading model %s (%d files, %.1f MB)", uri, len(objects), total / 1e6)
-        store.download_many([(o, os.path.join(partial, n)) for n, o in zip(names, objects)])
+        pairs = [(o, os.path.join(partial, n)) for n, o in zip(names, objects)]
+        _retried(lambda: store.download_many(pairs), what=f"downloading model {uri}")
         shutil.rmtree(entry, ignore_errors=True)  # left by a run that died before its marker
         os.rename(partial, entry)
         _write_atomic(marker, msgspec.json.encode({"uri": uri, "files": dict(zip(names, objects))}))
@@ -212,17 +215,17 @@ def fetch_dataset(
     max_files: int | None = None,
     max_pixels: int | None = None,
     workers: int | None = None,
-    engine: str | None = None,
     sources: dict | None = None,
 ) -> str:
     """Local folder holding the dataset `uri`; local folders are checked and returned as they are.
 
     `dest_dir` is replaced by the download (nothing appears there until everything passed the
     checks). The limits default to LATHE_MAX_DATASET_BYTES / _FILES and LATHE_MAX_IMAGE_PIXELS
-    (trainer/core/settings.py). `workers`/`engine` tune the S3 transfer (see `S3Store.download_many`).
-    `sources`, when given, is filled with what the store said about the objects read (the dataset
-    manifest's input): `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size,
-    etag, sha256}.
+    (trainer/core/settings.py). `workers` is the number of objects in flight (`Store.download_many`). `sources`, when
+    given, is filled with what the store said about the objects read (the dataset manifest's input):
+    `objects` {relative path: (key, size, ETag)} for a folder, `archive` {key, size, etag, sha256}.
+    An S3 download that fails on the store's side is started again from the listing until
+    `with_retries` gives up (an outage); refusals (JobFailure) and missing objects are not retried.
     """
     sources = {} if sources is None else sources
     limits = _default_limits(max_bytes, max_files, max_pixels)
@@ -231,24 +234,25 @@ def fetch_dataset(
         return _local_dataset(uri, key, dest_dir, limits, sources)
     store = S3Store(bucket)
     if key.lower().endswith(ARCHIVE_SUFFIXES):
-        return _s3_archive_dataset(uri, store, key, dest_dir, limits, sources)
-    folder = key if not key or key.endswith("/") else key + "/"
-    with _staging(dest_dir) as staging:
-        # The listing is vetted as it is read, while the transfer runs: a refusal stops both.
-        objects = sources.setdefault("objects", {})
+        return _retried(lambda: _s3_archive_dataset(store, uri, key, dest_dir, limits, sources),
+                        what=f"downloading dataset archive {uri}")
+    return _retried(lambda: _s3_prefix_dataset(store, uri, key, dest_dir, limits, sources, workers),
+                    what=f"downloading dataset {uri}")
 
-        def listed() -> Iterator[tuple[ObjectInfo, str]]:
-            for rel, info in _vetted_listing(store, folder, uri, limits):
-                objects[rel] = (info.key, info.size, info.etag)
-                yield info, os.path.join(staging, rel)
 
-        store.download_tree(folder, listed(), staging, workers=workers, engine=engine)
-        check_images(staging, limits.max_pixels, where=f"dataset {uri}")
-    return dest_dir
+def _retried(fn: Callable[[], T], *, what: str) -> T:
+    """`fn` again through an outage (`with_retries`), but not on refused credentials: those need a
+    person, so the job fails at once, for the same reason (`storage_error`)."""
+    def once() -> T:
+        try:
+            return fn()
+        except AccessDenied as exc:
+            raise JobFailure(Reason.STORAGE_ERROR, exc.message) from exc
+
+    return with_retries(once, what=what)
 
 
 def _local_dataset(uri: str, path: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
-    """A local folder (checked, used in place) or archive (extracted into `dest_dir`)."""
     if os.path.isdir(path):
         check_images(path, limits.max_pixels, where=f"dataset {uri}")
         return path
@@ -257,8 +261,7 @@ def _local_dataset(uri: str, path: str, dest_dir: str, limits: _Limits, sources:
     if not path.lower().endswith(ARCHIVE_SUFFIXES):
         raise JobFailure(
             Reason.DATASET_INVALID,
-            f"dataset {uri} is a file but not an archive; give a folder or a "
-            f"{'/'.join(ARCHIVE_SUFFIXES)} file",
+            f"dataset {uri} is a file but not an archive; give a folder or a {'/'.join(ARCHIVE_SUFFIXES)} file",
         )
     sources["archive"] = {"key": os.path.basename(path), "size": os.path.getsize(path), "etag": None,
                           "sha256": sha256_file(path)}
@@ -268,8 +271,7 @@ def _local_dataset(uri: str, path: str, dest_dir: str, limits: _Limits, sources:
     return dest_dir
 
 
-def _s3_archive_dataset(uri: str, store: S3Store, key: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
-    """An archive on S3: its size checked before the download, then extracted into `dest_dir`."""
+def _s3_archive_dataset(store: S3Store, uri: str, key: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
     try:
         info = store.head(key)
     except NotFound:
@@ -283,13 +285,30 @@ def _s3_archive_dataset(uri: str, store: S3Store, key: str, dest_dir: str, limit
     with _staging(dest_dir) as staging:
         archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
         try:
-            store.download_file(key, archive)
+            store.download_many([(info, archive)])
             sources["archive"] = {"key": key, "size": info.size, "etag": info.etag, "sha256": sha256_file(archive)}
             extract_archive(archive, staging, limits=limits, where=f"dataset archive {uri}")
         finally:
             if os.path.exists(archive):
                 os.unlink(archive)
         check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
+    return dest_dir
+
+
+def _s3_prefix_dataset(store: S3Store, uri: str, key: str, dest_dir: str, limits: _Limits, sources: dict,
+                       workers: int | None) -> str:
+    folder = key if not key or key.endswith("/") else key + "/"
+    objects = sources.setdefault("objects", {})
+    objects.clear()  # what an earlier, failed attempt listed
+    with _staging(dest_dir) as staging:
+        # The listing is vetted as it is read, while the transfers run: a refusal stops both.
+        def listed() -> Iterator[tuple[ObjectInfo, str]]:
+            for rel, info in _vetted_listing(store, folder, uri, limits):
+                objects[rel] = (info.key, info.size, info.etag)
+                yield info, os.path.join(staging, rel)
+
+        store.download_many(listed(), workers=workers)
+        check_images(staging, limits.max_pixels, where=f"dataset {uri}")
     return dest_dir
 
 

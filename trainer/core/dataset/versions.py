@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.storage import Store, open_store
-from trainer.core.uris import parse_uri
+from trainer.core.storage import parse_uri
 
 MAX_CAPTION_BYTES = 1024 * 1024
 
