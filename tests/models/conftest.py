@@ -12,16 +12,12 @@ os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
+def tiny_models(tiny_pipeline):
     """{arch: (folder, single_file)} for sd1, sd2 and sdxl."""
-    from trainer.models.tiny import build_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("tiny")
     out = {}
     for arch in ("sd1", "sd2", "sdxl"):
-        folder = root / arch
-        single = build_tiny_pipeline(arch, str(folder), single_file=True, seed=1)
-        out[arch] = (str(folder), single)
+        single = tiny_pipeline(arch, single_file=True, seed=1)
+        out[arch] = (os.path.dirname(single), single)
     return out
 
 

@@ -12,33 +12,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from train_helpers import make_spec
+
+from tests.common_helpers import free_port
 from trainer.job.launch import pick
 from trainer.core.spec import encode_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(spec_path: Path, root: Path, tag: str) -> subprocess.Popen[str]:
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [sys.executable, "-m", "trainer", "launch", "--",
                str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+               "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "run", str(spec_path)]
     env = {**os.environ, "LATHE_WORK_DIR": str(root / "work"), "LATHE_CACHE_DIR": str(root / "cache"),
            "HF_HOME": str(root / "hf"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "LATHE_TEST_TAG": tag}
@@ -62,10 +58,8 @@ def _rank_pid(tag: str, rank: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from trainer.models.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline("sd1", str(tmp_path_factory.mktemp("model") / "sd1"))
+def sd1(tiny_pipeline: Callable[..., str]) -> str:
+    return tiny_pipeline("sd1")
 
 
 def test_pick_prefers_the_code_that_explains_the_attempt() -> None:
