@@ -71,8 +71,9 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
         if last:
             return last
         if proc is not None and proc.poll() is not None:
-            output = proc.stdout.read()[-4000:] if proc.stdout else ""
-            raise AssertionError(f"process exited early with {proc.returncode} while waiting for {what or predicate}:\n{output}")
+            output = "".join(o if isinstance(o, str) else o.decode(errors="replace") for o in proc.communicate() if o)
+            raise AssertionError(f"process exited early with {proc.returncode} while waiting for "
+                                 f"{what or predicate}:\n{output[-4000:]}")
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}; last value {last!r}")
 

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +22,19 @@ import pytest
 
 from train_helpers import make_spec
 
-from tests.common_helpers import free_port
+from tests.common_helpers import free_port, wait_for
 from trainer.job.launch import pick
 from trainer.core.spec import encode_spec
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _step(job: Path) -> int:
+    try:
+        status = json.loads((job / "status.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return status.get("progress", {}).get("step", 0)
 
 
 def _start(spec_path: Path, root: Path, tag: str) -> subprocess.Popen[str]:
@@ -93,16 +100,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(sd1: str, tiny_d
     (job / "spec.json").write_bytes(encode_spec(spec))
     tag = uuid.uuid4().hex
     proc = _start(job / "spec.json", tmp_path, tag)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:  # wait until training runs
-        try:
-            status = json.loads((job / "status.json").read_text())
-        except (OSError, ValueError):
-            status = {}
-        if status.get("progress", {}).get("step", 0) >= 2:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        time.sleep(0.5)
+    wait_for(lambda: _step(job) >= 2, timeout_s=400, interval_s=0.5, what="training to run", proc=proc)
     pid = _rank_pid(tag, 1)
     assert pid is not None
     os.kill(pid, signal.SIGTERM)  # rank 0 is not signalled: only rank 1's pod was preempted
