@@ -1,9 +1,15 @@
-"""Helpers several test folders share: the spec overrides, polling, bucket teardown and the app
-clients. A uniquely named module, imported as `tests.common_helpers` (never through `conftest`)."""
+"""Helpers several test folders share: job specs and their overrides, image bytes, polling, free
+ports, S3 clients and bucket teardown, and the app clients. A uniquely named module, imported as
+`tests.common_helpers` (never through `conftest`)."""
 
 from __future__ import annotations
 
+import io
+import socket
+import struct
+import subprocess
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,16 +28,68 @@ def apply_changes(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
     return doc
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "") -> Any:
-    """The first truthy value of `predicate()`, polled every `interval_s`; AssertionError after `timeout_s`."""
+def job_spec(bucket: str, data_prefix: str = "datasets/tiny", **changes: Any) -> dict[str, Any]:
+    """A small valid spec training on `s3://<bucket>/<data_prefix>` for 3 steps on the CPU; dotted keys
+    override, None removes (`{"training.max_train_steps": 5, "model.uri": None}`)."""
+    doc: dict[str, Any] = {
+        "version": 1,
+        "model": {"uri": f"s3://{bucket}/models/tiny"},
+        "dataset": {"uri": f"s3://{bucket}/{data_prefix}", "resolution": 64, "caption_extension": ".txt"},
+        "training": {"max_train_steps": 3},
+        "resources": {"gpus": 0},
+    }
+    return apply_changes(doc, changes)
+
+
+def image_bytes(w: int = 64, h: int = 64, color: tuple[int, int, int] = (200, 80, 40), fmt: str = "PNG") -> bytes:
+    """A one-colour RGB image encoded as `fmt` (any format PIL writes)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG whose IHDR claims w x h with almost no pixel data (a decompression bomb's header):
+    decoding it fails, so a check that passes or refuses it can only have read the header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "",
+             proc: subprocess.Popen | None = None) -> Any:
+    """The first truthy value of `predicate()`, polled every `interval_s`; AssertionError after `timeout_s`,
+    or as soon as `proc` (a process the value depends on) has exited."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
         last = predicate()
         if last:
             return last
+        if proc is not None and proc.poll() is not None:
+            output = "".join(o if isinstance(o, str) else o.decode(errors="replace") for o in proc.communicate() if o)
+            raise AssertionError(f"process exited early with {proc.returncode} while waiting for "
+                                 f"{what or predicate}:\n{output[-4000:]}")
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}; last value {last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_client(endpoint: str) -> Any:
+    """A boto3 S3 client of the local test server (fake credentials: no real account is reachable)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
 
 
 def delete_bucket(s3: Any, name: str) -> None:

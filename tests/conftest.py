@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1, and a proxy that can cut it off.
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1, a proxy that can cut it off, and
+tiny random pipelines built once per session.
 
 Environment defaults are set at import, before any test module imports torch or boto3:
 one OpenMP thread (torch is 20-50x slower with two on a shared 2-core machine), no hub access,
@@ -16,9 +17,11 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+
+from tests.common_helpers import delete_bucket, free_port, s3_client
 
 for _name, _value in {
     "OMP_NUM_THREADS": "1",
@@ -42,12 +45,6 @@ os.environ.update(
 )
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_name, None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -100,18 +97,11 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(s3_server: str) -> Iterator[str]:
     """A fresh, empty bucket on the session's server; its objects are removed afterwards."""
-    import boto3
-
     name = f"t-{uuid.uuid4().hex[:16]}"
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client = s3_client(s3_server)
     client.create_bucket(Bucket=name)
     yield name
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=name):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
-    client.delete_bucket(Bucket=name)
+    delete_bucket(client, name)
 
 
 class CuttableProxy:
@@ -220,3 +210,23 @@ def _fresh_trainer_settings() -> Iterator[None]:
     trainer_settings.cache_clear()
     yield
     trainer_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """`tiny_pipeline(arch, single_file=False, seed=0)`: what `build_tiny_pipeline` returns (the diffusers
+    folder, or the single-file checkpoint inside it), built once per session for each set of arguments
+    (a build imports the diffusion stack). Suites share the folder: files written beside it need names
+    of their own."""
+    built: dict[tuple[str, bool, int], str] = {}
+
+    def get(arch: str, *, single_file: bool = False, seed: int = 0) -> str:
+        key = (arch, single_file, seed)
+        if key not in built:
+            from trainer.models.tiny import build_tiny_pipeline
+
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}") / arch
+            built[key] = build_tiny_pipeline(arch, str(folder), single_file=single_file, seed=seed)
+        return built[key]
+
+    return get

@@ -13,11 +13,10 @@ import json
 import struct
 import tarfile
 import zipfile
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
-from tests.common_helpers import apply_changes
+from tests.common_helpers import image_bytes, job_spec, png_header  # noqa: F401 (png_header: re-exported)
 
 TOKEN = "tok-badinput-7Qx2mV9pL4"  # the one tenant's bearer token
 TENANT = "acme"
@@ -38,20 +37,7 @@ def auth(token: str = TOKEN) -> dict[str, str]:
 
 
 def image(w: int = 64, h: int = 64, fmt: str = "PNG") -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (200, 80, 40)).save(buf, fmt)
-    return buf.getvalue()
-
-
-def png_header(w: int, h: int) -> bytes:
-    """A PNG whose IHDR claims w x h with almost no pixel data: a decompression bomb's header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return image_bytes(w, h, fmt=fmt)
 
 
 # ---------------------------------------------------------------------------------------- archives
@@ -145,15 +131,8 @@ def good_members() -> list[tuple[str, bytes]]:
 
 
 def spec(bucket: str, **changes: Any) -> dict[str, Any]:
-    """A small valid spec; dotted keys override, None removes (`{"model.uri": None}`)."""
-    doc: dict[str, Any] = {
-        "version": 1,
-        "model": {"uri": f"s3://{bucket}/models/tiny"},
-        "dataset": {"uri": f"s3://{bucket}/datasets/good", "resolution": 64, "caption_extension": ".txt"},
-        "training": {"max_train_steps": 3},
-        "resources": {"gpus": 0},
-    }
-    return apply_changes(doc, changes)
+    """A small valid spec on the good dataset; dotted keys override, None removes (`{"model.uri": None}`)."""
+    return job_spec(bucket, "datasets/good", **changes)
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.badinput.badinput_helpers import LEAK_MARKERS, auth, good_members, image, spec, tar_bytes
+from tests.common_helpers import wait_for
 
 
 def test_the_trainer_refuses_a_hostile_tarball_naming_the_member(bi_s3, bi_bucket, bi_tokens_file, tmp_path):
-    import time
-
     from litestar.testing import TestClient
 
     from service.api.app import create_app
@@ -36,13 +35,12 @@ def test_the_trainer_refuses_a_hostile_tarball_naming_the_member(bi_s3, bi_bucke
         assert r.status_code == 201, r.text
         assert any("not inspected" in w for w in r.json()["warnings"]), r.json()  # the preflight said so
         job_id = r.json()["id"]
-        deadline = time.monotonic() + 120
-        job: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+
+        def finished() -> dict[str, Any] | None:
             job = api.get(f"/v1/jobs/{job_id}", headers=auth()).json()
-            if job.get("finished_at"):
-                break
-            time.sleep(0.2)
+            return job if job.get("finished_at") else None
+
+        job = wait_for(finished, 120, 0.2, "the job to finish")
         logs = api.get(f"/v1/jobs/{job_id}/logs", headers=auth()).text
         assert job["phase"] == "failed", (job, logs)
         assert job["error"]["reason"] == "dataset_invalid", job

@@ -15,9 +15,9 @@ from tests.lifecycle.lifecycle_helpers import s3_client, upload_dir
 
 
 @pytest.fixture(scope="session")
-def fault_assets(tmp_path_factory) -> dict[str, Path]:
+def fault_assets(tmp_path_factory, tiny_pipeline) -> dict[str, Path]:
     """A tiny SD1.5 pipeline (folder) and a tiny dataset (shared with tests/lifecycle in one session)."""
-    return build_tiny_assets(tmp_path_factory)
+    return build_tiny_assets(tmp_path_factory, tiny_pipeline)
 
 
 @pytest.fixture()

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from trainer.models.merge import MergeInput, merge_checkpoint
 from trainer.models.load import load_model
-from trainer.models.tiny import build_tiny_pipeline
 from trainer.sampling.samples import pipeline_for, render_image
 from trainer.core.spec import ModelSpec, parse_sample_prompt
 from trainer.job.run import run_job
@@ -36,9 +35,9 @@ def _lora(base: BaseModel, names: list[str], seed: int, path) -> None:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_pipeline):
     root = tmp_path_factory.mktemp("grid")
-    single = build_tiny_pipeline("sd1", str(root / "sd1"), single_file=True, seed=1)
+    single = tiny_pipeline("sd1", single_file=True, seed=1)
     base = BaseModel(single)
     names = sorted(n for n in base._index if n.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_te_"))
                    and n.endswith(("attn1_to_q", "attn2_to_k", "attn2_to_v", "self_attn_v_proj")))

@@ -13,9 +13,9 @@ from tests.lifecycle.lifecycle_helpers import build_tiny_assets, s3_client, uplo
 
 
 @pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+def tiny_assets(tmp_path_factory, tiny_pipeline) -> dict[str, Path]:
     """A tiny SD1.5 pipeline (folder) and a tiny dataset, built once per session."""
-    return build_tiny_assets(tmp_path_factory)
+    return build_tiny_assets(tmp_path_factory, tiny_pipeline)
 
 
 @pytest.fixture()

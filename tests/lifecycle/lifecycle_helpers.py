@@ -11,24 +11,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import boto3
+from tests.common_helpers import apply_changes, s3_client, wait_for  # noqa: F401 (s3_client, wait_for: re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 _ASSETS: dict[str, Path] = {}
 
 
-def build_tiny_assets(tmp_path_factory) -> dict[str, Path]:
-    """A tiny SD1.5 pipeline (folder) and a tiny dataset, built once per session (the test suites
-    that need them share the one build: it costs an import of the diffusion stack)."""
+def build_tiny_assets(tmp_path_factory, tiny_pipeline) -> dict[str, Path]:
+    """A tiny SD1.5 pipeline (folder, from the session's `tiny_pipeline` fixture) and a tiny dataset,
+    built once per session (the test suites that need them share the one build)."""
     if not _ASSETS:
-        from trainer.models.tiny import build_tiny_pipeline
         from trainer.tools.tinydata import make_tiny_dataset
 
         root = tmp_path_factory.mktemp("assets")
-        model = Path(build_tiny_pipeline("sd1", str(root / "tiny-sd1")))
+        model = Path(tiny_pipeline("sd1"))
         make_tiny_dataset(str(root / "data"), images=6, seed=0)
         _ASSETS.update(model=model, data=root / "data")
     return dict(_ASSETS)
@@ -43,11 +41,6 @@ def trainer_env(endpoint: str, cache_dir: Path, attempt: int = 1) -> dict[str, s
         "PYTHONUNBUFFERED": "1",
     })
     return env
-
-
-def s3_client(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                        aws_secret_access_key="testing", region_name="us-east-1")
 
 
 def upload_dir(client, bucket: str, local: Path, prefix: str) -> None:
@@ -69,13 +62,7 @@ def make_spec(bucket: str, **overrides) -> dict:
         "shrink": {"enabled": True},
         "logging": {"log_with": "tensorboard"},
     }
-    for path, value in overrides.items():
-        node = spec
-        keys = path.split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return spec
+    return apply_changes(spec, overrides)
 
 
 def put_spec(endpoint: str, bucket: str, job_id: str, spec: dict) -> str:
@@ -94,18 +81,6 @@ def read_json(endpoint: str, bucket: str, key: str) -> dict | None:
         return json.loads(s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read())
     except Exception:  # noqa: BLE001 — not there (yet) or the server is briefly down
         return None
-
-
-def wait_for(predicate, timeout: float = 240, interval: float = 0.2, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"trainer exited early with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(interval)
-    raise AssertionError("timed out waiting")
 
 
 def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:

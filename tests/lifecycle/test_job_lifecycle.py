@@ -91,9 +91,9 @@ def test_sigkill_then_rerun_finishes_exactly(s3_server, job_bucket, tmp_path, ph
     uri = put_spec(s3_server, job_bucket, job, make_spec(job_bucket, **{"training.max_train_steps": 8}))
     proc = start_trainer(uri, trainer_env(s3_server, tmp_path / "cache"), tmp_path / "w1")
     if isinstance(phase_or_step, int):
-        wait_for(lambda: (_status(s3_server, job_bucket, job).get("progress") or {}).get("step", 0) >= phase_or_step, proc=proc)
+        wait_for(lambda: (_status(s3_server, job_bucket, job).get("progress") or {}).get("step", 0) >= phase_or_step, timeout_s=240, proc=proc)
     else:
-        wait_for(lambda: _status(s3_server, job_bucket, job).get("phase") in (phase_or_step, "succeeded"), interval=0.05, proc=proc)
+        wait_for(lambda: _status(s3_server, job_bucket, job).get("phase") in (phase_or_step, "succeeded"), timeout_s=240, interval_s=0.05, proc=proc)
     kill(proc)
     proc.wait()
     proc2 = start_trainer(uri, trainer_env(s3_server, tmp_path / "cache", attempt=2), tmp_path / "w2")
@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_then_resumes(s3_server, job_bucket, tmp_path):
     spec = make_spec(job_bucket, **{"training.max_train_steps": 40, "save.checkpoint_every_n_steps": 100})
     uri = put_spec(s3_server, job_bucket, job, spec)
     proc = start_trainer(uri, trainer_env(s3_server, tmp_path / "cache"), tmp_path / "w1")
-    wait_for(lambda: (_status(s3_server, job_bucket, job).get("progress") or {}).get("step", 0) >= 2, proc=proc)
+    wait_for(lambda: (_status(s3_server, job_bucket, job).get("progress") or {}).get("step", 0) >= 2, timeout_s=240, proc=proc)
     kill(proc, signal.SIGTERM)
     code, out = finish(proc, timeout=60)
     assert code == 20, out[-4000:]  # preempted: retryable

@@ -6,12 +6,12 @@ does not disturb the shared server of other tests.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 from moto.server import ThreadedMotoServer
 
+from tests.common_helpers import free_port
 from tests.lifecycle.lifecycle_helpers import (
     finish, make_spec, put_spec, read_json, s3_client, start_trainer, trainer_env, upload_dir, wait_for,
 )
@@ -19,16 +19,15 @@ from tests.lifecycle.lifecycle_helpers import (
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _moto_server(port: int) -> ThreadedMotoServer:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
 
 
 def test_job_survives_s3_outage(tiny_assets, tmp_path):
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    port = free_port()
+    server = _moto_server(port)
     endpoint = f"http://127.0.0.1:{port}"
     client = s3_client(endpoint)
     client.create_bucket(Bucket="outage")
@@ -39,11 +38,10 @@ def test_job_survives_s3_outage(tiny_assets, tmp_path):
     proc = start_trainer(uri, trainer_env(endpoint, tmp_path / "cache"), tmp_path / "w")
     try:
         wait_for(lambda: ((read_json(endpoint, "outage", "tenants/t1/jobs/j-outage/status.json") or {})
-                          .get("progress") or {}).get("step", 0) >= 2, proc=proc)
+                          .get("progress") or {}).get("step", 0) >= 2, timeout_s=240, proc=proc)
         server.stop()  # checkpoints, heartbeats and later uploads hit a dead endpoint
         time.sleep(4)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
+        server = _moto_server(port)
         code, out = finish(proc)
         assert code == 0, out[-4000:]
         meta = read_json(endpoint, "outage", "tenants/t1/jobs/j-outage/output/metadata.json")

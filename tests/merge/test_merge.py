@@ -47,15 +47,13 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_pipeline):
     from trainer.models.load import load_model
-    from trainer.models.tiny import build_tiny_pipeline
 
-    root = tmp_path_factory.mktemp("tiny")
     out = {}
     for arch in ("sd1", "sdxl"):
-        single = build_tiny_pipeline(arch, str(root / arch), single_file=True, seed=1)
-        out[arch] = (str(root / arch), single, load_model(ModelSpec(uri=single, arch=arch), weight_dtype=torch.float32))
+        single = tiny_pipeline(arch, single_file=True, seed=1)
+        out[arch] = (os.path.dirname(single), single, load_model(ModelSpec(uri=single, arch=arch), weight_dtype=torch.float32))
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import ModelSpec
 from trainer.models.load import encode_prompts, load_model
 
 
@@ -26,9 +27,9 @@ def _ids(parts, prompt: str, chunks: int = 1):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_single_file_loads_like_the_folder(tiny_models, parts_for, model_spec, arch):
+def test_single_file_loads_like_the_folder(tiny_models, parts_for, arch):
     folder_parts = parts_for(arch)
-    single = load_model(model_spec(uri=tiny_models[arch][1], arch=arch), weight_dtype=torch.float32)
+    single = load_model(ModelSpec(uri=tiny_models[arch][1], arch=arch), weight_dtype=torch.float32)
     assert single.arch == arch and len(single.text_encoders) == (2 if arch == "sdxl" else 1)
     for a, b in [(folder_parts.unet, single.unet), (folder_parts.vae, single.vae),
                  *zip(folder_parts.text_encoders, single.text_encoders)]:
@@ -96,24 +97,24 @@ def test_encode_prompts_sdxl(parts_for):
     assert torch.allclose(pooled, ref, atol=1e-6)
 
 
-def test_separate_vae_and_no_half_vae(tiny_models, model_spec):
+def test_separate_vae_and_no_half_vae(tiny_models):
     folder = tiny_models["sd1"][0]
-    spec = model_spec(uri=folder, arch="sd1", vae=folder + "/vae", no_half_vae=True)
+    spec = ModelSpec(uri=folder, arch="sd1", vae=folder + "/vae", no_half_vae=True)
     parts = load_model(spec, weight_dtype=torch.bfloat16)
     assert parts.vae.dtype == torch.float32 and parts.unet.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_wrong_architecture_is_model_invalid(tiny_models, model_spec, arch):
+def test_wrong_architecture_is_model_invalid(tiny_models, arch):
     other = "sdxl" if arch == "sd1" else "sd1"
     for uri in tiny_models[arch]:
         with pytest.raises(JobFailure) as err:
-            load_model(model_spec(uri=uri, arch=other), weight_dtype=torch.float32)
+            load_model(ModelSpec(uri=uri, arch=other), weight_dtype=torch.float32)
         assert err.value.reason == Reason.MODEL_INVALID
         assert uri in err.value.message and f"arch={other!r}" in err.value.message
 
 
-def test_bad_files_are_model_invalid(tmp_path, tiny_models, model_spec):
+def test_bad_files_are_model_invalid(tmp_path, tiny_models):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     corrupt = tmp_path / "corrupt.safetensors"
@@ -127,19 +128,19 @@ def test_bad_files_are_model_invalid(tmp_path, tiny_models, model_spec):
              lonely: "no tokenizer found", tmp_path / "missing.safetensors": "not found"}
     for path, words in cases.items():
         with pytest.raises(JobFailure) as err:
-            load_model(model_spec(uri=str(path), arch="sd1"), weight_dtype=torch.float32)
+            load_model(ModelSpec(uri=str(path), arch="sd1"), weight_dtype=torch.float32)
         assert err.value.reason == Reason.MODEL_INVALID
         assert str(path) in err.value.message and words in err.value.message
 
 
-def test_ckpt_single_file(tmp_path, tiny_models, parts_for, model_spec):
+def test_ckpt_single_file(tmp_path, tiny_models, parts_for):
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(tiny_models["sd2"][1]), "global_step": 10}, ckpt)
     for sub in ("tokenizer",):
         shutil.copytree(f"{tiny_models['sd2'][0]}/{sub}", tmp_path / sub)
-    parts = load_model(model_spec(uri=str(ckpt), arch="sd2", v_parameterization=True), weight_dtype=torch.float32)
+    parts = load_model(ModelSpec(uri=str(ckpt), arch="sd2", v_parameterization=True), weight_dtype=torch.float32)
     assert torch.equal(parts.unet.conv_in.weight, parts_for("sd2").unet.conv_in.weight)
     assert parts.text_encoders[0].config.num_hidden_layers == 3  # SD2's extra OpenCLIP block dropped
 

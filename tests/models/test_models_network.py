@@ -8,6 +8,7 @@ import torch
 
 from trainer.models.adapter_file import read_metadata, save_adapter
 from trainer.core.failures import JobFailure
+from trainer.core.spec import NetworkSpec
 from trainer.models.load import encode_prompts
 from trainer.models.network import ALGOS, build_network
 
@@ -64,9 +65,9 @@ def _train_one_step(network, parts):
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 @pytest.mark.parametrize("algo", ALGOS)
-def test_algo_build_train_save_reload(parts_for, network_spec, tmp_path, arch, algo):
+def test_algo_build_train_save_reload(parts_for, tmp_path, arch, algo):
     parts = parts_for(arch)
-    spec = network_spec(algo=algo, dim=4, alpha=2.0, factor=4 if algo in ("lokr", "boft", "diag-oft") else -1)
+    spec = NetworkSpec(algo=algo, dim=4, alpha=2.0, factor=4 if algo in ("lokr", "boft", "diag-oft") else -1)
     latents, t, ids = _inputs(parts)
     with torch.no_grad():
         base = _unet_out(parts, latents, t, ids)
@@ -105,16 +106,16 @@ def test_algo_build_train_save_reload(parts_for, network_spec, tmp_path, arch, a
     assert torch.allclose(reloaded, trained, atol=1e-5), (reloaded - trained).abs().max()
 
 
-def test_networks_lora_layer_set_and_scale(parts_for, network_spec):
+def test_networks_lora_layer_set_and_scale(parts_for):
     parts = parts_for("sd1")
-    plain = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0), parts,
+    plain = build_network(NetworkSpec(module="networks.lora", dim=4, alpha=2.0), parts,
                           train_unet=True, train_text_encoder=True)
     names = set(dict(plain.named_children()))
     # Transformer2DModel linears (+ its 1x1 proj convs) and CLIP attention/MLP only: no resnet layer.
     assert not any("resnets" in n or "samplers" in n or "conv_in" in n or "time_embedding" in n for n in names)
     # 6 transformers (2 down, 1 mid, 3 up) x (8 attention + 2 ff + 2 proj) linears; 3 CLIP layers x 6.
     assert plain.modules_count() == {"unet": 72, "text_encoder": 18}
-    with_conv = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0),
+    with_conv = build_network(NetworkSpec(module="networks.lora", dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0),
                               parts, train_unet=True, train_text_encoder=False)
     conv_names = dict(with_conv.named_children())
     assert "lora_unet_down_blocks_0_resnets_0_conv1" in conv_names
@@ -138,31 +139,31 @@ def test_networks_lora_layer_set_and_scale(parts_for, network_spec):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_block_dims(parts_for, network_spec):
+def test_block_dims(parts_for):
     parts = parts_for("sdxl")
     dims = [0] * 23
     dims[5] = 8  # input_blocks.4 (SDXL tiny: the first transformer of the attention level)
-    net = build_network(network_spec(module="networks.lora", block_dims=dims), parts, train_unet=True,
+    net = build_network(NetworkSpec(module="networks.lora", block_dims=dims), parts, train_unet=True,
                         train_text_encoder=False)
     names = [n for n, _ in net.named_children()]
     assert names and all(n.startswith("lora_unet_input_blocks_4_1_") for n in names)
     assert all(m.lora_down.weight.shape[0] == 8 for m in net.children())
     with pytest.raises(JobFailure) as err:
-        build_network(network_spec(module="networks.lora", block_dims=[4] * 25), parts, train_unet=True,
+        build_network(NetworkSpec(module="networks.lora", block_dims=[4] * 25), parts, train_unet=True,
                       train_text_encoder=False)
     assert "block_dims has 25 values; sdxl needs 23" in err.value.message
 
 
-def test_presets_param_groups_and_max_norm(parts_for, network_spec):
+def test_presets_param_groups_and_max_norm(parts_for):
     parts = parts_for("sdxl")
     counts = {}
     for preset in ("full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only", "unet-convblock-only"):
-        net = build_network(network_spec(preset=preset), parts, train_unet=True, train_text_encoder=True)
+        net = build_network(NetworkSpec(preset=preset), parts, train_unet=True, train_text_encoder=True)
         counts[preset] = net.modules_count()
         assert not any("add_embedding" in n or "label_emb" in n for n, _ in net.named_children())
     assert counts["full"]["unet"] > counts["full-lin"]["unet"] > counts["attn-mlp"]["unet"] > counts["attn-only"]["unet"]
     assert counts["unet-transformer-only"]["text_encoder_1"] == 0 and counts["unet-convblock-only"]["text_encoder_2"] == 0
-    net = build_network(network_spec(dim=4, alpha=4.0), parts, train_unet=True, train_text_encoder=True)
+    net = build_network(NetworkSpec(dim=4, alpha=4.0), parts, train_unet=True, train_text_encoder=True)
     groups = net.param_groups(unet_lr=1e-4, text_encoder_lr=[5e-5, 0.0])
     assert [(g["name"], g["lr"]) for g in groups] == [("textencoder1", 5e-5), ("unet", 1e-4)]
     with torch.no_grad():
@@ -170,20 +171,20 @@ def test_presets_param_groups_and_max_norm(parts_for, network_spec):
             p.normal_()
     scaled, mean_norm, max_norm = net.apply_max_norm(1.0, "cpu")
     assert scaled > 0 and max_norm == pytest.approx(1.0, rel=1e-3) and 0 < mean_norm <= max_norm + 1e-6
-    unet_only = build_network(network_spec(), parts, train_unet=True, train_text_encoder=False)
+    unet_only = build_network(NetworkSpec(), parts, train_unet=True, train_text_encoder=False)
     assert unet_only.modules_count()["text_encoder_1"] == 0
-    no_conv = build_network(network_spec(conv_dim=0), parts, train_unet=True, train_text_encoder=False)
+    no_conv = build_network(NetworkSpec(conv_dim=0), parts, train_unet=True, train_text_encoder=False)
     assert 0 < no_conv.modules_count()["unet"] < unet_only.modules_count()["unet"]
     assert not any(getattr(m, "lora_down", None) is not None and m.lora_down.weight.ndim == 4
                    and m.lora_down.weight.shape[-1] == 3 for m in no_conv.children())
     assert (net.algo, net.dim, net.alpha, net.conv_dim) == ("lora", 4, 4.0, None)
 
 
-def test_network_weights_of_another_model_are_refused(parts_for, network_spec, tmp_path):
-    sd1 = build_network(network_spec(), parts_for("sd1"), train_unet=True, train_text_encoder=True)
+def test_network_weights_of_another_model_are_refused(parts_for, tmp_path):
+    sd1 = build_network(NetworkSpec(), parts_for("sd1"), train_unet=True, train_text_encoder=True)
     path = tmp_path / "sd1.safetensors"
     save_adapter(sd1.state_dict_for_save(torch.float16), str(path), metadata={}, dtype="fp16")
-    sdxl = build_network(network_spec(), parts_for("sdxl"), train_unet=True, train_text_encoder=True)
+    sdxl = build_network(NetworkSpec(), parts_for("sdxl"), train_unet=True, train_text_encoder=True)
     with pytest.raises(JobFailure) as err:
         sdxl.load_weights(str(path))
     assert str(path) in err.value.message and "another architecture" in err.value.message
@@ -191,13 +192,13 @@ def test_network_weights_of_another_model_are_refused(parts_for, network_spec, t
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_lora_and_locon_files_load_in_diffusers(tiny_models, parts_for, network_spec, tmp_path, arch):
+def test_lora_and_locon_files_load_in_diffusers(tiny_models, parts_for, tmp_path, arch):
     from diffusers import DiffusionPipeline
 
     parts = parts_for(arch)
     latents, t, ids = _inputs(parts)
     for algo, conv_dim in (("lora", None), ("locon", 2)):
-        network = build_network(network_spec(algo=algo, dim=4, alpha=2.0, conv_dim=conv_dim), parts,
+        network = build_network(NetworkSpec(algo=algo, dim=4, alpha=2.0, conv_dim=conv_dim), parts,
                                 train_unet=True, train_text_encoder=True)
         try:
             _train_one_step(network, parts)
@@ -221,11 +222,11 @@ def test_lora_and_locon_files_load_in_diffusers(tiny_models, parts_for, network_
 
 
 @pytest.mark.parametrize("module_name", ["networks.lora", "lycoris.kohya"])
-def test_lora_layers_run_in_bypass_form_with_the_rebuild_forms_output(parts_for, network_spec, module_name):
+def test_lora_layers_run_in_bypass_form_with_the_rebuild_forms_output(parts_for, module_name):
     """LoRA/LoCon layers add up(down(x)) instead of rebuilding W + ΔW (rank-r work, not out×in per step);
     the output is the rebuild form's to fp32 round-off, on linear and conv layers alike."""
     parts = parts_for("sd1")
-    spec = network_spec(module=module_name, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
+    spec = NetworkSpec(module=module_name, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
     network = build_network(spec, parts, train_unet=True, train_text_encoder=False)
     modules = network.loras()
     assert modules and all(m.bypass_mode for m in modules)
@@ -248,27 +249,27 @@ def test_lora_layers_run_in_bypass_form_with_the_rebuild_forms_output(parts_for,
     assert torch.allclose(bypass, rebuilt, atol=1e-5), (bypass - rebuilt).abs().max()
 
 
-def test_lycoris_dropouts_keep_lycoris_rebuild_meaning(parts_for, network_spec):
+def test_lycoris_dropouts_keep_lycoris_rebuild_meaning(parts_for):
     """LyCORIS defines rank dropout on rows of ΔW in its default (rebuild) form: a lycoris.kohya job that
     asks for a dropout keeps that form; sd-scripts' networks.lora always drops on the rank axis (bypass)."""
     parts = parts_for("sd1")
-    lyco = build_network(network_spec(module="lycoris.kohya", dim=4, alpha=2.0, rank_dropout=0.1), parts,
+    lyco = build_network(NetworkSpec(module="lycoris.kohya", dim=4, alpha=2.0, rank_dropout=0.1), parts,
                          train_unet=True, train_text_encoder=False)
     assert not any(m.bypass_mode for m in lyco.loras())
-    kohya = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0, rank_dropout=0.1), parts,
+    kohya = build_network(NetworkSpec(module="networks.lora", dim=4, alpha=2.0, rank_dropout=0.1), parts,
                           train_unet=True, train_text_encoder=False)
     assert all(m.bypass_mode for m in kohya.loras())
-    loha = build_network(network_spec(algo="loha", dim=4, alpha=2.0), parts, train_unet=True, train_text_encoder=False)
+    loha = build_network(NetworkSpec(algo="loha", dim=4, alpha=2.0), parts, train_unet=True, train_text_encoder=False)
     assert not any(m.bypass_mode for m in loha.loras())
 
 
 @pytest.mark.parametrize("layer_kind", ["linear", "conv"])
-def test_networks_lora_dropouts_follow_sd_scripts(parts_for, network_spec, layer_kind):
+def test_networks_lora_dropouts_follow_sd_scripts(parts_for, layer_kind):
     """networks.lora in training: neuron dropout on lx = down(x), then a per-sample rank mask and the
     1/(1 − rank_dropout) rescale, exactly as sd-scripts' LoRAModule (same random draws, same output);
     in eval mode neither applies."""
     parts = parts_for("sd1")
-    spec = network_spec(module="networks.lora", dim=8, alpha=4.0, conv_dim=8, conv_alpha=4.0,
+    spec = NetworkSpec(module="networks.lora", dim=8, alpha=4.0, conv_dim=8, conv_alpha=4.0,
                         dropout=0.3, rank_dropout=0.25)
     network = build_network(spec, parts, train_unet=True, train_text_encoder=False)
     modules = dict(network.named_children())
@@ -312,13 +313,13 @@ def test_networks_lora_dropouts_follow_sd_scripts(parts_for, network_spec, layer
     assert torch.allclose(got_eval, expected_eval, atol=1e-5)
 
 
-def test_networks_lora_ignores_lycoris_only_options(parts_for, network_spec):
+def test_networks_lora_ignores_lycoris_only_options(parts_for):
     """The spec warns that networks.lora ignores LyCORIS options (as sd-scripts does): they must not
     reach the modules (use_scalar would add a trained scalar that sd-scripts' files do not have)."""
     parts = parts_for("sd1")
-    plain = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0), parts,
+    plain = build_network(NetworkSpec(module="networks.lora", dim=4, alpha=2.0), parts,
                           train_unet=True, train_text_encoder=False)
-    flagged = build_network(network_spec(module="networks.lora", dim=4, alpha=2.0, use_scalar=True,
+    flagged = build_network(NetworkSpec(module="networks.lora", dim=4, alpha=2.0, use_scalar=True,
                                          rank_dropout_scale=True), parts, train_unet=True, train_text_encoder=False)
     assert set(flagged.state_dict()) == set(plain.state_dict())
     assert not any(isinstance(m.scalar, torch.nn.Parameter) for m in flagged.loras())

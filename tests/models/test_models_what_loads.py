@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from trainer.models.adapter_file import save_adapter
+from trainer.core.spec import NetworkSpec
 from trainer.models.network import build_network
 
 CASES = {
@@ -213,8 +214,8 @@ def _full_rank(network) -> None:
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_trained_change_is_what_the_saved_file_applies(parts_for, network_spec, tmp_path, arch, case):
-    spec = network_spec(**CASES[case])
+def test_trained_change_is_what_the_saved_file_applies(parts_for, tmp_path, arch, case):
+    spec = NetworkSpec(**CASES[case])
     with _trained(spec, parts_for(arch)) as (network, bare):
         if spec.algo == "dylora":
             _full_rank(network)
@@ -227,10 +228,10 @@ def test_trained_change_is_what_the_saved_file_applies(parts_for, network_spec, 
         assert _check_layers(network, bare, saved) > 10
 
 
-def test_a_dylora_file_read_at_fewer_ranks_applies_what_training_applied_with_fewer_blocks(parts_for, network_spec, tmp_path):
+def test_a_dylora_file_read_at_fewer_ranks_applies_what_training_applied_with_fewer_blocks(parts_for, tmp_path):
     """Truncating a saved DyLoRA to its first k·block_size ranks (sd-scripts' extract_lora_from_dylora,
     alpha kept) gives what training applied with k blocks."""
-    spec = network_spec(algo="dylora", dim=12, alpha=6.0, block_size=4)
+    spec = NetworkSpec(algo="dylora", dim=12, alpha=6.0, block_size=4)
     with _trained(spec, parts_for("sd1"), text_encoder=False) as (network, bare):
         saved = _saved(network, tmp_path / "dylora.safetensors")
         for blocks in (1, 2, 3):
@@ -240,9 +241,9 @@ def test_a_dylora_file_read_at_fewer_ranks_applies_what_training_applied_with_fe
 
 
 @pytest.mark.parametrize("case", ["lokr-tucker-both", "dylora"])
-def test_continuing_from_a_saved_file_restores_the_trained_modules(parts_for, network_spec, tmp_path, case):
+def test_continuing_from_a_saved_file_restores_the_trained_modules(parts_for, tmp_path, case):
     """`network.weights` reads the file layout back into the training form: the same change per layer."""
-    parts, spec, path = parts_for("sd1"), network_spec(**CASES[case]), tmp_path / f"{case}.safetensors"
+    parts, spec, path = parts_for("sd1"), NetworkSpec(**CASES[case]), tmp_path / f"{case}.safetensors"
     with _trained(spec, parts, text_encoder=False) as (network, bare):
         saved = _saved(network, path)
     again = build_network(spec, parts, train_unet=True, train_text_encoder=False)
@@ -254,11 +255,11 @@ def test_continuing_from_a_saved_file_restores_the_trained_modules(parts_for, ne
 
 
 @pytest.mark.parametrize("case", ["lora", "locon-tucker", "loha", "lokr-tucker-both", "dylora", "full"])
-def test_a_shrunk_file_applies_the_change_the_shrink_reports(parts_for, network_spec, tmp_path, case):
+def test_a_shrunk_file_applies_the_change_the_shrink_reports(parts_for, tmp_path, case):
     from trainer.shrink.pipeline import shrink_file
 
     path, out = tmp_path / f"{case}.safetensors", tmp_path / f"{case}-shrunk.safetensors"
-    with _trained(network_spec(**CASES[case]), parts_for("sd1")) as (network, bare):
+    with _trained(NetworkSpec(**CASES[case]), parts_for("sd1")) as (network, bare):
         before = _by_module(_saved(network, path))
     report = shrink_file(str(path), str(out), base=None, rank=2, save_precision="fp32")
     after = _by_module(load_file(str(out)))
@@ -293,10 +294,10 @@ def test_the_loader_table_knows_which_presets_have_3x3_convs():
 
 
 @pytest.mark.parametrize("case", ["dylora", "full", "lokr-scalar", "lokr-tucker-both"])
-def test_resuming_from_a_checkpoint_restores_the_trained_modules(parts_for, network_spec, tmp_path, case):
+def test_resuming_from_a_checkpoint_restores_the_trained_modules(parts_for, tmp_path, case):
     """A resumable checkpoint holds the network's `state_dict()`; loading it into a fresh network (as a
     resumed job does, hooked in) gives every layer its trained change again. DyLoRA needs its own split."""
-    parts, spec = parts_for("sd1"), network_spec(**CASES[case])
+    parts, spec = parts_for("sd1"), NetworkSpec(**CASES[case])
     with _trained(spec, parts, text_encoder=False) as (network, bare):
         checkpoint = {k: v.detach().clone() for k, v in network.state_dict().items()}
         saved = _saved(network, tmp_path / f"{case}.safetensors")

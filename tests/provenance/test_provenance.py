@@ -7,18 +7,9 @@ import json
 import os
 import zipfile
 
+from tests.common_helpers import image_bytes
 from trainer.job.fetch import fetch_dataset
 from trainer.job.provenance import base_model_sha256, dataset_entry, manifest_bytes
-
-
-def _png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 80, 40)).save(out, format="PNG")
-    return out.getvalue()
 
 
 def _sha(data: bytes) -> str:
@@ -49,7 +40,7 @@ def test_dataset_manifest_of_a_folder_and_of_an_archive(tmp_path):
     data = tmp_path / "data" / "10_cat"
     data.mkdir(parents=True)
     (data / "a.txt").write_text("a cat")
-    png = _png()
+    png = image_bytes(8, 8)
     (data / "a.png").write_bytes(png)
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as zf:

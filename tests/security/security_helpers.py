@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tests.common_helpers import apply_changes, wait_for  # noqa: F401 (wait_for: re-exported)
+from tests.common_helpers import image_bytes, job_spec, wait_for  # noqa: F401 (wait_for: re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = REPO / "tests" / "service" / "fake_trainer.py"  # the service tests' stand-in trainer
@@ -49,24 +49,12 @@ def tenants_doc(bucket: str) -> dict[str, Any]:
 
 
 def spec(bucket: str, tenant: str = "acme", **changes: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "version": 1,
-        "model": {"uri": f"s3://{bucket}/models/tiny"},
-        "dataset": {"uri": f"s3://{bucket}/datasets/{tenant}/tiny", "resolution": 64, "caption_extension": ".txt"},
-        "training": {"max_train_steps": 3},
-        "resources": {"gpus": 0, "max_attempts": 1},
-    }
-    return apply_changes(doc, changes)
+    """A small valid spec on the tenant's dataset, one attempt only; dotted keys override."""
+    return job_spec(bucket, f"datasets/{tenant}/tiny", **{"resources.max_attempts": 1, **changes})
 
 
 def png(w: int = 64, h: int = 64) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (10, 120, 200)).save(buf, "PNG")
-    return buf.getvalue()
+    return image_bytes(w, h, (10, 120, 200))
 
 
 class LiveServer:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from tests.common_helpers import image_bytes
 from trainer.core.failures import JobFailure, Reason
 
 pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
@@ -110,15 +111,7 @@ def test_mutated_specs_are_refused_cleanly_or_round_trip(changes):
 # ---------------------------------------------------------------------------------------- images
 
 
-def _image(fmt: str) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 24), (1, 2, 3)).save(buf, fmt)
-    return buf.getvalue()
-
-
-SEEDS = [_image("PNG"), _image("JPEG"), _image("WEBP"), _image("BMP")]
+SEEDS = [image_bytes(40, 24, (1, 2, 3), fmt) for fmt in ("PNG", "JPEG", "WEBP", "BMP")]
 
 
 @st.composite

@@ -4,7 +4,6 @@ tenants, a small dataset, and a LocalLauncher running the stand-in trainer (fake
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import uuid
@@ -12,11 +11,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from PIL import Image
 
-from tests.common_helpers import apply_changes, app_clients, delete_bucket, wait_for  # noqa: F401 (wait_for: re-exported)
+from tests.common_helpers import app_clients, delete_bucket, s3_client, wait_for  # noqa: F401 (wait_for: re-exported)
+from tests.common_helpers import image_bytes as png  # noqa: F401 (re-exported)
+from tests.common_helpers import job_spec as spec  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
@@ -27,19 +26,13 @@ def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def png(w: int, h: int, color: tuple[int, int, int] = (200, 80, 40)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def put(client: Any, bucket: str, key: str, body: bytes) -> None:
     client.put_object(Bucket=bucket, Key=key, Body=body)
 
 
 @pytest.fixture(scope="module")
 def s3(s3_server: str) -> Any:
-    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    return s3_client(s3_server)
 
 
 def upload_tiny_dataset(s3: Any, bucket: str, prefix: str = "datasets/tiny") -> str:
@@ -76,18 +69,6 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory, bucket: str) -> Path:
     ]
     path.write_text(json.dumps({"tenants": tenants}))
     return path
-
-
-def spec(bucket: str, **changes: Any) -> dict[str, Any]:
-    """A small valid spec; dotted keys override (`{"training.max_train_steps": 5}`)."""
-    doc: dict[str, Any] = {
-        "version": 1,
-        "model": {"uri": f"s3://{bucket}/models/tiny"},
-        "dataset": {"uri": f"s3://{bucket}/datasets/tiny", "resolution": 64, "caption_extension": ".txt"},
-        "training": {"max_train_steps": 3},
-        "resources": {"gpus": 0},
-    }
-    return apply_changes(doc, changes)
 
 
 def auth(tenant: str = "acme") -> dict[str, str]:

@@ -21,14 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from trainer.models.tiny import build_tiny_pipeline
-
+def tiny(tiny_pipeline):
     out = {}
     for arch in ("sd1", "sdxl"):
-        folder = tmp_path_factory.mktemp(arch)
-        single = build_tiny_pipeline(arch, str(folder), single_file=True)
-        out[arch] = (folder, Path(single))
+        single = Path(tiny_pipeline(arch, single_file=True))
+        out[arch] = (single.parent, single)
     return out
 
 

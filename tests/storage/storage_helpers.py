@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 
@@ -17,19 +15,6 @@ def png_bytes(width: int = 16, height: int = 16, seed: int = 0) -> bytes:
     out = io.BytesIO()
     im.save(out, format="PNG")
     return out.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but has no pixel data: decoding it would fail,
-    so a check that passes or refuses it can only have read the header."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    # An empty IDAT ends the header (PIL stops reading there); decoding would find no pixels.
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 def make_dataset(root: Path, images_per_concept: int = 3) -> dict[str, bytes]:

@@ -9,8 +9,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from storage_helpers import make_dataset, png_bytes, png_header_only, read_tree
+from storage_helpers import make_dataset, png_bytes, read_tree
 
+from tests.common_helpers import png_header
 from trainer.core.failures import JobFailure, Reason
 from trainer.job.fetch import fetch_dataset
 from trainer.core.storage import open_store
@@ -193,12 +194,12 @@ def test_damaged_archive_is_refused(tmp_path) -> None:
 
 def test_images_over_the_pixel_limit_are_refused_from_the_header(s3_bucket, tmp_path) -> None:
     # 9000x9000 with no pixel data: only a header read can tell its size.
-    upload_tree(s3_bucket, "ds", {"1_a/ok.png": png_bytes(), "1_a/huge.png": png_header_only(9000, 9000)})
+    upload_tree(s3_bucket, "ds", {"1_a/ok.png": png_bytes(), "1_a/huge.png": png_header(9000, 9000)})
     refused(lambda: fetch_dataset(f"s3://{s3_bucket}/ds", str(tmp_path / "d")),
             "'1_a/huge.png' is 9000x9000 = 81000000 pixels", "not decoded")
     # So large that PIL's own decompression-bomb guard answers first.
     archive = tmp_path / "a.zip"
-    archive.write_bytes(zip_bytes({"1_a/bomb.png": png_header_only(100_000, 100_000)}))
+    archive.write_bytes(zip_bytes({"1_a/bomb.png": png_header(100_000, 100_000)}))
     refused(lambda: fetch_dataset(str(archive), str(tmp_path / "d")), "member '1_a/bomb.png'", "limit")
     # The limit is the caller's: a 40x30 image fails a 1000-pixel limit.
     folder = tmp_path / "local"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,9 @@ from trainer.core.spec import spec_from_obj
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def tiny_models(tiny_pipeline: Callable[..., str]) -> dict[str, str]:
     """Diffusers folders of tiny random sd1 / sd2 (v-prediction) / sdxl pipelines."""
-    from trainer.models.tiny import build_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("models")
-    return {arch: build_tiny_pipeline(arch, str(root / arch)) for arch in ("sd1", "sd2", "sdxl")}
+    return {arch: tiny_pipeline(arch) for arch in ("sd1", "sd2", "sdxl")}
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from train_helpers import make_spec
+
+from tests.common_helpers import free_port
 from trainer.core.spec import encode_spec
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -38,12 +39,6 @@ PROMPTS = [
     "a blue square --w 96 --h 64 --s 1",
     "a circle and a square --w 64 --h 96 --s 2",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def ddp_run(tiny_models: dict[str, str], tiny_data: str, tmp_path_factory: pytes
     (job / "spec.json").write_bytes(encode_spec(spec))
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+               "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                "--mixed_precision", "no", "--dynamo_backend", "no",
                str(WORKER), str(job / "spec.json"), str(probe)]
     # Both ranks share one work folder, as in a pod (manifests.py sets LATHE_WORK_DIR per pod).

@@ -12,33 +12,36 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from train_helpers import make_spec
+
+from tests.common_helpers import free_port, wait_for
 from trainer.job.launch import pick
 from trainer.core.spec import encode_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _step(job: Path) -> int:
+    try:
+        status = json.loads((job / "status.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return status.get("progress", {}).get("step", 0)
 
 
 def _start(spec_path: Path, root: Path, tag: str) -> subprocess.Popen[str]:
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [sys.executable, "-m", "trainer", "launch", "--",
                str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+               "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "run", str(spec_path)]
     env = {**os.environ, "LATHE_WORK_DIR": str(root / "work"), "LATHE_CACHE_DIR": str(root / "cache"),
            "HF_HOME": str(root / "hf"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "LATHE_TEST_TAG": tag}
@@ -62,10 +65,8 @@ def _rank_pid(tag: str, rank: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from trainer.models.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline("sd1", str(tmp_path_factory.mktemp("model") / "sd1"))
+def sd1(tiny_pipeline: Callable[..., str]) -> str:
+    return tiny_pipeline("sd1")
 
 
 def test_pick_prefers_the_code_that_explains_the_attempt() -> None:
@@ -99,16 +100,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(sd1: str, tiny_d
     (job / "spec.json").write_bytes(encode_spec(spec))
     tag = uuid.uuid4().hex
     proc = _start(job / "spec.json", tmp_path, tag)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:  # wait until training runs
-        try:
-            status = json.loads((job / "status.json").read_text())
-        except (OSError, ValueError):
-            status = {}
-        if status.get("progress", {}).get("step", 0) >= 2:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        time.sleep(0.5)
+    wait_for(lambda: _step(job) >= 2, timeout_s=400, interval_s=0.5, what="training to run", proc=proc)
     pid = _rank_pid(tag, 1)
     assert pid is not None
     os.kill(pid, signal.SIGTERM)  # rank 0 is not signalled: only rank 1's pod was preempted

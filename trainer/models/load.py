@@ -24,10 +24,10 @@ import torch
 
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.settings import trainer_settings
+from trainer.core.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("sd1", "sd2", "sdxl")
 ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 MIN_VOCAB = 256  # any real CLIP vocabulary has at least the 256 byte symbols
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -371,7 +371,7 @@ def load_vae(vae_path: str, arch: str):
     return vae
 
 
-def load_model(model_spec, *, weight_dtype: torch.dtype, vae_dtype: torch.dtype | None = None, device="cpu") -> ModelParts:
+def load_model(model_spec: ModelSpec, *, weight_dtype: torch.dtype, vae_dtype: torch.dtype | None = None, device="cpu") -> ModelParts:
     """Load the base model a `ModelSpec` names (`uri` is a local path by now).
 
     Text encoders and UNet are cast to `weight_dtype`; the VAE to `vae_dtype`, else fp32 when
@@ -379,9 +379,7 @@ def load_model(model_spec, *, weight_dtype: torch.dtype, vae_dtype: torch.dtype 
     """
     from diffusers import DDPMScheduler
 
-    arch = getattr(model_spec, "arch", None)
-    if arch not in ARCHS:
-        raise JobFailure(Reason.SPEC_INVALID, f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    arch = model_spec.arch
     source = Path(model_spec.uri)
     if not source.exists():
         raise _invalid(f"base model {source} not found")
@@ -395,11 +393,11 @@ def load_model(model_spec, *, weight_dtype: torch.dtype, vae_dtype: torch.dtype 
     unet, vae, text_encoders, tokenizers = _components(pipe, arch)
     for name, module in [("UNet", unet), ("VAE", vae)] + [(f"text encoder {i + 1}", te) for i, te in enumerate(text_encoders)]:
         _check_loaded(module, name, str(source))
-    if getattr(model_spec, "vae", None):
+    if model_spec.vae:
         vae = load_vae(model_spec.vae, arch)
     if vae_dtype is None:
-        vae_dtype = torch.float32 if getattr(model_spec, "no_half_vae", False) else weight_dtype
-    v_param = bool(getattr(model_spec, "v_parameterization", False))
+        vae_dtype = torch.float32 if model_spec.no_half_vae else weight_dtype
+    v_param = model_spec.v_parameterization
     folder_prediction = pipe.scheduler.config.get("prediction_type")
     if folder_prediction == "v_prediction" and not v_param:
         log.warning("%s is configured for v-prediction but v_parameterization is off", source)

@@ -15,17 +15,18 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
 
-from trainer.models import keys
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import Algo, NetworkSpec
+from trainer.models import keys
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "boft", "diag-oft")
-MODULES = ("lycoris.kohya", "networks.lora")
+ALGOS: tuple[str, ...] = get_args(Algo)
 TE_ATTENTION = ("CLIPAttention",)
 TE_ALL = ("CLIPAttention", "CLIPMLP")
 RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -60,11 +61,6 @@ PRESETS: dict[str, Preset] = {
 IA3_PRESET = Preset((), ("to_k", "to_v", "ff.net.2"), te_classes=(), te_names=("k_proj", "v_proj", "mlp.fc2"),
                     options_by_suffix={"ff.net.2": {"train_on_input": True}, "mlp.fc2": {"train_on_input": True}})
 GLORA_UNET_CLASSES = ("Transformer2DModel", "Attention")  # LyCORIS trains GLoRA on transformers only
-
-
-def _spec(spec, name, default=None):
-    value = getattr(spec, name, default)
-    return default if value is None else value
 
 
 @dataclass
@@ -105,24 +101,22 @@ def _walk(root: nn.Module, classes, names, *, suffix_names: bool) -> Iterator[tu
 class AdapterNetwork(nn.Module):
     """LyCORIS modules registered under their sd-scripts names."""
 
-    def __init__(self, spec, parts, targets: list[_Target], unet_names: set[str], te_names: list[set[str]]):
+    def __init__(self, spec: NetworkSpec, parts, targets: list[_Target], unet_names: set[str], te_names: list[set[str]]):
         super().__init__()
         self.spec = spec
         self.arch = parts.arch
         self._unet_names = unet_names
         self._te_names = te_names
-        self._algo = _spec(spec, "algo", "lora")
-        self._module = _spec(spec, "module", "lycoris.kohya")
         self.applied = False
         for t in targets:
-            self.add_module(t.lora_name, _make_module(self._module, self._algo, t, spec))
+            self.add_module(t.lora_name, _make_module(t, spec))
 
     # -- properties for metadata
-    algo = property(lambda self: self._algo if self._module == "lycoris.kohya" else "lora")
-    dim = property(lambda self: int(_spec(self.spec, "dim", 4)))
-    alpha = property(lambda self: float(_spec(self.spec, "alpha", 1.0)))
-    conv_dim = property(lambda self: _conv_dim(self.spec))
-    conv_alpha = property(lambda self: _conv_alpha(self.spec))
+    algo = property(lambda self: self.spec.algo if self.spec.module == "lycoris.kohya" else "lora")
+    dim = property(lambda self: self.spec.dim)
+    alpha = property(lambda self: self.spec.alpha)
+    conv_dim = property(lambda self: self.spec.conv_dim or None)  # 0 (no convs) is recorded as unset
+    conv_alpha = property(lambda self: self.spec.conv_alpha)
 
     def loras(self) -> list[nn.Module]:
         return list(self.children())
@@ -259,44 +253,28 @@ class AdapterNetwork(nn.Module):
         return counts
 
 
-def _conv_dim(spec) -> int | None:
-    value = _spec(spec, "conv_dim")
-    return int(value) if value else None
+def _module_options(spec: NetworkSpec) -> dict:
+    return dict(use_scalar=spec.use_scalar, rank_dropout_scale=spec.rank_dropout_scale,
+                decompose_both=spec.decompose_both, factor=spec.factor, block_size=spec.block_size)
 
 
-def _conv_alpha(spec) -> float | None:
-    value = _spec(spec, "conv_alpha")
-    return float(value) if value is not None else None
-
-
-def _module_options(spec) -> dict:
-    return dict(
-        use_scalar=bool(_spec(spec, "use_scalar", False)),
-        rank_dropout_scale=bool(_spec(spec, "rank_dropout_scale", False)),
-        decompose_both=bool(_spec(spec, "decompose_both", False)),
-        factor=int(_spec(spec, "factor", -1)),
-        block_size=int(_spec(spec, "block_size", 4)),
-    )
-
-
-def _make_module(network_module: str, algo: str, t: _Target, spec) -> nn.Module:
+def _make_module(t: _Target, spec: NetworkSpec) -> nn.Module:
     from lycoris.modules.norms import NormModule
     from lycoris.wrapper import network_module_dict
 
-    dropout = float(_spec(spec, "dropout", 0.0))
-    rank_dropout = float(_spec(spec, "rank_dropout", 0.0))
-    module_dropout = float(_spec(spec, "module_dropout", 0.0))
+    # An unset dropout is no dropout.
+    dropout, rank_dropout, module_dropout = spec.dropout or 0.0, spec.rank_dropout or 0.0, spec.module_dropout or 0.0
     if _is_norm(t.module):
         return NormModule(t.lora_name, t.module, 1.0, rank_dropout, module_dropout, **_module_options(spec))
-    if network_module == "networks.lora":
+    if spec.module == "networks.lora":
         from trainer.models.kohya_lora import KohyaLoRAModule as cls
 
         # networks.lora ignores LyCORIS' own options (use_scalar, rank_dropout_scale, …), as sd-scripts does.
         kind, use_tucker, options = "lora", False, dict(t.options)
     else:
-        kind, cls = algo, network_module_dict[algo]
-        use_tucker, options = bool(_spec(spec, "use_tucker", False)), _module_options(spec) | t.options
-    if kind in ("lora", "locon") and _bypass(network_module, dropout, rank_dropout):
+        kind, cls = spec.algo, network_module_dict[spec.algo]
+        use_tucker, options = spec.use_tucker, _module_options(spec) | t.options
+    if kind in ("lora", "locon") and _bypass(spec.module, dropout, rank_dropout):
         options["bypass_mode"] = True
     return cls(t.lora_name, t.module, 1.0, t.dim, t.alpha, dropout, rank_dropout, module_dropout, use_tucker, **options)
 
@@ -352,62 +330,59 @@ def read_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
 
 # -------------------------------------------------------------------------------------- building
 
-def _dims_for(spec, module: nn.Module, lora_name: str, arch: str) -> tuple[int, float] | None:
+def _dims_for(spec: NetworkSpec, module: nn.Module, lora_name: str, arch: str) -> tuple[int, float] | None:
     """(dim, alpha) of one layer, or None to skip it (sd-scripts' and LyCORIS' rules)."""
-    network_module = _spec(spec, "module", "lycoris.kohya")
-    dim, alpha = int(_spec(spec, "dim", 4)), float(_spec(spec, "alpha", 1.0))
     is_linear_like = isinstance(module, nn.Linear) or (_is_conv(module) and module.kernel_size[0] == 1)
-    if network_module == "networks.lora":
-        block_dims = _spec(spec, "block_dims")
-        conv_block_dims = _spec(spec, "conv_block_dims")
-        if block_dims is not None and lora_name.startswith(keys.UNET_PREFIX):
-            index = keys.block_index(lora_name, arch)
-            if is_linear_like:
-                dim = int(block_dims[index])
-                alphas = _spec(spec, "block_alphas")
-                alpha = float(alphas[index]) if alphas is not None else alpha
-            else:
-                convs = conv_block_dims if conv_block_dims is not None else (
-                    [_conv_dim(spec)] * len(block_dims) if _conv_dim(spec) else None)
-                if convs is None:
-                    return None
-                dim = int(convs[index])
-                calphas = _spec(spec, "conv_block_alphas")
-                alpha = float(calphas[index]) if calphas is not None else (_conv_alpha(spec) or 1.0)
-        elif not is_linear_like:
-            if not _conv_dim(spec):
-                return None
-            dim, alpha = _conv_dim(spec), _conv_alpha(spec) if _conv_alpha(spec) is not None else 1.0
-        return (dim, alpha) if dim else None
+    if spec.module == "networks.lora":
+        return _kohya_dims(spec, is_linear_like, lora_name, arch)
     if is_linear_like:
-        return dim, alpha
+        return spec.dim, spec.alpha
     # LyCORIS: 3x3 convs at conv_dim (default: dim) / conv_alpha (default: alpha); conv_dim 0 leaves them out.
-    if _spec(spec, "conv_dim") == 0:
+    if spec.conv_dim == 0:
         return None
-    conv_dim = _conv_dim(spec) or dim
-    conv_alpha = _conv_alpha(spec) if _conv_alpha(spec) is not None else alpha
-    return conv_dim, conv_alpha
+    return spec.conv_dim or spec.dim, spec.conv_alpha if spec.conv_alpha is not None else spec.alpha
 
 
-def _preset_for(spec) -> Preset:
-    network_module = _spec(spec, "module", "lycoris.kohya")
-    if network_module == "networks.lora":
-        unet = ("Transformer2DModel", *RESNET_BLOCKS) if (_conv_dim(spec) or _spec(spec, "conv_block_dims")) else ("Transformer2DModel",)
+def _kohya_dims(spec: NetworkSpec, is_linear_like: bool, lora_name: str, arch: str) -> tuple[int, float] | None:
+    """networks.lora's (dim, alpha): per-block ranks when `block_dims` is set (UNet only); 3x3 convs
+    only when conv_dim or conv_block_dims asks for them, at conv_alpha (default 1.0)."""
+    conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else 1.0
+    if spec.block_dims is not None and lora_name.startswith(keys.UNET_PREFIX):
+        index = keys.block_index(lora_name, arch)
+        if is_linear_like:
+            alphas = spec.block_alphas
+            dim, alpha = spec.block_dims[index], alphas[index] if alphas is not None else spec.alpha
+        else:
+            convs = spec.conv_block_dims if spec.conv_block_dims is not None else (
+                [spec.conv_dim] * len(spec.block_dims) if spec.conv_dim else None)
+            if convs is None:
+                return None
+            calphas = spec.conv_block_alphas
+            dim, alpha = convs[index], calphas[index] if calphas is not None else conv_alpha
+    elif not is_linear_like:
+        if not spec.conv_dim:
+            return None
+        dim, alpha = spec.conv_dim, conv_alpha
+    else:
+        dim, alpha = spec.dim, spec.alpha
+    return (dim, alpha) if dim else None
+
+
+def _preset_for(spec: NetworkSpec) -> Preset:
+    if spec.module == "networks.lora":
+        unet = ("Transformer2DModel", *RESNET_BLOCKS) if (spec.conv_dim or spec.conv_block_dims) else ("Transformer2DModel",)
         return Preset(unet, conv=True)
-    algo = _spec(spec, "algo", "lora")
-    if algo == "ia3":
+    if spec.algo == "ia3":
         return IA3_PRESET
-    name = _spec(spec, "preset", "full")
-    if name not in PRESETS:
-        raise JobFailure(Reason.SPEC_INVALID, f"network.preset {name!r} is unknown: choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    if algo == "glora":
+    preset = PRESETS[spec.preset]
+    if spec.algo == "glora":
         preset = Preset(GLORA_UNET_CLASSES, (), preset.te_classes, preset.te_names, preset.conv)
     return preset
 
 
-def _targets(spec, preset: Preset, root: nn.Module, classes, names, name_of, arch: str, *, suffix_names: bool) -> list[_Target]:
-    train_norm = bool(_spec(spec, "train_norm", False)) and _spec(spec, "module", "lycoris.kohya") == "lycoris.kohya"
+def _targets(spec: NetworkSpec, preset: Preset, root: nn.Module, classes, names, name_of, arch: str, *,
+             suffix_names: bool) -> list[_Target]:
+    train_norm = spec.train_norm and spec.module == "lycoris.kohya"
     out = []
     for path, module in _walk(root, classes, names, suffix_names=suffix_names):
         if train_norm and _is_norm(module):
@@ -426,25 +401,21 @@ def _targets(spec, preset: Preset, root: nn.Module, classes, names, name_of, arc
     return out
 
 
-def validate_network_spec(spec, arch: str) -> None:
-    network_module = _spec(spec, "module", "lycoris.kohya")
-    if network_module not in MODULES:
-        raise JobFailure(Reason.SPEC_INVALID, f"network.module {network_module!r}: choose one of {', '.join(MODULES)}")
-    algo = _spec(spec, "algo", "lora")
-    if algo not in ALGOS:
-        raise JobFailure(Reason.SPEC_INVALID, f"network.algo {algo!r}: choose one of {', '.join(ALGOS)}")
+def _check_block_counts(spec: NetworkSpec, arch: str) -> None:
+    """Per-block lists against the loaded model's architecture: the spec check compares them with
+    `model.arch`, but a network is built for the model actually loaded."""
     for field_name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
-        values = _spec(spec, field_name)
+        values = getattr(spec, field_name)
         if values is not None and len(values) != keys.block_count(arch):
             raise JobFailure(Reason.SPEC_INVALID, f"network.{field_name} has {len(values)} values; {arch} needs "
                              f"{keys.block_count(arch)} (one per sd-scripts block)")
 
 
-def build_network(network_spec, parts, *, train_unet: bool, train_text_encoder: bool) -> AdapterNetwork:
+def build_network(network_spec: NetworkSpec, parts, *, train_unet: bool, train_text_encoder: bool) -> AdapterNetwork:
     """The adapter network for `network_spec` on `parts` (not yet hooked in: call `apply_to`)."""
     os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
     arch = parts.arch
-    validate_network_spec(network_spec, arch)
+    _check_block_counts(network_spec, arch)
     preset = _preset_for(network_spec)
     targets: list[_Target] = []
     unet_names: set[str] = set()

@@ -211,7 +211,7 @@ def prepare_model(spec: JobSpec, parts: Any, network: Any, device: torch.device,
         module.eval()
     configure_attention(parts.unet, prec.attention)
     network.apply_to()
-    weights = getattr(getattr(network, "spec", None), "weights", None)
+    weights = network.spec.weights
     if weights and load_weights:
         network.load_weights(weights)
     full_dtype = torch.bfloat16 if prec.full_bf16 else torch.float16 if prec.full_fp16 else torch.float32
