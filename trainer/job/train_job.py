@@ -76,7 +76,12 @@ class Job:
     def _record_provenance(self, model_path: str, data_root: str, data_sources: dict, reg_root: str | None,
                            reg_sources: dict) -> None:
         """The base model's sha256 and the dataset manifest (trainer/job/provenance.py), for metadata.json."""
-        from trainer.job.provenance import MANIFEST_NAME, base_model_sha256, dataset_entry, manifest_bytes
+        from trainer.job.provenance import (
+            MANIFEST_NAME,
+            base_model_sha256,
+            dataset_entry,
+            manifest_bytes,
+        )
 
         if not self.ctx.is_main:
             return  # rank 0 alone publishes
