@@ -1,8 +1,8 @@
 """A `kind = "merge"` job: fetch the base and the adapters, merge, publish the checkpoint.
 
 Phases: preparing (fetch) → merging → uploading → succeeded. It shares the attempt's status reporter,
-publisher and failure handling with training (`trainer.job.run`, `trainer.job.train_job`); nothing is checkpointed, a new attempt
-merges again.
+publisher and failure handling with training (`trainer.job.run`, `Job` in `trainer.job.train_job`);
+nothing is checkpointed, a new attempt merges again.
 """
 
 from __future__ import annotations
