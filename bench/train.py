@@ -15,7 +15,7 @@ without gradient checkpointing, and the other rows are reported as ratios agains
 
 - `fp32`: mixed_precision "no", UNet in fp32, eager (the baseline);
 - `bf16`: mixed_precision "bf16" (frozen weights in bf16, bf16 autocast, adapter in fp32), as
-  `trainer/job/run.py` loads a bf16 job;
+  `trainer/job/train_job.py` loads a bf16 job;
 - `+gc`: training.gradient_checkpointing; `+compile`: precision.torch_compile (inductor), which has
   accelerate compile the prepared model (the UNet with the adapter hooks), as sd-scripts' --torch_compile.
 
@@ -248,7 +248,7 @@ def run_case(case: Case) -> dict[str, Any]:
         raise SystemExit("--device cuda: no CUDA device here")
     spec = _spec(case)
     _, _, compiled = VARIANTS[case.variant]
-    # Weight dtypes as trainer/job/run.py loads a job: frozen weights in the mixed-precision dtype.
+    # Weight dtypes as trainer/job/train_job.py loads a job: frozen weights in the mixed-precision dtype.
     weight_dtype = torch.bfloat16 if spec.precision.mixed_precision == "bf16" else torch.float32
     acc = make_accelerator(spec)
     device = acc.device

@@ -457,6 +457,40 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
                use_settings_launcher: bool = True, events_poll_s: float = 1.0, debug: bool = False) -> Litestar:
     """The API app. `tenants` defaults to LATHE_TOKENS_FILE's; `launcher` to the one the settings
     name (pass `use_settings_launcher=False` with no launcher for an API-only app)."""
+    services = _build_services(settings, tenants, launcher, use_settings_launcher, events_poll_s)
+    reconciler, webhooks = services.reconciler, services.webhooks
+
+    def on_startup(app: Litestar) -> None:
+        if reconciler is not None and settings.reconcile_interval_s > 0:
+            reconciler.start()
+            webhooks.start()  # delivers where the reconciler runs: API-only replicas stay passive
+
+    def on_shutdown(app: Litestar) -> None:
+        if reconciler is not None:
+            reconciler.stop()
+        webhooks.stop()
+
+    app = Litestar(
+        route_handlers=[_api_router(), healthz, readyz, metrics, *console_routes.ROUTES],
+        openapi_config=_openapi_config(),
+        exception_handlers={errors.ServiceError: _service_error, HTTPException: _http_error,
+                            RecursionError: _recursion_error, Exception: _internal_error},
+        on_startup=[on_startup], on_shutdown=[on_shutdown],
+        request_max_body_size=settings.max_request_bytes,
+        request_class=JsonRequest,
+        debug=debug,
+    )
+    app.state.services = services
+    # In front of routing: the metrics count every answer (404, 405 and 401 included), and HEAD, OPTIONS
+    # and `Allow` follow one rule for every path.
+    app.asgi_handler = _metrics_middleware(MethodRules(app.asgi_handler, app))
+    _publish_doc_schemas(app)
+    return app
+
+
+def _build_services(settings: Settings, tenants: TenantRegistry | None, launcher: Launcher | None,
+                    use_settings_launcher: bool, events_poll_s: float) -> Services:
+    """The job store, tenants, launcher, webhooks and reconciler the handlers and background threads share."""
     store = JobStore(open_store(settings.state_uri))
     if tenants is None:
         if not settings.tokens_file:
@@ -473,21 +507,14 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
     jobs = JobService(settings, store, launcher=launcher)
     reconciler = (Reconciler(settings, store, tenants, launcher, metrics=metrics_, webhooks=webhooks)
                   if launcher is not None else None)
-    services = Services(settings=settings, jobs=jobs, tenants=tenants, metrics=metrics_, store=store,
-                        reconciler=reconciler, webhooks=webhooks, events_poll_s=events_poll_s,
-                        extra={"launcher": launcher})
+    return Services(settings=settings, jobs=jobs, tenants=tenants, metrics=metrics_, store=store,
+                    reconciler=reconciler, webhooks=webhooks, events_poll_s=events_poll_s,
+                    extra={"launcher": launcher})
 
-    def on_startup(app: Litestar) -> None:
-        if reconciler is not None and settings.reconcile_interval_s > 0:
-            reconciler.start()
-            webhooks.start()  # delivers where the reconciler runs: API-only replicas stay passive
 
-    def on_shutdown(app: Litestar) -> None:
-        if reconciler is not None:
-            reconciler.stop()
-        webhooks.stop()
-
-    api = Router(
+def _api_router() -> Router:
+    """The tenant's routes, behind bearer-token auth (OPTIONS aside: it answers without a token)."""
+    return Router(
         path="/", route_handlers=[submit_job, validate_job, list_jobs, get_job, cancel_job, delete_job, job_logs,
                                   diff_jobs, rerun_job, job_events, create_upload, dataset_report_post,
                                   dataset_report_get, *artifact_routes.ROUTES],
@@ -495,7 +522,10 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         middleware=[DefineMiddleware(_TenantAuth, exclude_http_methods=["OPTIONS"])],
         security=[{"bearer": []}], tags=["jobs"],
     )
-    openapi = OpenAPIConfig(
+
+
+def _openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
         title="Lathe", version=API_VERSION, path="/schema",
         description="LoRA/LyCORIS training as a service. Errors are RFC 9457 problem+json documents.",
         components=Components(
@@ -505,22 +535,6 @@ def create_app(settings: Settings, *, tenants: TenantRegistry | None = None, lau
         ),
         render_plugins=[SwaggerRenderPlugin(path="/"), JsonRenderPlugin(path="/openapi.json")],
     )
-    app = Litestar(
-        route_handlers=[api, healthz, readyz, metrics, *console_routes.ROUTES],
-        openapi_config=openapi,
-        exception_handlers={errors.ServiceError: _service_error, HTTPException: _http_error,
-                            RecursionError: _recursion_error, Exception: _internal_error},
-        on_startup=[on_startup], on_shutdown=[on_shutdown],
-        request_max_body_size=settings.max_request_bytes,
-        request_class=JsonRequest,
-        debug=debug,
-    )
-    app.state.services = services
-    # In front of routing: the metrics count every answer (404, 405 and 401 included), and HEAD, OPTIONS
-    # and `Allow` follow one rule for every path.
-    app.asgi_handler = _metrics_middleware(MethodRules(app.asgi_handler, app))
-    _publish_doc_schemas(app)
-    return app
 
 
 def _publish_doc_schemas(app: Litestar) -> None:

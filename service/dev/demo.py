@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from service.cli import TERMINAL, _bar, _duration
+from service.cli_output import TERMINAL, bar, duration
 
 DEFAULT_WORKDIR = ".lathe/demo"
 SAMPLE_PROMPT = "a photo of a red square --n blurry --w 64 --h 64 --s 4 --l 5 --d 1"
@@ -65,7 +65,7 @@ def demo_spec(stack: Any, steps: int) -> dict[str, Any]:
 
 
 def _progress_line(phase: str, progress: dict[str, Any]) -> str:
-    line = f"  {phase:<10} {_bar(progress)}"
+    line = f"  {phase:<10} {bar(progress)}"
     if progress.get("it_per_s"):
         line += f"  {progress['it_per_s']:.2f} it/s"
     return line
@@ -245,7 +245,7 @@ def run(workdir: Path, steps: int, timeout_s: float) -> tuple[str, str | None]:
             _say(f"[4/5] pulling {len(job['outputs'])} files (presigned URLs, sha256 checked)")
             client.pull(job_id, str(dest))
             print_files(job, dest)
-            _say(f"[5/5] what the job produced  (total {_duration(time.monotonic() - started)})")
+            _say(f"[5/5] what the job produced  (total {duration(time.monotonic() - started)})")
             meta_path = dest / "metadata.json"
             if meta_path.exists():
                 meta = json.loads(meta_path.read_text())

@@ -235,12 +235,12 @@ def test_presign_lifetimes_outside_1_minute_to_7_days_are_refused(seconds):
 
 
 def test_trainer_metadata_holds_no_secret(tmp_path, monkeypatch):
-    """The metadata.json the trainer publishes (trainer/job/run.py Job._metadata) with every secret in its
+    """The metadata.json the trainer publishes (trainer/job/train_outputs.py training_metadata) with every secret in its
     environment: spec, versions, platform and the adapter header only, nothing from the environment.
     (trainer.models.adapter_file imports torch; its header reader is stood in for by a plain JSON reader.)"""
     import types
 
-    from trainer.job.run import Job
+    from trainer.job.train_job import Job
 
     header = {"ss_network_module": "lycoris.kohya", "ss_output_name": "x"}
     stub = types.ModuleType("trainer.models.adapter_file")
@@ -252,18 +252,19 @@ def test_trainer_metadata_holds_no_secret(tmp_path, monkeypatch):
     trainer_settings.cache_clear()
     from trainer.core.spec import spec_from_obj
 
-    from trainer.core.jobdir import StatusReporter
-    from trainer.job.run import RunContext
+    from trainer.core.jobdir import JobDir, StatusReporter
+    from trainer.job.context import RunContext
+    from trainer.job.train_outputs import training_metadata
     from trainer.core.storage import LocalStore
 
-    job_store = LocalStore(tmp_path / "job")
-    ctx = RunContext(spec_uri=str(tmp_path / "job" / "spec.json"), job=job_store, out=LocalStore(tmp_path / "out"),
+    jobdir = JobDir.from_spec_uri(str(tmp_path / "job" / "spec.json"))
+    ctx = RunContext(jobdir=jobdir, out=LocalStore(tmp_path / "out"),
                      work_dir=tmp_path / "work", cache_dir=tmp_path / "cache", attempt=1)
-    job = Job(ctx, spec_from_obj(spec("b")), StatusReporter(job_store, attempt=1))
+    job = Job(ctx, spec_from_obj(spec("b")), StatusReporter(jobdir.store, attempt=1))
     job.reporter.warn("w")
     result = types.SimpleNamespace(final_path=str(tmp_path / "x.safetensors"), steps_done=3, epochs_done=1,
                                    avg_loss=0.1, loss_history=[0.2, 0.1])
-    metadata = json.dumps(job._metadata(result, None, {})).encode()
+    metadata = json.dumps(training_metadata(job, result, None)).encode()
     assert b"0123abc" in metadata and b"lycoris.kohya" in metadata
     assert find_secrets([("metadata.json", metadata)], SECRETS) == []
     assert AWS_KEY_ID.encode() not in metadata

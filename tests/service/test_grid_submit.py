@@ -34,7 +34,8 @@ def test_grid_over_an_unfinished_job_and_a_weight_out_of_range_are_422(client_fa
 
 
 def test_lathe_grid_builds_the_grid_spec():
-    from service.cli import build_parser, grid_spec
+    from service.cli import build_parser
+    from service.cli_submit import grid_spec
     from trainer.core.spec import spec_from_obj
 
     args = build_parser().parse_args(["grid", "j-20250101t120000-0123abcd", "s3://b/x.safetensors", "--model", "s3://b/base",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.cli import format_diff
+from service.cli_jobs import format_diff
 from service.jobs.jobdiff import diff_jobs
 from tests.service.conftest import auth, spec, wait_phase
 

@@ -100,7 +100,8 @@ def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bu
 
 
 def test_lathe_merge_builds_the_merge_spec_from_uris_and_job_ids():
-    from service.cli import build_parser, merge_spec, shrink_spec
+    from service.cli import build_parser
+    from service.cli_submit import merge_spec, shrink_spec
 
     class Jobs:  # the two answers `lathe merge` reads: a finished job and a running one
         def get(self, job_id):

@@ -9,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from service.cli import _new_lines
+from service.cli_jobs import new_lines
 from service.jobs.imageheader import UnreadableImage, image_size
 from service.state.jobstore import AttemptRecord, JobRecord, index_name, is_job_id, job_id_of_index, new_job_id
 from service.reconcile.phase import effective
@@ -152,6 +152,6 @@ def test_image_size_reads_headers_and_grows_for_late_size_markers():
 
 
 def test_log_follow_prints_only_new_lines():
-    assert _new_lines(["a", "b", "c"], ["b", "c", "d", "e"]) == ["d", "e"]
-    assert _new_lines([], ["a"]) == ["a"]
-    assert _new_lines(["x"], ["y", "z"]) == ["y", "z"]
+    assert new_lines(["a", "b", "c"], ["b", "c", "d", "e"]) == ["d", "e"]
+    assert new_lines([], ["a"]) == ["a"]
+    assert new_lines(["x"], ["y", "z"]) == ["y", "z"]

@@ -1,7 +1,8 @@
-"""The job directory on object storage: status heartbeat, cancel marker, checkpoints.
+"""The job directory on object storage: where it is, its spec, status heartbeat, cancel marker, checkpoints.
 
-`python -m trainer run <dir>/spec.json` keeps everything about the job in `<dir>/`. This module is the
-trainer's only writer there besides publishing; it tolerates a flaky store during training (a missed
+`python -m trainer run <dir>/spec.json` keeps everything about the job in `<dir>/`. `JobDir` is that
+folder, worked out once from the spec URI; every phase takes its keys and store from it. This module is
+the trainer's only writer there besides publishing; it tolerates a flaky store during training (a missed
 heartbeat is retried on the next tick) and retries hard where losing a write would lose work
 (checkpoints, the final status).
 """
@@ -14,14 +15,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.spec import JobSpec, SpecError, decode_spec
 from trainer.core.status import ErrorInfo, JobStatus, OutputFile, Progress
-from trainer.core.storage import NotFound, StorageError, Store
+from trainer.core.storage import Location, NotFound, StorageError, Store, open_store, parse_uri
 
 log = logging.getLogger("lathe.jobdir")
 
@@ -32,8 +35,70 @@ MANIFEST_NAME = "manifest.json"
 LOG_KEY = "logs/trainer.log"
 TENSORBOARD_PREFIX = "logs/tensorboard/"
 METRICS_KEY = "metrics.jsonl"  # the per-step history (trainer/job/metrics_log.py), read by the console
+OUTPUT_PREFIX = "output/"
+METADATA_NAME = "metadata.json"  # under OUTPUT_PREFIX (or spec.save.output_uri): the outputs' commit marker
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """The folder holding the spec: `location` is its canonical form, `store` is rooted there.
+
+    Made once per attempt (`from_spec_uri`); nothing downstream parses the spec URI again.
+    """
+
+    spec_uri: str          # as given on the command line: what messages name
+    spec: Location         # the spec file, canonical
+    location: Location     # the job directory, canonical
+    store: Store
+
+    @classmethod
+    def from_spec_uri(cls, spec_uri: str) -> JobDir:
+        """ValueError (naming the URI) for a URI `parse_uri` refuses."""
+        spec = parse_uri(spec_uri)
+        if spec.scheme == "s3":
+            parent = spec.key.rsplit("/", 1)[0] if "/" in spec.key else ""
+            location = Location("s3", spec.bucket, parent)
+            root = f"s3://{spec.bucket}/{parent}" if parent else f"s3://{spec.bucket}"
+        else:  # symlinks resolved: the folder the spec file really lies in
+            location = Location("file", "", str(Path(spec.key).resolve().parent))
+            root = location.key
+        return cls(spec_uri, spec, location, open_store(root))
+
+    @property
+    def uri(self) -> str:
+        """The store's root URI: what metadata.json records as `job` and the default seed derives from."""
+        return self.store.root_uri
+
+    @property
+    def spec_key(self) -> str:
+        return self.spec.key.rsplit("/", 1)[-1]
+
+    def output_store(self) -> Store:
+        """Where outputs go unless the spec names `save.output_uri`."""
+        return self.store.child(OUTPUT_PREFIX)
+
+    def read_spec(self) -> JobSpec:
+        """The job's spec; a missing or invalid one is a `spec_invalid` failure naming the URI."""
+        try:
+            if self.spec.scheme == "s3":
+                data = with_retries(lambda: self.store.get_bytes(self.spec_key), what="reading the spec")
+            else:
+                data = Path(self.spec.key).read_bytes()
+        except (NotFound, FileNotFoundError):
+            raise JobFailure(Reason.SPEC_INVALID, f"no spec at {self.spec_uri}") from None
+        try:
+            return decode_spec(data, format="toml" if self.spec.key.endswith(".toml") else "auto")
+        except SpecError as exc:
+            raise JobFailure(Reason.SPEC_INVALID, f"{self.spec_uri}: {exc}") from None
+
+    def resolve_input(self, uri: str) -> str:
+        """A URI from the spec as the fetchers take it: relative local paths in a spec given as a local
+        path are relative to the job directory (like a config file's); everything else is left alone."""
+        if "://" in uri or os.path.isabs(uri) or "://" in self.spec_uri:
+            return uri
+        return str((Path(self.location.key) / uri).resolve())
 
 
 def with_retries(fn: Callable[[], T], *, what: str, deadline_s: float = 180.0,

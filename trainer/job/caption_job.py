@@ -24,7 +24,7 @@ from trainer.core.status import OutputFile
 
 if TYPE_CHECKING:
     from trainer.core.dataset.tagops import TagOp
-    from trainer.job.run import Job
+    from trainer.job.train_job import Job
     from trainer.caption.tagger import TaggerOptions
 
 DATASET_DIR = "dataset/"
@@ -72,9 +72,11 @@ def load_captioner(folder: Path, c: CaptionSpec):
     return Tagger.load(folder, tagger_options(c))
 
 
-def run_caption(job: Job, resolve) -> list[OutputFile]:
+def run_caption(job: Job) -> list[OutputFile]:
     from trainer.caption.captioning import caption_dataset, local_model
+
     spec, ctx, c = job.spec, job.ctx, job.spec.caption
+    resolve = ctx.jobdir.resolve_input
     assert c is not None and spec.dataset is not None  # checked with the spec
     own = c.output_uri is None
     dest_uri = c.output_uri or ctx.out.child(DATASET_DIR).root_uri

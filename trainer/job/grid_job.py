@@ -14,25 +14,26 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.job.context import cuda_available
 from trainer.job.kind_outputs import publish_outputs
 from trainer.job.publish import LocalOutput
 from trainer.core.spec import adapter_label
 from trainer.core.status import OutputFile
 
 if TYPE_CHECKING:
-    from trainer.job.run import Job
+    from trainer.job.train_job import Job
 
 
-def run_grid(job: Job, resolve) -> list[OutputFile]:
+def run_grid(job: Job) -> list[OutputFile]:
     import torch
 
     from trainer.job.fetch import ensure_model, fetch_model
     from trainer.sampling.grid import Axes, GridAdapter, render_grid
     from trainer.models.load import load_model
     from trainer.job.provenance import base_model_sha256
-    from trainer.job.run import _cuda, _seed
 
     spec, ctx = job.spec, job.ctx
+    resolve = ctx.jobdir.resolve_input
     grid = spec.grid
     assert grid is not None  # checked with the spec
     t0 = time.monotonic()
@@ -53,7 +54,7 @@ def run_grid(job: Job, resolve) -> list[OutputFile]:
 
     job.reporter.set_phase("rendering")
     t1 = time.monotonic()
-    cuda = _cuda()
+    cuda = cuda_available()
     dtype = torch.float16 if cuda and spec.precision.mixed_precision == "fp16" else (
         torch.bfloat16 if cuda and spec.precision.mixed_precision == "bf16" else torch.float32)
     model_spec = msgspec.structs.replace(spec.model, uri=base.path, vae=vae)
@@ -62,7 +63,7 @@ def run_grid(job: Job, resolve) -> list[OutputFile]:
     axes = Axes(grid.x, grid.y, list(grid.weights), list(grid.seeds))
     folder = job.out_dir / "grid"
     record = render_grid(parts, adapters, grid.prompts, axes, grid.sampler, str(folder),
-                         clip_skip=spec.model.clip_skip, base_seed=_seed(spec, ctx.job.root_uri))
+                         clip_skip=spec.model.clip_skip, base_seed=ctx.seed(spec))
     job.timings["render_s"] = time.monotonic() - t1
 
     job.reporter.set_phase("uploading")
@@ -82,7 +83,6 @@ def render_own_grid(job: Job) -> list[LocalOutput]:
 
     from trainer.job.fetch import fetch_model
     from trainer.sampling.grid import Axes, GridAdapter, render_grid
-    from trainer.job.run import _seed
 
     spec, ctx, g = job.spec, job.ctx, job.spec.sample.grid
     assert g is not None
@@ -96,13 +96,12 @@ def render_own_grid(job: Job) -> list[LocalOutput]:
             local = job.out_dir / o.name  # an earlier attempt's save is fetched from the outputs
             path = str(local) if local.is_file() else fetch_model(o.uri, str(ctx.cache_dir))
             adapters.append(GridAdapter(path, adapter_label(o.name), o.name))
-        network = getattr(job, "network", None)
-        if network is not None:
-            network.restore()  # the grid applies each save itself
+        if job.network is not None:
+            job.network.restore()  # the grid applies each save itself
         folder = job.out_dir / "grid"
         render_grid(job.parts, adapters, spec.sample.prompts, Axes(g.x, g.y, list(g.weights), list(g.seeds)),
                     spec.sample.sampler, str(folder), clip_skip=spec.model.clip_skip,
-                    base_seed=_seed(spec, ctx.job.root_uri))
+                    base_seed=ctx.seed(spec))
         items = grid_outputs(folder)
     except Exception as exc:  # noqa: BLE001 — the grid is optional: never lose the trained adapter to it
         message = f"sample.grid skipped: {type(exc).__name__}: {exc}"

@@ -1,6 +1,6 @@
 """The last step every job kind but training shares: its files, the spec it ran and metadata.json.
 
-Training publishes through `trainer.job.run`, whose metadata also carries the sd-scripts `ss_*` summary;
+Training publishes through `trainer.job.train_outputs`, whose metadata also carries the sd-scripts `ss_*` summary;
 the other kinds (merge, shrink, grid, caption) write the same common keys plus their own `details`.
 """
 
@@ -13,18 +13,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from trainer import __version__
+from trainer.job.buildinfo import git_commit, package_versions
 from trainer.job.publish import LocalOutput
 from trainer.core.spec import encode_spec, spec_hash
 from trainer.core.status import OutputFile
 
 if TYPE_CHECKING:
-    from trainer.job.run import Job
+    from trainer.job.train_job import Job
 
 
 def publish_outputs(job: Job, kind: str, items: list[LocalOutput], details: dict[str, Any]) -> list[OutputFile]:
     """Uploads `items` and spec.json, then commits metadata.json (common keys + `details`)."""
-    from trainer.job.run import _git_commit, _package_versions
-
     spec, ctx = job.spec, job.ctx
     started = time.monotonic()
     config_path = job.out_dir / "spec.json"
@@ -34,15 +33,15 @@ def publish_outputs(job: Job, kind: str, items: list[LocalOutput], details: dict
     job.timings["publish_s"] = time.monotonic() - started
     metadata: dict[str, Any] = {
         "lathe_version": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "kind": kind,
-        "job": ctx.job.root_uri,
+        "job": ctx.jobdir.uri,
         "attempt": ctx.attempt,
         "spec": msgspec.to_builtins(spec),
         "spec_sha256": spec_hash(spec),
         **details,
         "timings_s": job.timings,
-        "packages": _package_versions(),
+        "packages": package_versions(),
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
         "warnings": job.reporter.status.warnings,
     }

@@ -1,8 +1,8 @@
 """A `kind = "merge"` job: fetch the base and the adapters, merge, publish the checkpoint.
 
 Phases: preparing (fetch) → merging → uploading → succeeded. It shares the attempt's status reporter,
-publisher and failure handling with training (`trainer.job.run`); nothing is checkpointed, a new attempt
-merges again.
+publisher and failure handling with training (`trainer.job.run`, `Job` in `trainer.job.train_job`);
+nothing is checkpointed, a new attempt merges again.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from trainer.job.publish import LocalOutput
 from trainer.core.status import OutputFile
 
 if TYPE_CHECKING:
-    from trainer.job.run import Job
+    from trainer.job.train_job import Job
 
 
-def run_merge(job: Job, resolve) -> list[OutputFile]:
-    """`resolve(uri)` turns a spec URI into what the fetchers take (relative local paths)."""
+def run_merge(job: Job) -> list[OutputFile]:
     from trainer.job.fetch import ensure_model, fetch_model
     from trainer.models.merge import MergeInput, merge_checkpoint
     from trainer.job.provenance import base_model_sha256
 
     spec, ctx = job.spec, job.ctx
+    resolve = ctx.jobdir.resolve_input
     assert spec.merge is not None  # checked with the spec
     t0 = time.monotonic()
     base = ensure_model(resolve(spec.model.uri), str(ctx.cache_dir))

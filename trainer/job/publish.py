@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 import msgspec
 
-from trainer.core.jobdir import sha256_file, with_retries
+from trainer.core.jobdir import METADATA_NAME, sha256_file, with_retries
 from trainer.core.status import OutputFile
 from trainer.core.storage import StorageError, Store
 
 log = logging.getLogger("lathe.publish")
-
-METADATA_NAME = "metadata.json"
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,23 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.job.context import cuda_available
 from trainer.job.kind_outputs import publish_outputs
 from trainer.job.publish import LocalOutput
 from trainer.core.status import OutputFile
 
 if TYPE_CHECKING:
-    from trainer.job.run import Job
+    from trainer.job.train_job import Job
 
 
-def run_shrink(job: Job, resolve) -> list[OutputFile]:
+def run_shrink(job: Job) -> list[OutputFile]:
     from trainer.job.fetch import ensure_model, fetch_model
     from trainer.job.provenance import base_model_sha256
-    from trainer.job.run import _cuda
     from trainer.shrink import shrink_file
     from trainer.core.shrink_errors import ShrinkError
 
     spec, ctx, sh = job.spec, job.ctx, job.spec.shrink
+    resolve = ctx.jobdir.resolve_input
     assert sh.adapter is not None  # checked with the spec
     t0 = time.monotonic()
     try:
@@ -49,7 +50,7 @@ def run_shrink(job: Job, resolve) -> list[OutputFile]:
     try:
         report = shrink_file(adapter, out_path, base=base.path if base else None, rank=sh.rank, method=sh.method,
                              param=sh.param, recipe=sh.recipe if uses_base else None, max_rank=sh.max_rank,
-                             save_precision=sh.save_precision, device="cuda" if _cuda() else "cpu",
+                             save_precision=sh.save_precision, device="cuda" if cuda_available() else "cpu",
                              plot_path=plot_path,
                              report_names={"input": sh.adapter, "output": os.path.basename(out_path),
                                            "base": spec.model.uri if uses_base else None})

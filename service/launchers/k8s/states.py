@@ -61,24 +61,41 @@ def attempt_state(
         return AttemptState(state=RunState.SUCCEEDED, exit_code=0)
     if "Failed" in conditions:
         return _failed(conditions["Failed"], current)
-    target = conditions.get("FailureTarget") or conditions.get("SuccessCriteriaMet")
-    deleting = job.metadata.deletion_timestamp is not None
-    if target is not None or deleting:
-        if live:
-            why = f"{target.type}: {target.message or target.reason}" if target is not None else "the Job is being deleted"
-            return AttemptState(state=RunState.RUNNING, message=_clip(
-                f"stopping: {len(live)} pod(s) still terminating ({why})"))
-        if target is not None and target.type == "SuccessCriteriaMet":
-            return AttemptState(state=RunState.SUCCEEDED, exit_code=0)
-        if target is not None:
-            return _failed(target, current)
-        return AttemptState(state=RunState.GONE, message="the Job is being deleted and none of its pods runs")
+    stopping = _stopping_state(job, conditions, current, live)
+    if stopping is not None:
+        return stopping
     if job.spec.suspend:
         queue = (job.metadata.labels or {}).get(LABEL_KUEUE_QUEUE)
         where = f"waiting for Kueue to admit it from queue {queue!r}" if queue else "the Job is suspended"
-        stopping = f" ({len(live)} pod(s) of an earlier admission still terminating)" if live else ""
-        return AttemptState(state=RunState.PENDING, message=f"queued: {where}{stopping}")
+        earlier = f" ({len(live)} pod(s) of an earlier admission still terminating)" if live else ""
+        return AttemptState(state=RunState.PENDING, message=f"queued: {where}{earlier}")
+    return _pods_state(job, pods, current, now=now, image_pull_timeout_s=image_pull_timeout_s,
+                       start_timeout_s=start_timeout_s)
 
+
+def _stopping_state(job: k8s.V1Job, conditions: dict[str, Any], current: list[k8s.V1Pod],
+                    live: list[k8s.V1Pod]) -> AttemptState | None:
+    """An attempt whose Job met an interim end condition or is being deleted: RUNNING while pods still
+    terminate, then its final state. None for a Job that is neither."""
+    target = conditions.get("FailureTarget") or conditions.get("SuccessCriteriaMet")
+    deleting = job.metadata.deletion_timestamp is not None
+    if target is None and not deleting:
+        return None
+    if live:
+        why = f"{target.type}: {target.message or target.reason}" if target is not None else "the Job is being deleted"
+        return AttemptState(state=RunState.RUNNING, message=_clip(
+            f"stopping: {len(live)} pod(s) still terminating ({why})"))
+    if target is not None and target.type == "SuccessCriteriaMet":
+        return AttemptState(state=RunState.SUCCEEDED, exit_code=0)
+    if target is not None:
+        return _failed(target, current)
+    return AttemptState(state=RunState.GONE, message="the Job is being deleted and none of its pods runs")
+
+
+def _pods_state(job: k8s.V1Job, pods: Sequence[k8s.V1Pod], current: list[k8s.V1Pod], *, now: dt.datetime,
+                image_pull_timeout_s: int, start_timeout_s: int | None) -> AttemptState:
+    """A Job admitted and not ended, from its pods: stuck, lost, running, or pending (failed once it has
+    not started within `start_timeout_s`)."""
     for pod in current:
         stuck = _stuck(pod, now, image_pull_timeout_s)
         if stuck is not None:
