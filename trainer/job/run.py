@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import platform
-import re
 import signal
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from trainer.job.publish import LocalOutput, Publisher
 from trainer.core.spec import UNSHRINKABLE_ALGOS, JobSpec, SpecError, decode_spec, encode_spec, spec_hash, warnings_for
 from trainer.core.status import OutputFile
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
+from trainer.train.saving import files_to_remove
 
 log = logging.getLogger("lathe.run")
 
@@ -106,14 +106,6 @@ def _setup_logging(work_dir: Path, debug: bool, rank: int) -> Path:
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return log_path
-
-
-def _keep_last(names: list[str], pattern: re.Pattern[str], keep: int | None) -> list[str]:
-    """sd-scripts' save_last_n_*: of the intermediate saves matching `pattern`, the ones to delete."""
-    if not keep:
-        return []
-    numbered = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
-    return [n for _, n in numbered[:-keep]]
 
 
 class Job:
@@ -329,9 +321,8 @@ class Job:
         for item in items:
             ctx.published[item.name] = self.publisher.upload(item)
         # sd-scripts' keep-last-N across all attempts' intermediate saves.
-        esc = re.escape(name)
-        stale = _keep_last(list(ctx.published), re.compile(esc + r"-(\d{6})\.safetensors"), spec.save.save_last_n_epochs)
-        stale += _keep_last(list(ctx.published), re.compile(esc + r"-step(\d{8})\.safetensors"), spec.save.save_last_n_steps)
+        stale = files_to_remove(list(ctx.published), name, keep_epochs=spec.save.save_last_n_epochs,
+                                keep_steps=spec.save.save_last_n_steps)
         for old in stale:
             with_retries(lambda o=old: ctx.out.delete(o), what=f"removing old save {old}")
             ctx.published.pop(old, None)
