@@ -6,8 +6,9 @@ scheduler builders, and `micro_batch_loss` (cached latents → noise → UNet �
 by backward, gradient clipping, optimizer and scheduler step, as `TrainingRecipe`
 (trainer/train/recipe.py) runs them. Only the data is synthetic: random latents and text-encoder
 outputs stand in for the latent and text caches, and every model is built from
-`trainer/models/configs/` with random weights (speed and memory do not depend on the weights' values). The frozen VAE and text encoders are built on the device and
-then parked on the CPU by `park_idle_modules`, as `run_training` does once the caches make them idle.
+`trainer/models/configs/` with random weights (speed and memory do not depend on the weights'
+values). The frozen VAE and text encoders are built on the device and then parked on the CPU by
+`park_idle_modules`, as `run_training` does once the caches make them idle.
 
 Each (model, resolution, batch size, variant) runs in a fresh process, so peak memory and compile
 caches do not leak from one row to the next. Every group starts with the baseline, plain fp32
