@@ -3,11 +3,12 @@
 The step is the trainer's own: `prepare_model` (frozen parts on the device, attention, adapter hooked
 in, gradient checkpointing), the accelerate `Accelerator` of `make_accelerator`, the optimizer and
 scheduler builders, and `micro_batch_loss` (cached latents → noise → UNet → weighted MSE) followed
-by backward, gradient clipping, optimizer and scheduler step, exactly as `run_training` runs it. Only
-the data is synthetic: random latents and text-encoder outputs stand in for the latent and text
-caches, and every model is built from `trainer/models/configs/` with random weights (speed and memory
-do not depend on the weights' values). The frozen VAE and text encoders are built on the device and
-then parked on the CPU by `park_idle_modules`, as `run_training` does once the caches make them idle.
+by backward, gradient clipping, optimizer and scheduler step, as `TrainingRecipe`
+(trainer/train/recipe.py) runs them. Only the data is synthetic: random latents and text-encoder
+outputs stand in for the latent and text caches, and every model is built from
+`trainer/models/configs/` with random weights (speed and memory do not depend on the weights'
+values). The frozen VAE and text encoders are built on the device and then parked on the CPU by
+`park_idle_modules`, as `run_training` does once the caches make them idle.
 
 Each (model, resolution, batch size, variant) runs in a fresh process, so peak memory and compile
 caches do not leak from one row to the next. Every group starts with the baseline, plain fp32

@@ -2,7 +2,7 @@
 header with a ranged GET, and predict what the trainer will see.
 
 The rules are the trainer's own (torch-free modules): `trainer.core.dataset.layout.discover_layout` decides
-concepts, repeats and caption pairing; `trainer.core.dataset.buckets.plan_buckets` the buckets and batches.
+concepts, repeats and caption pairing; `trainer.core.dataset.plan.plan_epoch` the buckets, batches and steps.
 Problems that would fail the run are errors (422); the rest come back as warnings.
 """
 
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from service.api.errors import Unavailable
 from service.jobs.imageheader import UnreadableImage, image_size
 from service.api.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
-from trainer.core.dataset.buckets import plan_buckets
-from trainer.core.dataset.layout import DatasetLayout, balanced_repeats, discover_layout
+from trainer.core.dataset.buckets import BucketParams
+from trainer.core.dataset.layout import DatasetLayout, DatasetParams, discover_layout
+from trainer.core.dataset.plan import EpochPlan, plan_epoch
 from trainer.core.dataset.report import size_guidance
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.spec import JobSpec, total_steps
@@ -340,54 +341,62 @@ def _read_sizes(layout: DatasetLayout, train: _Source, reg: _Source | None, limi
 
 def _plan(spec: JobSpec, layout: DatasetLayout, sizes: dict[tuple[str, str], tuple[int, int] | None],
           report: PreflightReport, problems: list[FieldProblem], warnings: list[FieldProblem]) -> None:
-    repeats = balanced_repeats(layout.subsets)
+    """Buckets, batches and steps as the trainer's dataset will plan them (`plan_epoch`)."""
+    datasets = layout.datasets or [DatasetParams(BucketParams.from_spec(spec))]
+    plan = plan_epoch(layout.subsets, datasets, [[sizes.get((s.root, im.path)) for im in s.images]
+                                                 for s in layout.subsets])
+    _report_unusable(plan, problems)
+    batch_size = spec.training.batch_size
     buckets: dict[tuple[int, int], list[int]] = {}
-    batches = 0
-    image_steps = 0
-    small = 0
-    for d, params in enumerate(layout.datasets or []):
-        dims: list[tuple[int, int]] = []
-        reps: list[int] = []
-        for s, subset_repeats in zip(layout.subsets, repeats):
-            if s.dataset != d:
-                continue
-            for im, r in zip(s.images, subset_repeats):
-                size = sizes.get((s.root, im.path))
-                if size is not None and r > 0:
-                    dims.append(size)
-                    reps.append(r)
-        if not dims:
-            continue
-        batch = params.batch_size or spec.training.batch_size
-        plan = plan_buckets(dims, params.buckets, batch, reps)
-        if plan.unusable:
-            shown = ", ".join(f"{dims[i][0]}x{dims[i][1]}" for i in plan.unusable[:SHOWN])
-            problems.append(FieldProblem(path="dataset.bucket_no_upscale", message=(
-                f"{len(plan.unusable)} image(s) are smaller than one bucket step ({shown}) and would get an empty "
-                "bucket: remove them, lower dataset.bucket_reso_steps or disable bucket_no_upscale")))
-        rw, rh = params.buckets.resolution
-        if not params.buckets.no_upscale:
-            small += sum(1 for w, h in dims if w * h < rw * rh and (w < rw or h < rh))
-        batches += plan.batches_per_epoch
-        image_steps += plan.image_steps_per_epoch
-        for b in plan.buckets:
-            acc = buckets.setdefault(b.reso, [0, 0, 0])
-            acc[0] += b.images
-            acc[1] += b.image_steps
-            acc[2] += b.batches
+    for b in plan.buckets:
+        acc = buckets.setdefault(b.reso, [0, 0, 0])
+        acc[0] += b.images
+        acc[1] += b.image_steps
+        acc[2] += plan.bucket_batches(b, batch_size)
     report.buckets = [BucketReport(width=w, height=h, images=v[0], image_steps=v[1], batches=v[2])
                       for (w, h), v in sorted(buckets.items())]
-    report.image_steps_per_epoch = image_steps
-    report.batches_per_epoch = batches
-    report.smaller_than_resolution = small
+    report.image_steps_per_epoch = sum(b.image_steps for b in plan.buckets)
+    report.batches_per_epoch = plan.batches_per_epoch(batch_size)
+    report.smaller_than_resolution = small = _smaller_than_resolution(plan)
     processes = max(1, spec.resources.gpus) * spec.resources.nodes
-    per_process = math.ceil(batches / processes)
-    report.steps_per_epoch = math.ceil(per_process / spec.training.gradient_accumulation_steps)
+    report.steps_per_epoch = plan.steps_per_epoch(batch_size, processes, spec.training.gradient_accumulation_steps)
     if report.steps_per_epoch == 0:
         problems.append(FieldProblem(path="dataset.uri", message="no usable training image: nothing to train on"))
         return
     report.total_steps = total_steps(spec, report.steps_per_epoch)
     report.epochs = math.ceil(report.total_steps / report.steps_per_epoch)
+    warnings += _plan_warnings(spec, layout, report, small)
+
+
+def _report_unusable(plan: EpochPlan, problems: list[FieldProblem]) -> None:
+    """Images smaller than one bucket step (bucket_no_upscale): one problem per dataset holding any."""
+    by_dataset: dict[int, list[tuple[int, int]]] = {}
+    for u in plan.unusable:
+        by_dataset.setdefault(plan.subsets[u.subset].dataset, []).append(u.size)
+    for d in sorted(by_dataset):
+        dims = by_dataset[d]
+        shown = ", ".join(f"{w}x{h}" for w, h in dims[:SHOWN])
+        problems.append(FieldProblem(path="dataset.bucket_no_upscale", message=(
+            f"{len(dims)} image(s) are smaller than one bucket step ({shown}) and would get an empty "
+            "bucket: remove them, lower dataset.bucket_reso_steps or disable bucket_no_upscale")))
+
+
+def _smaller_than_resolution(plan: EpochPlan) -> int:
+    """Planned images (training and regularisation) that will be upscaled: smaller than the
+    resolution in area and on some side (bucket_no_upscale never upscales)."""
+    small = 0
+    for im in plan.images:
+        params = plan.datasets[plan.subsets[im.subset].dataset].buckets
+        rw, rh = params.resolution
+        w, h = im.size
+        if not params.no_upscale and w * h < rw * rh and (w < rw or h < rh):
+            small += 1
+    return small
+
+
+def _plan_warnings(spec: JobSpec, layout: DatasetLayout, report: PreflightReport, small: int) -> list[FieldProblem]:
+    """Dataset size against the guides' figures, upscaled images, partly filled batches."""
+    warnings: list[FieldProblem] = []
     # The guides' size figures (the report's rule); the preflight knows no subject, so only what is
     # outside both the character and the style range is named.
     train_steps = layout.image_steps_per_epoch
@@ -404,3 +413,4 @@ def _plan(spec: JobSpec, layout: DatasetLayout, sizes: dict[tuple[str, str], tup
             warnings.append(FieldProblem(path="training.batch_size", severity="warning", message=(
                 f"{partial} of {len(report.buckets)} buckets do not fill their last batch of "
                 f"{spec.training.batch_size}; those batches are smaller")))
+    return warnings

@@ -12,8 +12,9 @@ import torch
 from data_helpers import TINY_BUCKETS, list_files, make_spec
 from PIL import Image
 
-from trainer.data.dataset import ItemRef, TrainDataset, batch_rng, epoch_loader, tokenize
-from trainer.core.dataset.layout import discover_layout, image_id, plan_layout
+from trainer.core.dataset.layout import discover_layout
+from trainer.core.dataset.plan import plan_epoch
+from trainer.data.dataset import ItemRef, TrainDataset, tokenize
 from trainer.core.failures import JobFailure, Reason
 from trainer.tools.tinydata import make_tiny_dataset
 
@@ -201,37 +202,27 @@ def test_token_windows_follow_sd_scripts(tokenizers):
     assert full[76] == eos and full[-1] == eos  # text runs through both windows: each ends with EOS
 
 
-def test_epoch_loader_is_independent_of_workers_and_resumable(tiny):
-    direct = [tiny.load_batch(refs, epoch=2, rng=batch_rng(9, 2, 1, k))
-              for k, refs in enumerate(tiny.epoch_batches(2, seed=9, batch_size=2, rank=1, world_size=2))]
-    for workers in (0, 2):
-        loaded = list(epoch_loader(tiny, 2, seed=9, batch_size=2, rank=1, world_size=2, workers=workers))
-        assert len(loaded) == len(direct) == 5
-        for a, b in zip(loaded, direct):
-            assert torch.equal(a.pixel_values, b.pixel_values) and a.captions == b.captions and a.flipped == b.flipped
-            assert all(torch.equal(x, y) for x, y in zip(a.input_ids, b.input_ids))
-    resumed = list(epoch_loader(tiny, 2, seed=9, batch_size=2, rank=1, world_size=2, skip=3))
-    assert [r.image_keys for r in resumed] == [d.image_keys for d in direct[3:]]
-    assert torch.equal(resumed[0].pixel_values, direct[3].pixel_values)
-
-
-def test_preflight_plan_predicts_the_trainer_counts(tmp_path, tiny_root):
+def test_plan_from_header_sizes_predicts_the_trainer_counts(tmp_path, tiny_root):
     reg = make_tiny_dataset(tmp_path / "reg", images=5, concepts=(("person", 1),)).root
     toml = TOML_TWO_DATASETS
     for kwargs, reg_root in (({}, reg), ({"config_toml": toml}, None), ({"bucket_no_upscale": True}, None)):
         ds = build(tiny_root, reg_root=reg_root, **kwargs)
-        sizes = {}
+        sizes = []
         for sub in ds.layout.subsets:
             base = reg if sub.root == "reg" else tiny_root
+            sizes.append([])
             for im in sub.images:
                 with Image.open(base / im.path) as img:
-                    sizes[image_id(sub.root, im.path)] = img.size
-        plan = plan_layout(ds.layout, sizes, 3)
-        assert plan.batches_per_epoch == ds.num_batches(3) and plan.missing == []
-        assert plan.steps_per_epoch(2, 2) == ds.steps_per_epoch(3, 2, 2)
-    first = next(iter(sizes))
-    del sizes[first]
-    assert plan_layout(ds.layout, sizes, 3).missing == [first]
+                    sizes[-1].append(img.size)
+        plan = plan_epoch(ds.layout.subsets, ds.datasets, sizes)
+        assert plan.batches_per_epoch(3) == ds.num_batches(3) and plan.unusable == []
+        assert plan.steps_per_epoch(3, 2, 2) == ds.steps_per_epoch(3, 2, 2)
+    sizes[0][0] = None  # an unreadable image is left out, as the trainer leaves it out
+    fewer = plan_epoch(ds.layout.subsets, ds.datasets, sizes)
+    assert len(fewer.images) == len(plan.images) - 1
+    assert (0, 0) not in {(im.subset, im.index) for im in fewer.images}
+    with pytest.raises(ValueError, match="one entry per image"):
+        plan_epoch(ds.layout.subsets, ds.datasets, sizes[1:])
 
 
 TOML_TWO_DATASETS = """

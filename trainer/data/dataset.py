@@ -12,21 +12,21 @@ it is given, so a run is reproducible and every rank computes the same global or
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from trainer.core.dataset.buckets import Bucketer, BucketParams, Size, crop_ltrb
+from trainer.core.dataset.buckets import BucketParams, Size, crop_ltrb
 from trainer.core.dataset.captions import process_caption, tag_frequency
-from trainer.core.dataset.layout import DatasetLayout, DatasetParams, Subset, balanced_repeats, image_id
+from trainer.core.dataset.layout import DatasetLayout, DatasetParams, Subset, image_id
+from trainer.core.dataset.plan import PlannedImage, plan_epoch
 from trainer.core.failures import JobFailure, Reason
 
 CLIP_WINDOW = 77  # tokens the CLIP text encoders see at once: BOS + 75 + EOS
@@ -42,6 +42,13 @@ class DatasetProblem:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class _Probed:
+    size: Size | None
+    caption: str | None  # None when there is no caption text
+    problem: DatasetProblem | None
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,8 @@ class TrainDataset:
     ) -> None:
         if max_token_length not in (None, 75, 150, 225):
             raise ValueError(f"max_token_length must be None, 75, 150 or 225, got {max_token_length}")
+        if any(sub.root == "reg" for sub in layout.subsets) and reg_root is None:
+            raise ValueError("the layout has regularisation subsets: pass reg_root")
         self.layout = layout
         self.tokenizers = list(tokenizers or [])
         self.max_token_length = max_token_length
@@ -116,89 +125,88 @@ class TrainDataset:
         self.datasets: list[DatasetParams] = layout.datasets or [DatasetParams(BucketParams.from_spec(spec))]
         self.problems: list[DatasetProblem] = []
         self.warnings: list[str] = []
-        roots = {"train": root, "reg": reg_root}
-
-        # 1. Read every image (header, and pixels unless told not to) and its caption, in parallel.
-        jobs = [(si, im) for si, sub in enumerate(layout.subsets) for im in sub.images]
-        if any(sub.root == "reg" for sub in layout.subsets) and reg_root is None:
-            raise ValueError("the layout has regularisation subsets: pass reg_root")
-
-        def probe(job: tuple[int, Any]) -> tuple[Size | None, str | None, DatasetProblem | None]:
-            """(size, caption text or None when there is none, problem)."""
-            si, im = job
-            sub = layout.subsets[si]
-            base = roots[sub.root]
-            size, problem = _probe_image(_local(base, im.path), im.path, check_pixels)
-            if problem:
-                return None, None, problem
-            caption, problem = _read_caption(base, im.caption_path, sub)
-            return size, caption, problem
-
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            probed = list(pool.map(probe, jobs))
-
-        # 2. Keep the good ones, per subset; bucket them.
-        kept: list[list[tuple[Any, Size, str]]] = [[] for _ in layout.subsets]
-        bucketers = [Bucketer(d.buckets) for d in self.datasets]
-        empty_captions: list[str] = []
-        for (si, im), (size, caption, problem) in zip(jobs, probed):
-            if problem is not None:
-                self.problems.append(problem)
-                continue
-            assert size is not None
-            sub = layout.subsets[si]
-            if caption is None:
-                if im.caption_path is not None:
-                    empty_captions.append(im.caption_path)
-                caption = sub.class_tokens or ""  # sd-scripts: class tokens, else an empty caption
-            bucket, _ = bucketers[sub.dataset].select(*size)
-            if bucket[0] <= 0 or bucket[1] <= 0:
-                steps = self.datasets[sub.dataset].buckets.steps
-                self.problems.append(DatasetProblem(im.path, f"{size[0]}x{size[1]} is smaller than bucket_reso_steps "
-                                                    f"({steps}) with bucket_no_upscale; use a larger image"))
-                continue
-            kept[si].append((im, size, caption))
-        if empty_captions:
-            self.warnings.append(f"{len(empty_captions)} caption file(s) are empty (e.g. '{empty_captions[0]}'); "
-                                 "their images train with the subset's class tokens instead")
-        subsets = [replace(sub, images=[k[0] for k in kept[si]]) for si, sub in enumerate(layout.subsets)]
-        self.subsets: list[Subset] = subsets
-        repeats = balanced_repeats(subsets)
-
-        self.items: list[DatasetItem] = []
-        for si, sub in enumerate(subsets):
-            for (im, size, caption), reps in zip(kept[si], repeats[si]):
-                if reps == 0:
-                    continue  # reg images beyond what balances the training images (sd-scripts drops them too)
-                bucket, resized = bucketers[sub.dataset].select(*size)
-                key = image_id(sub.root, im.path) + (f"@{sub.dataset}" if sub.dataset else "")
-                self.items.append(DatasetItem(
-                    key=key, rel_path=im.path, path=_local(roots[sub.root], im.path), caption=caption, subset=si,
-                    size=size, bucket=bucket, resized=resized, repeats=reps, is_reg=sub.is_reg,
-                    loss_weight=self.prior_loss_weight if sub.is_reg else 1.0,
-                ))
+        self._roots = {"train": root, "reg": reg_root}
+        probed = self._probe(check_pixels, workers)
+        sizes, captions = self._readable(probed)
+        self.plan = plan_epoch(layout.subsets, self.datasets, sizes)
+        self._report_problems(probed)
+        self.subsets: list[Subset] = self.plan.subsets
+        self.items: list[DatasetItem] = [self._item(im, captions[im.subset][im.index]) for im in self.plan.images]
         if not any(not it.is_reg for it in self.items):
             shown = "; ".join(str(p) for p in self.problems[:3])
             raise JobFailure(Reason.DATASET_INVALID,
                              f"no readable training image in {spec.dataset.uri}"
                              + (f" ({len(self.problems)} problem(s), e.g. {shown})" if self.problems else ""))
+        self.buckets: list[Bucket] = [Bucket(b.dataset, b.reso, b.slots) for b in self.plan.buckets]
 
-        by_bucket: dict[tuple[int, Size], list[int]] = {}
-        for idx, it in enumerate(self.items):
-            by_bucket.setdefault((subsets[it.subset].dataset, it.bucket), []).extend([idx] * it.repeats)
-        self.buckets: list[Bucket] = [Bucket(d, reso, tuple(slots)) for (d, reso), slots in sorted(by_bucket.items())]
+    def _probe(self, check_pixels: bool, workers: int) -> list[list[_Probed]]:
+        """Every image's header (and pixels unless told not to) and caption, read in parallel;
+        aligned with the layout's subsets and their images."""
+        subsets = self.layout.subsets
+        jobs = [(si, im) for si, sub in enumerate(subsets) for im in sub.images]
+
+        def probe(job: tuple[int, Any]) -> _Probed:
+            si, im = job
+            base = self._roots[subsets[si].root]
+            size, problem = _probe_image(_local(base, im.path), im.path, check_pixels)
+            if problem:
+                return _Probed(None, None, problem)
+            caption, problem = _read_caption(base, im.caption_path, subsets[si])
+            return _Probed(size, caption, problem)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            flat = iter(list(pool.map(probe, jobs)))
+        return [[next(flat) for _ in sub.images] for sub in subsets]
+
+    def _readable(self, probed: list[list[_Probed]]) -> tuple[list[list[Size | None]], list[list[str]]]:
+        """Sizes (None for an image with a problem) and captions: the class tokens (else an empty
+        caption, as sd-scripts does) where there is no caption text, with a warning for empty files."""
+        sizes: list[list[Size | None]] = []
+        captions: list[list[str]] = []
+        empty_captions: list[str] = []
+        for sub, results in zip(self.layout.subsets, probed):
+            sizes.append([None if r.problem else r.size for r in results])
+            captions.append([])
+            for im, r in zip(sub.images, results):
+                if r.problem is None and r.caption is None and im.caption_path is not None:
+                    empty_captions.append(im.caption_path)
+                captions[-1].append(r.caption if r.caption is not None else sub.class_tokens or "")
+        if empty_captions:
+            self.warnings.append(f"{len(empty_captions)} caption file(s) are empty (e.g. '{empty_captions[0]}'); "
+                                 "their images train with the subset's class tokens instead")
+        return sizes, captions
+
+    def _report_problems(self, probed: list[list[_Probed]]) -> None:
+        """Unreadable files and images too small for a bucket, in the layout's order."""
+        found = {(si, j): r.problem for si, results in enumerate(probed) for j, r in enumerate(results) if r.problem}
+        for u in self.plan.unusable:
+            sub = self.layout.subsets[u.subset]
+            steps = self.datasets[sub.dataset].buckets.steps
+            found[(u.subset, u.index)] = DatasetProblem(
+                sub.images[u.index].path, f"{u.size[0]}x{u.size[1]} is smaller than bucket_reso_steps ({steps}) "
+                "with bucket_no_upscale; use a larger image")
+        self.problems += [found[k] for k in sorted(found)]
+
+    def _item(self, im: PlannedImage, caption: str) -> DatasetItem:
+        sub = self.layout.subsets[im.subset]
+        path = sub.images[im.index].path
+        return DatasetItem(
+            key=image_id(sub.root, path) + (f"@{sub.dataset}" if sub.dataset else ""), rel_path=path,
+            path=_local(self._roots[sub.root], path), caption=caption, subset=im.subset, size=im.size,
+            bucket=im.bucket, resized=im.resized, repeats=im.repeats, is_reg=sub.is_reg,
+            loss_weight=self.prior_loss_weight if sub.is_reg else 1.0)
 
     # -- epoch structure -----------------------------------------------------------------------
     def _batch_size(self, dataset: int, batch_size: int) -> int:
-        return self.datasets[dataset].batch_size or batch_size
+        return self.plan.batch_size(dataset, batch_size)
 
     def num_batches(self, batch_size: int) -> int:
         """Batches per epoch over all processes (sd-scripts' len(train_dataloader))."""
-        return sum(math.ceil(len(b.slots) / self._batch_size(b.dataset, batch_size)) for b in self.buckets)
+        return self.plan.batches_per_epoch(batch_size)
 
     def steps_per_epoch(self, batch_size: int, world_size: int = 1, grad_accum: int = 1) -> int:
         """Optimizer updates per epoch: ceil(batches / world_size / grad_accum), as sd-scripts counts."""
-        return -(-self.num_batches(batch_size) // (world_size * grad_accum))
+        return self.plan.steps_per_epoch(batch_size, world_size, grad_accum)
 
     @property
     def image_steps_per_epoch(self) -> int:
@@ -316,48 +324,6 @@ class TrainDataset:
             "ss_tag_frequency": tags,
             "ss_bucket_info": bucket_info,
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# Epoch iteration
-
-
-def batch_rng(seed: int, epoch: int, rank: int, index: int) -> random.Random:
-    """The RNG of one batch, from its position alone: the same augmentations and captions whatever
-    the number of loader workers, and after resuming in the middle of an epoch."""
-    return random.Random(f"lathe-batch:{seed}:{epoch}:{rank}:{index}")
-
-
-class EpochBatches(torch.utils.data.Dataset):
-    """One rank's batches of one epoch as a map-style dataset of ready `Batch`es (for DataLoader workers)."""
-
-    def __init__(self, dataset: TrainDataset, epoch: int, *, seed: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, with_pixels: bool = True) -> None:
-        self.dataset, self.epoch, self.seed, self.rank, self.with_pixels = dataset, epoch, seed, rank, with_pixels
-        self.batches = dataset.epoch_batches(epoch, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> Batch:
-        return self.dataset.load_batch(self.batches[index], epoch=self.epoch, with_pixels=self.with_pixels,
-                                       rng=batch_rng(self.seed, self.epoch, self.rank, index))
-
-
-def _as_is(batch: Batch) -> Batch:
-    return batch
-
-
-def epoch_loader(dataset: TrainDataset, epoch: int, *, seed: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, skip: int = 0, with_pixels: bool = True):
-    """A DataLoader over this rank's batches of `epoch`, decoded in `workers` processes
-    (spec.dataset.max_data_loader_n_workers); `skip` drops the first batches (resuming mid-epoch)."""
-    source: torch.utils.data.Dataset = EpochBatches(dataset, epoch, seed=seed, batch_size=batch_size, rank=rank,
-                                                    world_size=world_size, with_pixels=with_pixels)
-    if skip:
-        source = torch.utils.data.Subset(source, range(skip, len(source)))  # type: ignore[arg-type]
-    return torch.utils.data.DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                                       collate_fn=_as_is)
 
 
 # ---------------------------------------------------------------------------------------------

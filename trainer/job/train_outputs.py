@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from trainer import __version__
+from trainer.train.saving import files_to_remove
 from trainer.core.jobdir import with_retries
 from trainer.core.spec import UNSHRINKABLE_ALGOS, encode_spec, spec_hash
 from trainer.core.status import OutputFile
@@ -85,9 +86,8 @@ def publish(job: Job, result: Any, shrink_items: list[LocalOutput], shrink_repor
     for item in items:
         ctx.published[item.name] = job.publisher.upload(item)
     # sd-scripts' keep-last-N across all attempts' intermediate saves.
-    esc = re.escape(name)
-    stale = _keep_last(list(ctx.published), re.compile(esc + r"-(\d{6})\.safetensors"), spec.save.save_last_n_epochs)
-    stale += _keep_last(list(ctx.published), re.compile(esc + r"-step(\d{8})\.safetensors"), spec.save.save_last_n_steps)
+    stale = files_to_remove(list(ctx.published), name, keep_epochs=spec.save.save_last_n_epochs,
+                            keep_steps=spec.save.save_last_n_steps)
     for old in stale:
         with_retries(lambda o=old: ctx.out.delete(o), what=f"removing old save {old}")
         ctx.published.pop(old, None)
@@ -100,14 +100,6 @@ def publish(job: Job, result: Any, shrink_items: list[LocalOutput], shrink_repor
     metadata = training_metadata(job, result, shrink_report)
     outputs = sorted(ctx.published.values(), key=lambda o: o.name)
     return [*outputs, job.publisher.commit(metadata, outputs)]
-
-
-def _keep_last(names: list[str], pattern: re.Pattern[str], keep: int | None) -> list[str]:
-    """sd-scripts' save_last_n_*: of the intermediate saves matching `pattern`, the ones to delete."""
-    if not keep:
-        return []
-    numbered = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
-    return [n for _, n in numbered[:-keep]]
 
 
 def training_metadata(job: Job, result: Any, shrink_report: dict | None) -> dict[str, Any]:

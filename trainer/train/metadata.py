@@ -96,15 +96,26 @@ def network_args(spec: JobSpec) -> dict[str, str]:
 
 
 def ss_metadata(spec: JobSpec, parts: Any, network: Any, dataset: Any, facts: RunFacts) -> dict[str, str]:
-    """The header sd-scripts' train_network.py writes, as strings (before the per-save stamp)."""
-    ds, opt, tr, noise, prec = spec.dataset, spec.optimizer, spec.training, spec.noise, spec.precision
-    arch = spec.model.arch
-    bs = tr.batch_size
-    total_batch = bs * facts.world_size * tr.gradient_accumulation_steps
-    w, h = ds.resolution_wh
-    dataset_meta = dataset.sd_scripts_metadata(bs)
-    base_version = BASE_MODEL_VERSION[arch] + ("_v" if arch != "sdxl" and parts.v_parameterization else "")
+    """The header sd-scripts' train_network.py writes, as strings (before the per-save stamp).
+    Key order follows train_network.py's dict, which some readers display as is."""
+    dataset_meta = dataset.sd_scripts_metadata(spec.training.batch_size)
     meta: dict[str, Any] = {
+        **_run_keys(spec, facts, dataset_meta),
+        **_model_keys(spec, parts, facts),
+        **_dataset_keys(spec, facts),
+        **_dataset_tables(spec, dataset, dataset_meta),
+    }
+    args = network_args(spec)
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
+    meta.update(_model_file_keys(spec, parts))
+    return {k: str(v) for k, v in meta.items()}
+
+
+def _run_keys(spec: JobSpec, facts: RunFacts, dataset_meta: dict[str, Any]) -> dict[str, Any]:
+    """Session, learning rates, image counts and the step plan."""
+    opt, tr = spec.optimizer, spec.training
+    return {
         "ss_session_id": facts.session_id,
         "ss_training_started_at": facts.training_started_at,
         "ss_output_name": spec.save.output_name,
@@ -120,6 +131,14 @@ def ss_metadata(spec: JobSpec, parts: Any, network: Any, dataset: Any, facts: Ru
         "ss_max_train_steps": facts.max_train_steps,
         "ss_lr_warmup_steps": _warmup_text(spec.scheduler.warmup_steps),
         "ss_lr_scheduler": spec.scheduler.type,
+    }
+
+
+def _model_keys(spec: JobSpec, parts: Any, facts: RunFacts) -> dict[str, Any]:
+    """Network, precision, base model, noise and optimizer settings."""
+    prec, noise, arch = spec.precision, spec.noise, spec.model.arch
+    base_version = BASE_MODEL_VERSION[arch] + ("_v" if arch != "sdxl" and parts.v_parameterization else "")
+    return {
         "ss_network_module": spec.network.module,
         "ss_network_dim": spec.network.dim,
         "ss_network_alpha": spec.network.alpha,
@@ -129,7 +148,7 @@ def ss_metadata(spec: JobSpec, parts: Any, network: Any, dataset: Any, facts: Ru
         "ss_v2": arch == "sd2",
         "ss_base_model_version": base_version,
         "ss_clip_skip": spec.model.clip_skip,
-        "ss_max_token_length": ds.max_token_length,
+        "ss_max_token_length": spec.dataset.max_token_length,
         "ss_cache_latents": bool(prec.cache_latents),
         "ss_seed": facts.seed,
         "ss_lowram": spec.model.lowram,
@@ -140,7 +159,16 @@ def ss_metadata(spec: JobSpec, parts: Any, network: Any, dataset: Any, facts: Ru
         "ss_zero_terminal_snr": False,
         "ss_training_comment": spec.save.training_comment,
         "ss_optimizer": facts.optimizer,
-        "ss_max_grad_norm": opt.max_grad_norm,
+        "ss_max_grad_norm": spec.optimizer.max_grad_norm,
+    }
+
+
+def _dataset_keys(spec: JobSpec, facts: RunFacts) -> dict[str, Any]:
+    """Captions, augmentation, batch sizes and bucketing."""
+    ds, tr, opt = spec.dataset, spec.training, spec.optimizer
+    bs = tr.batch_size
+    w, h = ds.resolution_wh
+    return {
         "ss_caption_dropout_rate": ds.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": ds.caption_dropout_every_n_epochs,
         "ss_caption_tag_dropout_rate": ds.caption_tag_dropout_rate,
@@ -148,9 +176,9 @@ def ss_metadata(spec: JobSpec, parts: Any, network: Any, dataset: Any, facts: Ru
         "ss_prior_loss_weight": ds.prior_loss_weight,
         "ss_min_snr_gamma": tr.min_snr_gamma,
         "ss_scale_weight_norms": opt.scale_weight_norms,
-        "ss_full_bf16": bool(prec.full_bf16),
+        "ss_full_bf16": bool(spec.precision.full_bf16),
         "ss_batch_size_per_device": bs,
-        "ss_total_batch_size": total_batch,
+        "ss_total_batch_size": bs * facts.world_size * tr.gradient_accumulation_steps,
         "ss_resolution": (w, h),
         "ss_color_aug": bool(ds.color_aug),
         "ss_flip_aug": bool(ds.flip_aug),
@@ -163,26 +191,34 @@ def ss_metadata(spec: JobSpec, parts: Any, network: Any, dataset: Any, facts: Ru
         "ss_keep_tokens": ds.keep_tokens,
         "ss_caption_extension": ds.caption_extension,
     }
+
+
+def _dataset_tables(spec: JobSpec, dataset: Any, dataset_meta: dict[str, Any]) -> dict[str, str]:
+    """The JSON-valued dataset keys: folders (training and regularisation), tags, buckets, TOML datasets."""
     reg_dirs = {s.name: {"n_repeats": s.num_repeats, "img_count": len(s.images)}
                 for s in dataset.subsets if s.is_reg and s.images}
     train_dirs = {k: v for k, v in dataset_meta["ss_dataset_dirs"].items() if k not in reg_dirs}
-    meta["ss_dataset_dirs"] = json.dumps(train_dirs)
-    meta["ss_reg_dataset_dirs"] = json.dumps(reg_dirs)
-    meta["ss_tag_frequency"] = json.dumps(dataset_meta["ss_tag_frequency"])
-    meta["ss_bucket_info"] = json.dumps(dataset_meta["ss_bucket_info"])
-    if ds.config_toml is not None:
-        meta["ss_datasets"] = json.dumps(_datasets_table(spec, dataset, bs))
-    args = network_args(spec)
-    if args:
-        meta["ss_network_args"] = json.dumps(args)
-    meta["ss_sd_model_name"] = os.path.basename(spec.model.uri.rstrip("/"))
+    out = {
+        "ss_dataset_dirs": json.dumps(train_dirs),
+        "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+        "ss_tag_frequency": json.dumps(dataset_meta["ss_tag_frequency"]),
+        "ss_bucket_info": json.dumps(dataset_meta["ss_bucket_info"]),
+    }
+    if spec.dataset.config_toml is not None:
+        out["ss_datasets"] = json.dumps(_datasets_table(spec, dataset, spec.training.batch_size))
+    return out
+
+
+def _model_file_keys(spec: JobSpec, parts: Any) -> dict[str, str]:
+    """The base model's (and VAE's) file name and hashes."""
+    out = {"ss_sd_model_name": os.path.basename(spec.model.uri.rstrip("/"))}
     source = getattr(parts, "source", None)
     if source and os.path.isfile(source):
-        meta["ss_sd_model_hash"] = legacy_model_hash(source)
-        meta["ss_new_sd_model_hash"] = file_sha256(source)
+        out["ss_sd_model_hash"] = legacy_model_hash(source)
+        out["ss_new_sd_model_hash"] = file_sha256(source)
     if spec.model.vae:
-        meta["ss_vae_name"] = os.path.basename(spec.model.vae.rstrip("/"))
-    return {k: str(v) for k, v in meta.items()}
+        out["ss_vae_name"] = os.path.basename(spec.model.vae.rstrip("/"))
+    return out
 
 
 def _datasets_table(spec: JobSpec, dataset: Any, batch_size: int) -> list[dict[str, Any]]:

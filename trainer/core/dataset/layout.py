@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import posixpath
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from trainer.core.dataset.buckets import Bucketer, BucketParams, BucketPlan, Size, plan_buckets
+from trainer.core.dataset.buckets import BucketParams
 from trainer.core.dataset.captions import CaptionOptions
 from trainer.core.failures import JobFailure, Reason
 
@@ -105,32 +105,48 @@ def discover_layout(spec: Any, files: list[str], reg_files: list[str] | None = N
     ds = spec.dataset
     warnings: list[str] = []
     index = _FolderIndex(files, warnings, "dataset")
-    default_params = DatasetParams(BucketParams.from_spec(ds))
+    mode, configs, datasets, reg_configs = _subset_configs(ds, files, reg_files, warnings)
+    reg_index = _FolderIndex(reg_files or [], warnings, "reg dataset") if reg_configs else None
+    subsets, unpaired, unsupported = _scan_subsets(configs + reg_configs, index, reg_index, warnings)
+    if unpaired:
+        warnings.append(f"{len(unpaired)} caption file(s) have no image of the same name (e.g. '{unpaired[0]}'); "
+                        "they are not used")
+    if unsupported:
+        warnings.append(f"{len(unsupported)} file(s) are neither images ({', '.join(IMAGE_EXTENSIONS)}) nor caption "
+                        f"files and are skipped (e.g. '{unsupported[0]}')")
 
+    if not any(not s.is_reg for s in subsets):
+        raise JobFailure(Reason.DATASET_INVALID, _no_images_message(mode, ds, configs, index))
+    return DatasetLayout(subsets, unpaired, unsupported, warnings, datasets)
+
+
+def _subset_configs(ds: Any, files: list[str], reg_files: list[str] | None, warnings: list[str],
+                    ) -> tuple[str, list[_SubsetConfig], list[DatasetParams], list[_SubsetConfig]]:
+    """(mode, training subset configs, datasets, reg subset configs) by the way the dataset is described."""
+    default_params = DatasetParams(BucketParams.from_spec(ds))
     if ds.config_toml is not None:
         configs, datasets = _subsets_from_toml(ds.config_toml, ds)
         if reg_files:
             warnings.append("dataset.reg_uri is ignored because dataset.config_toml is given (as sd-scripts ignores "
                             "--reg_data_dir with --dataset_config); declare regularisation subsets with is_reg = true")
-        reg_configs: list[_SubsetConfig] = []
-        mode = "dataset.config_toml"
-    elif ds.subsets is not None:
-        configs = [_subset_from_spec(i, s, ds) for i, s in enumerate(ds.subsets)]
-        datasets = [default_params]
-        reg_configs = _subsets_from_folders(reg_files, ds, "reg", warnings) if reg_files else []
-        mode = "dataset.subsets"
+        return "dataset.config_toml", configs, datasets, []
+    if ds.subsets is not None:
+        mode, configs = "dataset.subsets", [_subset_from_spec(i, s, ds) for i, s in enumerate(ds.subsets)]
     else:
-        configs = _subsets_from_folders(files, ds, "train", warnings)
-        datasets = [default_params]
-        reg_configs = _subsets_from_folders(reg_files, ds, "reg", warnings) if reg_files else []
-        mode = "folder"
+        mode, configs = "folder", _subsets_from_folders(files, ds, "train", warnings)
+    reg_configs = _subsets_from_folders(reg_files, ds, "reg", warnings) if reg_files else []
+    return mode, configs, [default_params], reg_configs
 
-    reg_index = _FolderIndex(reg_files or [], warnings, "reg dataset") if reg_configs else None
+
+def _scan_subsets(configs: list[_SubsetConfig], index: _FolderIndex, reg_index: _FolderIndex | None,
+                  warnings: list[str]) -> tuple[list[Subset], list[str], list[str]]:
+    """Each subset's images, skipping (with a warning) subsets without repeats, duplicates and empty
+    folders; plus the unpaired captions and unsupported files found."""
     subsets: list[Subset] = []
     unpaired: list[str] = []
     unsupported: list[str] = []
     seen: set[tuple[str, str, int]] = set()
-    for cfg in configs + reg_configs:
+    for cfg in configs:
         idx = index if cfg.subset.root == "train" else reg_index
         assert idx is not None
         sub = cfg.subset
@@ -161,17 +177,7 @@ def discover_layout(spec: Any, files: list[str], reg_files: list[str] | None = N
                             f"'{sub.caption_extension}' caption file and the subset has no class_tokens: they train "
                             "with an empty caption")
         subsets.append(replace(sub, images=images))
-
-    if unpaired:
-        warnings.append(f"{len(unpaired)} caption file(s) have no image of the same name (e.g. '{unpaired[0]}'); "
-                        "they are not used")
-    if unsupported:
-        warnings.append(f"{len(unsupported)} file(s) are neither images ({', '.join(IMAGE_EXTENSIONS)}) nor caption "
-                        f"files and are skipped (e.g. '{unsupported[0]}')")
-
-    if not any(not s.is_reg for s in subsets):
-        raise JobFailure(Reason.DATASET_INVALID, _no_images_message(mode, ds, configs, index))
-    return DatasetLayout(subsets, unpaired, unsupported, warnings, datasets)
+    return subsets, unpaired, unsupported
 
 
 def balanced_repeats(subsets: list[Subset]) -> list[list[int]]:
@@ -207,47 +213,6 @@ def balanced_repeats(subsets: list[Subset]) -> list[list[int]]:
 def image_id(root: Root, path: str) -> str:
     """The id of one image across the train and reg roots ("train:10_x/a.png")."""
     return f"{root}:{path}"
-
-
-@dataclass(frozen=True)
-class LayoutPlan:
-    datasets: list[BucketPlan]  # one per DatasetLayout.datasets entry
-    missing: list[str]  # image ids without a size (unreadable): left out, as the trainer leaves them out
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return sum(p.batches_per_epoch for p in self.datasets)
-
-    def steps_per_epoch(self, world_size: int = 1, grad_accum: int = 1) -> int:
-        return -(-self.batches_per_epoch // (world_size * grad_accum))
-
-
-def plan_layout(layout: DatasetLayout, sizes: Mapping[str, Size], batch_size: int) -> LayoutPlan:
-    """Buckets and batches per epoch of a whole layout from image sizes keyed by `image_id`
-    (read from headers by the preflight): the same counts TrainDataset arrives at, reg balancing
-    included, so the service can predict steps before anything is launched."""
-    bucketers = [Bucketer(d.buckets) for d in layout.datasets]
-    missing: list[str] = []
-    kept: list[Subset] = []
-    for sub in layout.subsets:
-        images = []
-        for im in sub.images:
-            size = sizes.get(image_id(sub.root, im.path))
-            if size is None:
-                missing.append(image_id(sub.root, im.path))
-                continue
-            bucket, _ = bucketers[sub.dataset].select(*size)
-            if bucket[0] > 0 and bucket[1] > 0:  # else unusable, as the trainer reports it
-                images.append(im)
-        kept.append(replace(sub, images=images))
-    repeats = balanced_repeats(kept)
-    plans = []
-    for d, params in enumerate(layout.datasets):
-        pairs = [(sizes[image_id(s.root, im.path)], r) for s, reps in zip(kept, repeats) if s.dataset == d
-                 for im, r in zip(s.images, reps) if r > 0]
-        plans.append(plan_buckets([p[0] for p in pairs], params.buckets, params.batch_size or batch_size,
-                                  [p[1] for p in pairs]))
-    return LayoutPlan(plans, missing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,29 +517,37 @@ def _subsets_from_toml(text: str, ds: Any) -> tuple[list[_SubsetConfig], list[Da
         params.append(_dataset_params(get_d, dwhere, problems))
         for s, subset in enumerate(subsets_raw):
             swhere = f"{dwhere} [[datasets.subsets]] #{s + 1}"
-            _check_table(subset, swhere, {**_SUBSET_KEYS, **_SUBSET_ONLY_KEYS}, problems)
-            if "image_dir" not in subset:
-                problems.append(f"{swhere}: image_dir is required (a folder relative to the dataset root)")
-                continue
-            if not isinstance(subset["image_dir"], str):
-                continue  # reported by _check_table
-            try:
-                image_dir = _clean_dir(subset["image_dir"], f"{swhere}: image_dir")
-            except JobFailure as exc:
-                problems.append(exc.message)
-                continue
-            get = _lookup(subset, dataset, general, defaults)
-            repeats_from_spec = all(t.get("num_repeats") is None for t in (subset, dataset, general))
-            try:
-                built = _make_subset(get, image_dir=image_dir, name=posixpath.basename(image_dir) or ".",
-                                     root="train", dataset=d)
-            except (TypeError, ValueError, AttributeError) as exc:  # a wrong type already reported by _check_table
-                problems.append(f"{swhere}: {exc}")
-                continue
-            configs.append(_SubsetConfig(built, swhere, repeats_from_spec))
+            built = _toml_subset(subset, (subset, dataset, general, defaults), d, swhere, problems)
+            if built is not None:
+                configs.append(built)
     if problems:
         raise JobFailure(Reason.SPEC_INVALID, f"{field_name}: " + "; ".join(problems))
     return configs, params
+
+
+def _toml_subset(subset: dict[str, Any], tables: tuple[dict[str, Any], ...], dataset: int, where: str,
+                 problems: list[str]) -> _SubsetConfig | None:
+    """One [[datasets.subsets]] table; its values fall back through `tables` (subset, dataset,
+    [general], the spec's defaults). None, with the problems noted, when it is not usable."""
+    _check_table(subset, where, {**_SUBSET_KEYS, **_SUBSET_ONLY_KEYS}, problems)
+    if "image_dir" not in subset:
+        problems.append(f"{where}: image_dir is required (a folder relative to the dataset root)")
+        return None
+    if not isinstance(subset["image_dir"], str):
+        return None  # reported by _check_table
+    try:
+        image_dir = _clean_dir(subset["image_dir"], f"{where}: image_dir")
+    except JobFailure as exc:
+        problems.append(exc.message)
+        return None
+    repeats_from_spec = all(t.get("num_repeats") is None for t in tables[:3])
+    try:
+        built = _make_subset(_lookup(*tables), image_dir=image_dir, name=posixpath.basename(image_dir) or ".",
+                             root="train", dataset=dataset)
+    except (TypeError, ValueError, AttributeError) as exc:  # a wrong type already reported by _check_table
+        problems.append(f"{where}: {exc}")
+        return None
+    return _SubsetConfig(built, where, repeats_from_spec)
 
 
 def _dataset_params(get, where: str, problems: list[str]) -> DatasetParams:
