@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
