@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from service.client import ApiError, Client, read_spec_file
+from trainer.core.precision import SAVE_PRECISIONS
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -492,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base model URI (single file or diffusers folder)")
     p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--output-name", help="name of the merged checkpoint (default: last)")
-    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS)
     p.add_argument("--name")
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
     p.add_argument("--webhook")
@@ -556,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", type=float, help="--dynamic_param")
     p.add_argument("--recipe", help="resize_lora recipe (the default when no rank/method: fro_ckpt=1,thr=-3.55)")
     p.add_argument("--max-rank", type=int, dest="max_rank")
-    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--output-name")
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")

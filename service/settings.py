@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from trainer.core.msgspec_errors import split_validation_error
+
 ENV_PREFIX = "LATHE_"
 # Variable names differing from LATHE_<FIELD> (kept short where users type them often).
 _ENV_NAMES = {"trainer_cache_dir": "LATHE_LOCAL_CACHE_DIR"}
@@ -115,9 +117,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         try:
             return msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as exc:
-            text = str(exc)
-            field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else "settings"
-            raise SettingsError(env_name(field) if field != "settings" else "LATHE_*", text) from None
+            field, _ = split_validation_error(exc)
+            raise SettingsError(env_name(field) if field else "LATHE_*", str(exc)) from None
 
     def trainer_argv(self, python: str) -> list[str]:
         return list(self.trainer_command) if self.trainer_command else [python, "-m", "trainer", "run"]

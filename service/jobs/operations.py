@@ -37,6 +37,7 @@ from service.api.wire import (
 )
 from trainer.job.grid_job import adapter_label
 from trainer.core.spec import GridAdapterSpec, JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
+from trainer.core.msgspec_errors import split_validation_error
 from trainer.core.status import TERMINAL_PHASES, JobStatus, Progress
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
 
@@ -237,8 +238,7 @@ class JobService:
         try:
             req = msgspec.convert(body, DatasetReportRequest, strict=False)
         except msgspec.ValidationError as exc:
-            message, _, where = str(exc).partition(" - at `$.")
-            path = where.rstrip("`")
+            path, message = split_validation_error(exc)
             unknown = re.match(r"Object contains unknown field `(.+)`", message)
             if unknown:
                 allowed = ", ".join(DatasetReportRequest.__struct_fields__)

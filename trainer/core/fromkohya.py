@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 
+from trainer.core.precision import canonical_precision
 from trainer.core.spec import (
     Algo,
     DynamoBackend,
@@ -744,7 +745,7 @@ def _map_precision_and_save(conv: Conversion, flags: dict[str, Any]) -> None:
                   "the spec uses SDPA (same result, less memory)")
     if "save_precision" in flags:
         value = str(flags["save_precision"])
-        mapped = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(value)
+        mapped = canonical_precision(value)
         if mapped is None:
             conv.note("--save_precision", f"'{value}' is not float/fp16/bf16; left out")
         else:

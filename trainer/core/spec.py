@@ -21,7 +21,9 @@ from msgspec import Meta, Struct
 
 from trainer.core.dataset.layout import spec_problems as dataset_spec_problems
 from trainer.core.loaders import loader_gaps
+from trainer.core.msgspec_errors import path_parts, split_validation_error
 from trainer.core.optimizers import adafactor_relative_step, unknown_arg_message
+from trainer.core.precision import Precision
 from trainer.core.shrink_choice import parse_recipe
 from trainer.core.shrink_errors import ShrinkError
 
@@ -31,7 +33,6 @@ SUPPORTED_VERSIONS = get_args(SpecVersion)
 DEFAULT_MAX_TRAIN_STEPS = 1600  # sd-scripts' default when neither steps nor epochs are given
 
 Arch = Literal["sd1", "sd2", "sdxl"]
-Precision = Literal["fp32", "fp16", "bf16"]
 NetworkModule = Literal["lycoris.kohya", "networks.lora"]
 Algo = Literal["lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "boft", "diag-oft"]
 # Algos whose adapters have no low-rank ΔW = up·down form the shrink phase could reduce.
@@ -499,7 +500,6 @@ def _literal_values(tp: Any) -> list[Any]:
     return values
 
 
-_PATH_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
 
 
 def _join(parts: list[str]) -> str:
@@ -520,12 +520,8 @@ def _missing_field(parts: list[str], name: str) -> Problem:
 
 def _explain_validation(exc: msgspec.ValidationError, base: list[str] | None = None) -> Problem:
     """msgspec's error for a value converted at field path `base` (its own path is relative to it)."""
-    text = str(exc)
-    m = _PATH_RE.search(text)
-    raw = m.group("path") if m else ""
-    # "[...]" is msgspec's placeholder for a dict key: keep it whole (splitting on "." mangled it).
-    parts = [*(base or []), *re.findall(r"\[[^\]]*\]|[^.\[]+", raw)]
-    message = _PATH_RE.sub("", text).strip().rstrip("-").strip()
+    path, message = split_validation_error(exc)
+    parts = [*(base or []), *path_parts(path)]
     unknown = re.match(r"Object contains unknown field `(?P<f>[^`]+)`", message)
     if unknown:
         return _unknown_field(parts, unknown.group("f"))

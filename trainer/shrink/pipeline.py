@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from trainer.models.adapter_file import write_hashed
+from trainer.models.adapter_file import SAVE_DTYPES, write_hashed
 from trainer.core.host import cyclic_gc_paused, usable_cores
 
 from . import blas
@@ -34,7 +34,6 @@ from .rank_rules import (
 from .report import LayerRow, ShrinkReport, ShrinkTotals
 from .spectrum import Spectrum, kept_factors
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in SAVE_DTYPES.items()}
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.spec import JobSpec, total_steps, train_text_encoder, warmup_steps
+from trainer.models.adapter_file import SAVE_DTYPES
 from trainer.train import noise as N
 from trainer.train import saving
 from trainer.train.latents import LatentCache, build_latent_cache
@@ -45,7 +46,6 @@ from trainer.train.tblog import TensorBoardLog, log_dir
 
 log = logging.getLogger("lathe.train")
 
-SAVE_DTYPES = {None: torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -353,7 +353,7 @@ def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_d
     meta = ss_metadata(spec, parts, network, dataset, facts) if is_main else {}
     tb = TensorBoardLog(log_dir(work_dir, spec.logging.log_prefix) if is_main and spec.logging.log_with == "tensorboard"
                         else None)
-    save_dtype = SAVE_DTYPES[save_spec.save_precision]
+    save_dtype = SAVE_DTYPES[save_spec.save_precision or "fp32"]  # None: the trained dtype
     saved: list[str] = []
     timings["setup_s"] = time.monotonic() - t_setup
     save_time = 0.0
