@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from service.api import errors
-from service.jobs.imageheader import UnreadableImage, image_size
 from service.jobs.preflight import OPAQUE_ARCHIVE_SUFFIXES, PreflightLimits, open_source
 from service.api.wire import DatasetReportRequest, FieldProblem
-from trainer.core.dataset.layout import IMAGE_EXTENSIONS
 from trainer.core.dataset.phash import dhash
 from trainer.core.dataset.report import DatasetReport, build_report
 from trainer.core.failures import JobFailure
+from trainer.core.images import IMAGE_EXTENSIONS, UnreadableImage, image_size
 from trainer.core.spec import DatasetSpec
 from trainer.core.storage import StorageError, Store, open_store
 

@@ -23,7 +23,7 @@ from service.jobs.datareport import ReportLimits, run_report
 from service.jobs.adapterheader import adapter_problems, read_header
 from service.jobs.jobdiff import JobDiff, diff_jobs
 from service.state.jobstore import (
-    LOG_KEY, SPEC_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
+    IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
 from service.launchers.base import Launcher
 from service.reconcile.phase import close_reported, effective
@@ -37,6 +37,7 @@ from service.api.wire import (
 )
 from trainer.job.grid_job import adapter_label
 from trainer.core.spec import GridAdapterSpec, JobSpec, SpecError, encode_spec, spec_from_obj, spec_hash, warnings_for
+from trainer.core.jobkeys import DATASET_MANIFEST_NAME, LOG_KEY, METADATA_NAME, SPEC_KEY
 from trainer.core.msgspec_errors import split_validation_error
 from trainer.core.status import TERMINAL_PHASES, JobStatus, Progress
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
@@ -535,7 +536,7 @@ class JobService:
             if not tenant.allows("output", out.uri):
                 continue  # never delete outside the tenant's locations, whatever a status says
             store = self._open_cached(parent + "/")
-            for key in (name, "metadata.json"):
+            for key in (name, METADATA_NAME):
                 try:
                     store.delete(key)
                 except NotFound:
@@ -605,7 +606,7 @@ class JobService:
         docs: dict[str, Any] = {"spec": spec, "metadata": None, "manifest": None}
         outputs = {o.name: o.uri for o in (status.outputs if status else [])}
         folder = next(iter(outputs.values()), "").rsplit("/", 1)[0]
-        for field, name in (("metadata", "metadata.json"), ("manifest", "dataset-manifest.json")):
+        for field, name in (("metadata", METADATA_NAME), ("manifest", DATASET_MANIFEST_NAME)):
             uri = outputs.get(name) or (f"{folder}/{name}" if folder else None)
             if uri is None or not tenant.allows("output", uri):
                 continue

@@ -22,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from service.api.errors import Unavailable
-from service.jobs.imageheader import UnreadableImage, image_size
 from service.api.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
 from trainer.core.dataset.buckets import plan_buckets
 from trainer.core.dataset.layout import DatasetLayout, balanced_repeats, discover_layout
 from trainer.core.dataset.report import size_guidance
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.images import MAX_IMAGE_PIXELS, ImageTooLarge, UnreadableImage, image_size
 from trainer.core.spec import JobSpec, total_steps
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
 
@@ -46,7 +46,7 @@ class PreflightLimits:
     max_files: int = 20000
     workers: int = 16
     header_bytes: int = 64 * 1024
-    max_image_pixels: int = 8192 * 8192
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 class _Source:
@@ -304,6 +304,8 @@ def _read_sizes(layout: DatasetLayout, train: _Source, reg: _Source | None, limi
         assert source is not None
         try:
             size = image_size(lambda n: source.read(path, n), source.sizes.get(path, 0), limits.header_bytes)
+        except ImageTooLarge as exc:
+            return item, f"is over the limit of {limits.max_image_pixels} pixels ({exc}); downscale it"
         except UnreadableImage as exc:
             return item, f"not a readable image ({exc}); fix or remove it"
         except StorageError as exc:

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from service.cli import _new_lines
-from service.jobs.imageheader import UnreadableImage, image_size
 from service.state.jobstore import AttemptRecord, JobRecord, index_name, is_job_id, job_id_of_index, new_job_id
 from service.reconcile.phase import effective
 from service.settings import Settings, SettingsError
 from service.tenants import TenantRegistry, TokensFileError, hash_token, load_tokens_file, uri_under
 from service.reconcile.webhooks import decode_secret, sign, verify
+from trainer.core.images import UnreadableImage, image_size
 from trainer.core.status import ErrorInfo, JobStatus
 
 

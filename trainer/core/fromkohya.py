@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 
+from trainer.core.images import IMAGE_EXTENSIONS
 from trainer.core.precision import canonical_precision
 from trainer.core.spec import (
     Algo,
@@ -41,7 +42,6 @@ from trainer.core.spec import (
 TRAINING_SCRIPTS = {"train_network.py": "sd", "sdxl_train_network.py": "sdxl"}
 OTHER_SD_SCRIPTS = ("train_db.py", "fine_tune.py", "sdxl_train.py", "train_textual_inversion.py",
                     "sdxl_train_textual_inversion.py", "train_controlnet.py")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # sd-scripts flags that take no value (argparse store_true).
 BOOL_FLAGS = frozenset("""

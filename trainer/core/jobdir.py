@@ -20,17 +20,12 @@ from typing import Any, TypeVar
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.jobkeys import CANCEL_KEY, CHECKPOINTS_PREFIX, LOG_KEY, MANIFEST_NAME, STATUS_KEY, TENSORBOARD_PREFIX
 from trainer.core.status import ErrorInfo, JobStatus, OutputFile, Progress
 from trainer.core.storage import NotFound, StorageError, Store
 
 log = logging.getLogger("lathe.jobdir")
 
-STATUS_KEY = "status.json"
-CANCEL_KEY = "cancel"
-CHECKPOINTS_PREFIX = "checkpoints/"
-MANIFEST_NAME = "manifest.json"
-LOG_KEY = "logs/trainer.log"
-TENSORBOARD_PREFIX = "logs/tensorboard/"
 
 T = TypeVar("T")
 

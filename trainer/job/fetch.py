@@ -28,7 +28,6 @@ import shutil
 import stat
 import tarfile
 import time
-import warnings
 import zipfile
 from collections.abc import Iterator
 from typing import IO
@@ -36,6 +35,7 @@ from typing import IO
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageTooLarge, UnreadableImage, header_size, is_image
 from trainer.core.jobdir import sha256_file
 from trainer.core.storage import NotFound, ObjectInfo, S3Store, StorageError, parse_uri
 
@@ -44,10 +44,8 @@ log = logging.getLogger(__name__)
 GiB = 1024**3
 DEFAULT_MAX_DATASET_BYTES = int(os.environ.get("LATHE_MAX_DATASET_BYTES", str(50 * GiB)))
 DEFAULT_MAX_DATASET_FILES = int(os.environ.get("LATHE_MAX_DATASET_FILES", "200000"))
-# 8192² — well above any training resolution, well below what would exhaust memory when decoded.
-DEFAULT_MAX_PIXELS = int(os.environ.get("LATHE_MAX_IMAGE_PIXELS", str(8192 * 8192)))
+DEFAULT_MAX_PIXELS = int(os.environ.get("LATHE_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS)))
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 COMPLETE_SUFFIX = ".complete"
@@ -620,27 +618,8 @@ def iter_images(folder: str) -> Iterator[tuple[str, str]]:
         base = os.path.relpath(root, folder).replace(os.sep, "/")  # once per folder, not per file
         prefix = "" if base == "." else base + "/"
         for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if is_image(name):
                 yield prefix + name, os.path.join(root, name)
-
-
-def image_size(fp: str | IO[bytes]) -> tuple[int, int]:
-    """(width, height) from the image header only; raises ValueError when unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(fp) as im:  # reads the header; pixels are decoded only by load()
-                return im.size
-        except Image.DecompressionBombError as e:
-            raise _TooLarge(str(e)) from e
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(str(e) or type(e).__name__) from e
-
-
-class _TooLarge(ValueError):
-    """PIL's own bomb guard fired before we could read the size (far beyond any sane limit)."""
 
 
 def check_images(folder: str, max_pixels: int, *, where: str, member: bool = False) -> int:
@@ -649,16 +628,16 @@ def check_images(folder: str, max_pixels: int, *, where: str, member: bool = Fal
     count = 0
     for rel, full in iter_images(folder):
         try:
-            width, height = image_size(full)
-        except _TooLarge as e:
+            width, height = header_size(full)
+        except ImageTooLarge as e:
             raise JobFailure(
                 Reason.DATASET_INVALID,
                 f"{where}: {kind} {rel!r} is over the limit of {max_pixels} pixels ({e}); downscale it",
             ) from e
-        except ValueError as e:
+        except UnreadableImage as e:
             raise JobFailure(
                 Reason.DATASET_INVALID,
-                f"{where}: {kind} {rel!r} is not a readable image ({str(e).replace(full, rel)}); "
+                f"{where}: {kind} {rel!r} is not a readable image ({e}); "
                 "fix or remove it",
             ) from e
         if width * height > max_pixels:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import msgspec
 
 from trainer.core.jobdir import sha256_file, with_retries
+from trainer.core.jobkeys import METADATA_NAME
 from trainer.core.status import OutputFile
 from trainer.core.storage import StorageError, Store
 
 log = logging.getLogger("lathe.publish")
 
-METADATA_NAME = "metadata.json"
 
 
 @dataclass(frozen=True)
