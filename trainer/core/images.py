@@ -24,6 +24,10 @@ class UnreadableImage(ValueError):
     """Not an image PIL can parse (or truncated); the message says what PIL found."""
 
 
+class NotAnImage(UnreadableImage):
+    """PIL recognises no image format in the first bytes (as opposed to a known format cut short)."""
+
+
 class ImageTooLarge(UnreadableImage):
     """PIL's own bomb guard fired before the size could be read: far beyond any pixel limit."""
 
@@ -48,7 +52,7 @@ def header_size(source: str | bytes | IO[bytes]) -> tuple[int, int]:
             raise ImageTooLarge(str(exc)) from None
         except UnidentifiedImageError:
             # PIL's message quotes the file's path or an in-memory buffer's repr, which tells the user nothing.
-            raise UnreadableImage("not a PNG, JPEG, WebP or BMP image, or its header is damaged") from None
+            raise NotAnImage("not a PNG, JPEG, WebP or BMP image, or its header is damaged") from None
         except FileNotFoundError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as exc:

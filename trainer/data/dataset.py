@@ -28,7 +28,7 @@ from trainer.core.dataset.buckets import Bucketer, BucketParams, Size, crop_ltrb
 from trainer.core.dataset.captions import process_caption, tag_frequency
 from trainer.core.dataset.layout import DatasetLayout, DatasetParams, Subset, balanced_repeats, image_id
 from trainer.core.failures import JobFailure, Reason
-from trainer.core.images import UnreadableImage, header_size
+from trainer.core.images import NotAnImage, UnreadableImage, header_size
 
 CLIP_WINDOW = 77  # tokens the CLIP text encoders see at once: BOS + 75 + EOS
 # A caption file's size limit: CLIP reads at most 225 tokens (~1 KB of text); wildcard captions hold a few
@@ -375,8 +375,10 @@ def _probe_image(path: str, shown: str, check_pixels: bool) -> tuple[Size | None
         size = header_size(path)
     except FileNotFoundError:
         return None, DatasetProblem(shown, "listed but missing from the downloaded dataset")
-    except UnreadableImage as exc:
+    except NotAnImage as exc:
         return None, DatasetProblem(shown, f"not a readable image ({exc}); re-export it as PNG or JPEG or remove it")
+    except UnreadableImage as exc:  # a known format whose header is cut short or damaged
+        return None, DatasetProblem(shown, f"cannot be decoded ({exc}); re-export it as PNG or JPEG or remove it")
     if check_pixels:
         try:
             with Image.open(path) as img:

@@ -23,9 +23,7 @@ import glob
 import hashlib
 import logging
 import os
-import re
 import shutil
-import stat
 import tarfile
 import time
 import zipfile
@@ -34,6 +32,7 @@ from typing import IO
 
 import msgspec
 
+from trainer.core.archives import ARCHIVE_SUFFIXES, UnsafeName, is_junk, member_refusal, safe_relative
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageTooLarge, UnreadableImage, header_size, is_image
 from trainer.core.jobdir import sha256_file
@@ -47,7 +46,6 @@ DEFAULT_MAX_DATASET_FILES = int(os.environ.get("LATHE_MAX_DATASET_FILES", "20000
 DEFAULT_MAX_PIXELS = int(os.environ.get("LATHE_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS)))
 
 MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 COMPLETE_SUFFIX = ".complete"
 _COPY_CHUNK = 1024 * 1024
 
@@ -235,36 +233,11 @@ def fetch_dataset(
     is_archive = key.lower().endswith(ARCHIVE_SUFFIXES)
 
     if scheme == "file":
-        if os.path.isdir(key):
-            check_images(key, max_pixels, where=f"dataset {uri}")
-            return key
-        if not os.path.exists(key):
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
-        if not is_archive:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset {uri} is a file but not an archive; give a folder or a "
-                f"{'/'.join(ARCHIVE_SUFFIXES)} file",
-            )
-        sources["archive"] = {"key": os.path.basename(key), "size": os.path.getsize(key), "etag": None,
-                              "sha256": sha256_file(key)}
-        with _staging(dest_dir) as staging:
-            extract_archive(key, staging, limits=limits, where=f"dataset archive {uri}")
-            check_images(staging, max_pixels, where=f"dataset archive {uri}", member=True)
-        return dest_dir
+        return _local_dataset(key, uri, dest_dir, limits, sources)
 
     store = S3Store(bucket)
     if is_archive:
-        try:
-            info = store.head(key)
-        except NotFound:
-            raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
-        if info.size > limits.max_bytes:
-            raise JobFailure(
-                Reason.DATASET_INVALID,
-                f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
-                "split the dataset or raise LATHE_MAX_DATASET_BYTES",
-            )
+        info = _archive_head(store, key, uri, limits)
         with _staging(dest_dir) as staging:
             archive = f"{staging}.archive-{os.getpid()}{_archive_suffix(key)}"
             try:
@@ -298,6 +271,42 @@ class _Limits(msgspec.Struct, frozen=True):
     max_pixels: int
 
 
+def _local_dataset(path: str, uri: str, dest_dir: str, limits: _Limits, sources: dict) -> str:
+    """A local folder is checked and used in place; a local archive is extracted into `dest_dir`."""
+    if os.path.isdir(path):
+        check_images(path, limits.max_pixels, where=f"dataset {uri}")
+        return path
+    if not os.path.exists(path):
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset path {uri} does not exist")
+    if not path.lower().endswith(ARCHIVE_SUFFIXES):
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset {uri} is a file but not an archive; give a folder or a "
+            f"{'/'.join(ARCHIVE_SUFFIXES)} file",
+        )
+    sources["archive"] = {"key": os.path.basename(path), "size": os.path.getsize(path), "etag": None,
+                          "sha256": sha256_file(path)}
+    with _staging(dest_dir) as staging:
+        extract_archive(path, staging, limits=limits, where=f"dataset archive {uri}")
+        check_images(staging, limits.max_pixels, where=f"dataset archive {uri}", member=True)
+    return dest_dir
+
+
+def _archive_head(store: S3Store, key: str, uri: str, limits: _Limits) -> ObjectInfo:
+    """The archive object's listing entry, refused before any download when it is over the size limit."""
+    try:
+        info = store.head(key)
+    except NotFound:
+        raise JobFailure(Reason.DATASET_INVALID, f"dataset archive {uri} does not exist") from None
+    if info.size > limits.max_bytes:
+        raise JobFailure(
+            Reason.DATASET_INVALID,
+            f"dataset archive {uri} is {info.size} bytes, over the limit of {limits.max_bytes}; "
+            "split the dataset or raise LATHE_MAX_DATASET_BYTES",
+        )
+    return info
+
+
 # Keys in the dataset listing's first LIST request: the transfers start after ~100 keys are parsed
 # instead of 1,000 (a LIST page is a 100-200 ms round trip on S3), for one request more.
 _FIRST_PAGE = 100
@@ -317,7 +326,7 @@ def _vetted_listing(store: S3Store, folder: str, uri: str, limits: _Limits) -> I
         rel = info.key[len(folder):]
         if rel.endswith("/") and info.size == 0:
             continue  # folder placeholder
-        if _is_junk(rel):
+        if is_junk(rel):
             continue
         rel = _safe_relative(rel, f"dataset {uri}", Reason.DATASET_INVALID, kind="object")
         count += 1
@@ -465,21 +474,11 @@ def _extract_zip(path: str, dest: str, budget: _Budget, where: str) -> None:
         plan = []
         declared = 0
         for info in members:
-            if _is_junk(info.filename):
+            if is_junk(info.filename):
                 continue
             rel = _safe_relative(info.filename, where, Reason.DATASET_INVALID, kind="member",
                                  allow_dir=info.is_dir())
-            mode = info.external_attr >> 16  # Unix mode when the zip was made on Unix, else 0
-            if stat.S_ISLNK(mode):
-                raise JobFailure(
-                    Reason.DATASET_INVALID,
-                    f"{where}: member {info.filename!r} is a symbolic link; links are not accepted, "
-                    "store the file itself",
-                )
-            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise JobFailure(
-                    Reason.DATASET_INVALID, f"{where}: member {info.filename!r} is not a regular file"
-                )
+            _refuse_member(info, info.filename, where)
             declared += info.file_size
             plan.append((info, rel))
         # Declared sizes first: refuses an honest bomb before a single byte is written.
@@ -503,29 +502,25 @@ def _extract_tar(path: str, dest: str, budget: _Budget, where: str) -> None:
     # Streaming mode ("r|*"): one pass, no seeking back into a compressed stream.
     with tarfile.open(path, "r|*") as tf:
         for member in tf:
-            if _is_junk(member.name):
+            if is_junk(member.name):
                 continue
             rel = _safe_relative(member.name, where, Reason.DATASET_INVALID, kind="member",
                                  allow_dir=member.isdir())
-            if member.issym() or member.islnk():
-                raise JobFailure(
-                    Reason.DATASET_INVALID,
-                    f"{where}: member {member.name!r} is a {'symbolic' if member.issym() else 'hard'} "
-                    f"link (to {member.linkname!r}); links are not accepted, store the file itself",
-                )
+            _refuse_member(member, member.name, where)
             target = _target(dest, rel)
             if member.isdir():
                 _make_member_dir(target, where, rel)
                 continue
-            if not member.isreg():
-                raise JobFailure(
-                    Reason.DATASET_INVALID,
-                    f"{where}: member {member.name!r} is a device, FIFO or other special file",
-                )
             budget.add_file(rel)
             src = tf.extractfile(member)
             assert src is not None  # regular files always have data
             _copy_member(src, target, budget, rel)
+
+
+def _refuse_member(member: zipfile.ZipInfo | tarfile.TarInfo, name: str, where: str) -> None:
+    refusal = member_refusal(member)
+    if refusal:
+        raise JobFailure(Reason.DATASET_INVALID, f"{where}: member {name!r} {refusal}")
 
 
 def _copy_member(src: IO[bytes], target: str, budget: _Budget, rel: str) -> None:
@@ -568,34 +563,15 @@ def _target(dest: str, rel: str) -> str:
 
 # ---------------------------------------------------------------------------------- path safety
 
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
 
 def _safe_relative(
     name: str, where: str, reason: Reason, *, kind: str = "file", allow_dir: bool = False
 ) -> str:
-    """`name` as a clean relative '/'-path, or JobFailure if it is absolute or climbs out."""
-    cleaned = name.replace("\\", "/")  # zips written on Windows use backslashes
-    if "\x00" in cleaned or cleaned.startswith("/") or _DRIVE.match(cleaned):
-        raise JobFailure(
-            reason, f"{where}: {kind} {name!r} has an absolute path; store relative paths only"
-        )
-    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise JobFailure(
-            reason, f"{where}: {kind} {name!r} climbs out of the target folder ('..'); refused"
-        )
-    if not parts:
-        if allow_dir:
-            return ""
-        raise JobFailure(reason, f"{where}: {kind} {name!r} has an empty name")
-    return "/".join(parts)
-
-
-def _is_junk(name: str) -> bool:
-    """macOS archive debris: resource forks would fail the image checks for no fault of the user."""
-    parts = name.replace("\\", "/").split("/")
-    return parts[0] == "__MACOSX" or parts[-1] == ".DS_Store" or parts[-1].startswith("._")
+    """`name` as a clean relative '/'-path, or JobFailure (the rule is `trainer.core.archives`)."""
+    try:
+        return safe_relative(name, allow_dir=allow_dir)
+    except UnsafeName as e:
+        raise JobFailure(reason, f"{where}: {kind} {name!r} {e}") from None
 
 
 def _refuse_duplicates(
