@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli import TERMINAL, _bar, _duration
+from trainer.core.jobkeys import METADATA_NAME
 
 DEFAULT_WORKDIR = ".lathe/demo"
 SAMPLE_PROMPT = "a photo of a red square --n blurry --w 64 --h 64 --s 4 --l 5 --d 1"
@@ -246,7 +247,7 @@ def run(workdir: Path, steps: int, timeout_s: float) -> tuple[str, str | None]:
             client.pull(job_id, str(dest))
             print_files(job, dest)
             _say(f"[5/5] what the job produced  (total {_duration(time.monotonic() - started)})")
-            meta_path = dest / "metadata.json"
+            meta_path = dest / METADATA_NAME
             if meta_path.exists():
                 meta = json.loads(meta_path.read_text())
                 print_metadata(meta)

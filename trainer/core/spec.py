@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 from msgspec import Meta, Struct
 
+from trainer.core.archives import ARCHIVE_SUFFIXES
 from trainer.core.dataset.layout import spec_problems as dataset_spec_problems
 from trainer.core.loaders import loader_gaps
 from trainer.core.msgspec_errors import path_parts, split_validation_error
@@ -1066,7 +1067,7 @@ def _caption_problems(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("caption.min_length", f"{c.min_length} is above caption.max_length {c.max_length}"))
     if not c.caption_extension.startswith("."):
         problems.append(Problem("caption.caption_extension", f"must start with '.', got {c.caption_extension!r}"))
-    if spec.dataset is not None and (spec.dataset.uri.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))):
+    if spec.dataset is not None and (spec.dataset.uri.lower().endswith(ARCHIVE_SUFFIXES)):
         problems.append(Problem("dataset.uri", "a caption job reads a folder of images; extract the archive "
                                 "to a folder first"))
     return problems
