@@ -1,6 +1,6 @@
 """msgspec's validation messages split into the field path and what is wrong.
 
-msgspec reports `Expected \`int\`, got \`str\` - at \`$.training.steps\``; every caller that names the
+msgspec reports "Expected `int`, got `str` - at `$.training.steps`"; every caller that names the
 field in its own error (the spec's problems, the API's request checks, the settings loaders) reads
 the path the same way here.
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 
-# "in" appears in messages of values checked inside a container ("... in `$.x`").
+# msgspec's location suffix " - at `$.a.b`" (also read when a message puts it as "in `$.a.b`").
 _LOCATION = re.compile(r"\s*-?\s*(?:at|in) `\$(?P<path>[^`]*)`")
 
 
 def split_validation_error(error: Exception | str) -> tuple[str, str]:
-    """(path, message): `Expected \`int\`, got \`str\` - at \`$.a.b[0]\`` → ('a.b[0]', 'Expected \`int\`, got \`str\`').
+    """(path, message): "Expected `int`, got `str` - at `$.a.b[0]`" → ("a.b[0]", "Expected `int`, got `str`").
 
     The path is '' for the root or when msgspec gave none; dict keys stay as msgspec's `[...]`."""
     text = str(error)
