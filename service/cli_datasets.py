@@ -82,7 +82,7 @@ def cmd_dataset_report(args: argparse.Namespace, client: Client) -> int:
 def cmd_tags(args: argparse.Namespace) -> int:
     """Tag operations run here, against the source URI through the storage code; the result is a new
     dataset version at DEST (the source is never changed)."""
-    from trainer.core.dataset.layout import IMAGE_EXTENSIONS
+    from trainer.core.images import IMAGE_EXTENSIONS
     from trainer.core.dataset.tagops import TagOp, apply_ops, orphan_captions
     from trainer.core.dataset.versions import write_version
     from trainer.core.failures import JobFailure

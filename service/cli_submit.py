@@ -8,6 +8,7 @@ import argparse
 import os
 from typing import Any
 
+from trainer.core.precision import SAVE_PRECISIONS
 from service.cli_output import err, print_json, print_validation
 from service.client import Client, read_spec_file
 
@@ -36,7 +37,7 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--model", required=True, help="base model URI (single file or diffusers folder)")
     p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--output-name", help="name of the merged checkpoint (default: last)")
-    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS)
     p.add_argument("--name")
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
     p.add_argument("--webhook")
@@ -112,7 +113,7 @@ def _add_shrink(sub: Any) -> None:
     p.add_argument("--param", type=float, help="--dynamic_param")
     p.add_argument("--recipe", help="resize_lora recipe (the default when no rank/method: fro_ckpt=1,thr=-3.55)")
     p.add_argument("--max-rank", type=int, dest="max_rank")
-    p.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--output-name")
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from trainer.core.images import MAX_IMAGE_PIXELS
 from trainer.core.envsettings import SettingsError, convert_settings, read_env
 
 ENV_PREFIX = "LATHE_"
@@ -62,7 +63,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     preflight_workers: Annotated[int, Meta(ge=1, le=256)] = 16
     preflight_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
     # Largest image the trainer accepts (pixels); larger ones fail the preflight, as they would fail the run.
-    max_image_pixels: PositiveInt = 8192 * 8192
+    max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
     # Files of one POST /v1/uploads request.
     upload_max_files: PositiveInt = 1000
     # Largest request body (bytes); larger ones get 413 before they are parsed. Specs are a few KB;

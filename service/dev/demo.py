@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from trainer.core.jobkeys import METADATA_NAME
 from service.cli_output import TERMINAL, bar, duration
 
 DEFAULT_WORKDIR = ".lathe/demo"
@@ -246,7 +247,7 @@ def run(workdir: Path, steps: int, timeout_s: float) -> tuple[str, str | None]:
             client.pull(job_id, str(dest))
             print_files(job, dest)
             _say(f"[5/5] what the job produced  (total {duration(time.monotonic() - started)})")
-            meta_path = dest / "metadata.json"
+            meta_path = dest / METADATA_NAME
             if meta_path.exists():
                 meta = json.loads(meta_path.read_text())
                 print_metadata(meta)

@@ -22,7 +22,7 @@ from service.reconcile.phase import effective
 from service.tenants import Tenant
 from trainer.core.status import OutputFile
 from trainer.core.storage import NotFound, StorageError, Store, parse_uri
-from trainer.core.jobdir import METRICS_KEY
+from trainer.core.jobkeys import METRICS_KEY
 
 CHUNK = 1 << 20
 MAX_POINTS = 100_000  # a longer history is thinned to this many points, keeping the last step

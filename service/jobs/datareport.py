@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from service.api import errors
-from service.jobs.imageheader import UnreadableImage, image_size
-from service.jobs.preflight import OPAQUE_ARCHIVE_SUFFIXES, PreflightLimits, open_source
+from service.jobs.preflight import PreflightLimits, open_source
 from service.api.wire import DatasetReportRequest, FieldProblem
-from trainer.core.dataset.layout import IMAGE_EXTENSIONS
+from trainer.core.archives import STREAMED_ARCHIVE_SUFFIXES
 from trainer.core.dataset.phash import dhash
 from trainer.core.dataset.report import DatasetReport, build_report
 from trainer.core.failures import JobFailure
+from trainer.core.images import IMAGE_EXTENSIONS, UnreadableImage, image_size
 from trainer.core.spec import DatasetSpec
 from trainer.core.storage import StorageError, Store, open_store
 
@@ -49,7 +49,7 @@ def run_report(req: DatasetReportRequest, limits: ReportLimits = ReportLimits(),
                opener: Callable[[str], Store] = open_store) -> DatasetReport:
     """The report of `req.uri`. Raises PreflightFailed (422) for a dataset that cannot be read or
     holds no training image, Unavailable when the store cannot be reached."""
-    if req.uri.lower().endswith(OPAQUE_ARCHIVE_SUFFIXES):
+    if req.uri.lower().endswith(STREAMED_ARCHIVE_SUFFIXES):
         raise errors.PreflightFailed(
             "compressed tar archives are not inspected in place", problems=[FieldProblem(path="uri", message=(
                 f"{req.uri} is a compressed tar archive: use a folder or a .zip/.tar to get a report"))])

@@ -18,12 +18,14 @@ from typing import Any
 
 import msgspec
 
+from trainer.core.jobkeys import DATASET_MANIFEST_NAME, LOG_KEY, METADATA_NAME, SPEC_KEY
+from trainer.core.msgspec_errors import split_validation_error
 from service.api import errors
 from service.jobs.datareport import ReportLimits, run_report
 from service.jobs.adapterheader import adapter_problems, read_header
 from service.jobs.jobdiff import JobDiff, diff_jobs
 from service.state.jobstore import (
-    LOG_KEY, SPEC_KEY, IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
+    IdempotencyRecord, JobRecord, JobStore, is_job_id, job_id_of_index, new_job_id,
 )
 from service.launchers.base import Launcher
 from service.reconcile.phase import close_reported, effective
@@ -246,8 +248,7 @@ class JobService:
         try:
             req = msgspec.convert(body, DatasetReportRequest, strict=False)
         except msgspec.ValidationError as exc:
-            message, _, where = str(exc).partition(" - at `$.")
-            path = where.rstrip("`")
+            path, message = split_validation_error(exc)
             unknown = re.match(r"Object contains unknown field `(.+)`", message)
             if unknown:
                 allowed = ", ".join(DatasetReportRequest.__struct_fields__)
@@ -545,7 +546,7 @@ class JobService:
             if not tenant.allows("output", out.uri):
                 continue  # never delete outside the tenant's locations, whatever a status says
             store = self._open_cached(parent + "/")
-            for key in (name, "metadata.json"):
+            for key in (name, METADATA_NAME):
                 try:
                     store.delete(key)
                 except NotFound:
@@ -615,7 +616,7 @@ class JobService:
         docs: dict[str, Any] = {"spec": spec, "metadata": None, "manifest": None}
         outputs = {o.name: o.uri for o in (status.outputs if status else [])}
         folder = next(iter(outputs.values()), "").rsplit("/", 1)[0]
-        for field, name in (("metadata", "metadata.json"), ("manifest", "dataset-manifest.json")):
+        for field, name in (("metadata", METADATA_NAME), ("manifest", DATASET_MANIFEST_NAME)):
             uri = outputs.get(name) or (f"{folder}/{name}" if folder else None)
             if uri is None or not tenant.allows("output", uri):
                 continue

@@ -12,8 +12,6 @@ import errno
 import io
 import lzma
 import math
-import re
-import stat
 import tarfile
 import zipfile
 import zlib
@@ -22,20 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from service.api.errors import Unavailable
-from service.jobs.imageheader import UnreadableImage, image_size
 from service.api.wire import BucketReport, ConceptReport, FieldProblem, PreflightReport
+from trainer.core.archives import SEEKABLE_ARCHIVE_SUFFIXES, STREAMED_ARCHIVE_SUFFIXES, is_junk, member_refusal, unsafe_names
 from trainer.core.dataset.buckets import BucketParams
 from trainer.core.dataset.layout import DatasetLayout, DatasetParams, discover_layout
 from trainer.core.dataset.plan import EpochPlan, plan_epoch
 from trainer.core.dataset.report import size_guidance
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.images import MAX_IMAGE_PIXELS, ImageTooLarge, UnreadableImage, image_size
 from trainer.core.spec import JobSpec, total_steps
 from trainer.core.storage import NotFound, StorageError, Store, open_store, parse_uri
 
-ARCHIVE_SUFFIXES = (".zip", ".tar")  # inspected through ranged reads
-OPAQUE_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # compressed streams: the trainer checks them
 SHOWN = 5  # file names quoted per kind of problem; counts are exact
-_DRIVE = re.compile(r"^[A-Za-z]:")
 # What reading one damaged archive member raises: bad CRC or local header, corrupt deflate data,
 # encryption (RuntimeError), an unsupported compression method, data cut short.
 _MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, tarfile.TarError,
@@ -47,7 +43,7 @@ class PreflightLimits:
     max_files: int = 20000
     workers: int = 16
     header_bytes: int = 64 * 1024
-    max_image_pixels: int = 8192 * 8192
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 class _Source:
@@ -67,7 +63,7 @@ def run_preflight(spec: JobSpec, limits: PreflightLimits = PreflightLimits(),
     report = PreflightReport(dataset_uri=uri, files_listed=0, images=0,
                              batch_size=spec.training.batch_size)
     lowered = uri.lower()
-    if lowered.endswith(OPAQUE_ARCHIVE_SUFFIXES):
+    if lowered.endswith(STREAMED_ARCHIVE_SUFFIXES):
         report.checked = False
         report.warnings = [FieldProblem(path="dataset.uri", severity="warning", message=(
             "compressed tar archives are not inspected before launch (that would mean downloading them); "
@@ -120,7 +116,7 @@ def open_source(uri: str, field: str, opener: Callable[[str], Store], limits: Pr
         problems.append(FieldProblem(path=field, message=str(exc)))
         return None
     try:
-        if uri.lower().endswith(ARCHIVE_SUFFIXES):
+        if uri.lower().endswith(SEEKABLE_ARCHIVE_SUFFIXES):
             return _archive_source(uri, field, opener, limits, problems)
         store = opener(uri if uri.endswith("/") else uri + "/")
         names: list[str] = []
@@ -132,7 +128,7 @@ def open_source(uri: str, field: str, opener: Callable[[str], Store], limits: Pr
             sizes[info.key] = info.size
         # S3 keys may hold '..' segments; the trainer refuses them when it downloads (dataset_invalid),
         # so say so now rather than after a launch.
-        escaping = _escaping(names)
+        escaping = unsafe_names(names)
         if escaping:
             problems.append(FieldProblem(path=field, message=(
                 f"{uri} has objects whose names climb out of it ({', '.join(escaping[:SHOWN])}); the trainer "
@@ -158,57 +154,15 @@ def open_source(uri: str, field: str, opener: Callable[[str], Store], limits: Pr
 
 def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits: PreflightLimits,
                     problems: list[FieldProblem]) -> _Source | None:
+    """The members of a .zip/.tar, read through ranged GETs; None (with the problem) when the trainer
+    would refuse the archive: unreadable, links or special files, names outside its root, too many files."""
     scheme, bucket, key = parse_uri(uri)
     parent, _, name = key.rpartition("/")
     store = opener(f"s3://{bucket}/{parent}/" if scheme == "s3" else (parent or "/") + "/")
     info = store.head(name)
     reader = _RangeFile(store, name, info.size)
     try:
-        if uri.lower().endswith(".zip"):
-            archive = zipfile.ZipFile(reader)
-            # Links and special files (Unix mode in the high bits) are refused by the trainer's extraction;
-            # without this check a link named .txt passed the preflight and failed the run.
-            special = [m.filename for m in archive.infolist()
-                       if stat.S_IFMT(m.external_attr >> 16) not in (0, stat.S_IFREG, stat.S_IFDIR)]
-            if special:
-                problems.append(FieldProblem(path=field, message=(
-                    f"archive {uri} holds links or special files ({', '.join(special[:SHOWN])}), which are "
-                    "refused; store regular files instead")))
-                return None
-            members = [m for m in archive.infolist() if not m.is_dir()]
-            names = [m.filename for m in members]
-            sizes = {m.filename: m.file_size for m in members}
-
-            def read(member: str, n: int) -> bytes:
-                try:
-                    with archive.open(member) as fh:
-                        return fh.read(n)
-                except _MEMBER_ERRORS as exc:  # a damaged member: the problem names it
-                    raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
-        else:
-            tar = tarfile.open(fileobj=reader, mode="r:")
-            links = [m.name for m in tar.getmembers() if m.issym() or m.islnk()]
-            if links:
-                problems.append(FieldProblem(path=field, message=(
-                    f"archive {uri} holds links ({', '.join(links[:SHOWN])}), which are refused; store files instead")))
-                return None
-            # Devices and FIFOs were skipped here but fail the trainer's extraction: refuse them now.
-            special = [m.name for m in tar.getmembers() if not (m.isfile() or m.isdir())]
-            if special:
-                problems.append(FieldProblem(path=field, message=(
-                    f"archive {uri} holds devices, FIFOs or other special files ({', '.join(special[:SHOWN])}), "
-                    "which are refused; store regular files instead")))
-                return None
-            members_t = {m.name: m for m in tar.getmembers() if m.isfile()}
-            names = list(members_t)
-            sizes = {n: m.size for n, m in members_t.items()}
-
-            def read(member: str, n: int) -> bytes:
-                try:
-                    fh = tar.extractfile(members_t[member])
-                    return fh.read(n) if fh is not None else b""
-                except _MEMBER_ERRORS as exc:
-                    raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
+        opened = _zip_members(reader) if uri.lower().endswith(".zip") else _tar_members(reader)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, ValueError, IndexError,
             OSError) as exc:
         # Besides the plain "not an archive": a zip version or method zipfile cannot read, a name flagged
@@ -216,7 +170,17 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
         # start of the file (OSError from _RangeFile.seek).
         problems.append(FieldProblem(path=field, message=f"{uri} is not a readable archive: {exc}"))
         return None
-    escaping = _escaping(names)
+    members, sizes, read = opened
+    # Links and special files are refused by the trainer's extraction; without this check a link named
+    # .txt would pass the preflight (read as a caption) and fail the run.
+    refused = [n for n, m in members if not is_junk(n) and member_refusal(m)]
+    if refused:
+        problems.append(FieldProblem(path=field, message=(
+            f"archive {uri} holds links or special files ({', '.join(refused[:SHOWN])}), which are "
+            "refused; store regular files instead")))
+        return None
+    names = list(sizes)
+    escaping = unsafe_names(names)
     if escaping:
         problems.append(FieldProblem(path=field, message=(
             f"archive {uri} has members outside its root ({', '.join(escaping[:SHOWN])}); rebuild it with relative paths")))
@@ -227,14 +191,37 @@ def _archive_source(uri: str, field: str, opener: Callable[[str], Store], limits
     return _Source(names, sizes, read, parallel=False)  # one archive handle: sequential reads
 
 
-def _escaping(names: list[str]) -> list[str]:
-    """Names that are absolute (also 'C:'), or climb out with '..': the trainer's _safe_relative refuses them."""
-    out = []
-    for name in names:
-        clean = name.replace("\\", "/")
-        if clean.startswith("/") or _DRIVE.match(clean) or ".." in clean.split("/"):
-            out.append(name)
-    return out
+_Members = tuple[list[tuple[str, zipfile.ZipInfo | tarfile.TarInfo]], dict[str, int], Callable[[str, int], bytes]]
+
+
+def _zip_members(reader: io.RawIOBase) -> _Members:
+    """(every member with its name, the files' sizes, a reader of a file's first bytes)."""
+    archive = zipfile.ZipFile(reader)
+    files = {m.filename: m for m in archive.infolist() if not m.is_dir()}
+
+    def read(member: str, n: int) -> bytes:
+        try:
+            with archive.open(files[member]) as fh:
+                return fh.read(n)
+        except _MEMBER_ERRORS as exc:  # a damaged member: the problem names it
+            raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
+
+    return [(m.filename, m) for m in archive.infolist()], {n: m.file_size for n, m in files.items()}, read
+
+
+def _tar_members(reader: io.RawIOBase) -> _Members:
+    """As `_zip_members`, for an uncompressed tar."""
+    tar = tarfile.open(fileobj=reader, mode="r:")
+    files = {m.name: m for m in tar.getmembers() if m.isfile()}
+
+    def read(member: str, n: int) -> bytes:
+        try:
+            fh = tar.extractfile(files[member])
+            return fh.read(n) if fh is not None else b""
+        except _MEMBER_ERRORS as exc:
+            raise UnreadableImage(f"cannot be read from the archive: {type(exc).__name__}: {exc}") from None
+
+    return [(m.name, m) for m in tar.getmembers()], {n: m.size for n, m in files.items()}, read
 
 
 class _RangeFile(io.RawIOBase):
@@ -305,6 +292,8 @@ def _read_sizes(layout: DatasetLayout, train: _Source, reg: _Source | None, limi
         assert source is not None
         try:
             size = image_size(lambda n: source.read(path, n), source.sizes.get(path, 0), limits.header_bytes)
+        except ImageTooLarge as exc:
+            return item, f"is over the limit of {limits.max_image_pixels} pixels ({exc}); downscale it"
         except UnreadableImage as exc:
             return item, f"not a readable image ({exc}); fix or remove it"
         except StorageError as exc:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.state.jobstore import CANCEL_KEY, AttemptRecord, JobRecord, JobStore, index_name, job_id_of_index
+from service.state.jobstore import AttemptRecord, JobRecord, JobStore, index_name, job_id_of_index
 from service.launchers.base import AttemptState, Launcher, LaunchRequest, RunState
 from service.api.metrics import Metrics
 from service.state.outbox import WebhookDispatcher
@@ -31,6 +31,7 @@ from service.settings import Settings
 from service.tenants import TenantRegistry
 from service.reconcile.webhooks import WebhookEvent
 from trainer.core.failures import Reason, is_retryable, reason_for_exit
+from trainer.core.jobkeys import CANCEL_KEY, SPEC_KEY
 from trainer.core.spec import decode_spec
 from trainer.core.status import TERMINAL_PHASES, ErrorInfo, JobStatus
 from trainer.core.storage import NotFound, StorageError
@@ -224,7 +225,7 @@ class Reconciler:
                          rec.attempt, previous.message)
                 self._stop_attempt(rec)
                 return 0
-        spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes("spec.json"), format="json")
+        spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes(SPEC_KEY), format="json")
         attempt = rec.attempt + 1
         rec.attempt, rec.state = attempt, "launched"
         rec.attempts.append(AttemptRecord(attempt=attempt, launched_at=now))
@@ -260,7 +261,7 @@ class Reconciler:
 
     def _check_deadline(self, rec: JobRecord, now: float) -> None:
         try:
-            spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes("spec.json"), format="json")
+            spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes(SPEC_KEY), format="json")
         except NotFound:
             return
         limit = spec.resources.max_runtime_s

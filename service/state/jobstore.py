@@ -23,16 +23,11 @@ from typing import Literal
 
 import msgspec
 
+from trainer.core.jobkeys import CANCEL_KEY, JOB_KEY, SPEC_KEY, STATUS_KEY
 from trainer.core.status import ErrorInfo, JobStatus
 from service.api.wire import PreflightReport
 from trainer.core.storage import NotFound, PreconditionFailed, Store
 
-SPEC_KEY = "spec.json"
-JOB_KEY = "job.json"
-STATUS_KEY = "status.json"
-CANCEL_KEY = "cancel"
-LOG_KEY = "logs/trainer.log"
-OUTPUT_PREFIX = "output/"
 
 JOB_ID_RE = re.compile(r"^j-[0-9]{8}t[0-9]{6}-[0-9a-f]{8}$")
 # Inverted milliseconds: lexicographic order of index markers is newest first until the year 5138.

@@ -20,7 +20,8 @@ from k8s_helpers import JOB_ID, full_settings, gpu_node, make_request
 from kubelet import Kubelet
 from kubernetes import client as k8s
 
-from service.state.jobstore import STATUS_KEY, JobRecord, JobStore
+from service.state.jobstore import JobRecord, JobStore
+from trainer.core.jobkeys import STATUS_KEY
 from service.launchers.k8s.launcher import KubernetesLauncher
 from service.reconcile.reconciler import Reconciler
 from service.settings import Settings
@@ -141,7 +142,7 @@ def test_kueue_preemption_deletes_the_attempt_before_the_next(tmp_path: Path, ap
     service.submit({"gpus": 1})
     runtime = TrainerRuntime(service.store)
     node = gpu_node(api, runtime)
-    service.reconcile.reconciler.tick()
+    service.reconciler.tick()
     api.admit("lathe", f"{JOB_ID}-a1", node_selector={"cloud.example.com/flavor": "a100"})
     node.labels["cloud.example.com/flavor"] = "a100"
     assert service.rounds(node, runtime, 3)[-1] == [1]

@@ -8,7 +8,8 @@ import logging
 
 import pytest
 
-from trainer.core.jobdir import LOG_KEY, STATUS_KEY, StatusReporter
+from trainer.core.jobdir import StatusReporter
+from trainer.core.jobkeys import LOG_KEY, STATUS_KEY
 from trainer.core.storage import LocalStore
 
 

@@ -129,8 +129,7 @@ def mutated(draw: Any, seeds: list[bytes]) -> bytes:
 @FUZZ
 @given(mutated(SEEDS) | st.binary(max_size=200))
 def test_image_header_readers(data):
-    from service.jobs.imageheader import UnreadableImage, image_size
-    from trainer.job.fetch import image_size as trainer_image_size
+    from trainer.core.images import UnreadableImage, header_size, image_size
 
     try:
         w, h = image_size(lambda n: data[:n], len(data), first_bytes=1024)
@@ -138,7 +137,7 @@ def test_image_header_readers(data):
     except UnreadableImage as exc:
         assert " object at 0x" not in str(exc)
     try:
-        trainer_image_size(io.BytesIO(data))
+        header_size(io.BytesIO(data))  # the trainer's read of a downloaded file
     except ValueError:
         pass
 

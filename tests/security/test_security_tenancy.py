@@ -105,7 +105,8 @@ def test_no_uri_field_reaches_another_tenants_area(sec_client, sec_bucket, tenan
 def test_outputs_outside_the_tenants_locations_are_neither_presigned_nor_deleted(sec_client, sec_bucket, sec_s3):
     """A status.json listing outputs elsewhere (written by a compromised or buggy trainer) must not hand
     out URLs to another tenant's objects, nor make DELETE remove them."""
-    from service.state.jobstore import STATUS_KEY, AttemptRecord, JobRecord, new_job_id
+    from service.state.jobstore import AttemptRecord, JobRecord, new_job_id
+    from trainer.core.jobkeys import STATUS_KEY
     from trainer.core.spec import encode_spec, spec_from_obj
     from trainer.core.status import JobStatus, OutputFile
 

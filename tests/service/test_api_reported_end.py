@@ -10,7 +10,7 @@ import time
 import msgspec
 import pytest
 
-from service.state.jobstore import CANCEL_KEY, STATUS_KEY
+from trainer.core.jobkeys import CANCEL_KEY, STATUS_KEY
 from service.launchers.base import AttemptState, RunState
 from service.reconcile.reconciler import Reconciler
 from tests.service.conftest import auth, spec

@@ -9,8 +9,8 @@ import time
 import pytest
 from PIL import Image
 
+from trainer.core.images import UnreadableImage, image_size
 from service.cli_jobs import new_lines
-from service.jobs.imageheader import UnreadableImage, image_size
 from service.state.jobstore import AttemptRecord, JobRecord, index_name, is_job_id, job_id_of_index, new_job_id
 from service.reconcile.phase import effective
 from service.settings import Settings, SettingsError

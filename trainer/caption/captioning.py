@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from trainer.core.dataset.layout import IMAGE_EXTENSIONS
 from trainer.core.dataset.tagops import TagOp, add_tags, apply_ops, join_tags, orphan_captions, split_tags
 from trainer.core.dataset.versions import VersionResult, check_destination, write_version
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.images import IMAGE_EXTENSIONS
 from trainer.core.storage import Store, open_store
 from trainer.caption.tagger import Tagger, TaggerOptions
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from trainer.core.msgspec_errors import split_validation_error
 T = TypeVar("T", bound=msgspec.Struct)
 
 
@@ -42,9 +43,8 @@ def convert_settings(cls: type[T], values: dict[str, Any], env_name: Callable[[s
     try:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else None
-        raise SettingsError(env_name(field) if field else "LATHE_*", text) from None
+        field, _ = split_validation_error(exc)
+        raise SettingsError(env_name(field) if field else "LATHE_*", str(exc)) from None
 
 
 def load_settings(cls: type[T], environ: Mapping[str, str], env_name: Callable[[str], str]) -> T:

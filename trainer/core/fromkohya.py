@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, get_args
 
 
+from trainer.core.images import IMAGE_EXTENSIONS
+from trainer.core.precision import canonical_precision
 from trainer.core.spec import (
     Algo,
     DynamoBackend,
@@ -40,7 +42,6 @@ from trainer.core.spec import (
 TRAINING_SCRIPTS = {"train_network.py": "sd", "sdxl_train_network.py": "sdxl"}
 OTHER_SD_SCRIPTS = ("train_db.py", "fine_tune.py", "sdxl_train.py", "train_textual_inversion.py",
                     "sdxl_train_textual_inversion.py", "train_controlnet.py")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # sd-scripts flags that take no value (argparse store_true).
 BOOL_FLAGS = frozenset("""
@@ -766,7 +767,7 @@ def _map_precision_and_save(conv: Conversion, flags: dict[str, Any]) -> None:
                   "the spec uses SDPA (same result, less memory)")
     if "save_precision" in flags:
         value = str(flags["save_precision"])
-        mapped = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(value)
+        mapped = canonical_precision(value)
         if mapped is None:
             conv.note("--save_precision", f"'{value}' is not float/fp16/bf16; left out")
         else:

@@ -22,21 +22,15 @@ from typing import Any, TypeVar
 import msgspec
 
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.jobkeys import (
+    CANCEL_KEY, CHECKPOINTS_PREFIX, LOG_KEY, MANIFEST_NAME, OUTPUT_PREFIX, STATUS_KEY, TENSORBOARD_PREFIX,
+)
 from trainer.core.spec import JobSpec, SpecError, decode_spec
 from trainer.core.status import ErrorInfo, JobStatus, OutputFile, Progress
 from trainer.core.storage import Location, NotFound, StorageError, Store, open_store, parse_uri
 
 log = logging.getLogger("lathe.jobdir")
 
-STATUS_KEY = "status.json"
-CANCEL_KEY = "cancel"
-CHECKPOINTS_PREFIX = "checkpoints/"
-MANIFEST_NAME = "manifest.json"
-LOG_KEY = "logs/trainer.log"
-TENSORBOARD_PREFIX = "logs/tensorboard/"
-METRICS_KEY = "metrics.jsonl"  # the per-step history (trainer/job/metrics_log.py), read by the console
-OUTPUT_PREFIX = "output/"
-METADATA_NAME = "metadata.json"  # under OUTPUT_PREFIX (or spec.save.output_uri): the outputs' commit marker
 
 T = TypeVar("T")
 

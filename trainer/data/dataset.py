@@ -28,6 +28,7 @@ from trainer.core.dataset.captions import process_caption, tag_frequency
 from trainer.core.dataset.layout import DatasetLayout, DatasetParams, Subset, image_id
 from trainer.core.dataset.plan import PlannedImage, plan_epoch
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.images import NotAnImage, UnreadableImage, header_size
 
 CLIP_WINDOW = 77  # tokens the CLIP text encoders see at once: BOS + 75 + EOS
 # A caption file's size limit: CLIP reads at most 225 tokens (~1 KB of text); wildcard captions hold a few
@@ -337,18 +338,20 @@ def _local(base: str | None, rel: str) -> str:
 
 def _probe_image(path: str, shown: str, check_pixels: bool) -> tuple[Size | None, DatasetProblem | None]:
     try:
-        with Image.open(path) as img:
-            size = img.size
-            if check_pixels:
-                img.load()
+        size = header_size(path)
     except FileNotFoundError:
         return None, DatasetProblem(shown, "listed but missing from the downloaded dataset")
-    except Exception as exc:  # PIL raises many types for bad files; each is a per-file problem here
-        what = "not a readable image" if isinstance(exc, Image.UnidentifiedImageError) else f"cannot be decoded ({exc})"
-        return None, DatasetProblem(shown, f"{what}; re-export it as PNG or JPEG or remove it")
-    if size[0] < 1 or size[1] < 1:
-        return None, DatasetProblem(shown, f"has an empty size {size[0]}x{size[1]}")
-    return (int(size[0]), int(size[1])), None
+    except NotAnImage as exc:
+        return None, DatasetProblem(shown, f"not a readable image ({exc}); re-export it as PNG or JPEG or remove it")
+    except UnreadableImage as exc:  # a known format whose header is cut short or damaged
+        return None, DatasetProblem(shown, f"cannot be decoded ({exc}); re-export it as PNG or JPEG or remove it")
+    if check_pixels:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except Exception as exc:  # PIL raises many types for a damaged body; each is a per-file problem here
+            return None, DatasetProblem(shown, f"cannot be decoded ({exc}); re-export it as PNG or JPEG or remove it")
+    return size, None
 
 
 def _read_caption(base: str, caption_path: str | None, sub: Subset) -> tuple[str | None, DatasetProblem | None]:

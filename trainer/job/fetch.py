@@ -23,19 +23,18 @@ import glob
 import hashlib
 import logging
 import os
-import re
 import shutil
-import stat
 import tarfile
 import time
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import IO, TypeVar
 
 import msgspec
 
+from trainer.core.archives import ARCHIVE_SUFFIXES, UnsafeName, is_junk, member_refusal, safe_relative
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.images import IMAGE_EXTENSIONS, ImageTooLarge, UnreadableImage, header_size, is_image
 from trainer.core.jobdir import sha256_file, with_retries
 from trainer.core.settings import trainer_settings
 from trainer.core.storage import AccessDenied, NotFound, ObjectInfo, S3Store, StorageError, parse_uri
@@ -45,9 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MODEL_WEIGHT_EXTENSIONS = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 COMPLETE_SUFFIX = ".complete"
 _COPY_CHUNK = 1024 * 1024
 
@@ -346,7 +343,7 @@ def _vetted_listing(store: S3Store, folder: str, uri: str, limits: _Limits) -> I
         rel = info.key[len(folder):]
         if rel.endswith("/") and info.size == 0:
             continue  # folder placeholder
-        if _is_junk(rel):
+        if is_junk(rel):
             continue
         rel = _safe_relative(rel, f"dataset {uri}", Reason.DATASET_INVALID, kind="object")
         count += 1
@@ -494,21 +491,11 @@ def _extract_zip(path: str, dest: str, budget: _Budget, where: str) -> None:
         plan = []
         declared = 0
         for info in members:
-            if _is_junk(info.filename):
+            if is_junk(info.filename):
                 continue
             rel = _safe_relative(info.filename, where, Reason.DATASET_INVALID, kind="member",
                                  allow_dir=info.is_dir())
-            mode = info.external_attr >> 16  # Unix mode when the zip was made on Unix, else 0
-            if stat.S_ISLNK(mode):
-                raise JobFailure(
-                    Reason.DATASET_INVALID,
-                    f"{where}: member {info.filename!r} is a symbolic link; links are not accepted, "
-                    "store the file itself",
-                )
-            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise JobFailure(
-                    Reason.DATASET_INVALID, f"{where}: member {info.filename!r} is not a regular file"
-                )
+            _refuse_member(info, info.filename, where)
             declared += info.file_size
             plan.append((info, rel))
         # Declared sizes first: refuses an honest bomb before a single byte is written.
@@ -532,29 +519,25 @@ def _extract_tar(path: str, dest: str, budget: _Budget, where: str) -> None:
     # Streaming mode ("r|*"): one pass, no seeking back into a compressed stream.
     with tarfile.open(path, "r|*") as tf:
         for member in tf:
-            if _is_junk(member.name):
+            if is_junk(member.name):
                 continue
             rel = _safe_relative(member.name, where, Reason.DATASET_INVALID, kind="member",
                                  allow_dir=member.isdir())
-            if member.issym() or member.islnk():
-                raise JobFailure(
-                    Reason.DATASET_INVALID,
-                    f"{where}: member {member.name!r} is a {'symbolic' if member.issym() else 'hard'} "
-                    f"link (to {member.linkname!r}); links are not accepted, store the file itself",
-                )
+            _refuse_member(member, member.name, where)
             target = _target(dest, rel)
             if member.isdir():
                 _make_member_dir(target, where, rel)
                 continue
-            if not member.isreg():
-                raise JobFailure(
-                    Reason.DATASET_INVALID,
-                    f"{where}: member {member.name!r} is a device, FIFO or other special file",
-                )
             budget.add_file(rel)
             src = tf.extractfile(member)
             assert src is not None  # regular files always have data
             _copy_member(src, target, budget, rel)
+
+
+def _refuse_member(member: zipfile.ZipInfo | tarfile.TarInfo, name: str, where: str) -> None:
+    refusal = member_refusal(member)
+    if refusal:
+        raise JobFailure(Reason.DATASET_INVALID, f"{where}: member {name!r} {refusal}")
 
 
 def _copy_member(src: IO[bytes], target: str, budget: _Budget, rel: str) -> None:
@@ -597,34 +580,15 @@ def _target(dest: str, rel: str) -> str:
 
 # ---------------------------------------------------------------------------------- path safety
 
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
 
 def _safe_relative(
     name: str, where: str, reason: Reason, *, kind: str = "file", allow_dir: bool = False
 ) -> str:
-    """`name` as a clean relative '/'-path, or JobFailure if it is absolute or climbs out."""
-    cleaned = name.replace("\\", "/")  # zips written on Windows use backslashes
-    if "\x00" in cleaned or cleaned.startswith("/") or _DRIVE.match(cleaned):
-        raise JobFailure(
-            reason, f"{where}: {kind} {name!r} has an absolute path; store relative paths only"
-        )
-    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise JobFailure(
-            reason, f"{where}: {kind} {name!r} climbs out of the target folder ('..'); refused"
-        )
-    if not parts:
-        if allow_dir:
-            return ""
-        raise JobFailure(reason, f"{where}: {kind} {name!r} has an empty name")
-    return "/".join(parts)
-
-
-def _is_junk(name: str) -> bool:
-    """macOS archive debris: resource forks would fail the image checks for no fault of the user."""
-    parts = name.replace("\\", "/").split("/")
-    return parts[0] == "__MACOSX" or parts[-1] == ".DS_Store" or parts[-1].startswith("._")
+    """`name` as a clean relative '/'-path, or JobFailure (the rule is `trainer.core.archives`)."""
+    try:
+        return safe_relative(name, allow_dir=allow_dir)
+    except UnsafeName as e:
+        raise JobFailure(reason, f"{where}: {kind} {name!r} {e}") from None
 
 
 def _refuse_duplicates(
@@ -647,27 +611,8 @@ def iter_images(folder: str) -> Iterator[tuple[str, str]]:
         base = os.path.relpath(root, folder).replace(os.sep, "/")  # once per folder, not per file
         prefix = "" if base == "." else base + "/"
         for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if is_image(name):
                 yield prefix + name, os.path.join(root, name)
-
-
-def image_size(fp: str | IO[bytes]) -> tuple[int, int]:
-    """(width, height) from the image header only; raises ValueError when unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(fp) as im:  # reads the header; pixels are decoded only by load()
-                return im.size
-        except Image.DecompressionBombError as e:
-            raise _TooLarge(str(e)) from e
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(str(e) or type(e).__name__) from e
-
-
-class _TooLarge(ValueError):
-    """PIL's own bomb guard fired before we could read the size (far beyond any sane limit)."""
 
 
 def check_images(folder: str, max_pixels: int, *, where: str, member: bool = False) -> int:
@@ -676,16 +621,16 @@ def check_images(folder: str, max_pixels: int, *, where: str, member: bool = Fal
     count = 0
     for rel, full in iter_images(folder):
         try:
-            width, height = image_size(full)
-        except _TooLarge as e:
+            width, height = header_size(full)
+        except ImageTooLarge as e:
             raise JobFailure(
                 Reason.DATASET_INVALID,
                 f"{where}: {kind} {rel!r} is over the limit of {max_pixels} pixels ({e}); downscale it",
             ) from e
-        except ValueError as e:
+        except UnreadableImage as e:
             raise JobFailure(
                 Reason.DATASET_INVALID,
-                f"{where}: {kind} {rel!r} is not a readable image ({str(e).replace(full, rel)}); "
+                f"{where}: {kind} {rel!r} is not a readable image ({e}); "
                 "fix or remove it",
             ) from e
         if width * height > max_pixels:

@@ -15,6 +15,7 @@ import msgspec
 from trainer import __version__
 from trainer.job.buildinfo import git_commit, package_versions
 from trainer.job.publish import LocalOutput
+from trainer.core.jobkeys import CONFIG_NAME
 from trainer.core.spec import encode_spec, spec_hash
 from trainer.core.status import OutputFile
 
@@ -26,9 +27,9 @@ def publish_outputs(job: Job, kind: str, items: list[LocalOutput], details: dict
     """Uploads `items` and spec.json, then commits metadata.json (common keys + `details`)."""
     spec, ctx = job.spec, job.ctx
     started = time.monotonic()
-    config_path = job.out_dir / "spec.json"
+    config_path = job.out_dir / CONFIG_NAME
     config_path.write_bytes(encode_spec(spec))
-    for item in [*items, LocalOutput(str(config_path), "spec.json", "config")]:
+    for item in [*items, LocalOutput(str(config_path), CONFIG_NAME, "config")]:
         ctx.published[item.name] = job.publisher.upload(item)
     job.timings["publish_s"] = time.monotonic() - started
     metadata: dict[str, Any] = {

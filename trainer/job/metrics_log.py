@@ -19,7 +19,7 @@ from trainer.core.storage import NotFound, StorageError, Store
 
 log = logging.getLogger("lathe.metrics")
 
-from trainer.core.jobdir import METRICS_KEY
+from trainer.core.jobkeys import METRICS_KEY
 
 
 class MetricsLog:

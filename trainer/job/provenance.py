@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 
 from trainer.core.jobdir import sha256_file
+from trainer.core.jobkeys import DATASET_MANIFEST_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
-MANIFEST_NAME = "dataset-manifest.json"
+MANIFEST_NAME = DATASET_MANIFEST_NAME
 
 
 def _weight_files(root: Path) -> list[Path]:

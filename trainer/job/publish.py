@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from trainer.core.jobdir import METADATA_NAME, sha256_file, with_retries
+from trainer.core.jobkeys import METADATA_NAME
+from trainer.core.jobdir import sha256_file, with_retries
 from trainer.core.status import OutputFile
 from trainer.core.storage import StorageError, Store
 

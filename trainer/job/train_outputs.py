@@ -17,6 +17,7 @@ import msgspec
 from trainer import __version__
 from trainer.train.saving import files_to_remove
 from trainer.core.jobdir import with_retries
+from trainer.core.jobkeys import CONFIG_NAME
 from trainer.core.spec import UNSHRINKABLE_ALGOS, encode_spec, spec_hash
 from trainer.core.status import OutputFile
 from trainer.job.buildinfo import git_commit, package_versions
@@ -77,9 +78,9 @@ def publish(job: Job, result: Any, shrink_items: list[LocalOutput], shrink_repor
     for item in items:
         if item.kind.startswith("adapter"):
             job.check_zeros(item.path, item.name)
-    config_path = job.out_dir / "spec.json"
+    config_path = job.out_dir / CONFIG_NAME
     config_path.write_bytes(encode_spec(spec))
-    items.append(LocalOutput(str(config_path), "spec.json", "config"))
+    items.append(LocalOutput(str(config_path), CONFIG_NAME, "config"))
     if job.manifest_path is not None:
         items.append(LocalOutput(str(job.manifest_path), job.manifest_path.name, "manifest"))
     for item in items:

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from trainer.core.precision import PRECISION_ALIASES, SAVE_PRECISIONS, TORCH_DTYPE_NAMES, canonical_precision
+
+SAVE_DTYPES = {name: getattr(torch, attr) for name, attr in TORCH_DTYPE_NAMES.items()}  # fp32, fp16, bf16
+SAVE_PRECISION_CHOICES = sorted([*SAVE_PRECISIONS, *PRECISION_ALIASES])
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
@@ -209,13 +212,19 @@ def zero_tensor_check(path: str) -> ZeroCheck:
     return ZeroCheck(tensors, sorted(zero))
 
 
+def save_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a save precision name (sd-scripts' aliases accepted); ValueError when unknown."""
+    canonical = canonical_precision(name)
+    if canonical is None:
+        raise ValueError(f"save precision {name!r}: choose one of {', '.join(SAVE_PRECISIONS)}")
+    return SAVE_DTYPES[canonical]
+
+
 def save_adapter(tensors: dict[str, torch.Tensor], path: str, *, metadata: dict[str, str], dtype) -> SavedAdapter:
     """Write `tensors` (cast to `dtype`: torch dtype or fp32/fp16/bf16) with `metadata` plus the
     sshs hashes; atomic (temporary file + rename)."""
     if isinstance(dtype, str):
-        if dtype not in SAVE_DTYPES:
-            raise ValueError(f"save precision {dtype!r}: choose one of fp32, fp16, bf16")
-        dtype = SAVE_DTYPES[dtype]
+        dtype = save_dtype(dtype)
     cast = {}
     for key, value in tensors.items():
         value = value.detach().to("cpu")

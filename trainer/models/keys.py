@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 ARCHS = ("sd1", "sd2", "sdxl")
 UNET_PREFIX = "lora_unet_"
 
-# ResnetBlock2D (diffusers) → ResBlock (LDM) submodule names.
-_RESNET_SUBMODULES = {
+# ResnetBlock2D (diffusers) → ResBlock (LDM) submodule names; trainer.shrink.unet_names inverts both tables.
+RESNET_TO_LDM = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
@@ -30,7 +30,7 @@ _RESNET_SUBMODULES = {
     "conv_shortcut": "skip_connection",
 }
 # Top-level UNet modules.
-_TOP_LEVEL = {
+TOP_TO_LDM = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
@@ -72,9 +72,9 @@ def _resnet_tail(tail: str | None) -> str | None:
     if not tail:
         return None
     head, _, rest = tail.partition(".")
-    if head not in _RESNET_SUBMODULES:
+    if head not in RESNET_TO_LDM:
         raise KeyError(tail)
-    return _join(_RESNET_SUBMODULES[head], rest)
+    return _join(RESNET_TO_LDM[head], rest)
 
 
 def unet_ldm_path(path: str, *, layers_per_block: int = 2, up_attention: Iterable[int] = (0, 1)) -> str:
@@ -83,7 +83,7 @@ def unet_ldm_path(path: str, *, layers_per_block: int = 2, up_attention: Iterabl
     `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` → `input_blocks.4.1.transformer_blocks.0.attn1.to_q`.
     Raises KeyError for a path with no LDM equivalent (a container such as `down_blocks.0`).
     """
-    for name, ldm in _TOP_LEVEL.items():
+    for name, ldm in TOP_TO_LDM.items():
         if path == name or path.startswith(name + "."):
             return ldm + path[len(name) :]
     per_level = layers_per_block + 1  # resnets (+ attentions) and the down/upsampler of one level

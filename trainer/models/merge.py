@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.models.adapter_file import SAVE_DTYPES, modelspec_metadata
+from trainer.models.adapter_file import SAVE_PRECISION_CHOICES, modelspec_metadata, save_dtype
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.jobdir import sha256_file
 from trainer.shrink.adapter_layers import REFUSED_HINTS, materialize, parse_adapter, resolve_shape
@@ -190,7 +190,7 @@ def merge_checkpoint(base_path: str, adapters: list[MergeInput], out_path: str, 
         raise JobFailure(Reason.SPEC_INVALID, "merge: no adapters given")
     for item in adapters:
         _check_ratio(item)
-    dtype = SAVE_DTYPES[save_precision] if save_precision else None
+    dtype = save_dtype(save_precision) if save_precision else None
     base_dir = Path(base_path)
     try:
         base = BaseModel(base_path)
@@ -281,7 +281,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-o", "--out", required=True, help="output file (single-file base) or folder (diffusers base)")
     parser.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
     parser.add_argument("--v-parameterization", action="store_true")
-    parser.add_argument("--save-precision", choices=sorted(SAVE_DTYPES))
+    parser.add_argument("--save-precision", choices=SAVE_PRECISION_CHOICES)
     parser.add_argument("--title")
     args = parser.parse_args(argv)
     inputs = []

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from trainer.core.precision import SAVE_PRECISIONS
 from trainer.core.shrink_choice import make_rule
 from trainer.core.shrink_errors import ShrinkError
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--recipe", help="resize_lora recipe, e.g. 'fro_ckpt=1,thr=-3.55' (needs --base)")
     p.add_argument("--param", type=float, help="sd-scripts --dynamic_param for --method")
     p.add_argument("--max-rank", type=int, help="cap on every layer's rank (default: the layer's own rank)")
-    p.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], help="default: the input's precision")
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, help="default: the input's precision")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--plot", metavar="PNG", help="draw rank kept and retained energy per layer")
     p.add_argument("--report", metavar="JSON", help="also write the shrink report as JSON")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from trainer.core.shrink_choice import Rule, make_rule
 from trainer.core.shrink_errors import NothingToShrink, ShrinkError
-from trainer.models.adapter_file import write_hashed
+from trainer.models.adapter_file import SAVE_DTYPES, write_hashed
 
 from .adapter_layers import ParsedAdapter, parse_adapter, resolve_shape
 from .assemble import Assembled, assemble, totals
@@ -26,7 +26,6 @@ from .decompose import decompose
 from .metadata import shrunk_metadata
 from .report import ShrinkReport
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in SAVE_DTYPES.items()}
 
 

@@ -11,25 +11,10 @@ from __future__ import annotations
 
 import re
 
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_RESNET_TO_DIFFUSERS = {v: k for k, v in _RESNET_TO_LDM.items()}
-_TOP_TO_LDM = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_TOP_TO_DIFFUSERS = {v: k for k, v in _TOP_TO_LDM.items()}
+from trainer.models.keys import RESNET_TO_LDM, TOP_TO_LDM
+
+_RESNET_TO_DIFFUSERS = {v: k for k, v in RESNET_TO_LDM.items()}
+_TOP_TO_DIFFUSERS = {v: k for k, v in TOP_TO_LDM.items()}
 
 
 def _resnet_rest(rest: str, table: dict[str, str]) -> str:

@@ -36,7 +36,6 @@ from trainer.train.latents import LatentCache
 
 log = logging.getLogger("lathe.train")
 
-SAVE_DTYPES = {None: torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.models.adapter_file import SAVE_DTYPES
 from trainer.core.settings import trainer_settings
 from trainer.core.failures import JobFailure, Reason
 from trainer.core.spec import JobSpec, total_steps, train_text_encoder, warmup_steps
 from trainer.train import noise as N
 from trainer.train import saving
 from trainer.train.latents import LatentCache, build_latent_cache
-from trainer.train.loop import (SAVE_DTYPES, LoopHooks, TrainResult, _te_lr, build_text_cache, derived_seed,
+from trainer.train.loop import (LoopHooks, TrainResult, _te_lr, build_text_cache, derived_seed,
                                 make_accelerator, micro_batch_loss, park_idle_modules, prepare_model, write_adapter)
 from trainer.train.metadata import RunFacts, ss_metadata, stamp
 from trainer.train.optim import build_optimizer, current_lrs
@@ -148,7 +149,7 @@ class TrainingRecipe:
         self.meta = ss_metadata(spec, self.parts, self.network, self.dataset, facts) if self.is_main else {}
         tensorboard = self.is_main and spec.logging.log_with == "tensorboard"
         self.tb = TensorBoardLog(log_dir(self.work_dir, spec.logging.log_prefix) if tensorboard else None)
-        self.save_dtype = SAVE_DTYPES[spec.save.save_precision]
+        self.save_dtype = SAVE_DTYPES[spec.save.save_precision or "fp32"]  # None: the trained dtype
 
     # -- resume -------------------------------------------------------------------------------
     def resume(self) -> None:

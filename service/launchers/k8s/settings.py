@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 from msgspec import Meta
 
+from trainer.core.msgspec_errors import split_validation_error
+
 ENV_PREFIX = "LATHE_K8S_"
 
 DnsLabel = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
@@ -190,5 +192,5 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _env_name_of(message: str) -> str:
-    m = re.search(r"(?:at|in) `\$\.([A-Za-z_]+)", message) or re.match(r"([a-z_]+): ", message)
+    m = re.match(r"([A-Za-z_]+)", split_validation_error(message)[0]) or re.match(r"([a-z_]+): ", message)
     return ENV_PREFIX + m.group(1).upper() if m else "LATHE_K8S_*"

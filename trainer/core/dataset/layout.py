@@ -26,8 +26,8 @@ from typing import Any, Literal
 from trainer.core.dataset.buckets import BucketParams
 from trainer.core.dataset.captions import CaptionOptions
 from trainer.core.failures import JobFailure, Reason
+from trainer.core.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # sd-scripts' list; matched case-insensitively
 # Side files other tools leave in dataset folders: not images, not worth a warning.
 _IGNORED_NAMES = {"metadata_cache.json", "thumbs.db", "desktop.ini"}
 _IGNORED_EXTENSIONS = (".npz",)  # sd-scripts' latent / text-encoder caches

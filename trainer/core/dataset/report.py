@@ -100,34 +100,19 @@ def build_report(ds, files: list[str], sizes: Mapping[str, Size | None], *,
     freq: dict[str, dict[str, int]] = {}
     for sub in layout.subsets:
         texts: list[str] = []
-        missing = 0
-        for im in sub.images:
-            info = ImageInfo(path=im.path, caption=im.caption_path)
-            size = sizes.get(im.path)
-            if size is None:
+        found = [_image_info(im, sizes.get(im.path), bucketers[sub.dataset], bucket_counts) for im in sub.images]
+        for im, info in zip(sub.images, found):
+            if info.width is None:
                 unreadable.append(im.path)
-            else:
-                bucket, _ = bucketers[sub.dataset].select(*size)
-                info.width, info.height = size
-                info.aspect = round(size[0] / size[1], 3)
-                info.bucket = [bucket[0], bucket[1]]
-                bucket_counts[bucket] = bucket_counts.get(bucket, 0) + 1
             if captions is not None and (im.caption_path is None or im.caption_path in captions):
-                # As the trainer reads it: the first line, stripped; an empty file counts as none. A
-                # caption file the caller did not read (over its budget) is left out of the counts.
-                text = captions[im.caption_path] if im.caption_path else ""
-                first = (text.splitlines() or [""])[0].strip()
-                if not first:
-                    info.caption = None
-                texts.append(first or sub.class_tokens or "")
-            missing += info.caption is None
-            images.append(info)
+                texts.append(_read_caption(info, captions, sub.class_tokens))
+        images += found
         if captions is not None:
             freq.setdefault(sub.name, {}).update(tag_frequency(texts))
         concepts.append(ConceptInfo(
             name=sub.name, image_dir=sub.image_dir, repeats=sub.num_repeats, images=len(sub.images),
             image_steps=len(sub.images) * sub.num_repeats, class_tokens=sub.class_tokens,
-            without_caption=missing))
+            without_caption=sum(info.caption is None for info in found)))
 
     per_epoch = layout.image_steps_per_epoch
     report = DatasetReport(
@@ -146,6 +131,30 @@ def build_report(ds, files: list[str], sizes: Mapping[str, Size | None], *,
     report.warnings = list(layout.warnings) + _findings(report) + size_guidance(
         sum(len(s.images) for s in layout.subsets if not s.is_reg), per_epoch, report.total_image_steps, subject)
     return report
+
+
+def _image_info(im, size: Size | None, bucketer: Bucketer, bucket_counts: dict[Size, int]) -> ImageInfo:
+    """One image's entry; counts its bucket in `bucket_counts`. No size: unreadable."""
+    info = ImageInfo(path=im.path, caption=im.caption_path)
+    if size is not None:
+        bucket, _ = bucketer.select(*size)
+        info.width, info.height = size
+        info.aspect = round(size[0] / size[1], 3)
+        info.bucket = [bucket[0], bucket[1]]
+        bucket_counts[bucket] = bucket_counts.get(bucket, 0) + 1
+    return info
+
+
+def _read_caption(info: ImageInfo, captions: Mapping[str, str], class_tokens: str | None) -> str:
+    """The caption the trainer would use for `info` (clearing `info.caption` when the file is empty).
+
+    As the trainer reads it: the first line, stripped; an empty file counts as none. The caller skips
+    a caption file it did not read (over its budget), leaving it out of the counts."""
+    text = captions[info.caption] if info.caption else ""
+    first = (text.splitlines() or [""])[0].strip()
+    if not first:
+        info.caption = None
+    return first or class_tokens or ""
 
 
 def _listed(paths: list[str]) -> str:

@@ -12,6 +12,7 @@ document, `check` runs the section checkers in order. Import from this package, 
 
 from trainer.core.spec.caption import TAGS_FILE, CaptionSpec
 from trainer.core.spec.check import check_spec, warnings_for
+from trainer.core.precision import Precision
 from trainer.core.spec.common import (
     DEFAULT_MAX_TRAIN_STEPS,
     SPEC_VERSION,
@@ -21,7 +22,6 @@ from trainer.core.spec.common import (
     NonNegInt,
     OptionValue,
     PositiveInt,
-    Precision,
     Reso,
     Sampler,
     ShortText,

@@ -6,13 +6,13 @@ from typing import Annotated, Literal, get_args
 
 from msgspec import Meta, Struct
 
+
 SPEC_VERSION = 1
 SpecVersion = Literal[1]  # an enum in the published JSON schema: only these are accepted
 SUPPORTED_VERSIONS = get_args(SpecVersion)
 DEFAULT_MAX_TRAIN_STEPS = 1600  # sd-scripts' default when neither steps nor epochs are given
 
 Arch = Literal["sd1", "sd2", "sdxl"]
-Precision = Literal["fp32", "fp16", "bf16"]
 Sampler = Literal[
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
     "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",

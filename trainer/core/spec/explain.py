@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 from msgspec import Struct
 
+from trainer.core.msgspec_errors import path_parts, split_validation_error
 from trainer.core.spec.jobspec import JobSpec
 from trainer.core.spec.problems import Problem
 
@@ -67,7 +68,6 @@ def _literal_values(tp: Any) -> list[Any]:
     return values
 
 
-_PATH_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
 
 
 def join_path(parts: list[str]) -> str:
@@ -88,12 +88,8 @@ def missing_field(parts: list[str], name: str) -> Problem:
 
 def explain_validation(exc: msgspec.ValidationError, base: list[str] | None = None) -> Problem:
     """msgspec's error for a value converted at field path `base` (its own path is relative to it)."""
-    text = str(exc)
-    m = _PATH_RE.search(text)
-    raw = m.group("path") if m else ""
-    # "[...]" is msgspec's placeholder for a dict key: keep it whole (it may hold dots).
-    parts = [*(base or []), *re.findall(r"\[[^\]]*\]|[^.\[]+", raw)]
-    message = _PATH_RE.sub("", text).strip().rstrip("-").strip()
+    path, message = split_validation_error(exc)
+    parts = [*(base or []), *path_parts(path)]
     unknown = re.match(r"Object contains unknown field `(?P<f>[^`]+)`", message)
     if unknown:
         return unknown_field(parts, unknown.group("f"))

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from msgspec import Meta
 
 from trainer.core.spec.caption import caption_problems
-from trainer.core.spec.common import Precision, Uri, _Base
+from trainer.core.precision import Precision
+from trainer.core.spec.common import Uri, _Base
 from trainer.core.spec.grid import check_grid
 from trainer.core.spec.problems import Problem
 

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from msgspec import Meta
 
-from trainer.core.spec.common import PositiveInt, Precision, Uri, _Base
+from trainer.core.precision import Precision
+from trainer.core.spec.common import PositiveInt, Uri, _Base
 from trainer.core.spec.problems import Found, Problem
 
 if TYPE_CHECKING:

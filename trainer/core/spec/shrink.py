@@ -8,7 +8,8 @@ from msgspec import Meta
 
 from trainer.core.shrink_choice import parse_recipe
 from trainer.core.shrink_errors import ShrinkError
-from trainer.core.spec.common import PositiveInt, Precision, Uri, _Base
+from trainer.core.precision import Precision
+from trainer.core.spec.common import PositiveInt, Uri, _Base
 from trainer.core.spec.network import UNSHRINKABLE_ALGOS
 from trainer.core.spec.problems import Found, Problem
 
