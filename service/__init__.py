@@ -1,1 +1,1 @@
-"""Lathe service: the stateless job API. Torch-free: imports only trainer.core.spec/failures/storage."""
+"""Lathe service: the stateless job API. Torch-free: of the trainer it imports only `trainer.core`."""

@@ -1,0 +1,1 @@
+"""The web console under /ui/: static shell and assets, served with a strict Content-Security-Policy."""

@@ -1,0 +1,1 @@
+"""The contract both sides share, torch-free: the job spec, failure reasons, status, job-directory keys, settings, dataset plan, image and archive rules, object-store access. The only part of the trainer the service imports (an import-linter contract in pyproject.toml holds it)."""

@@ -1,2 +1,2 @@
-"""Training data: discovery (`layout`, torch-free), aspect-ratio buckets (`buckets`, torch-free),
-caption processing (`captions`, pure) and the image pipeline (`dataset`, PIL/numpy/torch)."""
+"""The training image pipeline (`dataset`: PIL/numpy/torch): images, crops and flips, captions per
+epoch, batches by bucket. What a dataset holds is planned by the torch-free `trainer.core.dataset`."""

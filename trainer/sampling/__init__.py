@@ -1,0 +1,1 @@
+"""Rendering: sample images during training and comparison grids over saves, weights and seeds."""

@@ -1,0 +1,1 @@
+"""Command-line tools around adapters and data: inspect an adapter file, generate a tiny dataset."""
