@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from service.client import ApiError, Client, read_spec_file
+from trainer.core.shrink_choice import SHRINK_METHODS
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -552,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model it was trained on (URI)")
     p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--rank", type=int, help="fixed rank (--new_rank)")
-    p.add_argument("--method", choices=["sv_ratio", "sv_fro", "sv_cumulative"], help="--dynamic_method")
+    p.add_argument("--method", choices=SHRINK_METHODS,
+                   help="--dynamic_method (_legacy: the off-by-one form of sd-scripts before its PR #2194)")
     p.add_argument("--param", type=float, help="--dynamic_param")
     p.add_argument("--recipe", help="resize_lora recipe (the default when no rank/method: fro_ckpt=1,thr=-3.55)")
     p.add_argument("--max-rank", type=int, dest="max_rank")
