@@ -28,8 +28,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from trainer.core.shrink_choice import BASE_SCORE_KEYS, SCORE_KEYS, SD_SCRIPTS_METHODS, Recipe, parse_recipe  # noqa: F401 (re-exported)
-from trainer.core.shrink_choice import split_method
+from trainer.core.shrink_choice import (  # noqa: F401 (re-exported)
+    BASE_SCORE_KEYS,
+    SCORE_KEYS,
+    SD_SCRIPTS_METHODS,
+    Recipe,
+    parse_recipe,
+    split_method,
+)
 from trainer.core.shrink_errors import ShrinkError
 
 MIN_SV = 1e-6  # sd-scripts' and resize_lora's "this layer is zero" threshold
