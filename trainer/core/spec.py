@@ -1071,9 +1071,6 @@ def _caption_problems(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("caption.min_length", f"{c.min_length} is above caption.max_length {c.max_length}"))
     if not c.caption_extension.startswith("."):
         problems.append(Problem("caption.caption_extension", f"must start with '.', got {c.caption_extension!r}"))
-    if spec.dataset is not None and (spec.dataset.uri.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))):
-        problems.append(Problem("dataset.uri", "a caption job reads a folder of images; extract the archive "
-                                "to a folder first"))
     return problems
 
 
@@ -1114,9 +1111,11 @@ def _check_grid(spec: JobSpec) -> list[Problem]:
         if not g.prompts:
             problems.append(Problem("grid.prompts", "required: one or more prompts in the sample.prompts syntax"))
         for i, a in enumerate(g.adapters):
-            if (a.uri is None) == (a.job is None):
-                problems.append(Problem(f"grid.adapters[{i}]", "give exactly one of uri (an adapter file) or job "
-                                        "(a finished job's id)"))
+            # Both at once is the form the service stores (and the reconciler and trainer read back): a
+            # job expanded into its saves, each with its URI; the URI is then what is rendered.
+            if a.uri is None and a.job is None:
+                problems.append(Problem(f"grid.adapters[{i}]", "give uri (an adapter file) or job (a finished "
+                                        "job's id)"))
         if "saves" not in (g.x, g.y) and len(g.adapters) != 1:
             problems.append(Problem("grid.adapters", "several adapters but saves is not an axis; set x or y to "
                                     "\"saves\" or give one adapter"))
