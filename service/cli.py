@@ -1,6 +1,7 @@
 """`lathe`: run the service (`serve`, `dev`) and use it (`submit`, `status`, `logs`, `cancel`, `list`,
 `pull`, `upload`, `delete`, `dataset report`). Client commands read LATHE_URL and LATHE_TOKEN.
-`lathe tags` edits caption files here, through the storage code, into a new dataset version.
+`lathe tags` submits tag operations as a caption job (`--local`: edits caption files here, through the
+storage code, into a new dataset version).
 
 `lathe submit` prints the job id alone on stdout (`--json` for the whole record) so scripts can
 capture it; messages and errors go to stderr.
@@ -18,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from service.cli_tags import add_job_arguments as add_tags_job_arguments
+from service.cli_tags import cmd_tags_job
 from service.client import ApiError, Client, read_spec_file
 from trainer.core.shrink_choice import SHRINK_METHODS
 
@@ -416,6 +419,9 @@ def cmd_tags(args: argparse.Namespace) -> int:
     from trainer.core.failures import JobFailure
     from trainer.core.storage import StorageError
 
+    if not args.dest:
+        _err("error: lathe tags --local needs DEST, an empty location for the new version")
+        return 2
     ops: list[TagOp] = []
     for pair in args.replace or []:
         old, sep, new = pair.partition("=")
@@ -611,10 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="tags shown per folder")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("tags", help="edit tags in caption files, writing a new dataset version at DEST "
-                                    "(runs here with your S3 credentials)")
+    p = sub.add_parser("tags", help="edit tags in caption files into a new dataset version (a caption job with "
+                                    "no model; prints the job id), or here with --local")
     p.add_argument("src", help="the dataset (a folder URI); never changed")
-    p.add_argument("dest", help="an empty location for the new version")
+    p.add_argument("dest", nargs="?", help="an empty location for the new version (default for a job: dataset/ "
+                                           "under its output)")
+    add_tags_job_arguments(p)
     p.add_argument("--caption-extension", default=".caption")
     p.add_argument("--replace", action="append", metavar="OLD=NEW", help="rename a tag (repeatable)")
     p.add_argument("--remove", action="append", metavar="TAG[,TAG]", help="remove tags everywhere")
@@ -629,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 CLIENT_COMMANDS = {"submit": cmd_submit, "merge": cmd_merge, "shrink": cmd_shrink, "caption": cmd_caption, "grid": cmd_grid, "diff": cmd_diff, "rerun": cmd_rerun,
                    "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "delete": cmd_delete,
-                   "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload, "dataset": cmd_dataset_report}
+                   "list": cmd_list, "pull": cmd_pull, "upload": cmd_upload, "dataset": cmd_dataset_report,
+                   "tags": cmd_tags_job}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -638,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "dev":
         return cmd_dev(args)
-    if args.command == "tags":
+    if args.command == "tags" and args.local:
         return cmd_tags(args)
     try:
         with Client(args.url, args.token) as client:
