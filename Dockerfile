@@ -52,6 +52,11 @@ ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=
 # Optional: a folder of torch wheels mounted into the build (`make images` mounts a CPU wheel here).
 ARG TORCH_FIND_LINKS=
+# The torch build the image carries: cuda (PyPI's torch) or cpu (the stand-in image of `make images`).
+# It picks the ONNX Runtime the caption jobs' taggers run on: a CUDA image swaps `onnxruntime` (CPU
+# provider only) for `onnxruntime-gpu` (CUDA provider, CPU as fallback) at the version lathe's own
+# requirement resolved to; the two packages install the same module and must not be installed together.
+ARG TORCH_VARIANT=cuda
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
@@ -80,6 +85,11 @@ RUN --mount=from=build,source=/dist,target=/dist \
       ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
       ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} \
       "torch==${TORCH_VERSION}" "lathe[trainer] @ file://$(ls /dist/lathe-*.whl)" \
+ && if [ "$TORCH_VARIANT" = cuda ]; then \
+      ort=$(/opt/venv/bin/python -c "import importlib.metadata as m; print(m.version('onnxruntime'))") \
+      && uv pip uninstall --python /opt/venv/bin/python onnxruntime \
+      && uv pip install --no-cache --compile-bytecode --python /opt/venv/bin/python "onnxruntime-gpu==$ort"; \
+    elif [ "$TORCH_VARIANT" != cpu ]; then echo "TORCH_VARIANT must be cuda or cpu, not $TORCH_VARIANT" >&2; exit 1; fi \
  && rm /usr/local/bin/uv
 USER 1000:1000
 WORKDIR /scratch

@@ -1,6 +1,7 @@
 """`lathe`: run the service (`serve`, `dev`) and use it (`submit`, `status`, `logs`, `cancel`, `list`,
 `pull`, `upload`, `delete`, `dataset report`). Client commands read LATHE_URL and LATHE_TOKEN.
-`lathe tags` edits caption files here, through the storage code, into a new dataset version.
+`lathe tags` submits tag operations as a caption job (`--local`: edits caption files here, through the
+storage code, into a new dataset version).
 
 `lathe submit` prints the job id alone on stdout (`--json` for the whole record) so scripts can
 capture it; messages and errors go to stderr. This module is the entry point and the parser; the
@@ -17,6 +18,7 @@ import httpx
 
 from service import cli_datasets, cli_jobs, cli_server, cli_submit
 from service.cli_output import err
+from service.cli_tags import cmd_tags_job
 from service.client import ApiError, Client
 
 
@@ -36,6 +38,7 @@ CLIENT_COMMANDS = {
     "diff": cli_jobs.cmd_diff, "status": cli_jobs.cmd_status, "logs": cli_jobs.cmd_logs,
     "cancel": cli_jobs.cmd_cancel, "delete": cli_jobs.cmd_delete, "list": cli_jobs.cmd_list,
     "pull": cli_jobs.cmd_pull, "upload": cli_datasets.cmd_upload, "dataset": cli_datasets.cmd_dataset_report,
+    "tags": cmd_tags_job,
 }
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli_server.cmd_serve(args)
     if args.command == "dev":
         return cli_server.cmd_dev(args)
-    if args.command == "tags":
+    if args.command == "tags" and args.local:
         return cli_datasets.cmd_tags(args)
     try:
         with Client(args.url, args.token) as client:

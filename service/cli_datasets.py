@@ -8,6 +8,7 @@ import argparse
 import os
 from typing import Any
 
+from service.cli_tags import add_job_arguments as add_tags_job_arguments
 from service.cli_output import err, print_json
 from service.client import Client
 
@@ -29,10 +30,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-duplicates", action="store_true", help="skip the near-duplicate check (no image decoding)")
     p.add_argument("--top", type=int, default=15, help="tags shown per folder")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("tags", help="edit tags in caption files, writing a new dataset version at DEST "
-                                    "(runs here with your S3 credentials)")
+    p = sub.add_parser("tags", help="edit tags in caption files into a new dataset version (a caption job with "
+                                    "no model; prints the job id), or here with --local")
     p.add_argument("src", help="the dataset (a folder URI); never changed")
-    p.add_argument("dest", help="an empty location for the new version")
+    p.add_argument("dest", nargs="?", help="an empty location for the new version (default for a job: dataset/ "
+                                           "under its output)")
+    add_tags_job_arguments(p)
     p.add_argument("--caption-extension", default=".caption")
     p.add_argument("--replace", action="append", metavar="OLD=NEW", help="rename a tag (repeatable)")
     p.add_argument("--remove", action="append", metavar="TAG[,TAG]", help="remove tags everywhere")
@@ -88,6 +91,9 @@ def cmd_tags(args: argparse.Namespace) -> int:
     from trainer.core.failures import JobFailure
     from trainer.core.storage import StorageError
 
+    if not args.dest:
+        err("error: lathe tags --local needs DEST, an empty location for the new version")
+        return 2
     ops: list[TagOp] = []
     for pair in args.replace or []:
         old, sep, new = pair.partition("=")

@@ -8,6 +8,7 @@ import argparse
 import os
 from typing import Any
 
+from trainer.core.shrink_choice import SHRINK_METHODS
 from trainer.core.precision import SAVE_PRECISIONS
 from service.cli_output import err, print_json, print_validation
 from service.client import Client, read_spec_file
@@ -109,7 +110,8 @@ def _add_shrink(sub: Any) -> None:
     p.add_argument("--model", required=True, help="the base model it was trained on (URI)")
     p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--rank", type=int, help="fixed rank (--new_rank)")
-    p.add_argument("--method", choices=["sv_ratio", "sv_fro", "sv_cumulative"], help="--dynamic_method")
+    p.add_argument("--method", choices=SHRINK_METHODS,
+                   help="--dynamic_method (_legacy: the off-by-one form of sd-scripts before its PR #2194)")
     p.add_argument("--param", type=float, help="--dynamic_param")
     p.add_argument("--recipe", help="resize_lora recipe (the default when no rank/method: fro_ckpt=1,thr=-3.55)")
     p.add_argument("--max-rank", type=int, dest="max_rank")

@@ -32,7 +32,7 @@ from service.tenants import TenantRegistry
 from service.reconcile.webhooks import WebhookEvent
 from trainer.core.failures import Reason, is_retryable, reason_for_exit
 from trainer.core.jobkeys import CANCEL_KEY, SPEC_KEY
-from trainer.core.spec import decode_spec
+from trainer.core.spec import SpecError, decode_spec
 from trainer.core.status import TERMINAL_PHASES, ErrorInfo, JobStatus
 from trainer.core.storage import NotFound, StorageError
 
@@ -225,7 +225,12 @@ class Reconciler:
                          rec.attempt, previous.message)
                 self._stop_attempt(rec)
                 return 0
-        spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes(SPEC_KEY), format="json")
+        try:
+            spec = decode_spec(self.store.job_dir(rec.tenant, rec.job_id).get_bytes(SPEC_KEY), format="json")
+        except SpecError as exc:  # failing the pass instead would hold back every queued job behind this one
+            self._finish(rec, "failed", ErrorInfo(reason=Reason.SPEC_INVALID.value, message=(
+                f"the stored spec.json no longer passes the spec check: {exc}")))
+            return 0
         attempt = rec.attempt + 1
         rec.attempt, rec.state = attempt, "launched"
         rec.attempts.append(AttemptRecord(attempt=attempt, launched_at=now))

@@ -112,7 +112,8 @@ UV=$(standin_uv)
 WHEELS=$(torch_wheels)
 build service lathe-service:local --build-arg PYTHON_IMAGE="$BASE" --build-arg UV_IMAGE="$UV"
 build trainer lathe-trainer:local-cpu --build-arg PYTHON_IMAGE="$BASE" --build-arg UV_IMAGE="$UV" \
-  --build-arg CUDA_IMAGE="$BASE" --build-arg TORCH_FIND_LINKS=/wheels -v "$WHEELS:/wheels:ro"
+  --build-arg CUDA_IMAGE="$BASE" --build-arg TORCH_FIND_LINKS=/wheels --build-arg TORCH_VARIANT=cpu \
+  -v "$WHEELS:/wheels:ro"
 # The previous builds, untagged now, would only take disk.
 docker image prune -f >/dev/null || true
 say "images ready: lathe-service:local, lathe-trainer:local-cpu"

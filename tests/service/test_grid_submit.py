@@ -81,3 +81,18 @@ def test_openapi_describes_the_grid_kind_and_the_rendering_phase(client_factory)
     assert {"GridSpec", "GridAdapterSpec", "GridAxesSpec"} <= set(schemas)
     assert "'grid'" in str(doc) and "'rendering'" in str(doc)
     assert set(schemas["GridSpec"]["properties"]) >= {"adapters", "prompts", "x", "y", "weights", "seeds", "sampler"}
+
+
+def test_the_stored_expanded_grid_spec_decodes_again():
+    """The service stores each job entry expanded into its saves with both job and uri; the reconciler
+    decodes that spec to launch the job, so the check must take it back."""
+    from trainer.core.spec import decode_spec, encode_spec, spec_from_obj
+
+    job = "j-20250101t120000-0123abcd"
+    expanded = {"version": 1, "kind": "grid", "model": {"uri": "s3://m/base"},
+                "grid": {"adapters": [{"job": job, "uri": "s3://o/run-000001.safetensors", "label": "run-000001"},
+                                      {"job": job, "uri": "s3://o/run.safetensors", "label": "run"}],
+                         "prompts": ["a cat"]}}
+    spec = spec_from_obj(expanded)
+    again = decode_spec(encode_spec(spec), format="json")
+    assert [(a.job, a.uri) for a in again.grid.adapters] == [(a.job, a.uri) for a in spec.grid.adapters]

@@ -11,10 +11,7 @@ import pytest
 
 from tests.service.conftest import REPO, auth, wait_finished
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (REPO / "trainer" / "run.py").exists(), reason="trainer/job/run.py (issue: trainer) not there yet"),
-]
+pytestmark = pytest.mark.slow
 
 
 def make_assets(tmp: Path) -> tuple[Path, Path]:

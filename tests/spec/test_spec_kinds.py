@@ -52,8 +52,9 @@ def test_caption_kind_takes_a_dataset_a_caption_section_and_an_optional_tagger()
                                                      "dataset": data, "caption": {"general_threshold": -0.1}})
     assert "caption.replace" in _problems({"version": 1, "kind": "caption", "dataset": data,
                                            "caption": {"replace": {"a": " "}}})
-    assert "dataset.uri" in _problems({"version": 1, "kind": "caption", "model": MODEL,
-                                       "dataset": {"uri": "s3://d/x.zip"}, "caption": {}})
+    archive = spec_from_obj({"version": 1, "kind": "caption", "model": MODEL, "dataset": {"uri": "s3://d/x.zip"},
+                             "caption": {}})  # the trainer extracts it as for training
+    assert archive.dataset.uri == "s3://d/x.zip"
     assert "caption" in _problems({"version": 1, "model": MODEL, "dataset": data, "caption": {}})  # train kind
     assert "model" in _problems({"version": 1, "dataset": data})  # only a caption job goes without a model
 

@@ -12,6 +12,18 @@ from dataclasses import dataclass, field
 from trainer.core.shrink_errors import ShrinkError
 
 SD_SCRIPTS_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+# The same rules in the form of sd-scripts releases before its PR #2194, which keep one component more
+# (rank = index + 2 where the current form has index + 1): named so that a rank chosen with an older
+# sd-scripts can be reproduced. One table for the CLIs and the job spec.
+LEGACY_SUFFIX = "_legacy"
+SHRINK_METHODS = SD_SCRIPTS_METHODS + tuple(m + LEGACY_SUFFIX for m in SD_SCRIPTS_METHODS)
+
+
+def split_method(method: str) -> tuple[str, bool]:
+    """`sv_fro_legacy` → ("sv_fro", True); `sv_fro` → ("sv_fro", False)."""
+    if method.endswith(LEGACY_SUFFIX):
+        return method[: -len(LEGACY_SUFFIX)], True
+    return method, False
 SCORE_KEYS = ("spn_lora", "spn_ckpt", "subspace", "fro_lora", "fro_ckpt", "params")
 BASE_SCORE_KEYS = frozenset({"spn_ckpt", "fro_ckpt", "subspace"})
 
@@ -90,14 +102,14 @@ def make_rule(
     if rank is not None and rank < 1:
         raise ShrinkError(f"--rank must be ≥ 1 (got {rank})")
     if method is not None:
-        if method not in SD_SCRIPTS_METHODS:
-            raise ShrinkError(f"--method must be one of {', '.join(SD_SCRIPTS_METHODS)} (got '{method}')")
+        if method not in SHRINK_METHODS:
+            raise ShrinkError(f"--method must be one of {', '.join(SHRINK_METHODS)} (got '{method}')")
         if param is None or not param > 0:
             raise ShrinkError(f"--method {method} needs --param > 0 (got {param})")
         caps = [c for c in (rank, max_rank) if c is not None]
         return Rule("method", rank=rank, method=method, param=param, max_rank=min(caps) if caps else None)
     if param is not None:
-        raise ShrinkError("--param is only used with --method sv_ratio|sv_fro|sv_cumulative")
+        raise ShrinkError(f"--param is only used with --method {'|'.join(SD_SCRIPTS_METHODS)}[{LEGACY_SUFFIX}]")
     if rank is not None:
         return Rule("rank", rank=rank, max_rank=max_rank)
     if recipe:

@@ -95,7 +95,8 @@ def run_caption(job: Job) -> list[OutputFile]:
         job.timings["fetch_s"] = time.monotonic() - t0
         job.reporter.set_phase("captioning")
         t1 = time.monotonic()
-        result = caption_dataset(resolve(spec.dataset.uri), dest_uri, tagger=tagger, options=options,
+        source = _source_folder(resolve(spec.dataset.uri), Path(tmp))
+        result = caption_dataset(source, dest_uri, tagger=tagger, options=options,
                                  ops=tag_ops(c), remove_orphans=c.remove_orphans,
                                  caption_extension=c.caption_extension, append_tags=c.append_tags)
     job.timings["caption_s"] = time.monotonic() - t1
@@ -108,3 +109,14 @@ def run_caption(job: Job) -> list[OutputFile]:
     report_path.write_text(json.dumps(report, indent=2))
     items = [LocalOutput(str(report_path), "caption-report.json", "report")]
     return publish_outputs(job, "caption", items, {"caption_report": report})
+
+
+def _source_folder(uri: str, tmp: Path) -> str:
+    """What the captioner reads: the dataset folder itself, or an archive's members extracted into
+    `tmp` by the training fetch (same size limits and member checks); the version written from it is a
+    folder either way."""
+    from trainer.job.fetch import ARCHIVE_SUFFIXES, fetch_dataset
+
+    if not uri.lower().endswith(ARCHIVE_SUFFIXES):
+        return uri
+    return fetch_dataset(uri, str(tmp / "dataset"))

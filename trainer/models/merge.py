@@ -157,8 +157,10 @@ def _apply_adapter(base: BaseModel, weights: _Weights, item: MergeInput, arch: s
             target.mul_(1 + item.ratio * w.reshape(shape))
         elif kind == "diff_b":
             _add_bias(weights, file, key, chunk, chunks, parsed.passthrough[f"{name}.diff_b"], item.ratio, source, name)
+        elif kind == "norm":
+            _add_norm(weights, parsed.passthrough, file, key, item.ratio, source, name)
         else:
-            raise mismatch(source, name, f"'{kind}' layers are not merged (norm layers: train without train_norm)")
+            raise mismatch(source, name, f"'{kind}' layers are not merged")
         count += 1
     return count
 
@@ -172,6 +174,20 @@ def _add_bias(weights: _Weights, file: Path, key: str, chunk: int, chunks: int, 
     if target.numel() != diff.numel():
         raise mismatch(source, name, f"bias delta of {diff.numel()} does not fit the base bias of {target.numel()}")
     target.add_(diff.to(torch.float32).reshape(target.shape), alpha=ratio)
+
+
+def _add_norm(weights: _Weights, passthrough: dict[str, torch.Tensor], file: Path, key: str, ratio: float,
+              source: str, name: str) -> None:
+    """A trained norm layer (LyCORIS `train_norm`): its forward uses weight + ratio·w_norm and
+    bias + ratio·b_norm, so the merge adds them to the base's affine weight and bias."""
+    target = weights.get(file, key)
+    w = passthrough[f"{name}.w_norm"]
+    if target is None or target.dim() != 1 or target.numel() != w.numel():
+        shape = None if target is None else tuple(target.shape)
+        raise mismatch(source, name, f"norm weight delta of {w.numel()} does not fit the base weight {shape}")
+    target.add_(w.to(torch.float32), alpha=ratio)
+    if f"{name}.b_norm" in passthrough:
+        _add_bias(weights, file, key, 0, 1, passthrough[f"{name}.b_norm"], ratio, source, name)
 
 
 def _check_ratio(item: MergeInput) -> None:

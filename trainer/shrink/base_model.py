@@ -106,7 +106,7 @@ class BaseModel:
         lpb = layers_per_block_from_ldm(unet_paths)
         for key in keys:
             shape = tuple(handle.get_slice(key).get_shape())
-            if len(shape) < 2 or not key.endswith("weight"):
+            if not shape or not key.endswith("weight"):
                 continue
             if key.startswith(unet_prefix):
                 ldm = key[len(unet_prefix) :].removesuffix(".weight")
@@ -151,7 +151,7 @@ class BaseModel:
                     paths.append((fid, key, tuple(self._files[fid].get_slice(key).get_shape())))
             lpb, with_attention = self._unet_layout([k for _, k, _ in paths])
             for fid, key, shape in paths:
-                if len(shape) < 2 or not key.endswith("weight"):
+                if not shape or not key.endswith("weight"):
                     continue
                 module = key.removesuffix(".weight")
                 self._register(_lora_name("lora_unet_", module), _Source(fid, key), shape)
@@ -165,7 +165,7 @@ class BaseModel:
                 fid = self._open(file)
                 for key in self._files[fid].keys():
                     shape = tuple(self._files[fid].get_slice(key).get_shape())
-                    if len(shape) < 2 or not key.endswith("weight"):
+                    if not shape or not key.endswith("weight"):
                         continue
                     module = canonical_text_encoder_path(key.removesuffix(".weight"))
                     for prefix in prefixes:

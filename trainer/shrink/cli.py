@@ -10,7 +10,7 @@ import json
 import sys
 
 from trainer.core.precision import SAVE_PRECISIONS
-from trainer.core.shrink_choice import make_rule
+from trainer.core.shrink_choice import SHRINK_METHODS, make_rule
 from trainer.core.shrink_errors import ShrinkError
 
 
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=int, help="fixed rank for every layer (sd-scripts --new_rank)")
     how.add_argument(
-        "--method", choices=["sv_ratio", "sv_fro", "sv_cumulative"], help="sd-scripts --dynamic_method"
+        "--method", choices=SHRINK_METHODS,
+        help="sd-scripts --dynamic_method; the _legacy names: the off-by-one form before sd-scripts PR #2194",
     )
     how.add_argument("--recipe", help="resize_lora recipe, e.g. 'fro_ckpt=1,thr=-3.55' (needs --base)")
     p.add_argument("--param", type=float, help="sd-scripts --dynamic_param for --method")

@@ -9,7 +9,8 @@ turn an index into a rank with `new_rank = index + 1`, where
 - sv_fro:        index = searchsorted(cumsum(S²)/ΣS², param²),
 each clamped to [0, len(S) − 1]; a layer whose top σ of the *unscaled* up@down is ≤ 1e-6 gets rank 1,
 and the rank is capped at `--new_rank` (ours: `max_rank`). Older sd-scripts releases were off by one
-(cumulative/fro before PR #2194, sv_ratio until 2026): `legacy_off_by_one=True` reproduces those.
+(cumulative/fro before PR #2194, sv_ratio until 2026): `legacy_off_by_one=True`, or the method's
+`_legacy` name (`sv_fro_legacy`, …), reproduces those.
 
 resize_lora (elias-gaeros, `-r recipe`): score_i = log10(σ_i·rescale) − Σ_k w_k·log10(ref_k) with the
 recipe weights normalised to sum 1 and refs: `fro_ckpt` ‖W_base‖_F, `spn_ckpt` ‖W_base‖_2, `spn_lora`
@@ -27,7 +28,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from trainer.core.shrink_choice import BASE_SCORE_KEYS, SCORE_KEYS, SD_SCRIPTS_METHODS, Recipe, parse_recipe  # noqa: F401 (re-exported)
+from trainer.core.shrink_choice import (  # noqa: F401 (re-exported)
+    BASE_SCORE_KEYS,
+    SCORE_KEYS,
+    SD_SCRIPTS_METHODS,
+    Recipe,
+    parse_recipe,
+    split_method,
+)
 from trainer.core.shrink_errors import ShrinkError
 
 MIN_SV = 1e-6  # sd-scripts' and resize_lora's "this layer is zero" threshold
@@ -90,7 +98,8 @@ def sd_scripts_rank(
     else:
         if param is None:
             raise ShrinkError(f"--method {method} needs --param")
-        new_rank = _INDEX_RULES[method](S_unscaled, param, legacy_off_by_one) + 1
+        method, legacy = split_method(method)
+        new_rank = _INDEX_RULES[method](S_unscaled, param, legacy_off_by_one or legacy) + 1
     if float(S_unscaled[0]) <= MIN_SV:
         new_rank = 1
     if max_rank is not None:
@@ -122,6 +131,8 @@ def sd_scripts_ranks(
     if method is None:
         new_rank = torch.full_like(n, rank)
     else:
+        method, legacy = split_method(method)
+        legacy_off_by_one = legacy_off_by_one or legacy
         if method == "sv_ratio":
             count = (S_unscaled > top[:, None] / param).sum(1)
             index = count if legacy_off_by_one else count - 1

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Annotated
 
 from msgspec import Meta
 
-from trainer.core.archives import ARCHIVE_SUFFIXES
 from trainer.core.spec.common import Fraction, NonNegInt, ShortText, Text, Uri, _Base
 from trainer.core.spec.problems import Problem
 
@@ -70,7 +69,4 @@ def caption_problems(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("caption.min_length", f"{c.min_length} is above caption.max_length {c.max_length}"))
     if not c.caption_extension.startswith("."):
         problems.append(Problem("caption.caption_extension", f"must start with '.', got {c.caption_extension!r}"))
-    if spec.dataset is not None and (spec.dataset.uri.lower().endswith(ARCHIVE_SUFFIXES)):
-        problems.append(Problem("dataset.uri", "a caption job reads a folder of images; extract the archive "
-                                "to a folder first"))
     return problems

@@ -83,9 +83,11 @@ def _grid_section_problems(g: GridSpec) -> list[Problem]:
     if not g.prompts:
         problems.append(Problem("grid.prompts", "required: one or more prompts in the sample.prompts syntax"))
     for i, a in enumerate(g.adapters):
-        if (a.uri is None) == (a.job is None):
-            problems.append(Problem(f"grid.adapters[{i}]", "give exactly one of uri (an adapter file) or job "
-                                    "(a finished job's id)"))
+        # Both at once is the form the service stores (and the reconciler and trainer read back): a job
+        # expanded into its saves, each with its URI; the URI is then what is rendered.
+        if a.uri is None and a.job is None:
+            problems.append(Problem(f"grid.adapters[{i}]", "give uri (an adapter file) or job (a finished "
+                                    "job's id)"))
     if "saves" not in (g.x, g.y) and len(g.adapters) != 1:
         problems.append(Problem("grid.adapters", "several adapters but saves is not an axis; set x or y to "
                                 "\"saves\" or give one adapter"))

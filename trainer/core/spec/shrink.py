@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from msgspec import Meta
 
-from trainer.core.shrink_choice import parse_recipe
+from trainer.core.shrink_choice import SHRINK_METHODS, parse_recipe, split_method
 from trainer.core.shrink_errors import ShrinkError
 from trainer.core.precision import Precision
 from trainer.core.spec.common import PositiveInt, Uri, _Base
@@ -22,7 +22,7 @@ class ShrinkSpec(_Base):
 
     enabled: bool = True
     rank: PositiveInt | None = None  # --new_rank: fixed rank
-    method: Literal["sv_ratio", "sv_fro", "sv_cumulative"] | None = None  # --dynamic_method
+    method: Literal[SHRINK_METHODS] | None = None  # --dynamic_method; `_legacy`: sd-scripts before PR #2194
     param: Annotated[float, Meta(gt=0.0)] | None = None  # --dynamic_param
     recipe: Annotated[str, Meta(max_length=200)] | None = "fro_ckpt=1,thr=-3.55"
     max_rank: PositiveInt | None = None
@@ -40,13 +40,14 @@ def check_shrink(spec: JobSpec) -> list[Problem]:
         err("shrink.rank", "give either shrink.rank or shrink.method/param, not both")
     if sh.method is not None and sh.param is None:
         err("shrink.param", f"shrink.method '{sh.method}' needs shrink.param")
-    if sh.method == "sv_ratio" and sh.param is not None and sh.param < 1:
-        err("shrink.param", "sv_ratio needs a ratio ≥ 1 (largest / smallest kept singular value)")
-    if sh.method in ("sv_fro", "sv_cumulative") and sh.param is not None and sh.param > 1:
+    base_method = split_method(sh.method)[0] if sh.method else None
+    if base_method == "sv_ratio" and sh.param is not None and sh.param < 1:
+        err("shrink.param", f"{sh.method} needs a ratio ≥ 1 (largest / smallest kept singular value)")
+    if base_method in ("sv_fro", "sv_cumulative") and sh.param is not None and sh.param > 1:
         err("shrink.param", f"{sh.method} needs a fraction in (0, 1]")
     if sh.param is not None and sh.method is None:
-        err("shrink.param", "is only used with shrink.method (sv_ratio, sv_fro or sv_cumulative); set one or remove "
-            "shrink.param")
+        err("shrink.param", "is only used with shrink.method (sv_ratio, sv_fro or sv_cumulative, or their "
+            "_legacy forms); set one or remove shrink.param")
     if (sh.rank is None and sh.method is None and sh.recipe
             and spec.network.algo not in UNSHRINKABLE_ALGOS):
         try:  # the trainer parses it after training: refuse it now rather than skip the shrink then
