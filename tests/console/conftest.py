@@ -39,7 +39,7 @@ def chromium() -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline: Any) -> Iterator[Any]:
     """`lathe dev`'s stack (local S3, API with the LocalLauncher, the real trainer) with the tiny model
     and dataset the lifecycle tests build, plus a second tenant `other`."""
     from service.dev.stack import DevStack
@@ -52,7 +52,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             tokens.write_text(json.dumps(doc))
             super()._start_api(tokens)
 
-    assets = build_tiny_assets(tmp_path_factory)
+    assets = build_tiny_assets(tmp_path_factory, tiny_pipeline)
     work = tmp_path_factory.mktemp("console-dev")
     shutil.copytree(assets["model"], work / "tiny-sd1")
     shutil.copytree(assets["data"], work / "tiny-data")

@@ -36,8 +36,8 @@ def _finished(client, job_id: str) -> dict:
     return job
 
 
-def test_grid_job_over_two_finished_jobs(client_factory, bucket, s3, tmp_path_factory):
-    assets = build_tiny_assets(tmp_path_factory)
+def test_grid_job_over_two_finished_jobs(client_factory, bucket, s3, tmp_path_factory, tiny_pipeline):
+    assets = build_tiny_assets(tmp_path_factory, tiny_pipeline)
     upload_dir(s3, bucket, assets["model"], "models/tiny-sd1")
     upload_dir(s3, bucket, assets["data"], "datasets/grid-api")
     client = client_factory(trainer_command=None, heartbeat_timeout_s=300, max_running_jobs=2)
