@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from trainer.core.envsettings import load_settings
+from trainer.core.images import MAX_IMAGE_PIXELS
 
 ENV_PREFIX = "LATHE_"
 GiB = 1024**3
@@ -41,7 +42,7 @@ class TrainerSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     """LATHE_MAX_DATASET_BYTES: the largest dataset fetched (bytes, archives unpacked included)."""
     max_dataset_files: PositiveInt = 200_000
     """LATHE_MAX_DATASET_FILES: the most files a dataset (or an unpacked archive) may hold."""
-    max_image_pixels: PositiveInt = 8192 * 8192
+    max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
     """LATHE_MAX_IMAGE_PIXELS: the largest image accepted (pixels); the service's preflight reads
     the same variable, so both refuse the same images."""
     tokenizers_dir: str | None = None
@@ -49,6 +50,8 @@ class TrainerSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     model has no diffusers tokenizer folder (the hub is offline in a job)."""
     shrink_workers: Annotated[int, Meta(ge=0)] = 0
     """LATHE_SHRINK_WORKERS: threads of the shrink phase (at most 8); 0 = one per usable core."""
+    transfer_workers: PositiveInt = 16
+    """LATHE_TRANSFER_WORKERS: objects in flight when a dataset or model folder is downloaded."""
     exit_dir: str | None = None
     """LATHE_EXIT_DIR: set by `trainer launch` for its ranks: each writes its exit code there."""
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import msgspec
 
+from trainer.core.settings import trainer_settings
 from trainer.core.storage.errors import NotFound, StorageError
 
 # Parallel transfers for many small objects (datasets).
-DEFAULT_TRANSFER_WORKERS = int(os.environ.get("LATHE_TRANSFER_WORKERS", "16"))
 
 # A pair of a bulk download: the listed object and the local path it goes to.
 DownloadItem = tuple["ObjectInfo", "str | os.PathLike[str]"]
@@ -110,7 +110,7 @@ class Store(abc.ABC):
         the running ones waited for, and the error raised. The caller discards the partial tree.
         """
         total = 0
-        with ThreadPoolExecutor(max(1, workers or DEFAULT_TRANSFER_WORKERS), thread_name_prefix="lathe-dl") as pool:
+        with ThreadPoolExecutor(max(1, workers or trainer_settings().transfer_workers), thread_name_prefix="lathe-dl") as pool:
             futures = []
             try:
                 for info, dest in items:

@@ -17,8 +17,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from trainer.core.settings import trainer_settings
 from trainer.core.storage.base import (
-    DEFAULT_TRANSFER_WORKERS, DownloadItem, ObjectInfo, Store, check_listed_size, join_key,
+    DownloadItem, ObjectInfo, Store, check_listed_size, join_key,
 )
 from trainer.core.storage.errors import AccessDenied, NotFound, PreconditionFailed, StorageError
 
@@ -69,7 +70,7 @@ def _new_client(endpoint: str | None, max_attempts: int) -> Any:
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         # One connection per transfer thread, so none waits for another's connection.
-        max_pool_connections=max(32, DEFAULT_TRANSFER_WORKERS),
+        max_pool_connections=max(32, trainer_settings().transfer_workers),
         connect_timeout=5,
         read_timeout=60,
         tcp_keepalive=True,
@@ -89,7 +90,7 @@ def transfer_config(workers: int | None = None) -> Any:
 
     return TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
-        max_concurrency=max(1, workers or DEFAULT_TRANSFER_WORKERS), use_threads=True,
+        max_concurrency=max(1, workers or trainer_settings().transfer_workers), use_threads=True,
         # boto3's CRT transfer client (picked by default on some instance types when awscrt is
         # installed) builds its requests for the default endpoint, not our client's; the classic one
         # goes through our client (custom endpoint, botocore's retries) everywhere.
