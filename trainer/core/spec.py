@@ -33,6 +33,8 @@ DEFAULT_MAX_TRAIN_STEPS = 1600  # sd-scripts' default when neither steps nor epo
 Arch = Literal["sd1", "sd2", "sdxl"]
 Precision = Literal["fp32", "fp16", "bf16"]
 NetworkModule = Literal["lycoris.kohya", "networks.lora"]
+# LyCORIS algorithms whose forward compiles with fullgraph=True (networks.lora does too).
+COMPILE_CLEAN_ALGOS = ("lora", "locon")
 Algo = Literal["lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "boft", "diag-oft"]
 # Algos whose adapters have no low-rank ΔW = up·down form the shrink phase could reduce.
 UNSHRINKABLE_ALGOS = frozenset({"ia3", "glora", "boft", "diag-oft"})
@@ -243,9 +245,10 @@ class PrecisionSpec(_Base):
     cache_text_encoder_outputs: bool = False
     cache_text_encoder_outputs_to_disk: bool = False
     vae_batch_size: PositiveInt = 1
-    # --torch_compile / --dynamo_backend: the training model (UNet with the adapter hooks) runs under
-    # torch.compile, through accelerate as sd-scripts does. Compiles once per bucket shape.
-    torch_compile: bool = False
+    # --torch_compile / --dynamo_backend: the step's forward and loss (UNet with the adapter hooks) run
+    # under torch.compile, once per bucket shape. "auto": on where the job trains on CUDA with an adapter
+    # that compiles into one graph (COMPILE_CLEAN), off on CPU, where compiling costs more than it saves.
+    torch_compile: bool | Literal["auto"] = "auto"
     dynamo_backend: DynamoBackend = "inductor"
 
 
@@ -682,6 +685,12 @@ def _apply_implied_options(spec: JobSpec) -> None:
         prec.cache_text_encoder_outputs = True
 
 
+def compiles_cleanly(network: NetworkSpec) -> bool:
+    """Whether the adapter's forward traces into one graph (the tests check these with fullgraph=True);
+    the others (LoHa, LoKr, …) break the graph, and "auto" leaves them eager."""
+    return network.module == "networks.lora" or network.algo in COMPILE_CLEAN_ALGOS
+
+
 def decode_spec(data: bytes | str, *, format: Literal["json", "toml", "auto"] = "auto") -> JobSpec:
     """JSON or TOML bytes → a checked JobSpec, or SpecError naming the field paths."""
     if isinstance(data, bytes):
@@ -1018,7 +1027,7 @@ def check_spec(spec: JobSpec) -> list[Problem]:
         err("resources.shm_size", f"{res.shm_size} is not below resources.memory ({res.memory}); shared memory "
             "counts toward the memory limit, so a full /dev/shm would OOM-kill the trainer: lower shm_size "
             "or raise memory")
-    if prec.torch_compile and spec.resources.gpus < 1:
+    if prec.torch_compile is True and spec.resources.gpus < 1:
         warn("precision.torch_compile", "on CPU the first steps compile for many minutes (inductor builds C++), and "
              "again for each bucket shape; it is meant for GPUs (set resources.gpus, or turn it off)")
     return out

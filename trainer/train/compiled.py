@@ -1,0 +1,81 @@
+"""The fast path of the training step: whether it compiles, the compiled forward, and CUDA-only settings.
+
+`precision.torch_compile` "auto" compiles on CUDA for the adapters that trace into one graph and never
+on CPU (tests and the demo stay eager); `true` compiles whatever the adapter, `false` never. What is
+compiled is the step's forward and loss (`trainer.train.loop.prediction_loss`): AOTAutograd traces
+its backward from it, so `loss.backward()` runs the compiled backward graph. Sampling noise and
+timesteps, and the host-to-device copies of the batch, stay outside, so the RNG streams are eager's.
+On CUDA the mode is "reduce-overhead" (CUDA graphs, one per bucket shape) with `dynamic=False`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from trainer.core.spec import JobSpec, compiles_cleanly
+
+log = logging.getLogger("lathe.train")
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    on: bool
+    fullgraph: bool
+    warning: str | None = None
+
+
+def compile_choice(spec: JobSpec, *, cuda: bool) -> CompileChoice:
+    """What `precision.torch_compile` means for this job on this machine."""
+    setting, clean = spec.precision.torch_compile, compiles_cleanly(spec.network)
+    if setting is False or (setting == "auto" and not cuda):
+        return CompileChoice(False, False)
+    if setting == "auto" and not clean:
+        return CompileChoice(False, False, f"precision.torch_compile 'auto': network.algo '{spec.network.algo}' does "
+                             "not compile into one graph, so the step runs eager (set torch_compile true to compile "
+                             "it with graph breaks)")
+    return CompileChoice(True, clean)
+
+
+def place_compile_cache(cache_root: str) -> str:
+    """Inductor's and Triton's caches under the node's model cache, so the next job on the node reuses
+    the kernels; an operator's own TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR wins."""
+    root = os.path.join(cache_root, "compile")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
+    return root
+
+
+def cuda_speedups(parts: Any, device: torch.device) -> None:
+    """TF32 matmuls for fp32 runs and channels_last for the UNet: both help only on CUDA, and CPU runs keep
+    their exact fp32 results."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    parts.unet.to(memory_format=torch.channels_last)
+
+
+class TimedCompile:
+    """`fn` under torch.compile; the seconds spent in calls that compiled (a new bucket shape) are summed
+    into `seconds`, told apart from ordinary calls by dynamo's count of compiled frames."""
+
+    def __init__(self, fn: Callable[..., Any], *, backend: str, fullgraph: bool, cuda: bool) -> None:
+        mode = "reduce-overhead" if cuda and backend == "inductor" else None
+        self.fn = torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False, mode=mode)
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._dynamo.utils import counters
+
+        before = counters["stats"]["unique_graphs"]
+        t0 = time.monotonic()
+        out = self.fn(*args, **kwargs)
+        if counters["stats"]["unique_graphs"] != before:
+            self.seconds += time.monotonic() - t0
+        return out
