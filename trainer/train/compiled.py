@@ -13,33 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from trainer.core.spec import JobSpec, compiles_cleanly
-
 log = logging.getLogger("lathe.train")
-
-
-@dataclass(frozen=True)
-class CompileChoice:
-    on: bool
-    fullgraph: bool
-    warning: str | None = None
-
-
-def compile_choice(spec: JobSpec, *, cuda: bool) -> CompileChoice:
-    """What `precision.torch_compile` means for this job on this machine."""
-    setting, clean = spec.precision.torch_compile, compiles_cleanly(spec.network)
-    if setting is False or (setting == "auto" and not cuda):
-        return CompileChoice(False, False)
-    if setting == "auto" and not clean:
-        return CompileChoice(False, False, f"precision.torch_compile 'auto': network.algo '{spec.network.algo}' does "
-                             "not compile into one graph, so the step runs eager (set torch_compile true to compile "
-                             "it with graph breaks)")
-    return CompileChoice(True, clean)
 
 
 def place_compile_cache(cache_root: str) -> str:
@@ -67,6 +45,9 @@ class TimedCompile:
 
     def __init__(self, fn: Callable[..., Any], *, backend: str, fullgraph: bool, cuda: bool) -> None:
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
+        # One graph per bucket shape: real datasets have tens of buckets, beyond dynamo's default of 8 (past
+        # which it would run the step eager without a word).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.fn = torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False, mode=mode)
         self.seconds = 0.0
 

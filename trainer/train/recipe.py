@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.core.spec import JobSpec, total_steps, train_text_encoder, warmup_steps
+from trainer.core.spec import JobSpec, compile_choice, total_steps, train_text_encoder, warmup_steps
 from trainer.train import noise as N
 from trainer.train import saving
 from trainer.train.latents import LatentCache, build_latent_cache
-from trainer.train.compiled import TimedCompile, compile_choice, cuda_speedups, place_compile_cache
+from trainer.train.compiled import TimedCompile, cuda_speedups, place_compile_cache
 from trainer.train.loop import (SAVE_DTYPES, LoopHooks, TrainResult, _te_lr, autocast_for, build_text_cache,
                                 derived_seed, make_accelerator, micro_batch_inputs, park_idle_modules, prediction_loss,
                                 prepare_model, write_adapter)
