@@ -552,6 +552,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile 3 more steps per row: device-busy fraction, kernel launches, top host ops")
     parser.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per row")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="leave out the fp32 row (a short lease); ratios are then against the first row")
     parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
                         help="torch.compile backend of +compile rows (aot_eager: a CPU dry run without inductor)")
     parser.add_argument("--json", help="also write every figure to this file")
@@ -579,7 +581,8 @@ def main() -> int:
     for name in [*models, *variants]:
         if name not in MODELS and name not in VARIANTS:
             parser.error(f"unknown model or variant {name!r}: models {', '.join(MODELS)}; variants {', '.join(VARIANTS)}")
-    variants = [BASELINE] + [v for v in variants if v != BASELINE]
+    if not a.skip_baseline:
+        variants = [BASELINE] + [v for v in variants if v != BASELINE]
     steps = a.steps or (10 if cuda else 2)
     warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
