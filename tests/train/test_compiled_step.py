@@ -80,18 +80,20 @@ def test_the_step_compiles_into_one_graph_and_trains_as_eager(tiny_models, squar
     torch._dynamo.reset()
 
 
-def test_no_host_synchronisation_between_flushes(tiny_models, square_data, tmp_path) -> None:
-    """Over N steps with fused AdamW (zero-sync on CPU too; foreach AdamW reads each parameter's step
-    count back with `.item()`, so it is not what a CUDA job gets), gradient clipping and the constant
-    scheduler, the steps dispatch no `aten._local_scalar_dense` (what `.item()`, `float(t)` and
-    `bool(t)` become); the one flush at the end reads the N losses back. Counted on the eager step:
-    the compiled one cannot do better, and with fullgraph=True any `.item()` in its forward would have
-    been a graph break that the test above refuses."""
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_no_host_synchronisation_between_flushes(tiny_models, square_data, tmp_path, implementation) -> None:
+    """Over N steps with fused AdamW (what a CUDA job gets), gradient clipping and the constant scheduler,
+    the steps dispatch no `aten._local_scalar_dense` (what `.item()`, `float(t)` and `bool(t)` become);
+    the one flush at the end reads the N losses back. Foreach AdamW without `capturable` (which CPU
+    tensors cannot have) reads each parameter's step count back for both bias corrections, two syncs per
+    parameter tensor per step: that row shows the count sees what it should. Counted on the eager step: the compiled forward cannot
+    add any, since with fullgraph=True an `.item()` in it would have been a graph break that the test
+    above refuses."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     steps = 4
     recipe = _recipe(_spec(tiny_models["sd1"], square_data, "sd1", "networks.lora", "lora", compiled=False,
-                           steps=steps, args={"fused": True}), tmp_path)
+                           steps=steps, args={implementation: True}), tmp_path)
     recipe.setup()
     recipe.losses = LossBuffer(every=steps, max_age_s=None)
     syncs: list[str] = []
@@ -115,7 +117,8 @@ def test_no_host_synchronisation_between_flushes(tiny_models, square_data, tmp_p
     recipe.losses.flush = lambda: flushed.append(len(recipe.losses.pending)) or flush()
     result = recipe.train()
     assert result.steps_done == steps and len(result.loss_history) == steps
-    assert syncs == []
+    params = sum(len(g["params"]) for g in recipe.optimizer.param_groups)
+    assert len(syncs) == (0 if implementation == "fused" else 2 * steps * params)
     assert flushed[0] == steps  # the first flush reads all N steps' losses at once
 
 
