@@ -8,6 +8,7 @@ are all one size, so each run has one bucket shape and compiles once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,14 @@ def test_a_nan_found_at_a_flush_fails_with_the_step(tiny_models, square_data, tm
     with pytest.raises(JobFailure) as exc:
         recipe.train()
     assert exc.value.reason == Reason.NAN_LOSS and "at step 2;" in exc.value.message
+
+
+def test_the_compile_cache_lives_under_the_model_cache(tmp_path, monkeypatch) -> None:
+    from trainer.train.compiled import place_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/operator/triton")
+    root = place_compile_cache(str(tmp_path))
+    assert root == str(tmp_path / "compile")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == "/operator/triton"  # an operator's setting wins

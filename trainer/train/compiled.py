@@ -1,6 +1,6 @@
-"""The fast path of the training step: whether it compiles, the compiled forward, and CUDA-only settings.
+"""The fast path of the training step: the compiled forward, the compile cache, CUDA-only settings.
 
-`precision.torch_compile` "auto" compiles on CUDA for the adapters that trace into one graph and never
+`precision.torch_compile` (decided by `trainer.core.spec.compile_choice`) "auto" compiles on CUDA for the adapters that trace into one graph and never
 on CPU (tests and the demo stay eager); `true` compiles whatever the adapter, `false` never. What is
 compiled is the step's forward and loss (`trainer.train.loop.prediction_loss`): AOTAutograd traces
 its backward from it, so `loss.backward()` runs the compiled backward graph. Sampling noise and
@@ -10,15 +10,11 @@ On CUDA the mode is "reduce-overhead" (CUDA graphs, one per bucket shape) with `
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any, Callable
 
 import torch
-
-log = logging.getLogger("lathe.train")
-
 
 def place_compile_cache(cache_root: str) -> str:
     """Inductor's and Triton's caches under the node's model cache, so the next job on the node reuses
@@ -49,6 +45,7 @@ class TimedCompile:
         # which it would run the step eager without a word).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.fn = torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False, mode=mode)
+        self.graphs = mode == "reduce-overhead"
         self.seconds = 0.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -56,6 +53,8 @@ class TimedCompile:
 
         before = counters["stats"]["unique_graphs"]
         t0 = time.monotonic()
+        if self.graphs:  # each call is a new training step: the previous replay's outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.fn(*args, **kwargs)
         if counters["stats"]["unique_graphs"] != before:
             self.seconds += time.monotonic() - t0
