@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def main() -> None:
     parser.add_argument("--model", choices=tuple(RESOLUTION), default="sdxl")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--work", default=os.environ.get("SDSCRIPTS_WORK", "/tmp/sdscripts-work"))
+    parser.add_argument("--work", default=os.environ.get("SDSCRIPTS_WORK") or os.path.join(tempfile.gettempdir(), "sdscripts-work"),
+                        help="its inputs (random-weight model, tokenizers, images) and outputs; reused when present")
     parser.add_argument("--json", required=True)
     a = parser.parse_args()
     root = Path(os.environ.get("SDSCRIPTS_DIR", ""))
