@@ -5,8 +5,9 @@
 #                                  # (add /.whl/ to .git/info/exclude; carry .whl to the machine)
 #   bench/gpu_run.sh run issues    # there: the CUDA tests, the pull bench with the S3 server on cores of its
 #                                  # own (a cluster node's case), the shrink bench on 2 pinned cores and on all
-#   bench/gpu_run.sh run train     # there: the training-step rows, eager against compiled, profiled
-# Each writes to $OUT (at most 8 files come back). The versions are this venv's, so the GPU run uses what
+#   bench/gpu_run.sh run train     # there: the training-step rows, ours eager and compiled and sd-scripts',
+#                                  # in priority order within 9 minutes (see the case below)
+# Each writes to $OUT. The versions are this venv's, so the GPU run uses what
 # the tests ran with. A 15-minute lease (the machine's start included) fits one of `issues` and `train`, not both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,15 +51,33 @@ run)
             --skip-reference --skip-baseline --out "$out/shrink-2cores.md" || true
         ;;
     train)
-        # Eager rows against compiled ones, each profiled (device-busy fraction, launches per step). An SDXL
-        # row's process took 84-101 s on the H200 (model build, FLOP count, profile), before any compile:
-        # give this its own call. Every finished row is in $out and in the log even if the time runs out.
-        timeout "${SDXL_TIMEOUT:-400}" python3 bench/train.py --device cuda --models sdxl --batch-sizes 1 \
-            --variants bf16,bf16+compile --steps 10 --warmup 3 --profile \
-            --json "$out/train-sdxl-bs1.json" --out "$out/train-sdxl-bs1.md" || true
-        timeout "${SD15_TIMEOUT:-150}" python3 bench/train.py --device cuda --models sd15 --batch-sizes 1 \
-            --variants bf16,bf16+compile --steps 10 --warmup 3 --profile \
-            --json "$out/train-sd15.json" --out "$out/train-sd15.md" || true
+        # The training rows in priority order, each written to $out as it finishes, all within BUDGET_S (default
+        # 530 s: one 9-minute command with room to copy $out back): (1) SDXL bs 1 ours eager and compiled,
+        # (2) sd-scripts SDXL bs 1, (3) SDXL bs 4 ours compiled and sd-scripts, (4) SD1.5 bs 1 and 4. A row
+        # that no longer fits is skipped with a line; rows not reached are the next lease's first. sd-scripts'
+        # rows need SDSCRIPTS_DIR (its checkout and its own venv, outside the project); without it they print
+        # SKIP and ours still run.
+        deadline=$((SECONDS + ${BUDGET_S:-530}))
+        row() {  # name, seconds wanted, command...
+            local name=$1 want=$2 left=$((deadline - SECONDS))
+            shift 2
+            if (( left < 30 )); then echo "SKIP $name: ${left}s left of the budget"; return; fi
+            echo "ROW $name (up to $(( want < left ? want : left ))s)"
+            timeout "$(( want < left ? want : left ))" "$@" || echo "ROW $name: failed or cut short (rc $?)"
+        }
+        ours=(python3 bench/train.py --device cuda --skip-baseline --no-flops --steps 20 --warmup 3)
+        row sdxl-bs1 240 "${ours[@]}" --models sdxl --batch-sizes 1 --variants bf16,bf16+compile \
+            --json "$out/1-sdxl-bs1.json" --out "$out/1-sdxl-bs1.md"
+        row sdscripts-sdxl-bs1 150 python3 bench/sdscripts.py --model sdxl --batch-size 1 --json "$out/2-sdscripts-sdxl-bs1.json"
+        row sdxl-bs4 120 "${ours[@]}" --models sdxl --batch-sizes 4 --variants bf16+compile \
+            --json "$out/3-sdxl-bs4.json" --out "$out/3-sdxl-bs4.md"
+        row sdscripts-sdxl-bs4 120 python3 bench/sdscripts.py --model sdxl --batch-size 4 --json "$out/3-sdscripts-sdxl-bs4.json"
+        row sd15 150 "${ours[@]}" --models sd15 --batch-sizes 1,4 --variants bf16,bf16+compile \
+            --json "$out/4-sd15.json" --out "$out/4-sd15.md"
+        for bs in 1 4; do
+            row "sdscripts-sd15-bs$bs" 90 python3 bench/sdscripts.py --model sd15 --batch-size "$bs" \
+                --json "$out/4-sdscripts-sd15-bs$bs.json"
+        done
         ;;
     *)
         echo "usage: bench/gpu_run.sh run issues|train" >&2

@@ -17,8 +17,8 @@ without gradient checkpointing, and the other rows are reported as ratios agains
 - `fp32`: mixed_precision "no", UNet in fp32, eager (the baseline);
 - `bf16`: mixed_precision "bf16" (frozen weights in bf16, bf16 autocast, adapter in fp32), as
   `trainer/job/train_job.py` loads a bf16 job;
-- `+gc`: training.gradient_checkpointing; `+compile`: precision.torch_compile (inductor), which has
-  accelerate compile the prepared model (the UNet with the adapter hooks), as sd-scripts' --torch_compile.
+- `+gc`: training.gradient_checkpointing; `+compile`: precision.torch_compile (inductor; `--backend`),
+  which compiles the step's forward and loss as `TrainingRecipe` does (CUDA graphs on CUDA).
 
 Attention is SDPA (precision.attention "sdpa") in every row. FLOPs per step are counted with
 `torch.utils.flop_counter.FlopCounterMode` over one eager step (with gradient checkpointing the
@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -114,6 +115,7 @@ class Case:
     module: str
     count_flops: bool
     profile: bool = False
+    backend: str = "inductor"  # precision.dynamo_backend of +compile rows (aot_eager for a CPU dry run)
 
 
 # --- child: one case in a fresh process ------------------------------------------------------------
@@ -159,7 +161,8 @@ def _spec(case: Case) -> Any:
         "training": {"max_train_steps": case.warmup + case.steps + 1, "batch_size": case.batch_size,
                      "gradient_checkpointing": checkpointing, "seed": 0},
         "precision": {"mixed_precision": mixed, "attention": "sdpa", "cache_latents": True,
-                      "cache_text_encoder_outputs": True, "torch_compile": compiled},
+                      "cache_text_encoder_outputs": True, "torch_compile": compiled,
+                      "dynamo_backend": case.backend},
         "resources": {"gpus": 1 if case.device == "cuda" else 0},
     })
 
@@ -239,7 +242,10 @@ def run_case(case: Case) -> dict[str, Any]:
     import torch
 
     from trainer.models.network import build_network
-    from trainer.train.loop import make_accelerator, micro_batch_loss, park_idle_modules, prepare_model, seed_everything
+    from trainer.core.spec import compile_choice
+    from trainer.train.compiled import TimedCompile, cuda_speedups
+    from trainer.train.loop import (autocast_for, make_accelerator, micro_batch_inputs, park_idle_modules,
+                                    prediction_loss, prepare_model, seed_everything)
     from trainer.train.optim import build_optimizer
     from trainer.train.schedule import build_scheduler
 
@@ -266,20 +272,26 @@ def run_case(case: Case) -> dict[str, Any]:
     cache, text_cache, batches = _synthetic_batches(case, parts, weight_dtype)
     park_idle_modules(parts, device, vae_idle=True, text_encoders_idle=True)
     max_grad_norm = spec.optimizer.max_grad_norm
+    cuda_speedups(parts, device)
+    choice, autocast = compile_choice(spec, cuda=cuda), autocast_for(acc)
 
-    def step(index: int) -> float:
-        """One optimizer update as run_training does it (one micro-batch, no accumulation)."""
-        loss = micro_batch_loss(model, batches[index % len(batches)], parts, spec, cache, text_cache, None,
-                                device, acc, False)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {index}")
+    def loss_of(**inputs: Any) -> Any:
+        return prediction_loss(model, parts, spec, None, autocast, False, **inputs)
+
+    compiled_loss = TimedCompile(loss_of, backend=case.backend, fullgraph=choice.fullgraph, cuda=cuda) if choice.on else None
+
+    def step(index: int) -> Any:
+        """One optimizer update as TrainingRecipe runs it (one micro-batch, no accumulation); the loss stays on
+        the device, so nothing waits for the GPU inside the step."""
+        inputs = micro_batch_inputs(batches[index % len(batches)], parts, spec, cache, text_cache, device)
+        loss = (compiled_loss or loss_of)(**inputs)
         acc.backward(loss)
         if max_grad_norm > 0:
             acc.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach().clone()
 
     def sync() -> None:
         if cuda:
@@ -310,20 +322,26 @@ def run_case(case: Case) -> dict[str, Any]:
         index += 1
         flops = int(counter.get_total_flops())
 
-    times, losses = [], []
+    # The timed steps run back to back with one synchronisation at the end, as the recipe runs them between
+    # two loss flushes; each step's figure is the block's mean.
+    sync()
+    ts = time.perf_counter()
+    pending = []
     for _ in range(case.steps):
-        sync()
-        ts = time.perf_counter()
-        losses.append(step(index))
-        sync()
-        times.append(time.perf_counter() - ts)
+        pending.append(step(index))
         index += 1
-    total = sum(times)
+    sync()
+    total = time.perf_counter() - ts
+    times = [total / case.steps] * case.steps
+    losses = [float(v) for v in pending]
+    if not all(map(math.isfinite, losses)):
+        raise RuntimeError(f"non-finite loss in the timed steps: {losses}")
     profile = _profile_steps(step, index, sync, cuda) if case.profile else None
     result: dict[str, Any] = {
         **asdict(case),
         "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
         "setup_s": setup_s,
+        "compile_s": compiled_loss.seconds if compiled_loss else None,
         "warmup_s": warmup_s,
         "step_s": times,
         "step_median_s": sorted(times)[len(times) // 2],
@@ -534,6 +552,10 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile 3 more steps per row: device-busy fraction, kernel launches, top host ops")
     parser.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per row")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="leave out the fp32 row (a short lease); ratios are then against the first row")
+    parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                        help="torch.compile backend of +compile rows (aot_eager: a CPU dry run without inductor)")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--out", help="also write the markdown to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -559,7 +581,8 @@ def main() -> int:
     for name in [*models, *variants]:
         if name not in MODELS and name not in VARIANTS:
             parser.error(f"unknown model or variant {name!r}: models {', '.join(MODELS)}; variants {', '.join(VARIANTS)}")
-    variants = [BASELINE] + [v for v in variants if v != BASELINE]
+    if not a.skip_baseline:
+        variants = [BASELINE] + [v for v in variants if v != BASELINE]
     steps = a.steps or (10 if cuda else 2)
     warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
@@ -588,7 +611,7 @@ def main() -> int:
             for variant in variants:
                 case = Case(model=model, resolution=res, batch_size=bs, variant=variant, device=device, steps=steps,
                             warmup=max(warmup, 2) if VARIANTS[variant][2] else warmup, dim=a.dim, alpha=a.alpha,
-                            module=a.module, count_flops=not a.no_flops, profile=a.profile)
+                            module=a.module, count_flops=not a.no_flops, profile=a.profile, backend=a.backend)
                 r = run_child(case, a.child_timeout)
                 rows.append(r)
                 print(f"{model} {res}² bs {bs} {variant}: {row_summary(r)}", file=sys.stderr)

@@ -480,3 +480,28 @@ def test_shared_memory_must_fit_in_the_memory_limit() -> None:
         spec_from_obj({**base, "resources": {"memory": "16Gi"}})
     assert spec_from_obj({**base, "resources": {"memory": "17179869185", "shm_size": "16Gi"}})  # a byte more
     assert spec_from_obj({**base, "resources": {"memory": "8Gi", "shm_size": "2Gi"}})
+
+
+def test_torch_compile_is_auto_true_or_false() -> None:
+    """"auto" (the default) compiles on CUDA for the adapters that trace into one graph and never on CPU;
+    true and false (old specs' booleans) keep their meaning; anything else is refused by name."""
+    from trainer.core.spec import compile_choice
+
+    auto = decode_spec(json.dumps(minimal(resources={"gpus": 1}, network={"module": "networks.lora"})))
+    assert auto.precision.torch_compile == "auto"
+    assert not [p for p in warnings_for(auto) if p.path == "precision.torch_compile"]
+    assert compile_choice(auto, cuda=True).on and compile_choice(auto, cuda=True).fullgraph
+    assert not compile_choice(auto, cuda=False).on
+    for algo, clean in (("lora", True), ("locon", True), ("loha", False), ("lokr", False)):
+        spec = decode_spec(json.dumps(minimal(network={"module": "lycoris.kohya", "algo": algo})))
+        choice = compile_choice(spec, cuda=True)
+        assert choice.on is clean and (choice.warning is None) is clean, algo
+        if not clean:
+            assert algo in choice.warning and "eager" in choice.warning
+    forced = decode_spec(json.dumps(minimal(precision={"torch_compile": True}, network={"algo": "loha"})))
+    assert forced.precision.torch_compile is True
+    assert compile_choice(forced, cuda=False).on and not compile_choice(forced, cuda=False).fullgraph
+    off = decode_spec(json.dumps(minimal(precision={"torch_compile": False})))
+    assert off.precision.torch_compile is False and not compile_choice(off, cuda=True).on
+    with pytest.raises(SpecError, match="torch_compile"):
+        decode_spec(json.dumps(minimal(precision={"torch_compile": "yes"})))

@@ -133,6 +133,7 @@ class Job:
             on_save=self._on_save,
             checkpoint_due=lambda s: bool(self._should_stop()) or bool(every and s % every == 0),
             on_checkpoint=self._on_checkpoint,
+            warn=self.reporter.warn,
         )
         self.reporter.set_phase("training")
         if spec.sample.at_first and resume_dir is None:
@@ -142,6 +143,8 @@ class Job:
                               work_dir=str(ctx.work_dir), hooks=hooks, resume_from=resume_dir,
                               seed=ctx.seed(spec), accelerator=accelerator)
         self.timings["train_s"] = time.monotonic() - t1
+        if "compile_s" in result.timings:
+            self.timings["compile_s"] = result.timings["compile_s"]
         if spec.sample.prompts and not result.stopped and result.steps_done not in self._sampled_steps:
             self._sample(result.steps_done)  # sd-scripts also samples at the end of training
         if result.stopped:

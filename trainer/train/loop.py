@@ -44,13 +44,15 @@ class LoopHooks:
 
     on_step runs on every rank after each step (the runner reports from rank 0 and renders its
     share of sample images on each); should_stop / checkpoint_due are asked on every rank but rank
-    0's answer is what all ranks act on; on_save / on_checkpoint run on rank 0 only."""
+    0's answer is what all ranks act on; on_save / on_checkpoint run on rank 0 only. on_step runs when
+    the buffered losses are flushed (every step on CPU eager; in batches on CUDA), in step order."""
 
     on_step: Callable[[int, int, int, float, float, dict[str, float], float], None] | None = None
     should_stop: Callable[[], str | None] | None = None
     on_save: Callable[[str, str], None] | None = None
     checkpoint_due: Callable[[int], bool] | None = None
     on_checkpoint: Callable[[str, int], None] | None = None
+    warn: Callable[[str], None] | None = None  # a line for the job's status warnings
 
 
 @dataclass
@@ -148,11 +150,10 @@ def make_accelerator(spec: JobSpec) -> Any:
     cuda = torch.cuda.is_available() and spec.resources.gpus > 0
     mixed = effective_mixed_precision(spec.precision.mixed_precision, cuda=cuda)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameter_search(spec))
-    # torch_compile: accelerate compiles what `prepare` gets (the UNet with the adapter hooked in), as
-    # sd-scripts' --torch_compile does through its Accelerator.
-    dynamo = spec.precision.dynamo_backend if spec.precision.torch_compile else "no"
+    # torch_compile is the recipe's own (trainer.train.compiled), not accelerate's: it compiles the step's
+    # forward and loss rather than the module, and measures the compile time.
     return Accelerator(gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
-                       mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[ddp], dynamo_backend=dynamo)
+                       mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[ddp], dynamo_backend="no")
 
 
 def configure_attention(unet: nn.Module, attention: str) -> None:
@@ -257,10 +258,11 @@ def park_idle_modules(parts: Any, device: torch.device, *, vae_idle: bool, text_
     torch.cuda.empty_cache()
 
 
-def micro_batch_loss(model: Any, batch: Any, parts: Any, spec: JobSpec, cache: LatentCache | None,
-                     text_cache: dict | None, snr: torch.Tensor | None, device: torch.device, acc: Any,
-                     v_pred: bool) -> torch.Tensor:
-    """One micro-batch: latents → noise → noisy latents → prediction → weighted MSE."""
+def micro_batch_inputs(batch: Any, parts: Any, spec: JobSpec, cache: LatentCache | None, text_cache: dict | None,
+                       device: torch.device) -> dict[str, Any]:
+    """One micro-batch's tensors on the device: latents, noise, timesteps, noisy latents, the conditioning
+    (`cond`) and the loss weights. The random draws happen here, eagerly, so a compiled step keeps
+    eager's RNG streams."""
     tr, nz = spec.training, spec.noise
     if cache is not None:
         latents = cache.batch(batch.image_keys, batch.flipped).to(device)
@@ -276,21 +278,43 @@ def micro_batch_loss(model: Any, batch: Any, parts: Any, spec: JobSpec, cache: L
         noise = N.pyramid_noise_like(noise, nz.multires_noise_iterations, nz.multires_noise_discount)
     timesteps = N.sample_timesteps(latents.shape[0], tr.min_timestep, tr.max_timestep, device=device)
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-    kwargs: dict[str, Any] = {}
+    cond: dict[str, Any] = {}
     if text_cache is not None:
-        kwargs["hidden"] = torch.stack([text_cache[k][0] for k in batch.image_keys]).to(device)
+        cond["hidden"] = torch.stack([text_cache[k][0] for k in batch.image_keys]).to(device)
         if parts.arch == "sdxl":
-            kwargs["pooled"] = torch.stack([text_cache[k][1] for k in batch.image_keys]).to(device)
+            cond["pooled"] = torch.stack([text_cache[k][1] for k in batch.image_keys]).to(device)
     else:
-        kwargs["input_ids"] = [ids.to(device) for ids in batch.input_ids]
+        cond["input_ids"] = [ids.to(device) for ids in batch.input_ids]
     if parts.arch == "sdxl":
-        kwargs["time_ids"] = torch.cat([batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw],
-                                       dim=1).to(device, torch.float32)
-    with acc.autocast():
-        pred = model(noisy, timesteps, **kwargs)
+        cond["time_ids"] = torch.cat([batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw],
+                                     dim=1).to(device, torch.float32)
+    return {"noisy": noisy, "timesteps": timesteps, "latents": latents, "noise": noise, "cond": cond,
+            "loss_weights": batch.loss_weights.to(device, torch.float32)}
+
+
+def autocast_for(acc: Any) -> Any:
+    """The accelerator's autocast as a plain `torch.autocast`, which torch.compile traces."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
+    return torch.autocast(acc.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def prediction_loss(model: Any, parts: Any, spec: JobSpec, snr: torch.Tensor | None, autocast: Any, v_pred: bool,
+                    noisy: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                    cond: dict[str, Any], loss_weights: torch.Tensor) -> torch.Tensor:
+    """Prediction → weighted MSE: the pure tensor part of a step, which the compiled step compiles."""
+    with autocast:
+        pred = model(noisy, timesteps, **cond)
     target = N.training_target(parts.noise_scheduler, latents, noise, timesteps, v_prediction=v_pred)
-    return N.weighted_loss(pred, target, timesteps, batch.loss_weights, snr=snr, min_snr_gamma=tr.min_snr_gamma,
+    return N.weighted_loss(pred, target, timesteps, loss_weights, snr=snr, min_snr_gamma=spec.training.min_snr_gamma,
                            v_prediction=v_pred)
+
+
+def micro_batch_loss(model: Any, batch: Any, parts: Any, spec: JobSpec, cache: LatentCache | None,
+                     text_cache: dict | None, snr: torch.Tensor | None, device: torch.device, acc: Any,
+                     v_pred: bool) -> torch.Tensor:
+    """One micro-batch, eager: latents → noise → noisy latents → prediction → weighted MSE."""
+    inputs = micro_batch_inputs(batch, parts, spec, cache, text_cache, device)
+    return prediction_loss(model, parts, spec, snr, autocast_for(acc), v_pred, **inputs)
 
 
 def write_adapter(network: Any, path: str, *, dtype: torch.dtype, metadata: dict[str, str], spec: JobSpec,

@@ -86,6 +86,17 @@ def optimizer_kwargs(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _fused_default(kind: str, kwargs: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """AdamW on CUDA is fused unless the spec chose an implementation: one kernel for all parameters and no
+    host synchronisation (foreach AdamW reads each step count back). Not in `args`, so ss_optimizer is the
+    same on every device."""
+    chosen = {"foreach", "fused", "capturable", "differentiable"} & set(kwargs)
+    first = next(iter(groups[0]["params"]), None)
+    if kind != "AdamW" or chosen or first is None or first.device.type != "cuda":
+        return {}
+    return {"fused": True}
+
+
 def build_optimizer(opt: OptimizerSpec, param_groups: list[dict[str, Any]]) -> BuiltOptimizer:
     """The optimizer for the network's parameter groups (each group carries its own `lr`)."""
     kind = opt.type
@@ -114,7 +125,7 @@ def build_optimizer(opt: OptimizerSpec, param_groups: list[dict[str, Any]]) -> B
         for g in groups:
             g.pop("lr", None)
         lr = None
-    kwargs_all = {**kwargs, **OPTIMIZERS[kind].fixed}
+    kwargs_all = {**kwargs, **OPTIMIZERS[kind].fixed, **_fused_default(kind, kwargs, groups)}
     try:
         optimizer = cls(groups, lr=lr, **kwargs_all)
     except (TypeError, ValueError) as exc:

@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.models.adapter_file import SAVE_DTYPES
 from trainer.core.settings import trainer_settings
-from trainer.core.failures import JobFailure, Reason
-from trainer.core.spec import JobSpec, total_steps, train_text_encoder, warmup_steps
+from trainer.core.spec import JobSpec, compile_choice, total_steps, train_text_encoder, warmup_steps
+from trainer.models.adapter_file import SAVE_DTYPES
 from trainer.train import noise as N
 from trainer.train import saving
+from trainer.train.compiled import TimedCompile, cuda_speedups, place_compile_cache
 from trainer.train.latents import LatentCache, build_latent_cache
-from trainer.train.loop import (LoopHooks, TrainResult, _te_lr, build_text_cache, derived_seed,
-                                make_accelerator, micro_batch_loss, park_idle_modules, prepare_model, write_adapter)
+from trainer.train.loop import (LoopHooks, TrainResult, _te_lr, autocast_for, build_text_cache,
+                                derived_seed, make_accelerator, micro_batch_inputs, park_idle_modules, prediction_loss,
+                                prepare_model, write_adapter)
+from trainer.train.lossbuf import LossBuffer, first_bad_step, nan_failure
 from trainer.train.metadata import RunFacts, ss_metadata, stamp
 from trainer.train.optim import build_optimizer, current_lrs
 from trainer.train.prefetch import Prefetcher
@@ -39,6 +41,11 @@ from trainer.train.tblog import TensorBoardLog, log_dir
 log = logging.getLogger("lathe.train")
 
 _STOP_CODES = {"cancelled": 1.0, "preempted": 2.0}
+
+
+def _model_cache_root() -> str:
+    """The node's cache volume, where the model fetch keeps base models."""
+    return str(trainer_settings().model_cache())
 
 
 class TrainingRecipe:
@@ -74,6 +81,7 @@ class TrainingRecipe:
         park_idle_modules(self.parts, self.device, vae_idle=self.cache is not None,
                           text_encoders_idle=self.text_cache is not None and not self.train_te)
         self._setup_optimizer()
+        self._setup_step()
         self.resume()
         self._setup_outputs()
         self.timings["setup_s"] = time.monotonic() - t_setup
@@ -139,6 +147,31 @@ class TrainingRecipe:
         alphas = self.parts.noise_scheduler.alphas_cumprod
         self.snr = N.all_snr(alphas).to(self.device) if self.spec.training.min_snr_gamma else None
 
+    def _setup_step(self) -> None:
+        """The step's forward and loss, compiled if `precision.torch_compile` says so; CUDA-only speedups; the
+        loss buffer (flushed every step on CPU eager, as before; every 16 steps or once a second otherwise)."""
+        cuda = self.device.type == "cuda"
+        choice = compile_choice(self.spec, cuda=cuda)
+        if choice.warning:
+            log.warning("%s", choice.warning)
+            if self.hooks.warn:
+                self.hooks.warn(choice.warning)
+        cuda_speedups(self.parts, self.device)
+        autocast = autocast_for(self.acc)
+
+        def loss_of(**inputs: Any) -> torch.Tensor:
+            return prediction_loss(self.model, self.parts, self.spec, self.snr, autocast, self.v_pred, **inputs)
+
+        self.compiled: TimedCompile | None = None
+        self.loss_of: Any = loss_of
+        if choice.on:
+            place_compile_cache(_model_cache_root())
+            self.compiled = self.loss_of = TimedCompile(loss_of, backend=self.spec.precision.dynamo_backend,
+                                                        fullgraph=choice.fullgraph and self.world == 1, cuda=cuda)
+        # Ranks must flush at the same steps (the NaN verdict is a collective): the age rule is single-process.
+        fast = cuda or choice.on
+        self.losses = LossBuffer(16 if fast else 1, 1.0 if self.world == 1 else None)
+
     def _setup_outputs(self) -> None:
         """The header metadata every save carries, the TensorBoard log, the save dtype."""
         spec, tr = self.spec, self.spec.training
@@ -177,21 +210,20 @@ class TrainingRecipe:
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, batch: Any) -> torch.Tensor:
-        """Forward and backward of one micro-batch; the detached loss, still on the device."""
-        loss = micro_batch_loss(self.model, batch, self.parts, self.spec, self.cache, self.text_cache, self.snr,
-                                self.device, self.acc, self.v_pred)
+        """Forward and backward of one micro-batch; the detached loss, still on the device (a copy: a CUDA
+        graph's output is overwritten by its next replay)."""
+        inputs = micro_batch_inputs(batch, self.parts, self.spec, self.cache, self.text_cache, self.device)
+        loss = self.loss_of(**inputs)
         self.acc.backward(loss)
-        return loss.detach()
+        return loss.detach().clone()
 
     def _micro_batch(self, refs: list[Any], epoch: int, index: int) -> Any:
         rng = random.Random(f"lathe-batch:{self.seed}:{epoch}:{self.rank}:{index}")
         return self.dataset.load_batch(refs, epoch=epoch, rng=rng, with_pixels=self.cache is None)
 
-    def _accumulate(self, prefetch: Prefetcher, chunk: list[int]) -> list[float]:
-        """The micro-batches of one optimizer update; their losses. Gradients sync on the last one.
-        A non-finite loss on any rank fails the run on every rank."""
-        losses: list[float] = []
-        bad = False
+    def _accumulate(self, prefetch: Prefetcher, chunk: list[int]) -> torch.Tensor:
+        """The micro-batches of one optimizer update; their losses, on the device. Gradients sync on the last."""
+        losses: list[torch.Tensor] = []
         for k, index in enumerate(chunk):
             batch = prefetch.get(index)
             seed_micro = derived_seed("micro", self.seed, self.rank, self.step_no, k)
@@ -199,16 +231,26 @@ class TrainingRecipe:
             np.random.seed(seed_micro % 2**32)
             torch.manual_seed(seed_micro)
             with contextlib.nullcontext() if k == len(chunk) - 1 else self.acc.no_sync(self.model):
-                value = float(self.step(batch))
-            if not math.isfinite(value):
-                bad = True
-                if self.world == 1:
-                    break
-            losses.append(value)
-        if self._agreed(float(bad)) or bad:
-            raise JobFailure(Reason.NAN_LOSS, f"loss became nan/inf at step {self.step_no + 1}; lower the learning "
-                             "rate, use mixed_precision 'bf16' instead of 'fp16', or set optimizer.max_grad_norm")
-        return losses
+                losses.append(self.step(batch))
+        return torch.stack(losses)
+
+    def _flush(self, epoch: int) -> None:
+        """Reads the buffered losses back; fails on the first non-finite one (on every rank, if any rank saw
+        one), else reports each flushed step."""
+        flushed = self.losses.flush()
+        bad = first_bad_step(flushed)
+        agreed = self._agreed(float(bad or 0))
+        if bad or agreed:
+            raise nan_failure(bad or int(agreed))
+        for (step, values), (lrs, max_norm) in zip(flushed, self.step_facts):
+            self._report(epoch, step, values, lrs, max_norm)
+        self.step_facts = []
+
+    def _flush_due(self, step: int, end_of_epoch: bool) -> bool:
+        """Every step whose weights someone reads (a save, a sample) or after which the run may stop flushes."""
+        spec = self.spec
+        return (self.losses.due() or end_of_epoch or step >= self.total or bool(spec.sample.prompts)
+                or saving.step_save_due(step, self.total, spec.save.save_every_n_steps))
 
     def _optimizer_step(self) -> Any:
         """Clip, update, schedule, clear; then the max-norm regularisation. Its value, if any."""
@@ -222,13 +264,12 @@ class TrainingRecipe:
             return self.network.apply_max_norm(opt_spec.scale_weight_norms, self.device)
         return None
 
-    def _report(self, epoch: int, losses: list[float], max_norm: Any) -> None:
-        """After an update: loss history, TensorBoard, the runner's on_step, a step save if due."""
-        step, save_spec = self.step_no, self.spec.save
+    def _report(self, epoch: int, step: int, losses: list[float], lrs: dict[str, float], max_norm: Any) -> None:
+        """A flushed update: loss history, TensorBoard, the runner's on_step, a step save if due."""
+        save_spec = self.spec.save
         step_loss = sum(losses) / len(losses)
         self.history.append(step_loss)
         avg = self._recent_average()
-        lrs = current_lrs(self.built, self.scheduler)
         it_per_s = self.steps_this_session / max(1e-9, time.monotonic() - self.t_train)
         if self.is_main and step % self.spec.logging.log_every_n_steps == 0:
             self.tb.step(step, loss=step_loss, avg_loss=avg, lrs=lrs, max_norm=max_norm)
@@ -243,7 +284,10 @@ class TrainingRecipe:
         code = self._any_rank(_STOP_CODES.get(reason or "", 0.0))
         stop = {1.0: "cancelled", 2.0: "preempted"}.get(code)
         due = bool(self.hooks.checkpoint_due(self.step_no)) if self.hooks.checkpoint_due else False
-        if (self._agreed(float(due)) or stop) and self.step_no < self.total:
+        due = bool(self._agreed(float(due)))
+        if due or stop:
+            self._flush(epoch)
+        if (due or stop) and self.step_no < self.total:
             done_epoch = position >= batches_in_epoch
             self.checkpoint(epoch + 1 if done_epoch else epoch, 0 if done_epoch else position)
         return stop
@@ -314,6 +358,7 @@ class TrainingRecipe:
         self.epoch = self.start_epoch
         self.t_train = time.monotonic()
         self.steps_this_session = 0
+        self.step_facts: list[tuple[dict[str, float], Any]] = []
         final_path = None
         try:
             for epoch in range(self.start_epoch, self.num_epochs + 1):
@@ -332,6 +377,8 @@ class TrainingRecipe:
         finally:
             self.tb.close()
         self.timings["save_s"] = self.save_time
+        if self.compiled is not None:
+            self.timings["compile_s"] = self.compiled.seconds
         return self._result(final_path)
 
     def _train_epoch(self, epoch: int) -> str | None:
@@ -350,7 +397,10 @@ class TrainingRecipe:
                 self.step_no += 1
                 self.steps_this_session += 1
                 position = chunk[-1] + 1
-                self._report(epoch, losses, max_norm)
+                self.losses.push(self.step_no, losses)
+                self.step_facts.append((current_lrs(self.built, self.scheduler), max_norm))
+                if self._flush_due(self.step_no, position >= len(batches)):
+                    self._flush(epoch)
                 stop = self._stop_or_checkpoint(epoch, position, len(batches))
                 if stop:
                     return stop

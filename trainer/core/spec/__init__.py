@@ -37,6 +37,9 @@ from trainer.core.spec.dataset import (
 )
 from trainer.core.spec.decode import decode_spec, encode_spec, spec_from_obj, spec_hash
 from trainer.core.spec.derived import (
+    CompileChoice,
+    compile_choice,
+    compiles_cleanly,
     total_steps,
     train_text_encoder,
     train_unet,
@@ -89,8 +92,8 @@ __all__ = [
     "CaptionSpec", "DatasetSpec", "GridAdapterSpec", "GridAxesSpec", "GridSpec", "JobSpec", "LoggingSpec",
     "MergeAdapterSpec", "MergeSpec", "ModelSpec", "NetworkSpec", "NoiseSpec", "OptimizerSpec", "PrecisionSpec",
     "ResourcesSpec", "SampleSpec", "SaveSpec", "SchedulerSpec", "ShrinkSpec", "SubsetSpec", "TrainingSpec",
-    "Problem", "SpecError",
-    "adapter_label", "check_kind", "check_spec", "decode_spec", "encode_spec", "parse_sample_prompt",
+    "CompileChoice", "Problem", "SpecError",
+    "adapter_label", "compile_choice", "compiles_cleanly", "check_kind", "check_spec", "decode_spec", "encode_spec", "parse_sample_prompt",
     "spec_from_obj", "spec_hash", "total_steps", "train_text_encoder", "train_unet", "warmup_steps",
     "warnings_for",
 ]

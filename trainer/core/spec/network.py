@@ -17,6 +17,8 @@ NetworkModule = Literal["lycoris.kohya", "networks.lora"]
 Algo = Literal["lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "boft", "diag-oft"]
 # Algos whose adapters have no low-rank ΔW = up·down form the shrink phase could reduce.
 UNSHRINKABLE_ALGOS = frozenset({"ia3", "glora", "boft", "diag-oft"})
+# LyCORIS algorithms whose forward compiles with fullgraph=True (networks.lora does too).
+COMPILE_CLEAN_ALGOS = ("lora", "locon")
 Preset = Literal[
     "full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only"
 ]

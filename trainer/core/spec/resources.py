@@ -52,7 +52,7 @@ def check_resources(spec: JobSpec) -> list[Problem]:
         err("resources.shm_size", f"{res.shm_size} is not below resources.memory ({res.memory}); shared memory "
             "counts toward the memory limit, so a full /dev/shm would OOM-kill the trainer: lower shm_size "
             "or raise memory")
-    if prec.torch_compile and spec.resources.gpus < 1:
+    if prec.torch_compile is True and spec.resources.gpus < 1:
         warn("precision.torch_compile", "on CPU the first steps compile for many minutes (inductor builds C++), and "
              "again for each bucket shape; it is meant for GPUs (set resources.gpus, or turn it off)")
     return out

@@ -52,9 +52,10 @@ class PrecisionSpec(_Base):
     cache_text_encoder_outputs: bool = False
     cache_text_encoder_outputs_to_disk: bool = False
     vae_batch_size: PositiveInt = 1
-    # --torch_compile / --dynamo_backend: the training model (UNet with the adapter hooks) runs under
-    # torch.compile, through accelerate as sd-scripts does. Compiles once per bucket shape.
-    torch_compile: bool = False
+    # --torch_compile / --dynamo_backend: the step's forward and loss (UNet with the adapter hooks) run
+    # under torch.compile, once per bucket shape. "auto": on where the job trains on CUDA with an adapter
+    # that compiles into one graph (`compiles_cleanly`), off on CPU, where compiling costs more than it saves.
+    torch_compile: bool | Literal["auto"] = "auto"
     dynamo_backend: DynamoBackend = "inductor"
 
 
