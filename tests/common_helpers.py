@@ -1,6 +1,6 @@
 """Helpers several test folders share: job specs and their overrides, image bytes, polling, free
-ports, S3 clients and bucket teardown, and the app clients. A uniquely named module, imported as
-`tests.common_helpers` (never through `conftest`)."""
+ports, S3 clients, seeded buckets and their teardown, one-tenant tokens files, and the app clients.
+A uniquely named module, imported as `tests.common_helpers` (never through `conftest`)."""
 
 from __future__ import annotations
 
