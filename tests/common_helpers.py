@@ -1,16 +1,19 @@
 """Helpers several test folders share: job specs and their overrides, image bytes, polling, free
-ports, S3 clients and bucket teardown, and the app clients. A uniquely named module, imported as
-`tests.common_helpers` (never through `conftest`)."""
+ports, S3 clients, seeded buckets and their teardown, one-tenant tokens files, and the app clients.
+A uniquely named module, imported as `tests.common_helpers` (never through `conftest`)."""
 
 from __future__ import annotations
 
 import io
+import json
 import socket
 import struct
 import subprocess
 import time
+import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -28,12 +31,13 @@ def apply_changes(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
     return doc
 
 
-def job_spec(bucket: str, data_prefix: str = "datasets/tiny", **changes: Any) -> dict[str, Any]:
-    """A small valid spec training on `s3://<bucket>/<data_prefix>` for 3 steps on the CPU; dotted keys
-    override, None removes (`{"training.max_train_steps": 5, "model.uri": None}`)."""
+def job_spec(bucket: str, data_prefix: str = "datasets/tiny", model_prefix: str = "models/tiny",
+             **changes: Any) -> dict[str, Any]:
+    """A small valid spec training `s3://<bucket>/<model_prefix>` on `s3://<bucket>/<data_prefix>` for 3
+    steps on the CPU; dotted keys override, None removes (`{"training.max_train_steps": 5, "model.uri": None}`)."""
     doc: dict[str, Any] = {
         "version": 1,
-        "model": {"uri": f"s3://{bucket}/models/tiny"},
+        "model": {"uri": f"s3://{bucket}/{model_prefix}"},
         "dataset": {"uri": f"s3://{bucket}/{data_prefix}", "resolution": 64, "caption_extension": ".txt"},
         "training": {"max_train_steps": 3},
         "resources": {"gpus": 0},
@@ -99,6 +103,33 @@ def delete_bucket(s3: Any, name: str) -> None:
         if keys:
             s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
     s3.delete_bucket(Bucket=name)
+
+
+def seeded_bucket(s3: Any, prefix: str, dataset_dirs: Iterable[str], image: bytes) -> str:
+    """A new bucket `<prefix>-<random>` with a model placeholder (models/tiny/model_index.json) and, in
+    each of `dataset_dirs` (keys under the bucket), two copies of `image` captioned "a cat"."""
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    s3.put_object(Bucket=name, Key="models/tiny/model_index.json", Body=b"{}")
+    for folder in dataset_dirs:
+        for i in range(2):
+            s3.put_object(Bucket=name, Key=f"{folder}/{i}.png", Body=image)
+            s3.put_object(Bucket=name, Key=f"{folder}/{i}.txt", Body=b"a cat")
+    return name
+
+
+def write_one_tenant_tokens(path: Path, tenant: str, token_sha256: str, bucket: str, output_prefix: str,
+                            max_concurrent_jobs: int, max_gpus_per_job: int) -> Path:
+    """A tokens file at `path` with one tenant that may read the bucket's models/ and datasets/ and
+    write under `output_prefix` (a key prefix in the bucket)."""
+    path.write_text(json.dumps({"tenants": [{
+        "name": tenant, "token_sha256": [token_sha256],
+        "model_prefixes": [f"s3://{bucket}/models/"], "dataset_prefixes": [f"s3://{bucket}/datasets/"],
+        "output_prefixes": [f"s3://{bucket}/{output_prefix}"],
+        "limits": {"max_concurrent_jobs": max_concurrent_jobs, "max_gpus_per_job": max_gpus_per_job,
+                   "max_runtime_s": 3600},
+    }]}))
+    return path
 
 
 def app_clients(settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:

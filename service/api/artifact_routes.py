@@ -31,29 +31,31 @@ def _responses(*codes: int) -> dict[int, ResponseSpec]:
             for c in codes}
 
 
+def _job_read(path: str, summary: str) -> get:
+    """The GET route decorator every read of a job's artifacts shares (one tenant's job, read on a worker thread)."""
+    return get(path, sync_to_thread=True, summary=summary, responses=_responses(400, 401, 404, 503))
+
+
 def _jobs(request: Request):  # noqa: ANN202 — service.api.app.Services.jobs (imported lazily: app imports us)
     return request.app.state.services.jobs
 
 
-@get("/v1/jobs/{job_id:str}/metrics", sync_to_thread=True,
-     summary="Per-step training history (step, epoch, loss, learning rate, time) from metrics.jsonl",
-     responses=_responses(400, 401, 404, 503))
+@_job_read("/v1/jobs/{job_id:str}/metrics",
+           "Per-step training history (step, epoch, loss, learning rate, time) from metrics.jsonl")
 def job_metrics(request: Request, tenant: Tenant, job_id: JobId) -> MetricsHistory:
     return artifacts.metrics(_jobs(request), tenant, job_id)
 
 
-@get("/v1/jobs/{job_id:str}/details", sync_to_thread=True,
-     summary="The job's spec, metadata summary (model, network, dataset, hashes, versions), sample images "
-             "by step and prompt, grid images, plots and shrink report",
-     responses=_responses(400, 401, 404, 503))
+@_job_read("/v1/jobs/{job_id:str}/details",
+           "The job's spec, metadata summary (model, network, dataset, hashes, versions), sample images "
+           "by step and prompt, grid images, plots and shrink report")
 def job_details(request: Request, tenant: Tenant, job_id: JobId) -> JobDetails:
     return artifacts.details(_jobs(request), tenant, job_id)
 
 
-@get("/v1/jobs/{job_id:str}/files/{name:path}", sync_to_thread=True,
-     summary="Download one output file the job lists (streamed through the API; on s3:// roots the job's "
-             "outputs also carry presigned URLs)",
-     responses=_responses(400, 401, 404, 503))
+@_job_read("/v1/jobs/{job_id:str}/files/{name:path}",
+           "Download one output file the job lists (streamed through the API; on s3:// roots the job's "
+           "outputs also carry presigned URLs)")
 def job_file(request: Request, tenant: Tenant, job_id: JobId, name: str) -> Stream:
     chunks, size, media = artifacts.open_output(_jobs(request), tenant, job_id, name)
     filename = name.rsplit("/", 1)[-1].replace('"', "")

@@ -5,16 +5,13 @@ input, so every case can check that nothing stored was lost or changed."""
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
-from tests.common_helpers import delete_bucket
+from tests.common_helpers import delete_bucket, s3_client, seeded_bucket, write_one_tenant_tokens
 from tests.badinput.badinput_helpers import (
     TENANT, TOKEN, assert_kept, auth, five_xx, image, sha, snapshot, spec,
 )
@@ -22,31 +19,20 @@ from tests.badinput.badinput_helpers import (
 
 @pytest.fixture(scope="session")
 def bi_s3(s3_server: str) -> Any:
-    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    return s3_client(s3_server)
 
 
 @pytest.fixture(scope="session")
 def bi_bucket(bi_s3: Any) -> Iterator[str]:
-    name = f"bad-{uuid.uuid4().hex[:12]}"
-    bi_s3.create_bucket(Bucket=name)
-    bi_s3.put_object(Bucket=name, Key="models/tiny/model_index.json", Body=b"{}")
-    for i in range(2):
-        bi_s3.put_object(Bucket=name, Key=f"datasets/good/2_cat/{i}.png", Body=image())
-        bi_s3.put_object(Bucket=name, Key=f"datasets/good/2_cat/{i}.txt", Body=b"a cat")
+    name = seeded_bucket(bi_s3, "bad", ["datasets/good/2_cat"], image())
     yield name
     delete_bucket(bi_s3, name)
 
 
 @pytest.fixture(scope="session")
 def bi_tokens_file(tmp_path_factory: pytest.TempPathFactory, bi_bucket: str) -> Path:
-    path = tmp_path_factory.mktemp("bi-tokens") / "tokens.json"
-    path.write_text(json.dumps({"tenants": [{
-        "name": TENANT, "token_sha256": [sha(TOKEN)],
-        "model_prefixes": [f"s3://{bi_bucket}/models/"], "dataset_prefixes": [f"s3://{bi_bucket}/datasets/"],
-        "output_prefixes": [f"s3://{bi_bucket}/results/{TENANT}/"],
-        "limits": {"max_concurrent_jobs": 5, "max_gpus_per_job": 2, "max_runtime_s": 3600},
-    }]}))
-    return path
+    return write_one_tenant_tokens(tmp_path_factory.mktemp("bi-tokens") / "tokens.json", TENANT, sha(TOKEN),
+                                   bi_bucket, f"results/{TENANT}/", max_concurrent_jobs=5, max_gpus_per_job=2)
 
 
 @pytest.fixture(scope="session")

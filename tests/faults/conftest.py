@@ -4,12 +4,12 @@ output checks) live in fault_helpers.py."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.common_helpers import write_one_tenant_tokens
 from tests.faults.fault_helpers import TENANT, TOKEN, build_tiny_assets
 from tests.lifecycle.lifecycle_helpers import s3_client, upload_dir
 
@@ -46,11 +46,5 @@ def tokens_file(tmp_path, s3_bucket) -> Path:
     """One tenant that may use the bucket, with room for every job the service tests submit."""
     from service.tenants import hash_token
 
-    path = tmp_path / f"tokens-{uuid.uuid4().hex[:6]}.json"
-    path.write_text(json.dumps({"tenants": [{
-        "name": TENANT, "token_sha256": [hash_token(TOKEN)],
-        "model_prefixes": [f"s3://{s3_bucket}/models/"], "dataset_prefixes": [f"s3://{s3_bucket}/datasets/"],
-        "output_prefixes": [f"s3://{s3_bucket}/results/"],
-        "limits": {"max_concurrent_jobs": 64, "max_gpus_per_job": 1, "max_runtime_s": 3600},
-    }]}))
-    return path
+    return write_one_tenant_tokens(tmp_path / f"tokens-{uuid.uuid4().hex[:6]}.json", TENANT, hash_token(TOKEN),
+                                   s3_bucket, "results/", max_concurrent_jobs=64, max_gpus_per_job=1)

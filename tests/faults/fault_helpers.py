@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from tests.common_helpers import apply_changes
-from tests.lifecycle.lifecycle_helpers import REPO, build_tiny_assets, read_json, s3_client  # noqa: F401
+from tests.common_helpers import job_spec
+from tests.lifecycle.lifecycle_helpers import REPO, build_tiny_assets, read_json, s3_client, trainer_env  # noqa: F401
 
 TENANT = "acme"
 TOKEN = "tok-faults-0123456789"
@@ -58,18 +58,6 @@ def fault_rng(what: str) -> tuple[random.Random, int]:
 def soak(default: int) -> int:
     """How many faults to inject: `default`, or LATHE_SOAK=N for long manual runs (never fewer)."""
     return max(default, int(os.environ.get("LATHE_SOAK") or 0))
-
-
-def trainer_env(endpoint: str, cache_dir: Path, attempt: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-        "LYCORIS_KERNEL_BACKEND": "torch", "LATHE_CACHE_DIR": str(cache_dir), "LATHE_JOB_ATTEMPT": str(attempt),
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.pop("AWS_ENDPOINT_URL_S3", None)
-    return env
 
 
 class TrainerRun:
@@ -293,12 +281,5 @@ def service_env(state_uri: str, tokens_file: Path, work: Path, endpoint: str, **
 
 def service_spec(bucket: str, **changes: Any) -> dict[str, Any]:
     """A small valid spec for the stand-in trainer (it reads no model)."""
-    doc: dict[str, Any] = {
-        "version": 1,
-        "model": {"uri": f"s3://{bucket}/models/tiny-sd1"},
-        "dataset": {"uri": f"s3://{bucket}/datasets/tiny", "resolution": 64, "caption_extension": ".txt"},
-        "training": {"max_train_steps": 3},
-        "resources": {"gpus": 0},
-    }
-    return apply_changes(doc, changes)
+    return job_spec(bucket, model_prefix="models/tiny-sd1", **changes)
 

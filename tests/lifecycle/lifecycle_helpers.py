@@ -40,6 +40,7 @@ def trainer_env(endpoint: str, cache_dir: Path, attempt: int = 1) -> dict[str, s
         "LYCORIS_KERNEL_BACKEND": "torch", "LATHE_CACHE_DIR": str(cache_dir), "LATHE_JOB_ATTEMPT": str(attempt),
         "PYTHONUNBUFFERED": "1",
     })
+    env.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over AWS_ENDPOINT_URL and send S3 calls elsewhere
     return env
 
 

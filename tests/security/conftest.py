@@ -11,27 +11,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
-from tests.common_helpers import app_clients, delete_bucket
+from tests.common_helpers import app_clients, delete_bucket, s3_client, seeded_bucket
 from tests.security.security_helpers import FAKE_TRAINER, REPO, TOKENS, png, tenants_doc
 
 
 @pytest.fixture(scope="session")
 def sec_s3(s3_server: str) -> Any:
-    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    return s3_client(s3_server)
 
 
 @pytest.fixture(scope="session")
 def sec_bucket(sec_s3: Any) -> Iterator[str]:
-    name = f"sec-{uuid.uuid4().hex[:12]}"
-    sec_s3.create_bucket(Bucket=name)
-    sec_s3.put_object(Bucket=name, Key="models/tiny/model_index.json", Body=b"{}")
-    for tenant in TOKENS:
-        for i in range(2):
-            sec_s3.put_object(Bucket=name, Key=f"datasets/{tenant}/tiny/2_cat/{i}.png", Body=png())
-            sec_s3.put_object(Bucket=name, Key=f"datasets/{tenant}/tiny/2_cat/{i}.txt", Body=b"a cat")
+    name = seeded_bucket(sec_s3, "sec", [f"datasets/{tenant}/tiny/2_cat" for tenant in TOKENS], png())
     yield name
     delete_bucket(sec_s3, name)
 

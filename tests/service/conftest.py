@@ -4,9 +4,11 @@ tenants, a small dataset, and a LocalLauncher running the stand-in trainer (fake
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,16 @@ def sha(token: str) -> str:
 
 def put(client: Any, bucket: str, key: str, body: bytes) -> None:
     client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def zip_dataset(folder: str, caption: str, images: int = 3) -> bytes:
+    """A .zip holding `images` 64x64 PNGs with `caption` as each one's .txt, all under `folder/`."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(images):
+            zf.writestr(f"{folder}/{i}.png", png(64, 64))
+            zf.writestr(f"{folder}/{i}.txt", caption)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +197,25 @@ def wait_finished(client: Any, job_id: str, tenant: str = "acme", timeout_s: flo
         return body
 
     return wait_for(check, timeout_s, what=f"job {job_id} to be finished")
+
+
+class RunningLauncher:
+    """A launcher for reconciler tests driven by hand: records each launch as (job_id, attempt) and
+    reports every attempt as still running (its trainer has not exited yet)."""
+
+    def __init__(self) -> None:
+        self.launched: list[tuple[str, int]] = []
+
+    def submit(self, request: Any) -> None:
+        self.launched.append((request.job_id, request.attempt))
+
+    def state(self, tenant: str, job_id: str, attempt: int) -> Any:
+        from service.launchers.base import AttemptState, RunState
+
+        return AttemptState(state=RunState.RUNNING)
+
+    def cancel(self, tenant: str, job_id: str, attempt: int) -> None:
+        pass
+
+    def logs(self, tenant: str, job_id: str, attempt: int, tail_lines: int = 200) -> str:
+        return ""

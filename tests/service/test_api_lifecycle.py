@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from service.client import Client
 from service.reconcile.reconciler import Reconciler
 from service.reconcile.webhooks import decode_secret, verify
-from tests.service.conftest import TOKENS, auth, spec, wait_finished, wait_for, wait_phase
+from tests.service.conftest import TOKENS, RunningLauncher, auth, spec, wait_finished, wait_for, wait_phase
 
 
 def submit(client, bucket, tenant="acme", **changes) -> str:
@@ -174,32 +174,11 @@ def test_retention_expires_finished_jobs_only(client_factory, bucket):
     assert client.get(f"/v1/jobs/{active}", headers=auth()).json()["phase"] == "queued"
 
 
-class _CountingLauncher:
-    """Records launches; every attempt it launched stays running."""
-
-    def __init__(self) -> None:
-        self.launched: list[tuple[str, int]] = []
-
-    def submit(self, request) -> None:
-        self.launched.append((request.job_id, request.attempt))
-
-    def state(self, tenant, job_id, attempt):
-        from service.launchers.base import AttemptState, RunState
-
-        return AttemptState(state=RunState.RUNNING)
-
-    def cancel(self, tenant, job_id, attempt) -> None:
-        pass
-
-    def logs(self, tenant, job_id, attempt, tail_lines=200) -> str:
-        return ""
-
-
 def test_two_replicas_racing_for_one_queued_job_launch_it_once(client_factory, bucket):
     client = client_factory(launcher="none", reconcile_interval_s=0)
     services = client.app.state.services
     job_id = submit(client, bucket)
-    launchers = [_CountingLauncher(), _CountingLauncher()]
+    launchers = [RunningLauncher(), RunningLauncher()]
     replicas = [Reconciler(services.settings, services.store, services.tenants, launcher=launcher)
                 for launcher in launchers]
     # Both read the queued record before either writes: the race two replicas' loops can run into.

@@ -11,26 +11,9 @@ import msgspec
 import pytest
 
 from trainer.core.jobkeys import CANCEL_KEY, STATUS_KEY
-from service.launchers.base import AttemptState, RunState
 from service.reconcile.reconciler import Reconciler
-from tests.service.conftest import auth, spec
+from tests.service.conftest import RunningLauncher, auth, spec
 from trainer.core.status import ErrorInfo, JobStatus
-
-
-class _RunningLauncher:
-    """Launches nothing; every attempt reads as still running (its trainer has not exited yet)."""
-
-    def submit(self, request) -> None:
-        pass
-
-    def state(self, tenant, job_id, attempt):
-        return AttemptState(state=RunState.RUNNING)
-
-    def cancel(self, tenant, job_id, attempt) -> None:
-        pass
-
-    def logs(self, tenant, job_id, attempt, tail_lines=200) -> str:
-        return ""
 
 
 def _launched_job(client, bucket, **changes):
@@ -38,7 +21,7 @@ def _launched_job(client, bucket, **changes):
     services = client.app.state.services
     r = client.post("/v1/jobs", json={"spec": spec(bucket, **changes)}, headers=auth())
     assert r.status_code == 201, r.text
-    reconciler = Reconciler(services.settings, services.store, services.tenants, launcher=_RunningLauncher())
+    reconciler = Reconciler(services.settings, services.store, services.tenants, launcher=RunningLauncher())
     reconciler.tick()
     job_id = r.json()["id"]
     assert services.store.read_record("acme", job_id).state == "launched"

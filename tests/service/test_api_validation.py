@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from tests.service.conftest import REPO, auth, png, put, spec, upload_tiny_dataset
+from tests.service.conftest import REPO, auth, png, put, spec, upload_tiny_dataset, zip_dataset
 
 
 @pytest.fixture
@@ -123,12 +123,7 @@ def test_validate_reports_counts_buckets_steps_and_warnings(api, s3, bucket):
 
 
 def test_zip_datasets_are_inspected_through_ranged_reads(api, s3, bucket):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i in range(3):
-            zf.writestr(f"5_cat/{i}.png", png(64, 64))
-            zf.writestr(f"5_cat/{i}.txt", "a cat")
-    put(s3, bucket, "datasets/cats.zip", buf.getvalue())
+    put(s3, bucket, "datasets/cats.zip", zip_dataset("5_cat", "a cat"))
     r = api.post("/v1/jobs:validate", json={"spec": spec(bucket, **{"dataset.uri": f"s3://{bucket}/datasets/cats.zip"})},
                  headers=auth())
     assert r.status_code == 200, r.text

@@ -3,19 +3,11 @@ archive as for training); the trainer extracts it (tests/data/test_caption_archi
 
 from __future__ import annotations
 
-import io
-import zipfile
-
-from tests.service.conftest import auth, png, put
+from tests.service.conftest import auth, put, zip_dataset
 
 
 def test_caption_job_on_a_zip_is_accepted_at_submit(client_factory, bucket, s3):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for i in range(3):
-            z.writestr(f"4_hero/{i}.png", png(64, 64))
-            z.writestr(f"4_hero/{i}.txt", "bad, smile")
-    put(s3, bucket, "datasets/zipped/bare.zip", buf.getvalue())
+    put(s3, bucket, "datasets/zipped/bare.zip", zip_dataset("4_hero", "bad, smile"))
     client = client_factory(launcher="none", reconcile_interval_s=0)
     body = {"spec": {"version": 1, "kind": "caption", "dataset": {"uri": f"s3://{bucket}/datasets/zipped/bare.zip"},
                      "caption": {"remove": ["bad"], "caption_extension": ".txt"}, "resources": {"gpus": 0}}}

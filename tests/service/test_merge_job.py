@@ -53,6 +53,18 @@ print(json.dumps(names))
     return single, tmp / "good.safetensors", tmp / "bad.safetensors"
 
 
+def _succeeded_metadata(client, s3, bucket: str, job_id: str, kind: str, output: str) -> dict:
+    """Waits for the job, checks it succeeded as `kind` with `output`, spec.json and metadata.json among
+    its outputs, and returns its metadata.json."""
+    job = wait_finished(client, job_id, timeout_s=300)
+    logs = client.get(f"/v1/jobs/{job_id}/logs", params={"tail": 60}, headers=auth()).text
+    assert job["phase"] == "succeeded" and job["kind"] == kind, (job, logs)
+    names = {o["name"]: o for o in job["outputs"]}
+    assert {output, "spec.json", "metadata.json"} <= set(names), names
+    key = names["metadata.json"]["uri"].split(f"{bucket}/", 1)[1]
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
 def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bucket, s3, tmp_path):
     single, good, bad = _assets(tmp_path)
     for path, key in ((single, "models/tiny-merge/base.safetensors"), (good, "models/adapters/good.safetensors"),
@@ -83,12 +95,7 @@ def test_merge_job_succeeds_and_a_mismatched_adapter_fails_it(client_factory, bu
 
     good_id = client.post("/v1/jobs", json=body("good", -0.5), headers=auth()).json()["id"]
     bad_id = client.post("/v1/jobs", json=body("bad", 1.0), headers=auth()).json()["id"]
-    job = wait_finished(client, good_id, timeout_s=300)
-    logs = client.get(f"/v1/jobs/{good_id}/logs", params={"tail": 60}, headers=auth()).text
-    assert job["phase"] == "succeeded" and job["kind"] == "merge", (job, logs)
-    names = {o["name"]: o for o in job["outputs"]}
-    assert {"merged.safetensors", "spec.json", "metadata.json"} <= set(names), names
-    meta = json.loads(s3.get_object(Bucket=bucket, Key=names["metadata.json"]["uri"].split(f"{bucket}/", 1)[1])["Body"].read())
+    meta = _succeeded_metadata(client, s3, bucket, good_id, "merge", "merged.safetensors")
     assert meta["kind"] == "merge" and meta["merge"]["layers"] == 2 and meta["merge"]["changed_tensors"] == 2
     assert meta["merge"]["adapters"][0]["ratio"] == -0.5
 
@@ -155,12 +162,7 @@ def test_shrink_job_reduces_an_adapter_and_refuses_a_checkpoint(client_factory, 
     r = client.post("/v1/jobs", json=body(adapter_key), headers=auth())
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
-    job = wait_finished(client, job_id, timeout_s=300)
-    logs = client.get(f"/v1/jobs/{job_id}/logs", params={"tail": 60}, headers=auth()).text
-    assert job["phase"] == "succeeded" and job["kind"] == "shrink", (job, logs)
-    names = {o["name"]: o for o in job["outputs"]}
-    assert {"small-shrunk.safetensors", "spec.json", "metadata.json"} <= set(names), names
-    meta = json.loads(s3.get_object(Bucket=bucket, Key=names["metadata.json"]["uri"].split(f"{bucket}/", 1)[1])["Body"].read())
+    meta = _succeeded_metadata(client, s3, bucket, job_id, "shrink", "small-shrunk.safetensors")
     report = meta["shrink_report"]
     assert report["input"] == target["uri"] and report["output"] == "small-shrunk.safetensors"
     assert {row["new_rank"] for row in report["layers"]} == {1} and str(tmp_path) not in json.dumps(meta)
