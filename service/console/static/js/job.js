@@ -54,7 +54,7 @@ export function render(view, jobId) {
     setText(el.name, j.name || "(unnamed)");
     setText(el.phase, j.phase + (j.cancel_requested && !TERMINAL.has(j.phase) ? " (cancelling)" : ""));
     el.phase.className = `phase ${j.phase}`;
-    markTimeline(j.phase);
+    markTimeline(j.phase, reachedBefore(j));
     showProgress(j.progress, j.phase);
     el.cancel.hidden = TERMINAL.has(j.phase);
     el.remove.hidden = !TERMINAL.has(j.phase);
@@ -69,10 +69,18 @@ export function render(view, jobId) {
     if (!j.attempts.length) el.attempts.append(h("tr", {}, h("td", { colspan: 5, class: "muted", text: "not launched yet" })));
   }
 
-  function markTimeline(phase) {
+  // A job that ended early did not pass every phase: the record keeps no phase history, so mark what
+  // the record shows it reached (launched: preparing; a step done: training), not the whole row.
+  function reachedBefore(j) {
+    if (!TERMINAL.has(j.phase) || j.phase === "succeeded") return PHASES.length;
+    if ((j.progress?.step || 0) > 0) return PHASES.indexOf("training") + 1;
+    return j.attempts.length ? PHASES.indexOf("preparing") + 1 : 1;
+  }
+
+  function markTimeline(phase, reached) {
     const at = TERMINAL.has(phase) ? PHASES.length : PHASES.indexOf(phase);
     el.timeline.querySelectorAll("li").forEach((li, i) => {
-      li.className = i < at ? "past" : i === at ? "current" : "";
+      li.className = i < Math.min(at, reached) ? "past" : i === at ? `current ${phase}` : "";
       if (i === PHASES.length) setText(li, TERMINAL.has(phase) ? phase : "done");
       if (i === at) li.setAttribute("aria-current", "step"); else li.removeAttribute("aria-current");
     });
