@@ -69,8 +69,9 @@ def _new_client(endpoint: str | None, max_attempts: int) -> Any:
 
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
-        # One connection per transfer thread, so none waits for another's connection.
-        max_pool_connections=max(32, trainer_settings().transfer_workers),
+        # The client is shared: the transfer threads and, in the service, every request thread at once
+        # (a full pool drops connections and the next request pays a new TCP handshake).
+        max_pool_connections=max(64, 2 * trainer_settings().transfer_workers),
         connect_timeout=5,
         read_timeout=60,
         tcp_keepalive=True,
