@@ -201,6 +201,12 @@ def test_a_failed_job_shows_its_reason_and_exit_code(browser, stack, state):
         time.sleep(1)
     job = _api(stack, f"/v1/jobs/{job_id}")
     assert job["phase"] == "failed", job
+    browser.get(stack.url + "/ui/")  # signed in as this job's tenant again (the test before signed in as another)
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(stack.url + "/ui/")
+    wait_until(browser, lambda: browser.find_element(By.ID, "token"), 20, "the sign-in form").send_keys(
+        stack.token, Keys.ENTER)
+    wait_until(browser, lambda: browser.find_element(By.CSS_SELECTOR, "h1").text == "Jobs", 20, "the jobs list")
     browser.get(f"{stack.url}/ui/#/jobs/{job_id}")
     attempts = wait_until(browser, lambda: (t := browser.find_element(By.CSS_SELECTOR, "table.attempts")).text
                           and job["error"]["reason"] in t.text and t, 30, "the attempts table")
