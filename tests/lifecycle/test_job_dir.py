@@ -19,7 +19,7 @@ def test_a_local_spec_names_its_folder_and_inputs_relative_to_it(tmp_path):
     assert jobdir.store.uri("status.json") == str(job / "status.json")
     assert jobdir.output_store().root_uri == str(job / "output")
     assert jobdir.resolve_input("data") == str(job / "data")
-    assert jobdir.resolve_input("../shared/base") == str(tmp_path / "jobs" / "shared" / "base")
+    assert jobdir.resolve_input("../common/base") == str(tmp_path / "jobs" / "common" / "base")
     assert jobdir.resolve_input("/abs/model") == "/abs/model"
     assert jobdir.resolve_input("s3://b/model") == "s3://b/model"
     assert jobdir.read_spec().name == "x"  # .toml read as TOML

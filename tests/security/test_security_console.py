@@ -67,7 +67,7 @@ def test_metrics_details_and_files_keep_tenancy(sec_client, sec_s3, sec_bucket):
 @pytest.mark.parametrize("text, flag", [
     ("accelerate launch train_network.py --pretrained_model_name_or_path=s3://b/m --dataset_config /etc/passwd",
      "--dataset_config"),
-    ("python train_network.py --sample_prompts=/root/.aws/credentials --train_data_dir=s3://b/d", "--sample_prompts"),
+    ("python train_network.py --sample_prompts=/etc/lathe/credentials --train_data_dir=s3://b/d", "--sample_prompts"),
     ("accelerate launch sdxl_train_network.py --config_file ../../tokens.json", "--config_file"),
     ('pretrained_model_name_or_path = "s3://b/m"\ndataset_config = "/etc/shadow"\n', "--dataset_config"),
 ])

@@ -62,6 +62,18 @@ def mismatch(source: str, layer: str, why: str) -> JobFailure:
     return JobFailure(Reason.ADAPTER_MISMATCH, f"{source}: layer '{layer}': {why}")
 
 
+def check_layer_fits(layer: Any, base_shape: tuple[int, ...] | None, arch: str, source: str) -> None:
+    """A layer of `source` against the base's weight of the same name (None: the base has no such layer);
+    a mismatch is the job's `adapter_mismatch`, naming the file and the layer."""
+    if base_shape is None:
+        raise mismatch(source, layer.name, f"the base model has no such layer; was the adapter trained on "
+                       f"another architecture than '{arch}'?")
+    try:
+        resolve_shape(layer, base_shape, arch, source)
+    except ShrinkError as exc:
+        raise JobFailure(Reason.ADAPTER_MISMATCH, str(exc)) from None
+
+
 def parse_adapter_file(path: str, source: str, refused: str) -> Any:
     """An adapter file's layers (`parse_adapter`), or `adapter_mismatch` naming `source`: unreadable, or
     holding layers whose change depends on more than the file (`refused` says what is not done)."""
@@ -122,13 +134,7 @@ def _apply_adapter(base: BaseModel, weights: _Weights, item: MergeInput, arch: s
     count = 0
     for layer in parsed.layers:
         where = base.source(layer.name)
-        if where is None:
-            raise mismatch(source, layer.name, f"the base model has no such layer; was the adapter trained on "
-                           f"another architecture than '{arch}'?")
-        try:
-            resolve_shape(layer, base.shape(layer.name), arch, source)
-        except ShrinkError as exc:
-            raise JobFailure(Reason.ADAPTER_MISMATCH, str(exc)) from None
+        check_layer_fits(layer, None if where is None else base.shape(layer.name), arch, source)
         file, key, chunk, chunks = where
         target = _rows(weights.get(file, key), chunk, chunks)
         delta = materialize(layer.structure()).reshape(target.shape)

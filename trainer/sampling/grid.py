@@ -20,9 +20,8 @@ import torch
 
 from trainer.models import keys
 from trainer.core.failures import JobFailure, Reason
-from trainer.models.merge import mismatch, parse_adapter_file
-from trainer.shrink.adapter_layers import materialize, resolve_shape
-from trainer.core.shrink_errors import ShrinkError
+from trainer.models.merge import check_layer_fits, mismatch, parse_adapter_file
+from trainer.shrink.adapter_layers import materialize
 
 log = logging.getLogger("lathe.grid")
 
@@ -68,13 +67,7 @@ class AdapterDeltas:
         self.items: list[tuple[torch.nn.Module, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
         for layer in parsed.layers:
             module = modules.get(layer.name)
-            if module is None:
-                raise mismatch(source, layer.name, f"the base model has no such layer; was the adapter trained on "
-                               f"another architecture than '{parts.arch}'?")
-            try:
-                resolve_shape(layer, tuple(module.weight.shape), parts.arch, source)
-            except ShrinkError as exc:
-                raise JobFailure(Reason.ADAPTER_MISMATCH, str(exc)) from None
+            check_layer_fits(layer, None if module is None else tuple(module.weight.shape), parts.arch, source)
             delta = materialize(layer.structure()).reshape(module.weight.shape)
             if not torch.isfinite(delta).all():
                 raise mismatch(source, layer.name, "its weights are not finite (NaN/inf)")
