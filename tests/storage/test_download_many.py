@@ -8,7 +8,7 @@ import os
 import pytest
 
 from trainer.core.failures import JobFailure, Reason
-from trainer.core.storage import AccessDenied, NotFound, ObjectInfo, StorageError, open_store
+from trainer.core.storage import AccessDenied, NotFound, ObjectInfo, StorageError, open_store, transfers
 
 AWKWARD = {
     "ds/1_a/plain.png": os.urandom(3000),
@@ -21,23 +21,37 @@ AWKWARD = {
 }
 
 
-def test_awkward_keys_empty_and_multipart_objects_with_one_get_per_small_object(s3_bucket, tmp_path) -> None:
+@pytest.fixture(params=["crt", "classic"])
+def manager(request, monkeypatch) -> str:
+    """Each test runs through both s3transfer managers: the CRT's (awscrt installed, as in the trainer
+    image) and the classic one (without awscrt)."""
+    if request.param == "classic":
+        monkeypatch.setattr(transfers, "_crt_client_and_serializer", lambda client, endpoint: None)
+    return request.param
+
+
+def test_awkward_keys_empty_and_multipart_objects_with_one_get_per_small_object(s3_bucket, tmp_path, manager) -> None:
     store = open_store(f"s3://{s3_bucket}")
     for key, body in AWKWARD.items():
         store.put_bytes(key, body)
     dest = tmp_path / "dest"
     listing = list(store.list("ds/"))
     calls: collections.Counter[str] = collections.Counter()
-    store.client.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+    # The classic manager calls our client; the CRT's has botocore build its first request only.
+    client = store.client if manager == "classic" else transfers._crt_client_and_serializer(
+        store.client, store.endpoint_url)[1]._client
+    client.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
     total = store.download_many((info, dest / info.key[3:]) for info in listing)
     assert total == sum(len(b) for b in AWKWARD.values())
     got = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     assert got == {key[3:]: body for key, body in AWKWARD.items()}  # and no temporary file left
-    # Size and ETag come from the listing: no HEAD; the 20 MiB object in three ranged parts.
-    assert calls == {"GetObject": len(AWKWARD) - 1 + 3}
+    # Size and ETag come from the listing: no HEAD. The classic manager fetches the 20 MiB object in
+    # three ranged parts. The CRT's splits it below the serializer, whose first GET (botocore's) is
+    # the template of the others: the awkward keys arriving intact shows they were quoted alike.
+    assert calls == {"GetObject": len(AWKWARD) - 1 + 3 if manager == "classic" else 1}
 
 
-def test_a_link_at_the_destination_is_replaced_not_followed(s3_bucket, tmp_path) -> None:
+def test_a_link_at_the_destination_is_replaced_not_followed(s3_bucket, tmp_path, manager) -> None:
     store = open_store(f"s3://{s3_bucket}")
     store.put_bytes("m/model.bin", b"new weights")
     outside = tmp_path / "outside.txt"
@@ -50,7 +64,7 @@ def test_a_link_at_the_destination_is_replaced_not_followed(s3_bucket, tmp_path)
     assert outside.read_bytes() == b"keep me"
 
 
-def test_an_object_deleted_or_changed_after_the_listing_is_an_error_naming_it(s3_bucket, tmp_path) -> None:
+def test_an_object_deleted_or_changed_after_the_listing_is_an_error_naming_it(s3_bucket, tmp_path, manager) -> None:
     store = open_store(f"s3://{s3_bucket}")
     store.put_bytes("gone/a.txt", b"a")
     info = store.head("gone/a.txt")
@@ -79,3 +93,27 @@ def test_without_credentials_a_pull_fails_at_once_with_the_clear_error(s3_bucket
         fetch_dataset(f"s3://{s3_bucket}/ds/", str(tmp_path / "dest"))
     assert err.value.reason == Reason.STORAGE_ERROR
     assert not (tmp_path / "dest").exists()
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", None])
+def test_a_templated_get_is_the_request_botocore_builds(endpoint, monkeypatch) -> None:
+    from s3transfer.crt import CRTTransferFuture, CRTTransferMeta
+    from s3transfer.utils import CallArgs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    _, serializer = transfers._new_crt_parts(endpoint, "eu-west-1")
+    botocore_build = super(type(serializer), serializer).serialize_http_request
+
+    def get(key: str) -> CRTTransferFuture:
+        call = CallArgs(bucket="bkt", key=key, fileobj="/x", extra_args={}, subscribers=[])
+        return CRTTransferFuture(meta=CRTTransferMeta(0, call))
+
+    def seen(request) -> tuple:
+        return request.method, request.path, sorted((k, v) for k, v in request.headers
+                                                    if k not in ("amz-sdk-invocation-id", "amz-sdk-request"))
+
+    serializer.serialize_http_request("get_object", get("first"))  # becomes the bucket's template
+    for key in [k[3:] for k in AWKWARD] + ["?q=1&x", "a//b", "#frag", "a+b c", "ü/雪.png"]:
+        templated = serializer.serialize_http_request("get_object", get(key))
+        assert seen(templated) == seen(botocore_build("get_object", get(key))), key

@@ -3,7 +3,7 @@ the job launcher starts under `accelerate launch --multi_gpu`) with probes aroun
 
     accelerate launch --multi_gpu --num_processes 2 … tests/train/ddp_worker.py SPEC PROBE_DIR
 
-The probes wrap `run_training` and `generate_samples` (run.py imports both at call time) and write,
+The probes wrap `run_training` and `generate_samples` (the train job imports both at call time) and write,
 per rank, into PROBE_DIR:
 - init<rank>.safetensors / final<rank>.safetensors: the adapter's tensors before and after training,
   as the final adapter file stores them (fp32);
@@ -25,13 +25,13 @@ def main(spec_path: str, probe_dir: str) -> int:
     from safetensors.torch import save_file
 
     import trainer.sampling.samples as samples_module
-    import trainer.train.loop as loop
+    import trainer.train.recipe as recipe
 
     probe = Path(probe_dir)
     probe.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
     record: dict[str, Any] = {"rank": rank, "batches": [], "samples": []}
-    real_run_training, real_generate_samples = loop.run_training, samples_module.generate_samples
+    real_run_training, real_generate_samples = recipe.run_training, samples_module.generate_samples
 
     def run_training(spec: Any, parts: Any, network: Any, dataset: Any, **kwargs: Any) -> Any:
         real_load_batch = dataset.load_batch
@@ -58,7 +58,7 @@ def main(spec_path: str, probe_dir: str) -> int:
         record["samples"] += [str(Path(p).relative_to(Path(p).parent.parent)) for p in written]
         return written
 
-    loop.run_training = run_training
+    recipe.run_training = run_training
     samples_module.generate_samples = generate_samples
     from trainer.job.run import main as run_main
 

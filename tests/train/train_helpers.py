@@ -57,7 +57,7 @@ def train(spec: Any, tmp: Path, *, hooks: Any = None, resume_from: str | None = 
     """Load, train, return (result, network, parts)."""
     from accelerate.state import AcceleratorState
 
-    from trainer.train.loop import run_training
+    from trainer.train.recipe import run_training
 
     # accelerate keeps one process-wide state (one job per process in production); tests run many.
     AcceleratorState._reset_state(reset_partial_state=True)

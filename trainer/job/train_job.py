@@ -121,7 +121,8 @@ class Job:
     def train(self, inputs: dict[str, Any]) -> Any:
         """Load, resume from the newest valid checkpoint if any, run the loop; the loop's result."""
         log.info("loading the model")  # torch and the diffusion stack are imported first: the slow part of a start
-        from trainer.train.loop import LoopHooks, run_training
+        from trainer.train.loop import LoopHooks
+        from trainer.train.recipe import run_training
 
         spec, ctx = self.spec, self.ctx
         accelerator, dataset = self._load(inputs)

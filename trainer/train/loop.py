@@ -1,8 +1,7 @@
 """The training loop's parts on accelerate: one process per device, a step is one optimizer update.
 
-`run_training` is the entry; `trainer.train.recipe.TrainingRecipe` runs its phases (setup, resume,
-epochs of bucketed batches, saves, checkpoints). This module holds what those phases and
-`bench/train.py` share: the module DDP wraps, the accelerator, model preparation, the micro-batch
+`trainer.train.recipe` runs the phases (setup, resume, epochs of bucketed batches, saves,
+checkpoints). This module holds what those phases and `bench/train.py` share: the module DDP wraps, the accelerator, model preparation, the micro-batch
 loss, the adapter writer. sd-scripts' train_network.py is the reference for every choice a user can
 see (loss, weighting, names, metadata).
 
@@ -225,24 +224,6 @@ def build_text_cache(model: DiffusionModel, dataset: Any, device: torch.device) 
         hidden, pooled = model.encode_text([ids.to(device) for ids in batch.input_ids])
         out[item.key] = (hidden[0].cpu(), None if pooled is None else pooled[0].cpu())
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_dir: str, work_dir: str,
-                 hooks: LoopHooks | None = None, resume_from: str | None = None, accelerator: Any = None,
-                 seed: int, latent_cache_dir: str | None = None) -> TrainResult:
-    """Train `network` on `dataset`; write adapter files into `out_dir` (rank 0) and logs, caches and
-    checkpoint states under `work_dir`. `latent_cache_dir` (default `$LATHE_CACHE_DIR/latents`, else
-    `<work_dir>/cache/latents`) holds the disk latent cache when `cache_latents_to_disk` is set.
-    The phases are `trainer.train.recipe.TrainingRecipe`'s."""
-    from trainer.train.recipe import TrainingRecipe  # the recipe builds on this module's parts
-
-    return TrainingRecipe(spec, parts, network, dataset, out_dir=out_dir, work_dir=work_dir, hooks=hooks,
-                          resume_from=resume_from, accelerator=accelerator, seed=seed,
-                          latent_cache_dir=latent_cache_dir).run()
 
 
 def park_idle_modules(parts: Any, device: torch.device, *, vae_idle: bool, text_encoders_idle: bool) -> None:

@@ -424,3 +424,14 @@ class TrainingRecipe:
             loss_history=self.history, avg_loss=self._recent_average(), stopped=self.stopped,
             saved_files=list(self.saved), timings=self.timings, cache_stats=self.cache_stats,
             ss_metadata=stamp(self.meta, steps=self.step_no, epoch=epochs_done) if self.is_main else {})
+
+
+def run_training(spec: JobSpec, parts: Any, network: Any, dataset: Any, *, out_dir: str, work_dir: str,
+                 hooks: LoopHooks | None = None, resume_from: str | None = None, accelerator: Any = None,
+                 seed: int, latent_cache_dir: str | None = None) -> TrainResult:
+    """Train `network` on `dataset`; write adapter files into `out_dir` (rank 0) and logs, caches and
+    checkpoint states under `work_dir`. `latent_cache_dir` (default `$LATHE_CACHE_DIR/latents`, else
+    `<work_dir>/cache/latents`) holds the disk latent cache when `cache_latents_to_disk` is set."""
+    return TrainingRecipe(spec, parts, network, dataset, out_dir=out_dir, work_dir=work_dir, hooks=hooks,
+                          resume_from=resume_from, accelerator=accelerator, seed=seed,
+                          latent_cache_dir=latent_cache_dir).run()

@@ -1,13 +1,13 @@
-"""An S3 bucket prefix as a Store, through one boto3 client and boto3's managed transfers.
+"""An S3 bucket prefix as a Store, through one boto3 client and an s3transfer transfer manager.
 
 S3 goes through boto3's standard credential chain and honours `AWS_ENDPOINT_URL_S3` /
 `AWS_ENDPOINT_URL` (MinIO, R2, Ceph, moto…). Retries are botocore's alone, set once in the client's
 Config (standard mode, `MAX_ATTEMPTS`); an operation that still fails raises a StorageError naming
 the URI, and the job retries the phase as a whole (`trainer.core.jobdir.with_retries`).
 
-Transfers of whole objects (uploads, `download_file`, `download_many`) go through s3transfer's
-TransferManager: large objects in parallel parts, every object written to a temporary file and
-renamed into place, short reads retried by s3transfer itself.
+Transfers of whole objects (uploads, `download_file`, `download_many`) go through an s3transfer
+transfer manager (`transfers`: the CRT's where awscrt is installed, else the classic one): large
+objects in parallel parts, every object written to a temporary file and renamed into place.
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ from trainer.core.storage.base import (
     DownloadItem, ObjectInfo, Store, check_listed_size, join_key,
 )
 from trainer.core.storage.errors import AccessDenied, NotFound, PreconditionFailed, StorageError
+from trainer.core.storage.transfers import listed_subscribers, transfer_config, transfer_manager
 
 T = TypeVar("T")
 
-MiB = 1024 * 1024
-# Files above this go up/down in parts (parallel ranged requests).
-MULTIPART_THRESHOLD = 8 * MiB
-MULTIPART_CHUNK = 8 * MiB
 # botocore's attempts per request (standard mode: capped exponential backoff, about 45 s in all on
 # average): enough to ride out a server restart; longer outages are the job-level retry's.
 MAX_ATTEMPTS = 10
@@ -83,35 +80,6 @@ def _new_client(endpoint: str | None, max_attempts: int) -> Any:
     )
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint, region_name=session.region_name or "us-east-1", config=config)
-
-
-def transfer_config(workers: int | None = None) -> Any:
-    """boto3's TransferConfig for our transfers: `workers` objects (or parts) in flight at once."""
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(
-        multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
-        max_concurrency=max(1, workers or trainer_settings().transfer_workers), use_threads=True,
-        # boto3's CRT transfer client (picked by default on some instance types when awscrt is
-        # installed) builds its requests for the default endpoint, not our client's; the classic one
-        # goes through our client (custom endpoint, botocore's retries) everywhere.
-        preferred_transfer_client="classic",
-    )
-
-
-def _as_listed(info: ObjectInfo) -> Any:
-    """An s3transfer subscriber giving a download the size and ETag from the listing. Without both,
-    s3transfer sends a HEAD before each GET (twice the requests, most of the CPU per small object);
-    with the ETag, the parts of a large object are fetched `If-Match` it, so a change fails them."""
-    from s3transfer.subscribers import BaseSubscriber
-
-    class AsListed(BaseSubscriber):
-        def on_queued(self, future: Any, **kwargs: Any) -> None:
-            future.meta.provide_transfer_size(info.size)
-            if info.etag:
-                future.meta.provide_object_etag(f'"{info.etag}"')
-
-    return AsListed()
 
 
 def _error_code(exc: BaseException) -> tuple[str, int]:
@@ -288,15 +256,13 @@ class S3Store(Store):
         return info
 
     def download_many(self, items: Iterable[DownloadItem], *, workers: int | None = None) -> int:
-        """`Store.download_many` through one s3transfer TransferManager: `workers` objects in flight."""
-        from boto3.s3.transfer import create_transfer_manager
-
+        """`Store.download_many` through one s3transfer transfer manager (`transfer_manager`)."""
         total = 0
         folders: set[str] = set()
         transfers = []
         # Leaving the block with an exception (the listing refused, a transfer failed) cancels what
         # is queued and waits for what runs; s3transfer leaves no temporary file behind.
-        with create_transfer_manager(self.client, transfer_config(workers)) as manager:
+        with transfer_manager(self.client, self.endpoint_url, workers) as manager:
             for info, dest in items:
                 path = os.path.abspath(dest)
                 folder = os.path.dirname(path)
@@ -304,11 +270,15 @@ class S3Store(Store):
                     os.makedirs(folder, exist_ok=True)
                     folders.add(folder)
                 transfers.append((info, path, manager.download(
-                    self.bucket, self._key(info.key), path, subscribers=[_as_listed(info)])))
+                    self.bucket, self._key(info.key), path, subscribers=listed_subscribers(manager, info))))
                 total += info.size
-            for info, path, future in transfers:
-                self._call("download", info.key, future.result)
-                check_listed_size(self.uri(info.key), info.size, os.path.getsize(path))
+            for info, _, future in transfers:
+                self._call("download", info.key, future.result)  # the first failure cancels the rest
+        # Only the manager's exit waits for each object's on-done work (the CRT's rename into place,
+        # whose failure its future then raises).
+        for info, path, future in transfers:
+            self._call("download", info.key, future.result)
+            check_listed_size(self.uri(info.key), info.size, os.path.getsize(path))
         return total
 
     def presign_get(self, key: str, expires_s: int = 3600) -> str:
