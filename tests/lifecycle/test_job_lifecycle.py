@@ -58,6 +58,8 @@ def test_whole_job_from_spec_to_metadata(s3_server, job_bucket, tmp_path):
     status = _status(s3_server, job_bucket, "j-whole")
     assert status["phase"] == "succeeded" and status["progress"]["step"] == 6
     meta, final = _check_outputs(s3_server, job_bucket, "j-whole", 6)
+    # The plan's epochs reach the status, and the last step reports the last of them.
+    assert status["progress"]["epoch"] == status["progress"]["total_epochs"] == meta["epochs"] >= 1
     assert _ss_steps(final, tmp_path) == "6"
     assert meta["shrink_report"] is not None
     # No machine paths: the shrink report names the job's own files and the spec's model URI.

@@ -135,6 +135,7 @@ class Job:
             checkpoint_due=lambda s: bool(self._should_stop()) or bool(every and s % every == 0),
             on_checkpoint=self._on_checkpoint,
             warn=self.reporter.warn,
+            on_plan=lambda steps, epochs: self.reporter.progress(total_steps=steps, total_epochs=epochs),
         )
         self.reporter.set_phase("training")
         if spec.sample.at_first and resume_dir is None:

@@ -52,6 +52,7 @@ class LoopHooks:
     checkpoint_due: Callable[[int], bool] | None = None
     on_checkpoint: Callable[[str, int], None] | None = None
     warn: Callable[[str], None] | None = None  # a line for the job's status warnings
+    on_plan: Callable[[int, int], None] | None = None  # (total steps, epochs) once they are known, rank 0
 
 
 @dataclass

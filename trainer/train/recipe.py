@@ -103,6 +103,8 @@ class TrainingRecipe:
             log.info("training: %d steps, %d epochs of %d steps, batch %d × %d processes × %d accumulation",
                      self.total, self.num_epochs, self.steps_per_epoch, tr.batch_size, self.world,
                      tr.gradient_accumulation_steps)
+            if self.hooks.on_plan:
+                self.hooks.on_plan(self.total, self.num_epochs)
 
     def _latent_disk_dir(self) -> str | None:
         if not self.spec.precision.cache_latents_to_disk:
