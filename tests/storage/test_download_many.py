@@ -26,7 +26,7 @@ def manager(request, monkeypatch) -> str:
     """Each test runs through both s3transfer managers: the CRT's (awscrt installed, as in the trainer
     image) and the classic one (without awscrt)."""
     if request.param == "classic":
-        monkeypatch.setattr(transfers, "_crt_client_and_serializer", lambda client, endpoint: None)
+        monkeypatch.setattr(transfers, "_crt_client_and_requests", lambda client, endpoint: None)
     return request.param
 
 
@@ -37,17 +37,17 @@ def test_awkward_keys_empty_and_multipart_objects_with_one_get_per_small_object(
     dest = tmp_path / "dest"
     listing = list(store.list("ds/"))
     calls: collections.Counter[str] = collections.Counter()
-    # The classic manager calls our client; the CRT's has botocore build its first request only.
-    client = store.client if manager == "classic" else transfers._crt_client_and_serializer(
-        store.client, store.endpoint_url)[1]._client
+    # The classic manager calls our client; for the CRT botocore builds the first request only.
+    client = store.client if manager == "classic" else transfers._crt_client_and_requests(
+        store.client, store.endpoint_url)[1].serializer._client
     client.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
     total = store.download_many((info, dest / info.key[3:]) for info in listing)
     assert total == sum(len(b) for b in AWKWARD.values())
     got = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     assert got == {key[3:]: body for key, body in AWKWARD.items()}  # and no temporary file left
     # Size and ETag come from the listing: no HEAD. The classic manager fetches the 20 MiB object in
-    # three ranged parts. The CRT's splits it below the serializer, whose first GET (botocore's) is
-    # the template of the others: the awkward keys arriving intact shows they were quoted alike.
+    # three ranged parts. The CRT splits it into parts itself, and botocore's first GET is the
+    # template of the others: the awkward keys arriving intact shows they were quoted alike.
     assert calls == {"GetObject": len(AWKWARD) - 1 + 3 if manager == "classic" else 1}
 
 
@@ -95,25 +95,28 @@ def test_without_credentials_a_pull_fails_at_once_with_the_clear_error(s3_bucket
     assert not (tmp_path / "dest").exists()
 
 
+def test_one_failure_among_many_stops_the_rest_and_leaves_no_temporary_file(s3_bucket, tmp_path, manager) -> None:
+    store = open_store(f"s3://{s3_bucket}")
+    for i in range(300):
+        store.put_bytes(f"many/{i:03d}.txt", os.urandom(2000))
+    listing = list(store.list("many/"))
+    store.delete("many/150.txt")  # listed, gone before its turn
+    with pytest.raises(NotFound, match="many/150.txt"):
+        store.download_many((info, tmp_path / info.key) for info in listing)
+    left = [p.name for p in (tmp_path / "many").iterdir()]
+    assert left and not [name for name in left if not name.endswith(".txt") or "150" in name], left
+
+
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", None])
 def test_a_templated_get_is_the_request_botocore_builds(endpoint, monkeypatch) -> None:
-    from s3transfer.crt import CRTTransferFuture, CRTTransferMeta
-    from s3transfer.utils import CallArgs
-
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    _, serializer = transfers._new_crt_parts(endpoint, "eu-west-1")
-    botocore_build = super(type(serializer), serializer).serialize_http_request
-
-    def get(key: str) -> CRTTransferFuture:
-        call = CallArgs(bucket="bkt", key=key, fileobj="/x", extra_args={}, subscribers=[])
-        return CRTTransferFuture(meta=CRTTransferMeta(0, call))
+    _, requests = transfers._new_crt_parts(endpoint, "eu-west-1")
 
     def seen(request) -> tuple:
         return request.method, request.path, sorted((k, v) for k, v in request.headers
                                                     if k not in ("amz-sdk-invocation-id", "amz-sdk-request"))
 
-    serializer.serialize_http_request("get_object", get("first"))  # becomes the bucket's template
+    requests.get("bkt", "first")  # becomes the bucket's template
     for key in [k[3:] for k in AWKWARD] + ["?q=1&x", "a//b", "#frag", "a+b c", "ü/雪.png"]:
-        templated = serializer.serialize_http_request("get_object", get(key))
-        assert seen(templated) == seen(botocore_build("get_object", get(key))), key
+        assert seen(requests.get("bkt", key)) == seen(requests.botocore_get("bkt", key)), key

@@ -51,7 +51,8 @@ class TrainerSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     shrink_workers: Annotated[int, Meta(ge=0)] = 0
     """LATHE_SHRINK_WORKERS: threads of the shrink phase (at most 8); 0 = one per usable core."""
     transfer_workers: PositiveInt = 16
-    """LATHE_TRANSFER_WORKERS: objects in flight when a dataset or model folder is downloaded."""
+    """LATHE_TRANSFER_WORKERS: objects in flight when a dataset or model folder is downloaded from a
+    local folder, or from S3 without awscrt (the CRT sizes its own connection pool)."""
     exit_dir: str | None = None
     """LATHE_EXIT_DIR: set by `trainer launch` for its ranks: each writes its exit code there."""
 

@@ -1,13 +1,13 @@
-"""An S3 bucket prefix as a Store, through one boto3 client and an s3transfer transfer manager.
+"""An S3 bucket prefix as a Store, through one boto3 client (and the CRT's S3 client for bulk downloads).
 
 S3 goes through boto3's standard credential chain and honours `AWS_ENDPOINT_URL_S3` /
 `AWS_ENDPOINT_URL` (MinIO, R2, Ceph, moto…). Retries are botocore's alone, set once in the client's
 Config (standard mode, `MAX_ATTEMPTS`); an operation that still fails raises a StorageError naming
 the URI, and the job retries the phase as a whole (`trainer.core.jobdir.with_retries`).
 
-Transfers of whole objects (uploads, `download_file`, `download_many`) go through an s3transfer
-transfer manager (`transfers`: the CRT's where awscrt is installed, else the classic one): large
-objects in parallel parts, every object written to a temporary file and renamed into place.
+Whole-object transfers go in parallel parts for large objects, each written to a temporary file
+renamed into place: uploads through s3transfer's TransferManager, downloads through `transfers` (the
+AWS CRT's S3 client where awscrt is installed, else that same TransferManager).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from trainer.core.storage.base import (
     DownloadItem, ObjectInfo, Store, check_listed_size, join_key,
 )
 from trainer.core.storage.errors import AccessDenied, NotFound, PreconditionFailed, StorageError
-from trainer.core.storage.transfers import listed_subscribers, transfer_config, transfer_manager
+from trainer.core.storage.transfers import Fetch, ObjectFailed, fetch_all, transfer_config
 
 T = TypeVar("T")
 
@@ -114,7 +114,7 @@ def map_error(op: str, uri: str, bucket: str, exc: BaseException) -> StorageErro
         return AccessDenied(f"{op} {uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                             "or AWS_PROFILE", uri)
     # Connection trouble that outlasted botocore's retries.
-    return StorageError(f"{op} {uri}: {type(exc).__name__}: {exc} (gave up after botocore's retries)", uri)
+    return StorageError(f"{op} {uri}: {type(exc).__name__}: {exc} (gave up after retrying)", uri)
 
 
 class S3Store(Store):
@@ -256,29 +256,25 @@ class S3Store(Store):
         return info
 
     def download_many(self, items: Iterable[DownloadItem], *, workers: int | None = None) -> int:
-        """`Store.download_many` through one s3transfer transfer manager (`transfer_manager`)."""
-        total = 0
+        """`Store.download_many` through `transfers.fetch_all` (the CRT where installed)."""
         folders: set[str] = set()
-        transfers = []
-        # Leaving the block with an exception (the listing refused, a transfer failed) cancels what
-        # is queued and waits for what runs; s3transfer leaves no temporary file behind.
-        with transfer_manager(self.client, self.endpoint_url, workers) as manager:
+
+        def fetches() -> Iterator[Fetch]:
             for info, dest in items:
                 path = os.path.abspath(dest)
                 folder = os.path.dirname(path)
                 if folder not in folders:
                     os.makedirs(folder, exist_ok=True)
                     folders.add(folder)
-                transfers.append((info, path, manager.download(
-                    self.bucket, self._key(info.key), path, subscribers=listed_subscribers(manager, info))))
+                yield info, self._key(info.key), path
+
+        total = 0
+        try:
+            for info, path in fetch_all(self.client, self.endpoint_url, self.bucket, fetches(), workers):
+                check_listed_size(self.uri(info.key), info.size, os.path.getsize(path))
                 total += info.size
-            for info, _, future in transfers:
-                self._call("download", info.key, future.result)  # the first failure cancels the rest
-        # Only the manager's exit waits for each object's on-done work (the CRT's rename into place,
-        # whose failure its future then raises).
-        for info, path, future in transfers:
-            self._call("download", info.key, future.result)
-            check_listed_size(self.uri(info.key), info.size, os.path.getsize(path))
+        except ObjectFailed as failed:
+            raise map_error("download", self.uri(failed.info.key), self.bucket, failed.__cause__) from failed.__cause__
         return total
 
     def presign_get(self, key: str, expires_s: int = 3600) -> str:
