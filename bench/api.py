@@ -148,7 +148,7 @@ def seed_jobs(store: JobStore, tenant: str, count: int, workers: int = 32) -> No
         list(pool.map(one, range(count)))
 
 
-def page_latency(url: str, token: str, pages: int = 30) -> dict[str, float]:
+def page_latency(url: str, token: str, pages: int) -> dict[str, float]:
     latencies = []
     with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
         client.get(f"{url}/v1/jobs", params={"limit": 20})
@@ -188,8 +188,8 @@ def measure_rows(url: str, job_id: str, args: argparse.Namespace) -> dict[str, C
                                                  small_headers)),
         "validate": lambda: asyncio.run(http_load(f"{url}/v1/jobs:validate", "POST", args.seconds, args.clients,
                                                   small_headers, {"spec": spec})),
-        "list_page_small": lambda: page_latency(url, TOKENS["small"]),
-        "list_page_big": lambda: page_latency(url, TOKENS["big"]),
+        "list_page_small": lambda: page_latency(url, TOKENS["small"], args.pages),
+        "list_page_big": lambda: page_latency(url, TOKENS["big"], args.pages),
     }
 
 
@@ -253,6 +253,8 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, metavar="TREE",
                         help="a checkout of another revision (e.g. `git worktree add --detach DIR REV`): its "
                              "service runs beside this tree's on the same S3 state, and every row is paired")
+    parser.add_argument("--pages", type=int, default=100,
+                        help="list pages fetched one after another per measurement (p99 needs about 100)")
     parser.add_argument("--rounds", type=int, default=1, help="times each row is measured against each service")
     args = parser.parse_args()
 
