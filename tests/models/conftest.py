@@ -23,7 +23,10 @@ def tiny_models(tiny_pipeline):
 
 @pytest.fixture(scope="session")
 def parts_for(tiny_models):
-    """Load (and cache) ModelParts of a tiny folder: parts_for("sd1")."""
+    """ModelParts of a tiny folder: parts_for("sd1"). Loaded once per architecture; each call gets its
+    own copy, since building a network hooks the modules it adapts."""
+    import copy
+
     import torch
 
     from trainer.core.spec import ModelSpec
@@ -35,7 +38,7 @@ def parts_for(tiny_models):
         if arch not in cache:
             spec = ModelSpec(uri=tiny_models[arch][0], arch=arch, v_parameterization=arch == "sd2")
             cache[arch] = load_model(spec, weight_dtype=torch.float32)
-        return cache[arch]
+        return copy.deepcopy(cache[arch])
 
     return get
 
