@@ -82,8 +82,12 @@ def _crt_fetch(crt_client: Any, requests: Any, bucket: str, fetches: Iterable[Fe
     try:
         for info, key, path in fetches:
             temp = f"{path}.lathe-{os.getpid()}-{next(_temp_names)}.part"
-            pending.append((info, path, temp, crt_client.make_request(
-                type=S3RequestType.GET_OBJECT, request=requests.get(bucket, key), recv_filepath=temp)))
+            try:
+                request = crt_client.make_request(type=S3RequestType.GET_OBJECT, request=requests.get(bucket, key),
+                                                  recv_filepath=temp)
+            except Exception as exc:  # noqa: BLE001 - refused before it started (e.g. the client is shutting down)
+                raise ObjectFailed(info) from exc
+            pending.append((info, path, temp, request))
             while len(pending) >= CRT_WINDOW:
                 yield _crt_finish(requests, *pending.popleft())
         while pending:
