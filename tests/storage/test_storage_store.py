@@ -93,6 +93,16 @@ def test_list_is_lexicographic_with_start_after_and_limit(store: Store) -> None:
     assert list(store.list(limit=0)) == []
 
 
+def test_an_object_deleted_while_it_is_listed_is_left_out(store: Store) -> None:
+    for name in ("a", "b", "c"):
+        store.put_bytes(f"gone/{name}.txt", b"x")
+    listing = store.list("gone/")
+    first = next(listing)
+    store.delete("gone/b.txt")  # after the listing began, before it reached b
+    rest = [info.key for info in listing]
+    assert first.key == "gone/a.txt" and "gone/c.txt" in rest and set(rest) <= {"gone/b.txt", "gone/c.txt"}
+
+
 def test_s3_list_pages_through_continuation_tokens(s3_bucket: str, monkeypatch) -> None:
     store = open_store(f"s3://{s3_bucket}/p")
     assert isinstance(store, S3Store)

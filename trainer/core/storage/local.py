@@ -141,7 +141,11 @@ class LocalStore(Store):
                     continue
                 yield from self._walk(key, prefix, start_after)
             elif key.startswith(prefix) and key > start_after:
-                yield key, entry.stat(follow_symlinks=True)
+                try:
+                    st = entry.stat(follow_symlinks=True)
+                except FileNotFoundError:  # deleted since the folder was read: as S3, not listed
+                    continue
+                yield key, st
 
     def delete(self, key: str) -> None:
         path = self._path(key)
