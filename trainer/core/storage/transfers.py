@@ -142,11 +142,13 @@ def _new_crt_parts(endpoint_url: str | None, region: str) -> tuple[Any, Any] | N
     credentials = session.get_credentials()
     if credentials is None:  # the classic path raises botocore's clear NoCredentialsError
         return None
+    use_ssl = urlsplit(endpoint_url).scheme != "http" if endpoint_url else True
     crt_client = create_s3_crt_client(
         region,
         crt_credentials_provider=BotocoreCRTCredentialsWrapper(credentials).to_crt_credentials_provider(),
-        use_ssl=urlsplit(endpoint_url).scheme != "http" if endpoint_url else True,
-        verify=os.environ.get("AWS_CA_BUNDLE") or None,
+        use_ssl=use_ssl,
+        # The CA bundle botocore would use; read only where there is TLS to verify.
+        verify=(os.environ.get("AWS_CA_BUNDLE") or None) if use_ssl else None,
     )
     return crt_client, GetRequests(session, endpoint_url, region)
 
