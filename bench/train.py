@@ -368,7 +368,6 @@ def _profile_steps(step: Any, index: int, sync: Any, cuda: bool, steps: int = 3)
     busy (the sum of kernel times) against the wall time, and which host-side ops cost the most. A
     device busy for a small fraction of the step means the step is bound by the host (op dispatch
     and kernel launches), which compile or CUDA graphs address, not faster kernels."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.tagger_helpers import ROWS, SIZE, build_tagger
+from tests.tagger_helpers import ROWS, build_tagger
 from trainer.core.failures import JobFailure
 from trainer.caption.tagger import Tag, Tagger, TaggerOptions, _shown, preprocess, select_tags
 

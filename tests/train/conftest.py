@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import msgspec
 import pytest
-
-from trainer.core.spec import spec_from_obj
 
 
 @pytest.fixture(scope="session")
