@@ -20,6 +20,41 @@ def add_parsers(sub: Any) -> None:
         add(sub)
 
 
+def add_job_options(p: argparse.ArgumentParser, *, gpus: int, gpus_help: str = "GPUs for the job (0: CPU)",
+                    name: bool = True) -> None:
+    """The options every command that builds a job spec from its arguments shares."""
+    if name:
+        p.add_argument("--name")
+    p.add_argument("--gpus", type=int, default=gpus, help=gpus_help)
+    p.add_argument("--webhook")
+    p.add_argument("--json", action="store_true")
+
+
+def kind_spec(kind: str, args: argparse.Namespace, **sections: Any) -> dict[str, Any]:
+    """A version-1 spec of `kind` with `sections`, the job's GPUs and (when given) its name."""
+    spec: dict[str, Any] = {"version": 1, "kind": kind, **sections, "resources": {"gpus": args.gpus}}
+    if getattr(args, "name", None):
+        spec["name"] = args.name
+    return spec
+
+
+def submit_and_print(args: argparse.Namespace, client: Client, spec: dict[str, Any]) -> int:
+    """Submits `spec`; prints the job's id (`--json`: the whole record)."""
+    job = client.submit(spec, webhook_url=args.webhook)
+    print_json(job) if args.json else print(job["id"])
+    return 0
+
+
+def tag_list(values: list[str] | None) -> list[str]:
+    """Repeatable `TAG[,TAG]` options as one list of tags."""
+    return [t.strip() for v in values or [] for t in v.split(",") if t.strip()]
+
+
+def replace_pairs(values: list[str] | None) -> dict[str, str]:
+    """Repeatable `OLD=NEW` options; an empty side is named by the spec check."""
+    return dict(pair.partition("=")[::2] for pair in values or [])
+
+
 def _add_submit(sub: Any) -> None:
     """`lathe submit SPEC`."""
     p = sub.add_parser("submit", help="submit SPEC.(json|toml); prints the job id")
@@ -39,10 +74,7 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--output-name", help="name of the merged checkpoint (default: last)")
     p.add_argument("--save-precision", choices=SAVE_PRECISIONS)
-    p.add_argument("--name")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
-    p.add_argument("--webhook")
-    p.add_argument("--json", action="store_true")
+    add_job_options(p, gpus=1)
 
 
 def _add_caption(sub: Any) -> None:
@@ -77,10 +109,7 @@ def _add_caption(sub: Any) -> None:
     p.add_argument("--min-count", type=int, metavar="N")
     p.add_argument("--dedupe", action="store_true")
     p.add_argument("--remove-orphans", action="store_true")
-    p.add_argument("--name")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs for the job (0: CPU)")
-    p.add_argument("--webhook")
-    p.add_argument("--json", action="store_true")
+    add_job_options(p, gpus=0)
 
 
 def _add_grid(sub: Any) -> None:
@@ -97,10 +126,7 @@ def _add_grid(sub: Any) -> None:
     p.add_argument("--weights", help="comma-separated, e.g. 0.7,0.9,1.1,1.3,1.5 (default 1)")
     p.add_argument("--seeds", help="comma-separated seeds (needed when seed is an axis)")
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--name")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
-    p.add_argument("--webhook")
-    p.add_argument("--json", action="store_true")
+    add_job_options(p, gpus=1)
 
 
 def _add_shrink(sub: Any) -> None:
@@ -118,9 +144,7 @@ def _add_shrink(sub: Any) -> None:
     p.add_argument("--save-precision", choices=SAVE_PRECISIONS)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--output-name")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs for the job (0: CPU)")
-    p.add_argument("--webhook")
-    p.add_argument("--json", action="store_true")
+    add_job_options(p, gpus=1, name=False)
 
 
 def _add_rerun(sub: Any) -> None:
@@ -168,17 +192,14 @@ def shrink_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
         value = getattr(args, field)
         if value is not None:
             shrink[field] = value
-    spec: dict[str, Any] = {"version": 1, "kind": "shrink", "model": {"uri": args.model, "arch": args.arch},
-                            "shrink": shrink, "resources": {"gpus": args.gpus}}
+    spec = kind_spec("shrink", args, model={"uri": args.model, "arch": args.arch}, shrink=shrink)
     if args.output_name:
         spec["save"] = {"output_name": args.output_name}
     return spec
 
 
 def cmd_shrink(args: argparse.Namespace, client: Client) -> int:
-    job = client.submit(shrink_spec(args, client), webhook_url=args.webhook)
-    print_json(job) if args.json else print(job["id"])
-    return 0
+    return submit_and_print(args, client, shrink_spec(args, client))
 
 
 def merge_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
@@ -194,49 +215,35 @@ def merge_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
             except ValueError:
                 pass
         adapters.append({"uri": _adapter_uri(ref, client), "ratio": ratio})
-    spec: dict[str, Any] = {"version": 1, "kind": "merge", "model": {"uri": args.model, "arch": args.arch},
-                            "merge": {"adapters": adapters}, "resources": {"gpus": args.gpus}}
+    spec = kind_spec("merge", args, model={"uri": args.model, "arch": args.arch}, merge={"adapters": adapters})
     if args.save_precision:
         spec["merge"]["save_precision"] = args.save_precision
     if args.output_name:
         spec["save"] = {"output_name": args.output_name}
-    if args.name:
-        spec["name"] = args.name
     return spec
 
 
 def cmd_merge(args: argparse.Namespace, client: Client) -> int:
-    job = client.submit(merge_spec(args, client), webhook_url=args.webhook)
-    print_json(job) if args.json else print(job["id"])
-    return 0
+    return submit_and_print(args, client, merge_spec(args, client))
 
 
 def caption_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The `kind = "caption"` spec `lathe caption` submits (options as `python -m trainer tag` names them)."""
-    split = lambda values: [t.strip() for v in values or [] for t in v.split(",") if t.strip()]  # noqa: E731
     caption: dict[str, Any] = {
         "thresh": args.thresh, "general_threshold": args.general_threshold,
-        "character_threshold": args.character_threshold, "undesired_tags": split(args.undesired_tags),
+        "character_threshold": args.character_threshold, "undesired_tags": tag_list(args.undesired_tags),
         "remove_underscore": not args.keep_underscore, "character_tags_first": not args.general_first,
         "character_tag_expand": args.character_tag_expand, "use_rating_tags": args.use_rating_tags,
-        "always_first_tags": split(args.always_first_tags), "trigger_word": args.trigger,
+        "always_first_tags": tag_list(args.always_first_tags), "trigger_word": args.trigger,
         "append_tags": args.append_tags, "caption_extension": args.caption_extension,
-        "remove": split(args.remove), "add": split(args.add), "min_count": args.min_count or 0,
+        "remove": tag_list(args.remove), "add": tag_list(args.add), "min_count": args.min_count or 0,
         "dedupe": args.dedupe, "remove_orphans": args.remove_orphans, "output_uri": args.output_uri,
         "beam_search": args.beam_search, "num_beams": args.num_beams, "top_p": args.top_p,
-        "max_length": args.max_length, "min_length": args.min_length,
+        "max_length": args.max_length, "min_length": args.min_length, "replace": replace_pairs(args.replace),
     }
-    replace = {}
-    for pair in args.replace or []:
-        old, _, new = pair.partition("=")
-        replace[old] = new  # an empty side is named by the spec check
-    caption["replace"] = replace
-    spec: dict[str, Any] = {"version": 1, "kind": "caption", "dataset": {"uri": args.dataset},
-                            "caption": caption, "resources": {"gpus": args.gpus}}
+    spec = kind_spec("caption", args, dataset={"uri": args.dataset}, caption=caption)
     if args.model:
         spec["model"] = {"uri": args.model}
-    if args.name:
-        spec["name"] = args.name
     return spec
 
 
@@ -253,23 +260,15 @@ def grid_spec(args: argparse.Namespace, client: Client) -> dict[str, Any]:
         grid["weights"] = [float(w) for w in args.weights.split(",")]
     if args.seeds:
         grid["seeds"] = [int(s) for s in args.seeds.split(",")]
-    spec: dict[str, Any] = {"version": 1, "kind": "grid", "model": {"uri": args.model, "arch": args.arch},
-                            "grid": grid, "resources": {"gpus": args.gpus}}
-    if args.name:
-        spec["name"] = args.name
-    return spec
+    return kind_spec("grid", args, model={"uri": args.model, "arch": args.arch}, grid=grid)
 
 
 def cmd_caption(args: argparse.Namespace, client: Client) -> int:
-    job = client.submit(caption_spec(args), webhook_url=args.webhook)
-    print_json(job) if args.json else print(job["id"])
-    return 0
+    return submit_and_print(args, client, caption_spec(args))
 
 
 def cmd_grid(args: argparse.Namespace, client: Client) -> int:
-    job = client.submit(grid_spec(args, client), webhook_url=args.webhook)
-    print_json(job) if args.json else print(job["id"])
-    return 0
+    return submit_and_print(args, client, grid_spec(args, client))
 
 
 def cmd_rerun(args: argparse.Namespace, client: Client) -> int:
