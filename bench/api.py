@@ -207,12 +207,12 @@ def paired(services: dict[str, tuple[subprocess.Popen[bytes], str]], job_id: str
     so that drift in the host's load falls on both alike."""
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     names = list(services)
+    rows = {name: measure_rows(url, job_id, args) for name, (_, url) in services.items()}
     for round_index in range(args.rounds):
         order = names if round_index % 2 == 0 else names[::-1]
-        for row in measure_rows("", job_id, args):
+        for row in rows[names[0]]:
             for name in order:
-                proc, url = services[name]
-                figures = timed_row(measure_rows(url, job_id, args)[row], proc)
+                figures = timed_row(rows[name][row], services[name][0])
                 results.setdefault(row, {}).setdefault(name, []).append(figures)
                 print(f"round {round_index + 1} {row} {name}: p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
                       f"service CPU {figures['service_cpu_ms_per_request']} ms/request", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`S3Store.download_many`, the one bulk transfer path, against the local moto S3 server."""
+"""`S3Store.download_many` on both download paths (the CRT and s3transfer's threads), against the local moto S3 server."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ AWKWARD = {
 
 @pytest.fixture(params=["crt", "classic"])
 def manager(request, monkeypatch) -> str:
-    """Each test runs through both s3transfer managers: the CRT's (awscrt installed, as in the trainer
-    image) and the classic one (without awscrt)."""
+    """Each test runs on both download paths: the CRT's S3 client (awscrt installed, as in the trainer
+    image) and s3transfer's classic TransferManager (without awscrt)."""
     if request.param == "classic":
         monkeypatch.setattr(transfers, "_crt_client_and_requests", lambda client, endpoint: None)
     return request.param
