@@ -1,4 +1,5 @@
-"""`S3Store.download_many` on both download paths (the CRT and s3transfer's threads), against the local moto S3 server."""
+"""`S3Store.download_many` on both download paths (the CRT and s3transfer's threads), against the
+local moto S3 server."""
 
 from __future__ import annotations
 
