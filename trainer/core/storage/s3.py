@@ -12,6 +12,7 @@ AWS CRT's S3 client where awscrt is installed, else that same TransferManager).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -113,7 +114,7 @@ def map_error(op: str, uri: str, bucket: str, exc: BaseException) -> StorageErro
     if isinstance(exc, NoCredentialsError):
         return AccessDenied(f"{op} {uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                             "or AWS_PROFILE", uri)
-    # Connection trouble that outlasted botocore's retries.
+    # Connection trouble that outlasted the client's own retries (botocore's or the CRT's).
     return StorageError(f"{op} {uri}: {type(exc).__name__}: {exc} (gave up after retrying)", uri)
 
 
@@ -269,10 +270,13 @@ class S3Store(Store):
                 yield info, self._key(info.key), path
 
         total = 0
+        # Closed on the way out, so a size check that fails here stops what is still in flight at once.
+        fetched = contextlib.closing(fetch_all(self.client, self.endpoint_url, self.bucket, fetches(), workers))
         try:
-            for info, path in fetch_all(self.client, self.endpoint_url, self.bucket, fetches(), workers):
-                check_listed_size(self.uri(info.key), info.size, os.path.getsize(path))
-                total += info.size
+            with fetched as done:
+                for info, path in done:
+                    check_listed_size(self.uri(info.key), info.size, os.path.getsize(path))
+                    total += info.size
         except ObjectFailed as failed:
             raise map_error("download", self.uri(failed.info.key), self.bucket, failed.__cause__) from failed.__cause__
         return total
