@@ -1,8 +1,8 @@
 """The training loop's parts on accelerate: one process per device, a step is one optimizer update.
 
 `trainer.train.recipe` runs the phases (setup, resume, epochs of bucketed batches, saves,
-checkpoints). This module holds what those phases and `bench/train.py` share: the module DDP wraps, the accelerator, model preparation, the micro-batch
-loss, the adapter writer. sd-scripts' train_network.py is the reference for every choice a user can
+checkpoints). This module holds what those phases and `bench/train.py` share: the module DDP wraps,
+the accelerator, model preparation, the micro-batch loss, the adapter writer. sd-scripts' train_network.py is the reference for every choice a user can
 see (loss, weighting, names, metadata).
 
 Two rules keep multi-process runs right:
