@@ -2,8 +2,8 @@
 
 `trainer.train.recipe` runs the phases (setup, resume, epochs of bucketed batches, saves,
 checkpoints). This module holds what those phases and `bench/train.py` share: the module DDP wraps,
-the accelerator, model preparation, the micro-batch loss, the adapter writer. sd-scripts' train_network.py is the reference for every choice a user can
-see (loss, weighting, names, metadata).
+the accelerator, model preparation, the micro-batch loss, the adapter writer. sd-scripts'
+train_network.py is the reference for every choice a user can see (loss, weighting, names, metadata).
 
 Two rules keep multi-process runs right:
 - UNet, text encoders and network live in ONE module (`DiffusionModel`) whose forward computes the
